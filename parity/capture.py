@@ -1,0 +1,47 @@
+"""Capture on the rmlx side, through the one seam ``rmlx.tap``.
+
+``record()`` returns a handler that stores every tapped value as NumPy; ``teacher(reference)``
+does the same and hands the *reference's* value back to the model, so each candidate stage is fed
+the reference's input to that stage (its error is then its own).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """mx.array or ndarray -> ndarray (bf16 widened to float32 exactly)."""
+    if isinstance(x, mx.array):
+        if x.dtype == mx.bfloat16:
+            x = x.astype(mx.float32)
+        return np.array(x)
+    return np.array(x, copy=True)
+
+
+def like(value: np.ndarray, x: Any) -> Any:
+    """``value`` in the type and dtype of ``x`` (an mx.array or an ndarray)."""
+    if isinstance(x, mx.array):
+        return mx.array(value).astype(x.dtype)
+    return np.asarray(value).astype(x.dtype)
+
+
+class Recorder:
+    """A ``tap`` handler. With ``reference`` set it teacher-forces: records the candidate's value,
+    returns the reference's (when the shapes agree; otherwise the candidate's own, and the
+    comparison reports the shape mismatch)."""
+
+    def __init__(self, reference: dict[str, np.ndarray] | None = None):
+        self.capture: dict[str, np.ndarray] = {}
+        self.reference = reference
+
+    def __call__(self, name: str, x: Any) -> Any:
+        self.capture[name] = to_numpy(x)
+        if self.reference is not None and name in self.reference:
+            ref = self.reference[name]
+            if tuple(ref.shape) == tuple(x.shape):
+                return like(ref, x)
+        return x

@@ -1,0 +1,179 @@
+"""Stage comparison, shaped like torch.testing's ``assert_close``. NumPy in, frozen dataclasses out.
+
+No I/O, no logging, no framework imports. Both sides are upcast to float64 before subtracting;
+"close" means ``|a - e| <= atol + rtol * |e|``; NaN/Inf on either side fails with its location.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import ml_dtypes
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Tol:
+    """Both fields required (torch's rule): never one without the other."""
+
+    rtol: float
+    atol: float
+
+
+@dataclass(frozen=True)
+class StageDiff:
+    stage: str
+    passed: bool
+    tolerance: Tol
+    dtype: str  # the dtype the comparison is made in (for ULPs)
+    shape: tuple[int, ...]
+    numel: int = 0
+    mismatched: int = 0
+    max_abs: float = 0.0
+    max_abs_index: tuple[int, ...] = ()
+    max_rel: float = 0.0
+    max_rel_index: tuple[int, ...] = ()
+    mean_abs: float = 0.0
+    p99_abs: float = 0.0
+    max_ulp: int = 0
+    cosine: float = 1.0
+    nmse_db: float | None = None  # None: no error at all (NMSE = 0, -inf dB)
+    min_tolerance: dict = field(default_factory=dict)  # {"atol": at this rtol, "rtol": at this atol}
+    error: str | None = None  # structural problem (shape, dtype kind, non-finite), when there is one
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["name"] = d.pop("stage")
+        d["tolerance"] = {"rtol": self.tolerance.rtol, "atol": self.tolerance.atol}
+        return {k: _json_float(v) for k, v in d.items()}
+
+    def message(self) -> str:
+        """torch ``_make_mismatch_msg`` layout."""
+        head = f"Stage '{self.stage}' is not close!" if not self.passed else f"Stage '{self.stage}' is close."
+        if self.error:
+            return f"{head}\n\n{self.error}"
+        t = self.tolerance
+        return (f"{head}\n\n"
+                f"Mismatched elements: {self.mismatched} / {self.numel} "
+                f"({100 * self.mismatched / max(self.numel, 1):.1f}%)\n"
+                f"Greatest absolute difference: {self.max_abs:.3g} at index {self.max_abs_index} "
+                f"(up to {t.atol:g} allowed)\n"
+                f"Greatest relative difference: {self.max_rel:.3g} at index {self.max_rel_index} "
+                f"(up to {t.rtol:g} allowed)")
+
+
+def _json_float(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
+    if isinstance(v, tuple):
+        return list(v)
+    return v
+
+
+def _ordered_bits(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Map floats to integers whose difference is the ULP distance in ``dtype``."""
+    if dtype == "bfloat16":
+        bits = x.astype(ml_dtypes.bfloat16).view(np.int16).astype(np.int64)
+        sign = 0x7FFF
+    elif dtype == "float16":
+        bits = x.astype(np.float16).view(np.int16).astype(np.int64)
+        sign = 0x7FFF
+    elif dtype == "float64":
+        bits = x.astype(np.float64).view(np.int64)
+        return np.where(bits < 0, -(bits & 0x7FFFFFFFFFFFFFFF), bits)
+    else:
+        bits = x.astype(np.float32).view(np.int32).astype(np.int64)
+        sign = 0x7FFFFFFF
+    return np.where(bits < 0, -(bits & sign), bits)
+
+
+def max_ulp(actual: np.ndarray, expected: np.ndarray, dtype: str) -> int:
+    if actual.size == 0:
+        return 0
+    if not np.issubdtype(expected.dtype, np.floating):
+        return int(np.abs(actual.astype(np.int64) - expected.astype(np.int64)).max())
+    return int(np.abs(_ordered_bits(actual, dtype) - _ordered_bits(expected, dtype)).max())
+
+
+def _nonfinite(actual: np.ndarray, expected: np.ndarray) -> str | None:
+    for side, x in (("candidate", actual), ("reference", expected)):
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            idx = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+            count = int((~np.isfinite(x)).sum())
+            return f"Non-finite values on the {side} side: {count}, the first {x[idx]} at index {idx}"
+    return None
+
+
+def compare(stage: str, actual: np.ndarray, expected: np.ndarray, tol: Tol, dtype: str = "float32") -> StageDiff:
+    """Compare one stage. ``dtype`` is the dtype the values were computed in (ULP unit)."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.shape != expected.shape:
+        return StageDiff(stage, False, tol, dtype, tuple(expected.shape), numel=int(expected.size),
+                         error=f"Shape mismatch: candidate {tuple(actual.shape)}, reference {tuple(expected.shape)}")
+    kinds = {np.dtype(actual.dtype).kind, np.dtype(expected.dtype).kind}
+    if len(kinds - {"i", "u", "b"}) and len(kinds & {"i", "u", "b"}):
+        return StageDiff(stage, False, tol, dtype, tuple(expected.shape), numel=int(expected.size),
+                         error=f"Dtype mismatch: candidate {actual.dtype}, reference {expected.dtype}")
+    bad = _nonfinite(actual, expected)
+    if bad:
+        return StageDiff(stage, False, tol, dtype, tuple(expected.shape), numel=int(expected.size), error=bad)
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    n = int(e.size)
+    if n == 0:
+        return StageDiff(stage, True, tol, dtype, tuple(e.shape))
+    diff = np.abs(a - e)
+    mag = np.abs(e)
+    allowed = tol.atol + tol.rtol * mag
+    mismatched = int((diff > allowed).sum())
+    i_abs = np.unravel_index(int(diff.argmax()), e.shape)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / mag)
+    i_rel = np.unravel_index(int(rel.argmax()), e.shape)
+    err2, ref2 = float((diff**2).sum()), float((e**2).sum())
+    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
+    cosine = 1.0 if na == ne == 0 else (0.0 if na == 0 or ne == 0 else float((a * e).sum() / (na * ne)))
+    if err2 == 0:
+        nmse_db = None
+    elif ref2 == 0:
+        nmse_db = math.inf
+    else:
+        nmse_db = 10 * math.log10(err2 / ref2)
+    over = diff > tol.atol
+    with np.errstate(divide="ignore", invalid="ignore"):
+        need_rtol = float(np.max(np.where(over, (diff - tol.atol) / mag, 0.0)))
+    return StageDiff(
+        stage, mismatched == 0, tol, dtype, tuple(e.shape), numel=n, mismatched=mismatched,
+        max_abs=float(diff[i_abs]), max_abs_index=tuple(int(i) for i in i_abs),
+        max_rel=float(rel[i_rel]), max_rel_index=tuple(int(i) for i in i_rel),
+        mean_abs=float(diff.mean()), p99_abs=float(np.percentile(diff, 99)),
+        max_ulp=max_ulp(actual, expected, dtype), cosine=cosine, nmse_db=nmse_db,
+        min_tolerance={"atol": float(max((diff - tol.rtol * mag).max(), 0.0)), "rtol": need_rtol},
+    )
+
+
+def compare_all(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
+                stages: Iterable[tuple[str, Tol]], dtype: str = "float32") -> list[StageDiff]:
+    """Every stage in the given (forward) order. A stage missing on either side is a failed diff."""
+    diffs = []
+    for name, tol in stages:
+        if name not in actual or name not in expected:
+            side = [s for s, cap in (("candidate", actual), ("reference", expected)) if name not in cap]
+            diffs.append(StageDiff(name, False, tol, dtype, (), error=f"Stage missing on the {' and '.join(side)} side"))
+            continue
+        diffs.append(compare(name, actual[name], expected[name], tol, dtype))
+    return diffs
+
+
+def missing_and_extra(actual: Mapping, expected: Mapping) -> tuple[list[str], list[str]]:
+    """(missing in candidate, extra in candidate), both sorted (torch's mapping branch)."""
+    return sorted(expected.keys() - actual.keys()), sorted(actual.keys() - expected.keys())
+
+
+def first_divergence(diffs: Iterable[StageDiff]) -> StageDiff | None:
+    """The first failing stage in forward order: once stage N-1 drifts, stage N will too."""
+    return next((d for d in diffs if not d.passed), None)

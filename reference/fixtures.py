@@ -1,0 +1,211 @@
+"""Generate the committed fixtures: tiny Gemma 4 unified checkpoints and the image battery.
+
+Checkpoints are written by transformers' own ``save_pretrained`` (so the on-disk key layout is the
+real one), after every parameter is re-randomised so that no convention passes by accident: norm
+weights 1 + 0.1*N (not 1), LayerNorm biases 0.1*N (not 0), ``layer_scalar`` != 1. Everything is
+seeded; regeneration is byte-identical (tests/test_fixtures.py checks it against the MANIFEST).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image, ImageDraw
+
+MANIFEST = "MANIFEST.json"
+
+TOKEN_IDS = dict(boi_token_id=500, eoi_token_id=501, image_token_id=502, video_token_id=503,
+                 audio_token_id=504, boa_token_id=505, eoa_token_index=506)
+
+# Both keep the real patch geometry: 16 px patches merged 3x3 -> 48 px, 6912-wide raw patches,
+# and the real position-table size 1120 (so every supported max_soft_tokens fits).
+MODELS: dict[str, dict] = {
+    "tiny": dict(
+        seed=1,
+        text=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                  sliding_window=8,  # shorter than any image block of the battery
+                  final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=2, eos_token_id=1),
+        vision=dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=32, output_proj_dims=32,
+                    mm_posemb_size=1120),
+        audio=dict(audio_embed_dim=640),
+    ),
+    "tiny-variant": dict(
+        seed=2,
+        text=dict(vocab_size=512, hidden_size=48, intermediate_size=96, num_hidden_layers=6,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
+                  num_global_key_value_heads=1, attention_k_eq_v=True, num_kv_shared_layers=2,
+                  use_double_wide_mlp=True,
+                  layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                               "sliding_attention", "sliding_attention", "full_attention"],
+                  sliding_window=12, final_logit_softcapping=None,
+                  pad_token_id=0, bos_token_id=2, eos_token_id=1),
+        vision=dict(patch_size=16, pooling_kernel_size=3, mm_embed_dim=16, output_proj_dims=16,
+                    mm_posemb_size=1120),
+        audio=None,
+    ),
+}
+
+_NORM_SUFFIXES = ("layernorm.weight", "q_norm.weight", "k_norm.weight", "norm.weight",
+                  "patch_ln1.weight", "patch_ln2.weight")
+
+
+def _rerandomise(model: torch.nn.Module, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    state = model.state_dict()
+    with torch.no_grad():
+        for name in sorted(state):
+            t = state[name]
+            if name == "lm_head.weight":
+                continue  # tied to embed_tokens
+            shape = tuple(t.shape)
+            if name.endswith("layer_scalar"):
+                layer = int(name.split(".layers.")[1].split(".")[0])
+                value = np.full(shape, (0.8, 0.9, 1.1, 1.2)[layer % 4])
+            elif name.endswith(_NORM_SUFFIXES):
+                value = 1.0 + 0.1 * rng.standard_normal(shape)
+            elif name.endswith(".bias"):
+                value = 0.1 * rng.standard_normal(shape)
+            elif name.endswith("pos_embedding"):
+                value = 0.5 * rng.standard_normal(shape)
+            else:  # linears and the token embedding: N(0, 1/fan_in)
+                value = rng.standard_normal(shape) / np.sqrt(shape[-1])
+            t.copy_(torch.from_numpy(value.astype(np.float32)))
+
+
+def build_model(name: str):
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    spec = MODELS[name]
+    config = Gemma4UnifiedConfig(text_config=spec["text"], vision_config=spec["vision"],
+                                 audio_config=spec["audio"], **TOKEN_IDS)
+    torch.manual_seed(spec["seed"])
+    model = Gemma4UnifiedForConditionalGeneration(config).eval()
+    _rerandomise(model, spec["seed"])
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Image battery. (file name, how it is made); sizes are (H, W).
+
+def _solid(rgb, size=(64, 64)) -> Image.Image:
+    return Image.new("RGB", (size[1], size[0]), rgb)
+
+
+def _white_card() -> Image.Image:
+    im = Image.new("RGB", (300, 200), (255, 255, 255))
+    d = ImageDraw.Draw(im)
+    d.rectangle([0, 0, 299, 199], outline=(220, 0, 0), width=3)
+    d.ellipse([110, 60, 190, 140], fill=(20, 20, 20))
+    d.rectangle([60, 150, 240, 160], fill=(40, 40, 40))
+    return im
+
+
+def _gradient() -> Image.Image:
+    y, x = np.mgrid[0:120, 0:160]
+    rgb = np.stack([x * 255 // 159, y * 255 // 119, 255 - x * 255 // 159], -1).astype(np.uint8)
+    return Image.fromarray(rgb)
+
+
+def _checkerboard() -> Image.Image:
+    y, x = np.mgrid[0:96, 0:96]
+    v = (((x // 8) + (y // 8)) % 2 * 255).astype(np.uint8)
+    return Image.fromarray(np.stack([v, v, v], -1))
+
+
+def _scene(h: int, w: int) -> Image.Image:
+    """Four coloured quadrants with a diagonal band: sharp edges, compresses well."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.zeros((h, w, 3), np.uint8)
+    rgb[..., 0] = np.where(x < w // 2, 200, 30)
+    rgb[..., 1] = np.where(y < h // 2, 180, 60)
+    rgb[..., 2] = np.where(np.abs(x * h - y * w) < 8 * max(h, w), 250, 90)
+    return Image.fromarray(rgb)
+
+
+def _rgba() -> Image.Image:
+    y, x = np.mgrid[0:80, 0:80]
+    a = (x * 255 // 79).astype(np.uint8)
+    rgba = np.stack([np.full_like(a, 30), np.full_like(a, 160), np.full_like(a, 40), a], -1)
+    return Image.fromarray(rgba, "RGBA")
+
+
+def _grayscale() -> Image.Image:
+    y, x = np.mgrid[0:90, 0:90]
+    return Image.fromarray(((x + y) * 255 // 178).astype(np.uint8), "L")
+
+
+def _palette() -> Image.Image:
+    im = Image.new("P", (96, 64))
+    im.putpalette([255, 0, 0, 0, 160, 0, 0, 0, 255, 250, 220, 0] + [0] * (256 * 3 - 12))
+    y, x = np.mgrid[0:64, 0:96]
+    im.putdata(((x // 24) + 0 * y).ravel().astype(np.uint8).tolist())
+    return im
+
+
+IMAGES: dict[str, tuple[str, callable]] = {
+    "solid-red.png": ("64x64 RGB (255,0,0)", lambda: _solid((255, 0, 0))),
+    "solid-green.png": ("64x64 RGB (0,255,0)", lambda: _solid((0, 255, 0))),
+    "solid-blue.png": ("64x64 RGB (0,0,255)", lambda: _solid((0, 0, 255))),
+    "solid-yellow.png": ("64x64 RGB (255,255,0)", lambda: _solid((255, 255, 0))),
+    "solid-white.png": ("64x64 RGB (255,255,255)", lambda: _solid((255, 255, 255))),
+    "solid-gray.png": ("64x64 RGB (128,128,128)", lambda: _solid((128, 128, 128))),
+    "solid-black.png": ("64x64 RGB (0,0,0)", lambda: _solid((0, 0, 0))),
+    "white-card.png": ("200x300 white card, 3px red border, dark disc and bar in the centre", _white_card),
+    "gradient.png": ("120x160 RGB gradient (R along x, G along y, B = 255 - R)", _gradient),
+    "checkerboard.png": ("96x96 black/white checkerboard of 8px squares", _checkerboard),
+    "wide-100x150.png": ("100x150 quadrant scene (needs resizing; the catalog's tiny test size)",
+                         lambda: _scene(100, 150)),
+    "tall-300x120.png": ("300x120 quadrant scene (needs resizing, portrait)", lambda: _scene(300, 120)),
+    "panorama-40x400.png": ("40x400 quadrant scene (extreme aspect ratio)", lambda: _scene(40, 400)),
+    "exact-672x960.png": ("672x960 quadrant scene: exactly 14x20 = 280 cells, not resized at "
+                          "max_soft_tokens=280", lambda: _scene(672, 960)),
+    "rgba-80x80.png": ("80x80 RGBA, green with alpha ramp 0..255 along x (composited on white)", _rgba),
+    "grayscale-90x90.png": ("90x90 mode L diagonal ramp", _grayscale),
+    "palette-64x96.png": ("64x96 mode P, four vertical bands red/green/blue/yellow", _palette),
+}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def generate(out: str | Path) -> dict:
+    """Write models/, images/ and MANIFEST.json under ``out``, atomically (temp dir, then swap)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".fixtures-", dir=out))
+    try:
+        manifest = {"generator": "rmlx-parity fixtures (reference/fixtures.py)",
+                    "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
+                                 "numpy": np.__version__, "pillow": Image.__version__},
+                    "files": {}}
+        for name, spec in MODELS.items():
+            model = build_model(name)
+            model.save_pretrained(tmp / "models" / name)
+            for f in sorted((tmp / "models" / name).iterdir()):
+                manifest["files"][f"models/{name}/{f.name}"] = {
+                    "sha256": _sha256(f), "how": f"save_pretrained of build_model('{name}'), seed {spec['seed']}"}
+        (tmp / "images").mkdir()
+        for fname, (how, make) in IMAGES.items():
+            path = tmp / "images" / fname
+            make().save(path, format="PNG", optimize=False, compress_level=9)
+            manifest["files"][f"images/{fname}"] = {"sha256": _sha256(path), "how": how}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        for part in ("models", "images", MANIFEST):
+            dst = out / part
+            if dst.is_dir():
+                shutil.rmtree(dst)
+            os.replace(tmp / part, dst)
+        return manifest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,72 @@
+"""Planted defects: real-world porting bugs the parity harness must catch and localise.
+
+Each fault imitates a bug someone shipped; the port checks ``active(name)`` at the one place the
+bug would live. Switch them on with exactly one of:
+
+* the context manager ``with faults.inject("bgr-patchify"): ...``
+* the environment variable ``RMLX_INJECT=bgr-patchify[,other]`` (read at import)
+* the CLI flag ``rmlx-parity run --inject bgr-patchify`` (uses the context manager)
+
+Off by default; when off, ``active`` is one frozenset lookup.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from rmlx.errors import InputError
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    imitates: str  # the real-world bug, in one line
+    stage: str  # the public stage it must first hit (teacher-forced)
+
+
+CATALOG: dict[str, Fault] = {
+    f.name: f
+    for f in (
+        Fault("bgr-patchify", "image decoded as BGR (OpenCV habit): patches carry B,G,R instead of R,G,B",
+              "image.pixel_values"),
+        Fault("patch-ln1-eps", "patch_ln1 built with the RMSNorm eps 1e-6 instead of LayerNorm's 1e-5",
+              "vision.patch_ln1"),
+        Fault("posemb-xy-swap", "factorised position embedding indexed (y, x) instead of (x, y)",
+              "vision.pos_embed"),
+    )
+}
+
+
+def _parse(spec: str, origin: str) -> frozenset[str]:
+    names = frozenset(n.strip() for n in spec.split(",") if n.strip())
+    unknown = sorted(names - CATALOG.keys())
+    if unknown:
+        raise InputError(f"{origin}: unknown fault(s) {unknown}; known: {sorted(CATALOG)}")
+    return names
+
+
+_active: frozenset[str] = _parse(os.environ.get("RMLX_INJECT", ""), "RMLX_INJECT")
+
+
+def active(name: str) -> bool:
+    """Is the planted defect ``name`` switched on?"""
+    return name in _active
+
+
+def enabled() -> frozenset[str]:
+    return _active
+
+
+@contextmanager
+def inject(*names: str) -> Iterator[None]:
+    """Switch the named faults on for the duration of the block."""
+    global _active
+    previous = _active
+    _active = previous | _parse(",".join(names), "inject")
+    try:
+        yield
+    finally:
+        _active = previous

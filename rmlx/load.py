@@ -1,0 +1,125 @@
+"""Checkpoint I/O: config.json + safetensors (single file or sharded with an index). Strict.
+
+Missing, unexpected and mis-shaped tensors are errors naming the key and both shapes. A pickle
+checkpoint (``pytorch_model.bin``) is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from rmlx.config import ModelArgs
+from rmlx.errors import InputError
+from rmlx.model import Model
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
+              "F8_E4M3", "F8_E5M2", "E8M0", "F8_E8M0"}
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and validate a safetensors header (without reading the data)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise InputError(f"{path}: corrupt safetensors header (file is {size} bytes)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100 * 2**20:
+            raise InputError(f"{path}: corrupt safetensors header (declares {n} header bytes, file is {size})")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_size = size - 8 - n
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise InputError(f"{path}: corrupt safetensors header entry for '{key}'") from None
+        if dtype not in _ST_DTYPES or not 0 <= start <= end <= data_size:
+            raise InputError(f"{path}: corrupt safetensors header entry for '{key}' "
+                             f"(dtype {dtype}, offsets {start}..{end}, data is {data_size} bytes)")
+        del shape
+    return header
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory, validated; refuses pickle checkpoints."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise InputError(f"{index}: not a valid safetensors index ({e})") from None
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise InputError(f"{index}: names shard '{f.name}', which does not exist")
+        return files
+    if single.is_file():
+        return [single]
+    pickles = sorted(p.name for p in path.glob("pytorch_model*.bin"))
+    if pickles:
+        raise InputError(f"{path}: only a pickle checkpoint ({pickles[0]}) found; refusing to unpickle it. "
+                         "Convert it to safetensors first.")
+    raise InputError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def load_raw_weights(path: Path) -> dict[str, mx.array]:
+    weights: dict[str, mx.array] = {}
+    for f in checkpoint_files(path):
+        header = read_safetensors_header(f)
+        try:
+            loaded = mx.load(str(f))
+        except (RuntimeError, ValueError) as e:
+            raise InputError(f"{f}: cannot read safetensors data ({e})") from None
+        for key in header:
+            if key != "__metadata__" and key in weights:
+                raise InputError(f"{f}: tensor '{key}' also appears in another shard")
+        weights.update(loaded)
+    return weights
+
+
+def check_weights(model: Model, weights: dict[str, mx.array], source: dict[str, str]) -> None:
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    if missing:
+        raise InputError(f"checkpoint is missing tensor(s): {missing[:8]}{' ...' if len(missing) > 8 else ''} "
+                         f"({len(missing)} in all; expected shape {expected[missing[0]]} for '{missing[0]}')")
+    if unexpected:
+        raise InputError(f"checkpoint has unexpected tensor(s): {[source[k] for k in unexpected]}")
+    for k in sorted(expected):
+        got = tuple(weights[k].shape)
+        if got != expected[k]:
+            raise InputError(f"tensor '{source[k]}' has shape {got}, the config implies {expected[k]}")
+
+
+def load_model(path: str | Path, dtype: str = "float32") -> Model:
+    """Load a gemma4_unified checkpoint directory into an MLX ``Model`` in ``dtype``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError(f"{path}: checkpoint directory not found")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    args = ModelArgs.from_file(path / "config.json")
+    model = Model(args)
+    weights, source = model.sanitize(load_raw_weights(path))
+    check_weights(model, weights, source)
+    target = DTYPES[dtype]
+    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
