@@ -68,10 +68,13 @@ class StageDiff:
 
 
 def _json_float(v):
+    """JSON has no inf/NaN: inf becomes the string "inf", NaN null; tuples become lists."""
     if isinstance(v, float) and not math.isfinite(v):
         return None if math.isnan(v) else ("inf" if v > 0 else "-inf")
-    if isinstance(v, tuple):
-        return list(v)
+    if isinstance(v, (tuple, list)):
+        return [_json_float(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _json_float(x) for k, x in v.items()}
     return v
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
+from rmlx.errors import InputError
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -48,7 +50,7 @@ def select(patterns: list[str] | None, stages: tuple[Stage, ...] = STAGES) -> tu
         return stages
     picked = tuple(s for s in stages if any(fnmatch.fnmatchcase(s.name, p) for p in patterns))
     if not picked:
-        raise ValueError(f"--stages {' '.join(patterns)} matches no stage. "
+        raise InputError(f"--stages {' '.join(patterns)} matches no stage. "
                          "Note: run 'rmlx-parity stages' to list the stage names")
     return picked
 

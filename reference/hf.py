@@ -32,6 +32,9 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 class HFRunner:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", attn_implementation: str = "eager"):
         from transformers import Gemma4UnifiedForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation={attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")

@@ -1,0 +1,139 @@
+"""``rmlx-parity``: run parity, list stages, (re)generate fixtures.
+
+Exit codes (DESIGN.md): 0 all pass, 1 a parity failure, 2 bad usage or bad input (one clear line,
+nothing written), 125 this revision cannot be tested (for ``git bisect run``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_UNTESTABLE = 0, 1, 2, 125
+
+
+def fixtures_dir() -> Path:
+    """The embedded default: ``$RMLX_FIXTURES`` or the repository's ``fixtures/``."""
+    return Path(os.environ.get("RMLX_FIXTURES", Path(__file__).resolve().parents[1] / "fixtures"))
+
+
+def default_models() -> list[Path]:
+    return sorted(p for p in (fixtures_dir() / "models").iterdir() if (p / "config.json").is_file())
+
+
+def default_images() -> list[Path]:
+    return sorted((fixtures_dir() / "images").glob("*.png"))
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse exits 2 on bad usage already; keep it to one line
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="rmlx-parity", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="compare every stage of rmlx against HF transformers")
+    r.add_argument("--model", action="append", type=Path, metavar="DIR",
+                   help="a gemma4_unified checkpoint directory (repeatable; default: every fixture model)")
+    r.add_argument("--image", action="append", type=Path, metavar="PATH",
+                   help="an image file (repeatable; default: the fixture battery)")
+    r.add_argument("--max-soft-tokens", type=int, default=280, help="70, 140, 280, 560 or 1120 (default 280)")
+    r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    r.add_argument("--mode", choices=("free", "teacher"), default="free",
+                   help="free: each side runs its own forward; teacher: each candidate stage gets the reference's input")
+    r.add_argument("--stages", action="append", metavar="GLOB", help="compare only matching stages (repeatable)")
+    r.add_argument("--attn-implementation", choices=("eager", "sdpa"), default="eager",
+                   help="HF attention implementation (default eager)")
+    r.add_argument("--inject", action="append", default=[], metavar="NAME",
+                   help="plant a defect from rmlx.faults.CATALOG (repeatable; see 'rmlx-parity faults')")
+    r.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON record here")
+    r.add_argument("--dump", type=Path, metavar="DIR",
+                   help="write DIR/<case>/{reference,candidate}.safetensors (keys = stage names and input.*)")
+    r.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
+    r.add_argument("--no-oracle", action="store_true", help="skip the float64 NumPy oracle columns")
+
+    st = sub.add_parser("stages", help="list the public stage names in forward order")
+    st.add_argument("--stages", action="append", metavar="GLOB")
+    sub.add_parser("faults", help="list the planted defects")
+
+    f = sub.add_parser("fixtures", help="regenerate the embedded default under fixtures/")
+    f.add_argument("--out", type=Path, default=None, help="default: the repository's fixtures/")
+    return p
+
+
+def cmd_run(args) -> int:
+    from parity import report
+    from parity.runner import Settings, record, run_cases
+
+    models = args.model or default_models()
+    images = args.image or default_images()
+    if not models or not images:
+        print(f"rmlx-parity: cannot test: no fixture models or images under {fixtures_dir()}", file=sys.stderr)
+        return EXIT_UNTESTABLE
+    settings = Settings(mode=args.mode, dtype=args.dtype, max_soft_tokens=args.max_soft_tokens,
+                        stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
+                        inject=tuple(args.inject), oracle=not args.no_oracle)
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
+    t0 = time.perf_counter()
+    results = run_cases(models, images, settings, keep_captures=args.dump is not None, progress=report.Progress())
+    rec = record(results, settings, time.perf_counter() - t0, run_id)
+    report_dir = args.report_dir or Path("reports") / run_id
+    dumps = {r.case.name: {"reference": r.reference, "candidate": r.candidate} for r in results} if args.dump else None
+    report.write_report_dir(report_dir, rec, dumps, args.dump)
+    if args.json:
+        report.write_json_atomic(args.json, rec)
+    print(report.to_terminal(rec))
+    print(f"\nreport: {report_dir / 'report.md'}" + (f"; dumps: {args.dump}" if args.dump else ""))
+    return EXIT_PASS if rec["passed"] else EXIT_FAIL
+
+
+def cmd_stages(args) -> int:
+    from parity.stages import select
+
+    for s in select(args.stages):
+        print(f"{s.name:<22} {s.tol:<11} {s.what}")
+    return EXIT_PASS
+
+
+def cmd_faults(args) -> int:
+    from rmlx.faults import CATALOG
+
+    for f in CATALOG.values():
+        print(f"{f.name:<16} -> {f.stage:<20} {f.imitates}")
+    return EXIT_PASS
+
+
+def cmd_fixtures(args) -> int:
+    from reference.fixtures import generate
+
+    out = args.out or fixtures_dir()
+    manifest = generate(out)
+    print(f"wrote {len(manifest['files'])} files under {out} (see {out / 'MANIFEST.json'})")
+    return EXIT_PASS
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from rmlx.errors import InputError
+    except ImportError as e:  # this revision cannot even import the port: skip it when bisecting
+        print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
+        return EXIT_UNTESTABLE
+    commands = {"run": cmd_run, "stages": cmd_stages, "faults": cmd_faults, "fixtures": cmd_fixtures}
+    try:
+        return commands[args.command](args)
+    except InputError as e:
+        print(f"rmlx-parity: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except ImportError as e:
+        print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
+        return EXIT_UNTESTABLE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""Reports rendered from the JSON record: Markdown, a terminal table, a progress bar; atomic writes.
+
+The JSON record is the source of truth; nothing here computes a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+
+def _fmt(v, spec=".2e") -> str:
+    if v is None:
+        return "exact"
+    if isinstance(v, str):
+        return v
+    return format(v, spec)
+
+
+def stage_summary(rec: dict) -> list[dict]:
+    """One row per stage, worst case over all cases (forward order)."""
+    rows: dict[str, dict] = {}
+    for case in rec["cases"]:
+        for st in case["stages"]:
+            row = rows.setdefault(st["name"], {
+                "stage": st["name"], "class": st["class"], "tolerance": st["tolerance"], "cases": 0, "passed": 0,
+                "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "min_rtol": 0.0,
+                "oracle_ref": None, "worst_case": None})
+            row["cases"] += 1
+            row["passed"] += bool(st["passed"])
+            if st.get("error"):
+                row["worst_case"] = row["worst_case"] or case["name"]
+                continue
+            if st["max_abs"] >= row["max_abs"]:
+                row["max_abs"], row["worst_case"] = st["max_abs"], case["name"]
+            row["max_ulp"] = max(row["max_ulp"], st["max_ulp"])
+            row["cosine"] = min(row["cosine"], st["cosine"])
+            if st["nmse_db"] is not None and (row["nmse_db"] is None or _num(st["nmse_db"]) > _num(row["nmse_db"])):
+                row["nmse_db"] = st["nmse_db"]
+            row["min_atol"] = max(row["min_atol"], st["min_tolerance"].get("atol", 0.0))
+            row["min_rtol"] = max(row["min_rtol"], _num(st["min_tolerance"].get("rtol", 0.0)))
+            if "oracle" in st:
+                row["oracle_ref"] = max(row["oracle_ref"] or 0.0, st["oracle"]["reference_max_abs"])
+    return list(rows.values())
+
+
+def _num(v) -> float:
+    return float(v) if not isinstance(v, str) else (float("inf") if v == "inf" else float("-inf"))
+
+
+def _headline(rec: dict) -> list[str]:
+    status = "PASS" if rec["passed"] else "FAIL"
+    n_pass = sum(c["passed"] for c in rec["cases"])
+    s = rec["settings"]
+    return [f"rmlx parity {status}: {n_pass}/{len(rec['cases'])} cases passed "
+            f"(mode {s['mode']}, dtype {s['dtype']}, max_soft_tokens {s['max_soft_tokens']}"
+            + (f", injected {','.join(s['inject'])}" if s["inject"] else "") + ")",
+            f"wall time {rec['wall_time_s']:.1f} s; " + ", ".join(f"{k} {v}" for k, v in rec["versions"].items()
+                                                                  if k in ("transformers", "torch", "mlx", "numpy"))]
+
+
+_COLS = ("stage", "class", "rtol", "atol", "pass", "max_abs", "max_ulp", "min cosine", "worst NMSE dB",
+         "needs atol", "HF-vs-oracle")
+
+
+def _rows(rec: dict) -> list[tuple[str, ...]]:
+    out = []
+    for r in stage_summary(rec):
+        nmse = r["nmse_db"]
+        out.append((r["stage"], r["class"], f"{r['tolerance']['rtol']:g}", f"{r['tolerance']['atol']:g}",
+                    f"{r['passed']}/{r['cases']}", _fmt(r["max_abs"]) if r["max_abs"] else "0",
+                    str(r["max_ulp"]), f"{r['cosine']:.9f}",
+                    "exact" if nmse is None else (f"{nmse:.1f}" if not isinstance(nmse, str) else nmse),
+                    _fmt(r["min_atol"]) if r["min_atol"] else "0", "-" if r["oracle_ref"] is None else (_fmt(r["oracle_ref"]) if r["oracle_ref"] else "0")))
+    return out
+
+
+def to_markdown(rec: dict) -> str:
+    lines = ["# " + _headline(rec)[0], "", _headline(rec)[1], "", f"Command: `{rec['command']}`", ""]
+    fd = rec["first_divergence"]
+    if fd:
+        lines += [f"## First divergence: `{fd['stage']}` in case `{fd['case']}`", "", "```", fd["message"], "```", ""]
+    lines += ["## Stages (worst over all cases)", "", "| " + " | ".join(_COLS) + " |",
+              "|" + "---|" * len(_COLS)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(rec)]
+    lines += ["", "## Cases", "", "| case | image size | soft tokens | passed | first divergence | seconds |",
+              "|---|---|---|---|---|---|"]
+    for c in rec["cases"]:
+        fdc = c["first_divergence"]["stage"] if c["first_divergence"] else ""
+        size = "x".join(map(str, c["image_size"]))
+        lines.append(f"| {c['name']} | {size} | {c['n_soft_tokens']} | {'yes' if c['passed'] else 'NO'} "
+                     f"| {fdc} | {c['seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def to_terminal(rec: dict) -> str:
+    rows = [_COLS] + _rows(rec)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLS))]
+    table = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    table.insert(1, "  ".join("-" * w for w in widths))
+    out = _headline(rec) + [""] + table
+    failed = [c for c in rec["cases"] if not c["passed"]]
+    if failed:
+        out += ["", f"failed cases ({len(failed)}): " + ", ".join(c["name"] for c in failed[:12])
+                + (" ..." if len(failed) > 12 else "")]
+    fd = rec["first_divergence"]
+    if fd:
+        out += ["", f"First divergent stage: {fd['stage']} (case {fd['case']})", fd["message"]]
+    return "\n".join(out)
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only on a terminal."""
+
+    def __init__(self, stream=sys.stderr):
+        self.stream = stream
+        self.enabled = hasattr(stream, "isatty") and stream.isatty()
+
+    def __call__(self, done: int, total: int, label: str) -> None:
+        if not self.enabled or total == 0:
+            return
+        width = 30
+        fill = int(width * done / total)
+        self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {label[:50]:<50}")
+        if done == total:
+            self.stream.write("\r" + " " * (width + 60) + "\r")
+        self.stream.flush()
+
+
+def write_json_atomic(path: Path, rec: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(rec, f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dict[str, np.ndarray]]] | None = None,
+                     dump_dir: Path | None = None) -> None:
+    """Write report.json + report.md into ``report_dir`` (and dumps into ``dump_dir``), all or nothing:
+    everything goes to a temporary sibling folder first, then is renamed into place."""
+    from safetensors.numpy import save_file
+
+    targets = [(report_dir, {"report.json": rec, "report.md": to_markdown(rec)})]
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for final, files in targets:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+            staged.append((tmp, final))
+            for name, content in files.items():
+                if isinstance(content, dict):
+                    (tmp / name).write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
+                else:
+                    (tmp / name).write_text(content)
+        if dumps is not None and dump_dir is not None:
+            dump_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{dump_dir.name}.", dir=dump_dir.parent))
+            staged.append((tmp, dump_dir))
+            meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": rec["settings"]["dtype"]}
+            for case_name, sides in dumps.items():
+                folder = tmp / case_name.replace("/", "__")
+                folder.mkdir(parents=True)
+                for side, capture in sides.items():
+                    arrays = {k: np.ascontiguousarray(v) for k, v in capture.items()}
+                    save_file(arrays, str(folder / f"{side}.safetensors"), metadata=meta | {"side": side})
+        for tmp, final in staged:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+    finally:
+        for tmp, _ in staged:
+            shutil.rmtree(tmp, ignore_errors=True)
