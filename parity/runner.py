@@ -141,7 +141,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         "versions": versions(),
         "settings": {"mode": settings.mode, "dtype": settings.dtype, "max_soft_tokens": settings.max_soft_tokens,
                      "stages": list(settings.stages), "attn_implementation": settings.attn_implementation,
-                     "inject": list(settings.inject)},
+                     "inject": sorted(set(settings.inject) | faults.enabled())},
         "passed": all(r.passed for r in results),
         "first_divergence": None if first is None else {
             "case": first[0].case.name, "stage": first[1].stage, "max_abs": first[1].max_abs,

@@ -1,0 +1,49 @@
+"""Shared fixtures and Hypothesis profiles.
+
+Profiles: ``dev`` (default) and ``ci`` (derandomized, no deadline, print the reproduction blob),
+chosen by ``HYPOTHESIS_PROFILE`` or by ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("dev", deadline=None, max_examples=50)
+settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True, max_examples=50,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+MODELS = sorted(p for p in (FIXTURES / "models").iterdir() if (p / "config.json").is_file())
+IMAGES = sorted((FIXTURES / "images").glob("*.png"))
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session", params=MODELS, ids=[m.name for m in MODELS])
+def model_dir(request) -> Path:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def adapters():
+    """One Gemma4UnifiedAdapter per fixture model (HF + rmlx loaded once per session)."""
+    from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter
+
+    cache = {}
+
+    def get(model: Path, dtype: str = "float32"):
+        key = (model, dtype)
+        if key not in cache:
+            cache[key] = Gemma4UnifiedAdapter(model, dtype)
+        return cache[key]
+
+    return get

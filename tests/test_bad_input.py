@@ -1,0 +1,276 @@
+"""Bad input through the real CLI: exit code 2, ONE clear stderr line naming the culprit, nothing written.
+
+Each case runs ``parity.cli.main([...])`` in-process on one small fixture image and a copy of the
+'tiny' checkpoint with one defect planted. Input validation happens before any model runs, so none
+of these loads the HF reference; they are quick. stderr is captured at the file-descriptor level,
+so a stray warning from any library would count as a second line.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.numpy import load_file, save_file
+
+from parity.cli import main
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+GOOD_IMAGE = FIXTURES / "images" / "solid-red.png"
+ST = "model.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return Path(shutil.copytree(FIXTURES / "models" / "tiny", tmp_path / "tiny"))
+
+
+@pytest.fixture
+def report_dir(tmp_path) -> Path:
+    return tmp_path / "rep"
+
+
+def run(capfd, *, model: Path, image: Path, report_dir: Path, extra: tuple[str, ...] = ()) -> tuple[int, str, str]:
+    return cli(capfd, "run", "--model", str(model), "--image", str(image), "--report-dir", str(report_dir),
+               "--no-oracle", *extra)
+
+
+def cli(capfd, *argv: str) -> tuple[int, str, str]:
+    """``main(argv)`` in-process -> (exit code, stdout, stderr). argparse's usage errors leave through
+    ``SystemExit`` (as they do for the console script); its code is the exit code."""
+    capfd.readouterr()  # drop anything earlier (fixture setup)
+    try:
+        rc = main(list(argv))
+    except SystemExit as e:
+        rc = e.code
+    out, err = capfd.readouterr()
+    return rc, out, err
+
+
+def assert_refused(rc: int, out: str, err: str, report_dir: Path, *needles: str) -> str:
+    """Exit 2, exactly one non-empty stderr line containing every needle, no report (not even a temp dir)."""
+    assert rc == 2, f"exit code {rc}; stderr: {err!r}"
+    lines = err.rstrip("\n").split("\n")
+    assert len(lines) == 1 and lines[0].strip(), f"expected one stderr line, got {len(lines)}: {err!r}"
+    line = lines[0]
+    for needle in needles:
+        assert needle in line, f"{needle!r} not named in: {line}"
+    assert out == "", f"unexpected stdout: {out!r}"
+    assert not report_dir.exists(), "a report was written"
+    stray = sorted(p.name for p in report_dir.parent.glob(f".{report_dir.name}.*"))
+    assert not stray, f"stray temp dirs left: {stray}"
+    return line
+
+
+def edit_weights(ckpt: Path, edit) -> None:
+    weights = load_file(str(ckpt / ST))
+    edit(weights)
+    save_file(weights, str(ckpt / ST))
+
+
+def _chunk(tag: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A well-formed, ~60-byte RGB PNG whose IHDR declares width x height (its IDAT is tiny)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit, truecolour, no interlace
+    idat = zlib.compress(b"\x00" * 16)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b"")
+
+
+class _CreatesSentinel:
+    """Unpickling this calls open(path, 'w'): the sentinel file appears iff something unpickled it."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad images
+
+
+def test_missing_image_file(capfd, tiny, report_dir, tmp_path):
+    missing = tmp_path / "no-such-image.png"
+    rc, out, err = run(capfd, model=tiny, image=missing, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, str(missing))
+
+
+def test_image_path_is_a_directory(capfd, tiny, report_dir, tmp_path):
+    folder = tmp_path / "folder.png"
+    folder.mkdir()
+    rc, out, err = run(capfd, model=tiny, image=folder, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, str(folder))
+
+
+@pytest.mark.parametrize("name", ["solid-red.png", "white-card.png", "exact-672x960.png"])
+def test_truncated_png(capfd, tiny, report_dir, tmp_path, name):
+    data = (FIXTURES / "images" / name).read_bytes()
+    bad = tmp_path / f"truncated-{name}"
+    bad.write_bytes(data[: len(data) // 2])
+    rc, out, err = run(capfd, model=tiny, image=bad, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, str(bad))
+
+
+@pytest.mark.parametrize("content", [b"hello, this is plain text, not a picture\n", b"", b"\x89PNG\r\n\x1a\n"],
+                         ids=["text", "empty", "signature-only"])
+def test_not_an_image(capfd, tiny, report_dir, tmp_path, content):
+    bad = tmp_path / "not-really.png"
+    bad.write_bytes(content)
+    rc, out, err = run(capfd, model=tiny, image=bad, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, str(bad))
+
+
+@pytest.mark.parametrize("side", [20000, 10000], ids=["over-error-limit", "over-warning-limit"])
+def test_decompression_bomb_png_is_well_formed(tmp_path, monkeypatch, side):
+    """Control: the hand-written PNG really is a PNG declaring side x side (so the refusal below is
+    Pillow's bomb check, not a parse error). Only the header is read; nothing is decoded."""
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_declaring(side, side))
+    assert path.stat().st_size < 100
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with Image.open(path) as im:
+        assert (im.format, im.mode, im.size) == ("PNG", "RGB", (side, side))
+
+
+@pytest.mark.parametrize("side", [20000, 10000], ids=["over-error-limit", "over-warning-limit"])
+def test_decompression_bomb(capfd, tiny, report_dir, tmp_path, side):
+    assert side * side > Image.MAX_IMAGE_PIXELS
+    bomb = tmp_path / f"bomb-{side}.png"
+    bomb.write_bytes(png_declaring(side, side))
+    rc, out, err = run(capfd, model=tiny, image=bomb, report_dir=report_dir)
+    line = assert_refused(rc, out, err, report_dir, str(bomb))
+    assert "decompression" in line.lower() or "bomb" in line.lower()
+
+
+def test_bad_image_is_reported_even_after_a_good_one(capfd, tiny, report_dir, tmp_path):
+    missing = tmp_path / "second-missing.png"
+    rc, out, err = cli(capfd, "run", "--model", str(tiny), "--image", str(GOOD_IMAGE), "--image", str(missing),
+                       "--report-dir", str(report_dir), "--no-oracle")
+    assert_refused(rc, out, err, report_dir, str(missing))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad settings
+
+
+@pytest.mark.parametrize("value", ["100", "0", "-70", "281"])
+def test_unsupported_max_soft_tokens(capfd, tiny, report_dir, value):
+    rc, out, err = run(capfd, model=tiny, image=GOOD_IMAGE, report_dir=report_dir,
+                       extra=("--max-soft-tokens", value))
+    line = assert_refused(rc, out, err, report_dir, value)
+    assert "max_soft_tokens" in line or "max-soft-tokens" in line
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (("--max-soft-tokens", "lots"), "lots"),
+    (("--dtype", "float64"), "float64"),
+    (("--mode", "sideways"), "sideways"),
+])
+def test_bad_usage(capfd, tiny, report_dir, extra, needle):
+    rc, out, err = run(capfd, model=tiny, image=GOOD_IMAGE, report_dir=report_dir, extra=extra)
+    assert_refused(rc, out, err, report_dir, needle)
+
+
+# ---------------------------------------------------------------------------------------------
+# bad checkpoints
+
+
+def test_missing_model_dir(capfd, report_dir, tmp_path):
+    missing = tmp_path / "no-such-model"
+    rc, out, err = run(capfd, model=missing, image=GOOD_IMAGE, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, str(missing))
+
+
+@pytest.mark.parametrize("key", [
+    "model.language_model.layers.1.self_attn.k_norm.weight",
+    "model.vision_embedder.patch_dense.weight",
+])
+def test_checkpoint_missing_tensor(capfd, tiny, report_dir, key):
+    edit_weights(tiny, lambda w: w.pop(key))
+    rc, out, err = run(capfd, model=tiny, image=GOOD_IMAGE, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, key)
+
+
+def test_checkpoint_unexpected_tensor(capfd, tiny, report_dir):
+    key = "model.language_model.layers.0.self_attn.bogus.weight"
+    edit_weights(tiny, lambda w: w.__setitem__(key, np.zeros((2,), np.float32)))
+    rc, out, err = run(capfd, model=tiny, image=GOOD_IMAGE, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, key)
+
+
+@pytest.mark.parametrize("key,bad_shape,good_shape", [
+    ("model.language_model.layers.1.self_attn.k_norm.weight", (17,), (32,)),
+    ("model.vision_embedder.patch_dense.weight", (6912, 32), (32, 6912)),
+])
+def test_checkpoint_wrong_shape(capfd, tiny, report_dir, key, bad_shape, good_shape):
+    assert load_file(str(tiny / ST))[key].shape == good_shape
+    edit_weights(tiny, lambda w: w.__setitem__(key, np.zeros(bad_shape, np.float32)))
+    rc, out, err = run(capfd, model=tiny, image=GOOD_IMAGE, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, key, str(bad_shape), str(good_shape))
+
+
+@pytest.mark.parametrize("corrupt", [
+    lambda data: bytes(range(256)) * 4,  # garbage
+    lambda data: struct.pack("<Q", 10**6) + b"{}",  # header length past EOF
+    lambda data: struct.pack("<Q", 24) + b"this is not json at all!" + data[32:],  # not JSON
+    lambda data: data[: len(data) // 2],  # data cut short
+], ids=["garbage", "length-past-eof", "not-json", "truncated"])
+def test_corrupt_safetensors(capfd, tiny, report_dir, corrupt):
+    f = tiny / ST
+    f.write_bytes(corrupt(f.read_bytes()))
+    rc, out, err = run(capfd, model=tiny, image=GOOD_IMAGE, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, str(f))
+
+
+def test_missing_config_key(capfd, tiny, report_dir):
+    cfg = json.loads((tiny / "config.json").read_text())
+    del cfg["vision_config"]["mm_embed_dim"]
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    rc, out, err = run(capfd, model=tiny, image=GOOD_IMAGE, report_dir=report_dir)
+    assert_refused(rc, out, err, report_dir, "mm_embed_dim", str(tiny / "config.json"))
+
+
+def test_pickle_only_checkpoint(capfd, tiny, report_dir, tmp_path):
+    (tiny / ST).unlink()
+    sentinel = tmp_path / "SENTINEL-unpickled"
+    payload = pickle.dumps({"model.language_model.embed_tokens.weight": _CreatesSentinel(sentinel)})
+    (tiny / "pytorch_model.bin").write_bytes(payload)
+    rc, out, err = run(capfd, model=tiny, image=GOOD_IMAGE, report_dir=report_dir)
+    line = assert_refused(rc, out, err, report_dir, "pytorch_model.bin")
+    assert "pickle" in line.lower()
+    assert not sentinel.exists(), "the pickle checkpoint was unpickled"
+    # control: the payload is live, so the sentinel's absence above means it was never unpickled
+    pickle.loads(payload)["model.language_model.embed_tokens.weight"].close()
+    assert sentinel.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the real entry point, in a fresh interpreter
+
+
+def test_console_entry_point_missing_image(tiny, tmp_path):
+    missing = tmp_path / "no-such-image.png"
+    report_dir = tmp_path / "rep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "parity.cli", "run", "--model", str(tiny), "--image", str(missing),
+         "--report-dir", str(report_dir), "--no-oracle"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert_refused(proc.returncode, proc.stdout, proc.stderr, report_dir, str(missing))
+    assert not (tmp_path / "reports").exists()

@@ -1,0 +1,23 @@
+"""The import direction of DESIGN.md: rmlx never imports torch; reference never imports mlx;
+parity.metrics imports neither. Each package is imported in a fresh interpreter."""
+
+import subprocess
+import sys
+
+import pytest
+
+CASES = [
+    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap", ["torch", "transformers", "parity", "reference"]),
+    ("reference, reference.hf, reference.numpy_ops, reference.fixtures", ["mlx", "rmlx", "parity"]),
+    ("parity.metrics", ["mlx", "torch", "transformers", "rmlx", "reference"]),
+]
+
+
+@pytest.mark.parametrize("modules,forbidden", CASES, ids=[c[0].split(",")[0] for c in CASES])
+def test_import_direction(modules, forbidden):
+    code = (f"import sys, importlib\nfor m in {modules.split(', ')!r}: importlib.import_module(m)\n"
+            "print(','.join(sorted(k for k in sys.modules)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = set(out.strip().split(","))
+    leaked = [f for f in forbidden if f in loaded]
+    assert not leaked, f"importing {modules} pulled in {leaked}"
