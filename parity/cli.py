@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-soft-tokens", type=int, default=280, help="70, 140, 280, 560 or 1120 (default 280)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     r.add_argument("--mode", choices=("free", "teacher"), default="free",
-                   help="free: each side runs its own forward; teacher: each candidate stage gets the reference's input")
+                   help="free: each side runs its own forward; "
+                        "teacher: each candidate stage gets the reference's input")
     r.add_argument("--stages", action="append", metavar="GLOB", help="compare only matching stages (repeatable)")
     r.add_argument("--attn-implementation", choices=("eager", "sdpa"), default="eager",
                    help="HF attention implementation (default eager)")
@@ -118,7 +119,10 @@ def cmd_fixtures(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # bad usage (2) or --help (0): a return code, like every other outcome
+        return int(e.code or 0)
     try:
         from rmlx.errors import InputError
     except ImportError as e:  # this revision cannot even import the port: skip it when bisecting

@@ -166,7 +166,8 @@ def compare_all(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndar
     for name, tol in stages:
         if name not in actual or name not in expected:
             side = [s for s, cap in (("candidate", actual), ("reference", expected)) if name not in cap]
-            diffs.append(StageDiff(name, False, tol, dtype, (), error=f"Stage missing on the {' and '.join(side)} side"))
+            error = f"Stage missing on the {' and '.join(side)} side"
+            diffs.append(StageDiff(name, False, tol, dtype, (), error=error))
             continue
         diffs.append(compare(name, actual[name], expected[name], tol, dtype))
     return diffs

@@ -77,7 +77,8 @@ def _rows(rec: dict) -> list[tuple[str, ...]]:
                     f"{r['passed']}/{r['cases']}", _fmt(r["max_abs"]) if r["max_abs"] else "0",
                     str(r["max_ulp"]), f"{r['cosine']:.9f}",
                     "exact" if nmse is None else (f"{nmse:.1f}" if not isinstance(nmse, str) else nmse),
-                    _fmt(r["min_atol"]) if r["min_atol"] else "0", "-" if r["oracle_ref"] is None else (_fmt(r["oracle_ref"]) if r["oracle_ref"] else "0")))
+                    _fmt(r["min_atol"]) if r["min_atol"] else "0",
+                    "-" if r["oracle_ref"] is None else (_fmt(r["oracle_ref"]) if r["oracle_ref"] else "0")))
     return out
 
 
@@ -118,9 +119,9 @@ def to_terminal(rec: dict) -> str:
 class Progress:
     """A one-line progress bar on stderr, drawn only on a terminal."""
 
-    def __init__(self, stream=sys.stderr):
-        self.stream = stream
-        self.enabled = hasattr(stream, "isatty") and stream.isatty()
+    def __init__(self, stream=None):
+        self.stream = sys.stderr if stream is None else stream  # resolved now, not at import
+        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
 
     def __call__(self, done: int, total: int, label: str) -> None:
         if not self.enabled or total == 0:

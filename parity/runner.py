@@ -71,6 +71,7 @@ def run_cases(models: list[Path], images: list[Path], settings: Settings, keep_c
     if settings.mode not in MODES:
         raise InputError(f"mode={settings.mode!r} is not one of {MODES}")
     check_max_soft_tokens(settings.max_soft_tokens)
+    faults.check(*settings.inject)
     stages: tuple[Stage, ...] = select(list(settings.stages) or None)
     tols = [(s.name, tolerance(s.tol, settings.dtype)) for s in stages]
     decoded = {p: load_image(p) for p in images}  # every image validated before any case runs

@@ -76,9 +76,9 @@ class TextConfig:
         if bad:
             raise InputError(f"{where}: unsupported layer type(s) {bad} in 'layer_types'")
         k_eq_v = bool(d.get("attention_k_eq_v", False))
-        if "per_layer_config" in d and d["per_layer_config"] is not None:
-            # Present (even as {}): used as is; HF drops entries equal to the base values.
-            per_layer = {int(k): dict(v) for k, v in d["per_layer_config"].items()}
+        if "per_layer_config" in d:
+            # Present (even as {} or null): used as is; HF drops entries equal to the base values.
+            per_layer = {int(k): dict(v) for k, v in (d["per_layer_config"] or {}).items()}
         else:
             overrides = {"head_dim": int(d.get("global_head_dim", 512))}
             if k_eq_v and d.get("num_global_key_value_heads") is not None:

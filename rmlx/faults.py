@@ -51,6 +51,11 @@ def _parse(spec: str, origin: str) -> frozenset[str]:
 _active: frozenset[str] = _parse(os.environ.get("RMLX_INJECT", ""), "RMLX_INJECT")
 
 
+def check(*names: str) -> frozenset[str]:
+    """Validate fault names (an ``InputError`` lists the known ones) without switching anything on."""
+    return _parse(",".join(names), "inject")
+
+
 def active(name: str) -> bool:
     """Is the planted defect ``name`` switched on?"""
     return name in _active
@@ -65,7 +70,7 @@ def inject(*names: str) -> Iterator[None]:
     """Switch the named faults on for the duration of the block."""
     global _active
     previous = _active
-    _active = previous | _parse(",".join(names), "inject")
+    _active = previous | check(*names)
     try:
         yield
     finally:

@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten
 
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
-from rmlx.model import Model
+from rmlx.model import Model, checkpoint_key
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
@@ -97,8 +97,9 @@ def check_weights(model: Model, weights: dict[str, mx.array], source: dict[str, 
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
     if missing:
-        raise InputError(f"checkpoint is missing tensor(s): {missing[:8]}{' ...' if len(missing) > 8 else ''} "
-                         f"({len(missing)} in all; expected shape {expected[missing[0]]} for '{missing[0]}')")
+        names = [checkpoint_key(k) for k in missing]
+        raise InputError(f"checkpoint is missing tensor(s): {names[:8]}{' ...' if len(names) > 8 else ''} "
+                         f"({len(names)} in all; expected shape {expected[missing[0]]} for '{names[0]}')")
     if unexpected:
         raise InputError(f"checkpoint has unexpected tensor(s): {[source[k] for k in unexpected]}")
     for k in sorted(expected):

@@ -33,6 +33,17 @@ _PREFIXES = (
 )
 
 
+def checkpoint_key(name: str) -> str:
+    """A module path in the spelling ``save_pretrained`` writes (for error messages)."""
+    for prefix, target in (("model.embed_vision.embedding_projection.", "vision_embedder.embedding_projection."),
+                           ("model.vision_embedder.", "vision_embedder."),
+                           ("model.embed_audio.embedding_projection.", "embed_audio.embedding_projection."),
+                           ("model.language_model.", "language_model.")):
+        if name.startswith(target):
+            return prefix + name[len(target):]
+    return name
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()

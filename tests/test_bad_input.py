@@ -49,13 +49,9 @@ def run(capfd, *, model: Path, image: Path, report_dir: Path, extra: tuple[str, 
 
 
 def cli(capfd, *argv: str) -> tuple[int, str, str]:
-    """``main(argv)`` in-process -> (exit code, stdout, stderr). argparse's usage errors leave through
-    ``SystemExit`` (as they do for the console script); its code is the exit code."""
+    """``main(argv)`` in-process -> (exit code, stdout, stderr); usage errors return 2 too."""
     capfd.readouterr()  # drop anything earlier (fixture setup)
-    try:
-        rc = main(list(argv))
-    except SystemExit as e:
-        rc = e.code
+    rc = main(list(argv))
     out, err = capfd.readouterr()
     return rc, out, err
 

@@ -6,7 +6,9 @@ import pytest
 from hypothesis import given, settings
 from PIL import Image
 from transformers.image_transforms import convert_to_rgb
-from transformers.models.gemma4_unified.image_processing_gemma4_unified import get_aspect_ratio_preserving_size
+from transformers.models.gemma4_unified.image_processing_gemma4_unified import (
+    get_aspect_ratio_preserving_size,
+)
 
 from reference.hf import HFRunner
 from rmlx import faults

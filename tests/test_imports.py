@@ -7,7 +7,8 @@ import sys
 import pytest
 
 CASES = [
-    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap", ["torch", "transformers", "parity", "reference"]),
+    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap",
+     ["torch", "transformers", "parity", "reference"]),
     ("reference, reference.hf, reference.numpy_ops, reference.fixtures", ["mlx", "rmlx", "parity"]),
     ("parity.metrics", ["mlx", "torch", "transformers", "rmlx", "reference"]),
 ]

@@ -475,7 +475,7 @@ def test_per_layer_head_dim_and_kv_heads_match_hf(variant):
     assert ours.num_hidden_layers == hf.num_hidden_layers
     assert list(ours.layer_types) == list(hf.layer_types)
     view = hf.per_layer_config
-    want = [(getattr(view[i], "head_dim"), getattr(view[i], "num_key_value_heads"))
+    want = [(view[i].head_dim, view[i].num_key_value_heads)
             for i in range(hf.num_hidden_layers)]
     got = [(ours.layer(i).head_dim, ours.layer(i).num_key_value_heads) for i in range(ours.num_hidden_layers)]
     assert got == want

@@ -26,7 +26,8 @@ def test_identity_passes_with_zero_tolerance(x):
 def test_min_tolerance_is_the_boundary(data):
     """The reported minimum atol passes at the stage's rtol; anything clearly smaller fails."""
     e = data.draw(F32, label="expected")
-    noise = data.draw(nps.arrays(np.float32, e.shape, elements=st.floats(-0.0078125, 0.0078125, width=32)), label="noise")
+    small = st.floats(-0.0078125, 0.0078125, width=32)
+    noise = data.draw(nps.arrays(np.float32, e.shape, elements=small), label="noise")
     a = e + noise
     tol = Tol(rtol=1e-4, atol=0.0)
     d = compare("s", a, e, tol)

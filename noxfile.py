@@ -1,0 +1,33 @@
+"""nox sessions: tests (the default pytest run), slow (tests marked slow), lint (ruff), parity (the
+embedded default in every dtype and mode)."""
+
+import nox
+
+nox.options.sessions = ["tests", "lint"]
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session):
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def slow(session):
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", "-m", "slow", *session.posargs, success_codes=[0, 5])
+
+
+@nox.session(python=PYTHON)
+def lint(session):
+    session.install("ruff")
+    session.run("ruff", "check", "rmlx", "reference", "parity", "tests", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def parity(session):
+    session.install("-e", ".[dev]")
+    for dtype in ("float32", "bfloat16"):
+        for mode in ("free", "teacher"):
+            session.run("rmlx-parity", "run", "--dtype", dtype, "--mode", mode)
