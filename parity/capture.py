@@ -12,6 +12,8 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
+Capture = dict[str, np.ndarray]  # keyed by public stage name
+
 
 def to_numpy(x: Any) -> np.ndarray:
     """mx.array or ndarray -> ndarray (bf16 widened to float32 exactly)."""
@@ -34,8 +36,8 @@ class Recorder:
     returns the reference's (when the shapes agree; otherwise the candidate's own, and the
     comparison reports the shape mismatch)."""
 
-    def __init__(self, reference: dict[str, np.ndarray] | None = None):
-        self.capture: dict[str, np.ndarray] = {}
+    def __init__(self, reference: Capture | None = None):
+        self.capture: Capture = {}
         self.reference = reference
 
     def __call__(self, name: str, x: Any) -> Any:

@@ -21,7 +21,8 @@ def fixtures_dir() -> Path:
 
 
 def default_models() -> list[Path]:
-    return sorted(p for p in (fixtures_dir() / "models").iterdir() if (p / "config.json").is_file())
+    models = fixtures_dir() / "models"
+    return sorted(p for p in models.iterdir() if (p / "config.json").is_file()) if models.is_dir() else []
 
 
 def default_images() -> list[Path]:

@@ -82,11 +82,22 @@ def _rows(rec: dict) -> list[tuple[str, ...]]:
     return out
 
 
+def _oracle_line(fd: dict) -> list[str]:
+    """Polygraphy-style note: which side the float64 oracle sides with."""
+    o = fd.get("oracle")
+    if not o:
+        return []
+    closer = "rmlx" if o["candidate_max_abs"] < o["reference_max_abs"] else "HF"
+    return [f"Note: float64 oracle: HF is {o['reference_max_abs']:.3g} from it, rmlx {o['candidate_max_abs']:.3g} "
+            f"({closer} is closer)"]
+
+
 def to_markdown(rec: dict) -> str:
     lines = ["# " + _headline(rec)[0], "", _headline(rec)[1], "", f"Command: `{rec['command']}`", ""]
     fd = rec["first_divergence"]
     if fd:
-        lines += [f"## First divergence: `{fd['stage']}` in case `{fd['case']}`", "", "```", fd["message"], "```", ""]
+        lines += [f"## First divergence: `{fd['stage']}` in case `{fd['case']}`", "", "```", fd["message"],
+                  *_oracle_line(fd), "```", ""]
     lines += ["## Stages (worst over all cases)", "", "| " + " | ".join(_COLS) + " |",
               "|" + "---|" * len(_COLS)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(rec)]
@@ -112,7 +123,7 @@ def to_terminal(rec: dict) -> str:
                 + (" ..." if len(failed) > 12 else "")]
     fd = rec["first_divergence"]
     if fd:
-        out += ["", f"First divergent stage: {fd['stage']} (case {fd['case']})", fd["message"]]
+        out += ["", f"First divergent stage: {fd['stage']} (case {fd['case']})", fd["message"], *_oracle_line(fd)]
     return "\n".join(out)
 
 

@@ -147,7 +147,8 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         "first_divergence": None if first is None else {
             "case": first[0].case.name, "stage": first[1].stage, "max_abs": first[1].max_abs,
             "tolerance": {"rtol": first[1].tolerance.rtol, "atol": first[1].tolerance.atol},
-            "error": first[1].error, "message": first[1].message()},
+            "error": first[1].error, "message": first[1].message(),
+            "oracle": first[0].oracle.get(first[1].stage)},
         "wall_time_s": round(wall_time_s, 3),
         "cases": cases,
     }

@@ -5,8 +5,9 @@ would have passed at the class's rtol, column of the report) over the embedded d
 (2 fixture models x 17 battery images, max_soft_tokens 280), in free-running mode, which is the
 looser of the two modes. Commands:
 
-    rmlx-parity run                      # fp32, free
-    rmlx-parity run --dtype bfloat16     # bf16, free
+    rmlx-parity run                             # fp32, free
+    rmlx-parity run --max-soft-tokens 1120      # fp32, free, the largest images
+    rmlx-parity run --dtype bfloat16            # bf16, free
 
 The torch.testing defaults (fp32 rtol 1.3e-6 / atol 1e-5; bf16 1.6e-2 / 1e-5) are the floor.
 """
@@ -18,11 +19,14 @@ from rmlx.errors import InputError
 
 EXACT = Tol(rtol=0.0, atol=0.0)
 
-# fp32: every numeric vision stage needed atol <= 2.5e-5 at rtol 1.3e-6 (worst: vision.soft_tokens
-# 2.49e-5, vision.patch_ln1 1.59e-5 on the white card's low-variance patches). HF itself is up to
-# 2.1e-5 away from the float64 oracle on the same stages, so a tighter bound would test torch's
-# rounding, not the port. 5e-5 = 2x the worst measured.
-_FP32 = Tol(rtol=1.3e-6, atol=5e-5)
+# fp32: at max_soft_tokens 280 every numeric vision stage needed atol <= 2.5e-5 at rtol 1.3e-6
+# (worst: vision.soft_tokens 2.49e-5). At 1120 (`rmlx-parity run --max-soft-tokens 1120`) the white
+# card is upscaled into near-constant patches whose tiny variance amplifies rounding: the worst need
+# is 8.75e-5 (vision.soft_tokens) -- and there HF itself is 8.9e-5 from the float64 oracle while
+# rmlx is 4.3e-5 from it. A bound tighter than HF's own error would test torch's rounding, not the
+# port. 2e-4 ~ 2.3x the worst measured; the planted patch-ln1-eps defect moves patch_ln1 by 1e-3 to
+# 2e-1 on every non-solid battery image but the palette one (1e-4).
+_FP32 = Tol(rtol=1.3e-6, atol=2e-4)
 
 TOLERANCES: dict[str, dict[str, Tol]] = {
     # Structural stages (pixel layout, positions, masks, codec bytes): bit-exact in every dtype.

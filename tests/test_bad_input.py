@@ -270,3 +270,11 @@ def test_console_entry_point_missing_image(tiny, tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert_refused(proc.returncode, proc.stdout, proc.stderr, report_dir, str(missing))
     assert not (tmp_path / "reports").exists()
+
+
+def test_missing_fixtures_cannot_test_this_revision(capfd, tmp_path, monkeypatch):
+    """No embedded default (e.g. a revision before fixtures existed): exit 125, skipped by bisect."""
+    monkeypatch.setenv("RMLX_FIXTURES", str(tmp_path / "nowhere"))
+    rc, out, err = cli(capfd, "run", "--report-dir", str(tmp_path / "rep"))
+    assert rc == 125 and "cannot test" in err
+    assert not (tmp_path / "rep").exists()

@@ -81,6 +81,15 @@ def test_oracle_agrees_with_both_sides_in_fp32(default_run):
             assert st["oracle"]["candidate_max_abs"] <= st["tolerance"]["atol"], (case["name"], st["name"])
 
 
+@pytest.mark.parametrize("mst", [70, pytest.param(1120, marks=pytest.mark.slow)])
+def test_default_run_at_other_budgets(mst, tmp_path):
+    """The smallest and the largest soft-token budgets (1120: ~3 min, run by `nox -s slow`)."""
+    code = main(["run", "--max-soft-tokens", str(mst), "--report-dir", str(tmp_path / "rep"),
+                 "--json", str(tmp_path / "r.json")])
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert code == 0 and rec["passed"], rec["first_divergence"]
+
+
 def test_dump_has_stage_keys_inputs_and_batch_axis(tmp_path):
     model, image = MODELS[0], IMAGES[0]
     code = main(["run", "--model", str(model), "--image", str(image), "--dump", str(tmp_path / "dump"),

@@ -9,15 +9,13 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from parity.capture import Recorder
+from parity.capture import Capture, Recorder
 from parity.stages import VISION, Stage, hook_points
 from reference import numpy_ops
 from reference.hf import HFRunner
 from rmlx import image as rimage
 from rmlx.load import load_model
 from rmlx.tap import tapping
-
-Capture = dict[str, np.ndarray]
 
 
 @dataclass(frozen=True)
