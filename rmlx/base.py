@@ -5,6 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from rmlx import faults
+
 
 def _blocked_mean(x: mx.array) -> mx.array:
     """Mean over the last axis as a sum of block sums (block <= 64), keepdims.
@@ -47,3 +49,109 @@ class LayerNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return layer_norm(x, self.weight, self.bias, self.eps)
+
+
+def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """Gemma 4 RMSNorm: ``x * (mean(x^2) + eps)^-1/2 * w`` in fp32, cast back (``x_hat * w``, not ``1 + w``).
+
+    ``weight=None`` is the weightless norm (v_norm, the multimodal pre-projection norm).
+    """
+    dtype = x.dtype
+    x = x.astype(mx.float32)
+    y = x * mx.rsqrt(_blocked_mean(x * x) + eps)
+    if weight is not None:
+        if faults.active("rmsnorm-one-plus-w"):
+            weight = 1 + weight
+        y = y * weight.astype(mx.float32)
+    return y.astype(dtype)
+
+
+class RMSNorm(nn.Module):
+    """Gemma 4 RMSNorm with a learnable ``weight`` (checkpoint name), computed by :func:`rms_norm`."""
+
+    def __init__(self, dims: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = mx.ones((dims,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class RoPE:
+    """HF's rotary embedding for one layer type (catalog §3.6), applied to x (B, L, heads, d).
+
+    ``default``: inverse frequencies theta^(-2i/d) for all d/2 pairs. ``proportional``: only the first
+    n_rot = int(partial_rotary_factor * d // 2) pairs rotate, still with exponent 2i/d over the *full*
+    head size; the others get frequency 0 (cos 1, sin 0). Pairs are half-split, (i, i + d/2).
+    cos/sin are computed in fp32 from ``positions * inv_freq`` (as HF), then cast to x's dtype.
+    """
+
+    def __init__(self, head_dim: int, rope: dict):
+        self.kind = rope.get("rope_type", "default")
+        if self.kind not in ("default", "proportional"):
+            raise ValueError(f"unsupported rope_type '{self.kind}'")
+        self.theta = float(rope["rope_theta"])
+        half = head_dim // 2
+        fraction = float(rope.get("partial_rotary_factor", 1.0)) if self.kind == "proportional" else 1.0
+        self.n_rot = int(fraction * head_dim // 2)
+        i = mx.arange(half, dtype=mx.float32)
+        inv = 1.0 / (self.theta ** (2 * i / head_dim))
+        self.inv_freq = mx.where(i < self.n_rot, inv, 0.0) / float(rope.get("factor", 1.0))
+
+    def __call__(self, x: mx.array, offset: int) -> mx.array:
+        if self.kind == "proportional" and faults.active("rope-partial-slice"):
+            # The planted bug: rotate a 2*n_rot slice as if it were the whole head -- pairs (i, i + n_rot),
+            # exponent over 2*n_rot -- which is what mx.fast.rope(dims=2*n_rot) does.
+            d_rot = 2 * self.n_rot
+            i = mx.arange(self.n_rot, dtype=mx.float32)
+            head = _rotate(x[..., :d_rot], 1.0 / (self.theta ** (2 * i / d_rot)), offset)
+            return mx.concatenate([head, x[..., d_rot:]], axis=-1)
+        return _rotate(x, self.inv_freq, offset)
+
+
+def _rotate(x: mx.array, inv: mx.array, offset: int) -> mx.array:
+    pos = mx.arange(offset, offset + x.shape[1], dtype=mx.float32)
+    freqs = pos[:, None] * inv[None, :]  # (L, d/2)
+    emb = mx.concatenate([freqs, freqs], axis=-1)[None, :, None, :]  # (L, d) -> (1, L, 1, d)
+    cos, sin = mx.cos(emb).astype(x.dtype), mx.sin(emb).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = mx.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half
+    return x * cos + rotated * sin
+
+
+def block_ids(mm_token_type_ids: mx.array) -> mx.array:
+    """Image/video blocks (catalog §4.1): each maximal run of type 1 or 2 gets an id 0, 1, ...; else -1."""
+    vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
+    if faults.active("overlay-crosses-blocks"):
+        return mx.where(vision, 0, -1)  # every image one block
+    prev = mx.concatenate([mx.zeros_like(vision[:, :1]), vision[:, :-1]], axis=1)
+    starts = vision & ~prev
+    return mx.where(vision, mx.cumsum(starts.astype(mx.int32), axis=1) - 1, -1)
+
+
+MASK_POLICIES = ("official", "hf-forward")
+
+
+def attention_masks(mm_token_type_ids: mx.array, sliding_window: int, policy: str) -> dict[str, mx.array]:
+    """Boolean (B, L, L) masks, True = may attend, for both layer types (built once per forward).
+
+    ``official`` (google-deepmind/gemma): full = causal; sliding = (causal | block) & window.
+    ``hf-forward`` (transformers 5.24 forward): full = causal | block; sliding = (causal & window) | block.
+    window: k > q - W (W keys including the query itself); block: same image block.
+    """
+    if policy not in MASK_POLICIES:
+        raise ValueError(f"mask policy '{policy}' is not one of {MASK_POLICIES}")
+    length = mm_token_type_ids.shape[1]
+    q = mx.arange(length)[:, None]
+    k = mx.arange(length)[None, :]
+    causal = (k <= q)[None]  # (1, L, L)
+    window = (k > q - sliding_window)[None]
+    if faults.active("vision-causal"):
+        block = mx.zeros_like(causal)  # the motivating bug: no bidirectional overlay
+    else:
+        b = block_ids(mm_token_type_ids)
+        block = (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)  # (B, L, L)
+    if policy == "official":
+        return {"full_attention": causal | mx.zeros_like(block), "sliding_attention": (causal | block) & window}
+    return {"full_attention": causal | block, "sliding_attention": (causal & window) | block}

@@ -8,17 +8,28 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
+from rmlx.base import attention_masks, rms_norm
 from rmlx.config import AudioConfig, ModelArgs
 from rmlx.errors import InputError
-from rmlx.text import TextModel
+from rmlx.tap import tap
+from rmlx.text import KVCache, TextModel
 from rmlx.vision import VisionEmbedder
 
 
 class AudioEmbedder(nn.Module):
+    """Raw 640-sample audio frames -> RMSNorm (no weight) -> Linear (no bias): one soft token per frame."""
+
     def __init__(self, cfg: AudioConfig, hidden_size: int):
         super().__init__()
+        self.eps = cfg.rms_norm_eps
         self.embedding_projection = nn.Linear(cfg.audio_embed_dim, hidden_size, bias=False)
+
+    def __call__(self, frames: mx.array) -> mx.array:
+        """(1, N, 640) -> (1, N, H)."""
+        x = frames.astype(self.embedding_projection.weight.dtype)
+        return self.embedding_projection(rms_norm(x, None, self.eps))
 
 
 # (checkpoint prefix, module path), most specific first. Both the on-disk spelling written by
@@ -53,6 +64,67 @@ class Model(nn.Module):
             self.vision_embedder = VisionEmbedder(args.vision, args.text.hidden_size)
         if args.audio is not None:
             self.embed_audio = AudioEmbedder(args.audio, args.text.hidden_size)
+
+    def token_types(self, input_ids: np.ndarray) -> np.ndarray:
+        """HF's mm_token_type_ids: 1 image token, 2 video token, 3 audio token, 0 otherwise (boi/eoi are text)."""
+        a = self.args
+        return np.select([input_ids == a.image_token_id, input_ids == a.video_token_id,
+                          input_ids == a.audio_token_id], [1, 2, 3], 0).astype(np.int64)
+
+    def __call__(self, input_ids: np.ndarray, mm_token_type_ids: np.ndarray | None = None,
+                 pixel_values: np.ndarray | None = None, image_position_ids: np.ndarray | None = None,
+                 audio_frames: np.ndarray | None = None, mask_policy: str = "official",
+                 cache: list[KVCache | None] | None = None, offset: int = 0) -> mx.array:
+        """Prefill (offset 0) or one decode step (offset > 0, one token, with ``cache``) -> logits (1, L, V).
+
+        Soft tokens are scattered into the image / audio slots in sequence order; a count mismatch is
+        an error, never a silent wrap-around.
+        """
+        a = self.args
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise InputError(f"input_ids must have shape (1, L), got {ids.shape}")
+        types = self.token_types(ids) if mm_token_type_ids is None else np.asarray(mm_token_type_ids)
+        if (types == 2).any():
+            raise InputError("video tokens are not supported by rmlx yet")
+        text_ids = np.where(types > 0, a.text.pad_token_id, ids)  # soft-token slots embed the pad token
+        h = tap("text.embed_tokens", self.language_model.embed(mx.array(text_ids)))
+        h = self._scatter(h, types == 1, self._image_tokens(pixel_values, image_position_ids), "image")
+        audio = None if audio_frames is None else tap("audio.soft_tokens", self.embed_audio(mx.array(audio_frames)))
+        h = self._scatter(h, types == 3, audio, "audio")
+        h = tap("text.inputs_embeds", h)
+        if offset == 0:
+            masks = attention_masks(mx.array(types), a.text.sliding_window, mask_policy)
+            masks = {"full_attention": tap("mask.full_attention", masks["full_attention"]),
+                     "sliding_attention": tap("mask.sliding_attention", masks["sliding_attention"])}
+        elif ids.shape[1] == 1 and cache is not None:
+            masks = None  # a text token after the prompt sees every cached key (the cache holds the window)
+        else:
+            raise InputError("a decode step takes exactly one token and a cache")
+        return self.language_model(h, masks, cache, offset)
+
+    def _image_tokens(self, pixel_values, image_position_ids) -> mx.array | None:
+        if pixel_values is None:
+            return None
+        if "vision_embedder" not in self:
+            raise InputError("the checkpoint has no vision_config, but the case has an image")
+        return self.vision_embedder(mx.array(pixel_values), mx.array(image_position_ids))
+
+    @staticmethod
+    def _scatter(h: mx.array, slots: np.ndarray, soft: mx.array | None, what: str) -> mx.array:
+        n_slots = int(slots.sum())
+        n_soft = 0 if soft is None else soft.shape[1]
+        if n_slots != n_soft:
+            raise InputError(f"{what} soft tokens and {what} token slots do not match: "
+                             f"{n_soft} soft tokens, {n_slots} slots")
+        if n_slots == 0:
+            return h
+        idx = mx.array(np.flatnonzero(slots[0]))
+        h[:, idx] = soft.astype(h.dtype)  # (1, N, H) into the slots, in sequence order
+        return h
+
+    def make_cache(self) -> list[KVCache | None]:
+        return self.language_model.make_cache()
 
     def sanitize(self, weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, str]]:
         """Checkpoint keys -> module paths. Returns the renamed weights and {module path: checkpoint key}."""

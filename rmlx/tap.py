@@ -18,6 +18,14 @@ Handler = Callable[[str, Any], Any]
 
 _handler: Handler | None = None
 
+# The per-layer capture points, in forward order (the public names are "layers.{i}.<point>").
+LAYER_POINTS = ("input_layernorm", "attn.q", "attn.k", "attn.v", "attn.out", "mlp.out", "out")
+
+
+def layer_stages(i: int) -> dict[str, str]:
+    """The public stage names of decoder layer ``i``, built once per layer (the only place rmlx builds names)."""
+    return {point: f"layers.{i}.{point}" for point in LAYER_POINTS}
+
 
 def tap(name: str, x: T) -> T:
     """Pass ``x`` through the active handler (if any) under the public stage name ``name``."""

@@ -1,31 +1,84 @@
-"""Gemma 4 unified text decoder: parameters, laid out with the HF checkpoint names (catalog §3, §7.1).
+"""Gemma 4 unified text decoder (catalog §3), ordered like mlx-lm's gemma4_text.py.
 
-Each layer's shapes come from its resolved ``LayerSpec``: per-layer head size and KV heads, KV-shared
-("reuse") layers without k/v projections, ``attention_k_eq_v`` full layers without ``v_proj``, and
-double-wide MLPs. The forward pass (masks, RoPE, attention) is the decoder issue's work; until it
-lands this module is what the strict loader checks a checkpoint against.
+Sandwich RMSNorms (``x_hat * w``), q/k norms before RoPE, a weightless v norm, attention scale 1.0,
+per-layer head size and KV heads, default RoPE on sliding layers and proportional RoPE on full
+layers, ``attention_k_eq_v`` (full layers reuse the raw K projection as V), KV sharing ("reuse"
+layers take K/V from the last earlier layer of their type), double-wide MLPs, gelu-tanh,
+``layer_scalar`` on the residual stream, tied lm_head, optional final soft-cap.
 """
 
 from __future__ import annotations
 
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from rmlx import faults
+from rmlx.base import RMSNorm, RoPE, rms_norm
 from rmlx.config import LayerSpec, TextConfig
+from rmlx.tap import layer_stages, tap
+
+
+class KVCache:
+    """Keys/values of one layer, (B, kv_heads, T, d). Sliding layers keep only the last W - 1 positions:
+    with the query itself that is the W keys the window admits (a rotating cache)."""
+
+    def __init__(self, window: int | None = None):
+        self.window = window
+        self.keys: mx.array | None = None
+        self.values: mx.array | None = None
+
+    def update(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append, return everything this step attends to, then trim to the window."""
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)  # (B, kv, T + L, d)
+            values = mx.concatenate([self.values, values], axis=2)
+        start = 0 if self.window is None else max(keys.shape[2] - (self.window - 1), 0)
+        self.keys, self.values = keys[:, :, start:], values[:, :, start:]
+        return keys, values
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, spec: LayerSpec):
         super().__init__()
         d, n_kv = spec.head_dim, spec.num_key_value_heads
+        self.spec = spec
+        self.n_heads = cfg.num_attention_heads
         self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * d, bias=False)
-        self.q_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
         self.o_proj = nn.Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=False)
         if not spec.kv_shared:  # "reuse" layers take K and V from an earlier layer of their type
             self.k_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=False)
-            self.k_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
-            if not spec.k_eq_v:  # full layers of a k_eq_v model reuse the raw K projection as V
+            self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
+            if not spec.k_eq_v or faults.active("k-eq-v-ignored"):
                 self.v_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=False)
+        self.eps = cfg.rms_norm_eps
+        self.rope = RoPE(d, cfg.rope_parameters[spec.layer_type])
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None, offset: int,
+                 shared_kv: tuple[mx.array, mx.array] | None, names: dict[str, str]
+                 ) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        """x (B, L, H) -> (out (B, L, H), (K, V) as attended, (B, kv_heads, T, d))."""
+        b, length, _ = x.shape
+        d = self.spec.head_dim
+        q = self.q_proj(x).reshape(b, length, self.n_heads, d)  # (B, L, H*d) -> (B, L, H, d)
+        q = tap(names["attn.q"], self.rope(self.q_norm(q), offset))
+        if shared_kv is not None:
+            keys, values = shared_kv
+        else:
+            k = self.k_proj(x).reshape(b, length, -1, d)  # (B, L, kv*d) -> (B, L, kv, d)
+            v = self.v_proj(x).reshape(b, length, -1, d) if "v_proj" in self else k  # k_eq_v: raw K
+            k = tap(names["attn.k"], self.rope(self.k_norm(k), offset))
+            v = tap(names["attn.v"], rms_norm(v, None, self.eps))
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, L, kv, d) -> (B, kv, L, d)
+            if cache is not None:
+                keys, values = cache.update(keys, values)
+        if mask is not None:
+            mask = mask[:, None]  # (B, L, T) -> (B, 1, L, T)
+        out = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values, scale=1.0, mask=mask)
+        out = out.transpose(0, 2, 1, 3).reshape(b, length, -1)  # (B, H, L, d) -> (B, L, H*d)
+        return tap(names["attn.out"], self.o_proj(out)), (keys, values)
 
 
 class MLP(nn.Module):
@@ -35,23 +88,71 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, i: int):
         super().__init__()
-        spec = cfg.layer(i)
+        self.spec = spec = cfg.layer(i)
+        self.names = layer_stages(i)
         self.self_attn = Attention(cfg, spec)
         self.mlp = MLP(cfg.hidden_size, spec.intermediate_size)
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.pre_feedforward_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.post_feedforward_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.layer_scalar = mx.ones((1,))
+
+    def __call__(self, x: mx.array, mask: mx.array | None, cache: KVCache | None, offset: int,
+                 shared_kv: tuple[mx.array, mx.array] | None) -> tuple[mx.array, tuple[mx.array, mx.array]]:
+        n = self.names
+        h = tap(n["input_layernorm"], self.input_layernorm(x))
+        h, kv = self.self_attn(h, mask, cache, offset, shared_kv, n)
+        x = x + self.post_attention_layernorm(h)
+        h = tap(n["mlp.out"], self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + self.post_feedforward_layernorm(h)
+        return tap(n["out"], x * self.layer_scalar.astype(x.dtype)), kv
 
 
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
+        self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        # Reuse layers read K/V from the last non-shared layer of the same type (HF "store" layers).
+        first_shared = cfg.num_hidden_layers - cfg.num_kv_shared_layers
+        self.kv_source = {
+            i: max(j for j in range(first_shared) if cfg.layer_types[j] == cfg.layer_types[i])
+            for i in range(first_shared, cfg.num_hidden_layers)
+        }
+
+    def embed(self, input_ids: mx.array) -> mx.array:
+        """E[ids] * sqrt(H), the scale rounded to the weight dtype first (catalog §3.1)."""
+        scale = mx.array(math.sqrt(self.cfg.hidden_size), dtype=self.embed_tokens.weight.dtype)
+        return self.embed_tokens(input_ids) * scale
+
+    def make_cache(self) -> list[KVCache | None]:
+        return [None if i in self.kv_source else
+                KVCache(self.cfg.sliding_window if t == "sliding_attention" else None)
+                for i, t in enumerate(self.cfg.layer_types)]
+
+    def __call__(self, inputs_embeds: mx.array, masks: dict[str, mx.array] | None,
+                 cache: list[KVCache | None] | None = None, offset: int = 0) -> mx.array:
+        """inputs_embeds (B, L, H) -> logits (B, L, V). ``masks`` None = every cached key is visible
+        (a decode step: the rotating cache already applies the window)."""
+        h = inputs_embeds
+        attended: dict[int, tuple[mx.array, mx.array]] = {}
+        for i, layer in enumerate(self.layers):
+            mask = None if masks is None else masks[layer.spec.layer_type]
+            shared = attended[self.kv_source[i]] if i in self.kv_source else None
+            h, attended[i] = layer(h, mask, None if cache is None else cache[i], offset, shared)
+        h = tap("text.norm", self.norm(h))
+        logits = h @ self.embed_tokens.weight.T  # tied lm_head
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None and not faults.active("softcap-skipped"):
+            logits = mx.tanh(logits / cap) * cap
+        return tap("logits", logits)
