@@ -7,6 +7,7 @@ nothing written), 125 this revision cannot be tested (for ``git bisect run``).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import os
 import sys
 import time
@@ -43,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a gemma4_unified checkpoint directory (repeatable; default: every fixture model)")
     r.add_argument("--image", action="append", type=Path, metavar="PATH",
                    help="an image file (repeatable; default: the fixture battery)")
+    r.add_argument("--case", action="append", metavar="GLOB",
+                   help="run only the scenarios matching GLOB (repeatable), e.g. 'two-images', 'image/solid-*'")
     r.add_argument("--max-soft-tokens", type=int, default=280, help="70, 140, 280, 560 or 1120 (default 280)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     r.add_argument("--mode", choices=("free", "teacher"), default="free",
@@ -53,13 +56,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF attention implementation (default eager)")
     r.add_argument("--inject", action="append", default=[], metavar="NAME",
                    help="plant a defect from rmlx.faults.CATALOG (repeatable; see 'rmlx-parity faults')")
+    r.add_argument("--mask-policy", choices=("official", "hf-forward"), default="official",
+                   help="attention-mask policy of both sides (default official; see DESIGN.md)")
+    r.add_argument("--candidate-mask-policy", choices=("official", "hf-forward"), default=None,
+                   help="give the candidate a different policy than the reference (shows the harness "
+                        "naming a mask difference)")
+    r.add_argument("--decode-steps", type=int, default=4, metavar="N",
+                   help="greedy decode steps after the prefill, logits compared at each (default 4)")
     r.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON record here")
     r.add_argument("--dump", type=Path, metavar="DIR",
                    help="write DIR/<case>/{reference,candidate}.safetensors (keys = stage names and input.*)")
     r.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
     r.add_argument("--no-oracle", action="store_true", help="skip the float64 NumPy oracle columns")
 
-    st = sub.add_parser("stages", help="list the public stage names in forward order")
+    st = sub.add_parser("stages", help="list the public stage names of a model in forward order")
+    st.add_argument("--model", type=Path, metavar="DIR", help="default: the first fixture model")
     st.add_argument("--stages", action="append", metavar="GLOB")
     sub.add_parser("faults", help="list the planted defects")
 
@@ -70,22 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_run(args) -> int:
     from parity import report
-    from parity.runner import Settings, record, run_cases
+    from parity.runner import Settings, default_scenarios, record, run_cases
+    from rmlx.errors import InputError
 
     models = args.model or default_models()
     images = args.image or default_images()
     if not models or not images:
         print(f"rmlx-parity: cannot test: no fixture models or images under {fixtures_dir()}", file=sys.stderr)
         return EXIT_UNTESTABLE
+    scenarios = default_scenarios(images, None if args.image else fixtures_dir() / "images")
+    if args.case:
+        scenarios = [s for s in scenarios if any(fnmatch.fnmatchcase(s.name, g) for g in args.case)]
+        if not scenarios:
+            raise InputError(f"--case {' '.join(args.case)} matches no scenario")
     settings = Settings(mode=args.mode, dtype=args.dtype, max_soft_tokens=args.max_soft_tokens,
                         stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
-                        inject=tuple(args.inject), oracle=not args.no_oracle)
-    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}"
-    t0 = time.perf_counter()
-    results = run_cases(models, images, settings, keep_captures=args.dump is not None, progress=report.Progress())
-    rec = record(results, settings, time.perf_counter() - t0, run_id)
+                        inject=tuple(args.inject), oracle=not args.no_oracle, mask_policy=args.mask_policy,
+                        candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps)
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}-{os.urandom(2).hex()}"
     report_dir = args.report_dir or Path("reports") / run_id
-    dumps = {r.case.name: {"reference": r.reference, "candidate": r.candidate} for r in results} if args.dump else None
+    for folder in (report_dir, args.dump):
+        if folder is not None:
+            report.check_free(folder)  # before the run, not after minutes of work
+    t0 = time.perf_counter()
+    results = run_cases(models, scenarios, settings, keep_captures=args.dump is not None,
+                        progress=report.Progress())
+    rec = record(results, settings, time.perf_counter() - t0, run_id, argv=args.argv)
+    dumps = {r.name: {"reference": r.reference, "candidate": r.candidate} for r in results} if args.dump else None
     report.write_report_dir(report_dir, rec, dumps, args.dump)
     if args.json:
         report.write_json_atomic(args.json, rec)
@@ -95,10 +117,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_stages(args) -> int:
-    from parity.stages import select
+    from parity.stages import select, stages_for
+    from rmlx.config import ModelArgs
 
-    for s in select(args.stages):
-        print(f"{s.name:<22} {s.tol:<11} {s.what}")
+    model = args.model or (default_models() or [None])[0]
+    if model is None:
+        print(f"rmlx-parity: cannot test: no fixture model under {fixtures_dir()}", file=sys.stderr)
+        return EXIT_UNTESTABLE
+    cfg = ModelArgs.from_file(Path(model) / "config.json")
+    for s in select(args.stages, stages_for(cfg.text, cfg.vision is not None, cfg.audio is not None)):
+        print(f"{s.name:<26} {s.tol:<11} {s.what}")
     return EXIT_PASS
 
 
@@ -120,10 +148,12 @@ def cmd_fixtures(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # bad usage (2) or --help (0): a return code, like every other outcome
         return int(e.code or 0)
+    args.argv = argv
     try:
         from rmlx.errors import InputError
     except ImportError as e:  # this revision cannot even import the port: skip it when bisecting

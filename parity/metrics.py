@@ -181,3 +181,25 @@ def missing_and_extra(actual: Mapping, expected: Mapping) -> tuple[list[str], li
 def first_divergence(diffs: Iterable[StageDiff]) -> StageDiff | None:
     """The first failing stage in forward order: once stage N-1 drifts, stage N will too."""
     return next((d for d in diffs if not d.passed), None)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5) -> dict:
+    """Next-token agreement over every position of (..., V) logits: top-1 agreement (fraction),
+    KL(reference || candidate) of the softmax distributions (mean and max over positions, nats),
+    and the mean top-k overlap (fraction of the reference's top k found in the candidate's)."""
+    a = actual.reshape(-1, actual.shape[-1])
+    e = expected.reshape(-1, expected.shape[-1])
+    la, le = _log_softmax(a), _log_softmax(e)
+    kl = (np.exp(le) * (le - la)).sum(-1)
+    k = min(k, e.shape[-1])
+    top_a = np.argsort(-a, axis=-1, kind="stable")[:, :k]
+    top_e = np.argsort(-e, axis=-1, kind="stable")[:, :k]
+    overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(top_a, top_e, strict=True)])
+    return {"top1_agreement": float((a.argmax(-1) == e.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
+            "kl_max": float(kl.max()), f"top{k}_overlap": float(overlap), "positions": int(e.shape[0])}

@@ -101,13 +101,17 @@ def to_markdown(rec: dict) -> str:
     lines += ["## Stages (worst over all cases)", "", "| " + " | ".join(_COLS) + " |",
               "|" + "---|" * len(_COLS)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(rec)]
-    lines += ["", "## Cases", "", "| case | image size | soft tokens | passed | first divergence | seconds |",
-              "|---|---|---|---|---|---|"]
+    lines += ["", "## Cases", "",
+              "| case | images | soft tokens | passed | first divergence | top-1 | KL max | decode max abs "
+              "| HF self-consistency | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in rec["cases"]:
         fdc = c["first_divergence"]["stage"] if c["first_divergence"] else ""
-        size = "x".join(map(str, c["image_size"]))
-        lines.append(f"| {c['name']} | {size} | {c['n_soft_tokens']} | {'yes' if c['passed'] else 'NO'} "
-                     f"| {fdc} | {c['seconds']:.2f} |")
+        sizes = ", ".join("x".join(map(str, s)) for s in c["image_sizes"]) or "-"
+        lg = c["logits"]
+        dec = max((d["max_abs"] for d in c["decode"]), default=None)
+        lines.append(f"| {c['name']} | {sizes} | {c['n_soft_tokens']} | {'yes' if c['passed'] else 'NO'} "
+                     f"| {fdc} | {lg.get('top1_agreement', 0):.0%} | {_fmt(lg.get('kl_max'))} | {_fmt(dec)} "
+                     f"| {_fmt(c['reference_self_consistency']['max_abs_logits'])} | {c['seconds']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,6 +162,16 @@ def write_json_atomic(path: Path, rec: dict) -> None:
         raise
 
 
+def check_free(folder: Path) -> None:
+    """Reports and dumps go to a new (or empty) folder; an existing one is never overwritten."""
+    from rmlx.errors import InputError
+
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise InputError(f"{folder}: already exists and is not empty; choose a new folder")
+    if folder.is_dir():
+        folder.rmdir()
+
+
 def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dict[str, np.ndarray]]] | None = None,
                      dump_dir: Path | None = None) -> None:
     """Write report.json + report.md into ``report_dir`` (and dumps into ``dump_dir``), all or nothing:
@@ -188,8 +202,7 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
                     arrays = {k: np.ascontiguousarray(v) for k, v in capture.items()}
                     save_file(arrays, str(folder / f"{side}.safetensors"), metadata=meta | {"side": side})
         for tmp, final in staged:
-            if final.exists():
-                shutil.rmtree(final)
+            check_free(final)
             os.replace(tmp, final)
     finally:
         for tmp, _ in staged:

@@ -15,15 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.adapters.gemma4_unified import Case, Gemma4UnifiedAdapter
-from parity.metrics import StageDiff, compare, compare_all, first_divergence
-from parity.stages import BY_NAME, Stage, select
+from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios
+from parity.metrics import StageDiff, compare, compare_all, first_divergence, logits_agreement
+from parity.stages import select
 from parity.tolerances import tolerance
 from rmlx import faults
+from rmlx.base import MASK_POLICIES
 from rmlx.errors import InputError
 from rmlx.image import check_max_soft_tokens, load_image
 
-SCHEMA = "rmlx.parity/1"
+SCHEMA = "rmlx.parity/2"
 MODES = ("free", "teacher")
 
 
@@ -36,22 +37,33 @@ class Settings:
     attn_implementation: str = "eager"
     inject: tuple[str, ...] = ()
     oracle: bool = True
+    mask_policy: str = "official"
+    candidate_mask_policy: str | None = None  # None: the same as the reference's
+    decode_steps: int = 4
 
 
 @dataclass
 class CaseResult:
-    case: Case
+    name: str
+    model: Path
+    scenario: Scenario
+    settings: Settings
     diffs: list[StageDiff]
+    decode: list[dict] = field(default_factory=list)
+    logits: dict = field(default_factory=dict)
+    self_consistency: float = 0.0
     oracle: dict[str, dict] = field(default_factory=dict)
     seconds: float = 0.0
-    image_shape: tuple[int, ...] = ()
+    image_sizes: list = field(default_factory=list)
     n_soft_tokens: int = 0
+    order: dict[str, int] = field(default_factory=dict)
+    classes: dict[str, str] = field(default_factory=dict)
     reference: dict[str, np.ndarray] | None = None
     candidate: dict[str, np.ndarray] | None = None
 
     @property
     def passed(self) -> bool:
-        return all(d.passed for d in self.diffs)
+        return all(d.passed for d in self.diffs) and all(s["passed"] for s in self.decode)
 
 
 def versions() -> dict[str, str]:
@@ -66,53 +78,92 @@ def versions() -> dict[str, str]:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def run_cases(models: list[Path], images: list[Path], settings: Settings, keep_captures: bool = False,
-              progress: Callable[[int, int, str], None] | None = None) -> list[CaseResult]:
+def default_scenarios(images: list[Path], fixture_images: Path | None) -> list[Scenario]:
+    """One single-image case per image, plus the decoder's special cases on the fixture battery."""
+    scenarios, seen = [], {}
+    for p in images:  # a repeated file name in another folder gets a suffix: case names stay unique
+        s = image_scenario(p)
+        seen[s.name] = seen.get(s.name, 0) + 1
+        scenarios.append(s if seen[s.name] == 1 else Scenario(f"{s.name}-{seen[s.name]}", s.parts))
+    if fixture_images is not None:
+        scenarios += list(special_scenarios(fixture_images))
+    return scenarios
+
+
+def validate(settings: Settings) -> None:
     if settings.mode not in MODES:
         raise InputError(f"mode={settings.mode!r} is not one of {MODES}")
+    for policy in (settings.mask_policy, settings.candidate_mask_policy or settings.mask_policy):
+        if policy not in MASK_POLICIES:
+            raise InputError(f"mask policy {policy!r} is not one of {MASK_POLICIES}")
+    if settings.decode_steps < 0:
+        raise InputError(f"--decode-steps must be >= 0, got {settings.decode_steps}")
     check_max_soft_tokens(settings.max_soft_tokens)
     faults.check(*settings.inject)
-    stages: tuple[Stage, ...] = select(list(settings.stages) or None)
-    tols = [(s.name, tolerance(s.tol, settings.dtype)) for s in stages]
-    decoded = {p: load_image(p) for p in images}  # every image validated before any case runs
-    adapters = {m: Gemma4UnifiedAdapter(m, settings.dtype, settings.attn_implementation) for m in models}
-    results: list[CaseResult] = []
-    total = len(models) * len(images)
-    with faults.inject(*settings.inject):
-        for m, adapter in adapters.items():
-            for p, image in decoded.items():
-                case = Case(name=f"{m.name}/{p.stem}", model=m.name, model_dir=m, image=p,
-                            max_soft_tokens=settings.max_soft_tokens, dtype=settings.dtype, mode=settings.mode)
-                if progress:
-                    progress(len(results), total, case.name)
-                t0 = time.perf_counter()
-                ref = adapter.reference(image, settings.max_soft_tokens, adapter.stages)
-                cand = adapter.candidate(image, settings.max_soft_tokens,
-                                         teacher=ref if settings.mode == "teacher" else None)
-                diffs = compare_all(cand, ref, tols, settings.dtype)
-                oracle = {}
-                if settings.oracle:
-                    orc = adapter.oracle(image, settings.max_soft_tokens)
-                    for name, tol in tols:
-                        if name in orc and name in ref and name in cand:
-                            oracle[name] = {
-                                "reference_max_abs": compare(name, ref[name], orc[name], tol, "float64").max_abs,
-                                "candidate_max_abs": compare(name, cand[name], orc[name], tol, "float64").max_abs,
-                            }
-                n_soft = int((ref.get("image.position_ids", np.zeros((1, 0, 2))) != -1).all(-1).sum())
-                result = CaseResult(case, diffs, oracle, time.perf_counter() - t0, tuple(image.shape), n_soft)
-                if keep_captures:
-                    result.reference = dict(ref) | adapter.prompt(n_soft) | {"input.image": image[None]}
-                    result.candidate = dict(cand) | adapter.prompt(n_soft) | {"input.image": image[None]}
-                results.append(result)
+
+
+def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings, keep_captures: bool = False,
+              progress: Callable[[int, int, str], None] | None = None) -> list[CaseResult]:
+    validate(settings)
+    paths = sorted({p for s in scenarios for p in s.images})
+    decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
+    with faults.inject(*settings.inject):  # a fault may act at load time (e.g. k-eq-v-ignored)
+        adapters = {m: Gemma4UnifiedAdapter(m, settings.dtype, settings.attn_implementation) for m in models}
+        plan = [(m, s) for m, a in adapters.items() for s in scenarios if a.supports(s)]
+        if not plan:
+            raise InputError("no case to run: the checkpoint(s) have no vision_config for the image(s)")
+        results: list[CaseResult] = []
+        for m, scenario in plan:
+            if progress:
+                progress(len(results), len(plan), f"{m.name}/{scenario.name}")
+            result = run_case(adapters[m], m, scenario, decoded, settings)
+            if not keep_captures:
+                result.reference = result.candidate = None
+            results.append(result)
     if progress:
-        progress(total, total, "done")
+        progress(len(plan), len(plan), "done")
     return results
 
 
-def record(results: list[CaseResult], settings: Settings, wall_time_s: float, run_id: str) -> dict:
+def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
+             settings: Settings) -> CaseResult:
+    t0 = time.perf_counter()
+    all_stages = adapter.stages(scenario)
+    stages = select(list(settings.stages) or None, all_stages) if settings.stages else all_stages
+    tols = [(s.name, tolerance(s.tol, settings.dtype, settings.mode)) for s in stages]
+    inputs, pre = adapter.inputs(scenario, decoded, settings.max_soft_tokens)
+    ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings.mask_policy,
+                                                            settings.decode_steps)
+    cand, cand_steps = adapter.candidate(
+        scenario, inputs, decoded, settings.max_soft_tokens, settings.candidate_mask_policy or settings.mask_policy,
+        tokens, teacher=ref if settings.mode == "teacher" else None)
+    diffs = compare_all(cand, ref, tols, settings.dtype)
+    logits_tol = tolerance("logits", settings.dtype)
+    decode = []
+    for step, (a, e, token) in enumerate(zip(cand_steps, ref_steps, tokens, strict=True)):
+        d = compare("logits", a, e, logits_tol, settings.dtype)
+        decode.append({"step": step + 1, "token": token, "passed": d.passed, "max_abs": d.max_abs,
+                       "mismatched": d.mismatched, **logits_agreement(a, e)})
+    oracle = {}
+    if settings.oracle:
+        orc = adapter.oracle(scenario, decoded, settings.max_soft_tokens)
+        for name, tol in tols:
+            if name in orc and name in ref and name in cand:
+                oracle[name] = {"reference_max_abs": compare(name, ref[name], orc[name], tol, "float64").max_abs,
+                                "candidate_max_abs": compare(name, cand[name], orc[name], tol, "float64").max_abs}
+    n_soft = int((inputs["input.mm_token_type_ids"] == 1).sum())
+    return CaseResult(
+        name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,
+        decode=decode, logits=logits_agreement(cand["logits"], ref["logits"]) if "logits" in cand else {},
+        self_consistency=consistency, oracle=oracle, seconds=time.perf_counter() - t0,
+        image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images], n_soft_tokens=n_soft,
+        order={s.name: i for i, s in enumerate(all_stages)}, classes={s.name: s.tol for s in all_stages},
+        reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
+
+
+def record(results: list[CaseResult], settings: Settings, wall_time_s: float, run_id: str,
+           argv: list[str] | None = None) -> dict:
     """The JSON record of a run (the schema every other report is rendered from)."""
-    order = {name: i for i, name in enumerate(BY_NAME)}
     cases = []
     first = None
     for r in results:
@@ -120,32 +171,44 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         stages = []
         for d in r.diffs:
             entry = d.to_dict()
-            entry["class"] = BY_NAME[d.stage].tol
+            entry["class"] = r.classes[d.stage]
             if d.stage in r.oracle:
                 entry["oracle"] = r.oracle[d.stage]
             stages.append(entry)
         cases.append({
-            "name": r.case.name, "model": r.case.model, "model_dir": str(r.case.model_dir),
-            "image": str(r.case.image), "image_size": list(r.image_shape[:2]),
-            "max_soft_tokens": r.case.max_soft_tokens, "n_soft_tokens": r.n_soft_tokens,
-            "dtype": r.case.dtype, "mode": r.case.mode, "passed": r.passed,
+            "name": r.name, "model": r.model.name, "model_dir": str(r.model), "scenario": r.scenario.name,
+            "image": ", ".join(str(p) for p in r.scenario.images) or None, "image_sizes": r.image_sizes,
+            "audio": r.scenario.has_audio, "max_soft_tokens": settings.max_soft_tokens,
+            "n_soft_tokens": r.n_soft_tokens, "dtype": settings.dtype, "mode": settings.mode,
+            "mask_policy": settings.mask_policy,
+            "candidate_mask_policy": settings.candidate_mask_policy or settings.mask_policy,
+            "reference_self_consistency": {"max_abs_logits": r.self_consistency,
+                                           "what": "max |logits(policy) - logits(HF's own forward)|"},
+            "passed": r.passed,
             "first_divergence": None if fd is None else {"stage": fd.stage, "message": fd.message()},
-            "seconds": round(r.seconds, 3), "stages": stages,
+            "logits": r.logits, "decode": r.decode, "seconds": round(r.seconds, 3), "stages": stages,
         })
-        if fd is not None and (first is None or order[fd.stage] < order[first[1].stage]):
-            first = (r, fd)
+        if fd is not None and (first is None or r.order[fd.stage] < first[2]):
+            first = (r, fd, r.order[fd.stage])
+        elif fd is None and not r.passed and first is None:
+            step = next(s for s in r.decode if not s["passed"])
+            first = (r, StageDiff("logits", False, tolerance("logits", settings.dtype), settings.dtype, (),
+                                  error=f"decode step {step['step']}: max |delta logits| {step['max_abs']:.3g}"),
+                     len(r.order))
     return {
         "schema": SCHEMA,
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "command": " ".join(["rmlx-parity"] + sys.argv[1:]),
+        "command": " ".join(["rmlx-parity"] + (sys.argv[1:] if argv is None else argv)),
         "versions": versions(),
         "settings": {"mode": settings.mode, "dtype": settings.dtype, "max_soft_tokens": settings.max_soft_tokens,
                      "stages": list(settings.stages), "attn_implementation": settings.attn_implementation,
-                     "inject": sorted(set(settings.inject) | faults.enabled())},
+                     "inject": sorted(set(settings.inject) | faults.enabled()), "mask_policy": settings.mask_policy,
+                     "candidate_mask_policy": settings.candidate_mask_policy or settings.mask_policy,
+                     "decode_steps": settings.decode_steps},
         "passed": all(r.passed for r in results),
         "first_divergence": None if first is None else {
-            "case": first[0].case.name, "stage": first[1].stage, "max_abs": first[1].max_abs,
+            "case": first[0].name, "stage": first[1].stage, "max_abs": first[1].max_abs,
             "tolerance": {"rtol": first[1].tolerance.rtol, "atol": first[1].tolerance.atol},
             "error": first[1].error, "message": first[1].message(),
             "oracle": first[0].oracle.get(first[1].stage)},

@@ -47,26 +47,64 @@ class HFRunner:
         self.config = self.model.config
 
     @staticmethod
-    def preprocess(image: np.ndarray, max_soft_tokens: int) -> dict[str, np.ndarray]:
-        """transformers' ``Gemma4UnifiedImageProcessor`` on a decoded RGB uint8 (H, W, 3) image."""
+    def preprocess(image: np.ndarray | list[np.ndarray], max_soft_tokens: int) -> dict[str, np.ndarray]:
+        """transformers' ``Gemma4UnifiedImageProcessor`` on decoded RGB uint8 (H, W, 3) images."""
         from transformers import Gemma4UnifiedImageProcessor
 
+        images = image if isinstance(image, list) else [image]
         processor = Gemma4UnifiedImageProcessor(max_soft_tokens=max_soft_tokens)
-        out = processor(images=[Image.fromarray(image)], return_tensors="pt")
+        out = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")
         return {k: to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in out.items()}
 
     @contextlib.contextmanager
     def hooks(self, points: Mapping[str, tuple[str, str]], out: Capture) -> Iterator[None]:
-        """Record ``points`` = {name: (module path, "output" | "input")} into ``out`` while active."""
+        """Record ``points`` = {name: (module path, read)} into ``out`` while active.
+
+        read: ``output`` (the module's output, first element of a tuple), ``input`` (its first
+        argument), ``kwarg:NAME`` (a keyword argument), ``mask`` (a decoder layer's
+        ``attention_mask`` as boolean (B, Lq, Lk), True = may attend; additive float masks read as
+        ``== 0``), ``rope`` (a q_norm/k_norm output rotated with HF's own ``apply_rotary_pos_emb``
+        and the (cos, sin) its decoder layer received).
+        """
+        from transformers.models.gemma4_unified.modeling_gemma4_unified import apply_rotary_pos_emb
+
         handles = []
+        rotary: dict[str, tuple] = {}
+
+        def stash_rotary(path):
+            def pre(mod, args, kwargs):
+                rotary[path] = kwargs["position_embeddings"]
+            return pre
+
         try:
             for name, (path, read) in points.items():
                 module = self.model.get_submodule(path)
+                if read == "rope":
+                    layer = path.split(".self_attn.")[0]
+                    if layer not in rotary:
+                        rotary[layer] = None
+                        handles.append(self.model.get_submodule(layer).register_forward_pre_hook(
+                            stash_rotary(layer), with_kwargs=True))
 
-                def hook(mod, args, kwargs, output, name=name, read=read):
-                    value = output if read == "output" else (args[0] if args else next(iter(kwargs.values())))
-                    if isinstance(value, tuple):
-                        value = value[0]
+                def hook(mod, args, kwargs, output, name=name, path=path, read=read):
+                    if read == "output":
+                        value = output[0] if isinstance(output, tuple) else output
+                    elif read == "input":
+                        value = args[0] if args else next(iter(kwargs.values()))
+                    elif read.startswith("kwarg:"):
+                        value = kwargs[read.split(":", 1)[1]]
+                    elif read == "mask":
+                        m = kwargs["attention_mask"]
+                        if m is None:  # sdpa with no overlay: HF skips the mask and uses is_causal
+                            length = (args[0] if args else kwargs["hidden_states"]).shape[1]
+                            m = torch.ones((1, 1, length, length), dtype=torch.bool).tril()
+                        m = m[:, 0]  # (B, 1, Lq, Lk) -> (B, Lq, Lk)
+                        value = m if m.dtype == torch.bool else m == 0
+                    elif read == "rope":
+                        cos, sin = rotary[path.split(".self_attn.")[0]]
+                        value = apply_rotary_pos_emb(output, cos, sin, unsqueeze_dim=2)
+                    else:
+                        raise ValueError(f"unknown read kind '{read}' for {path}")
                     out[name] = to_numpy(value)
 
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
@@ -74,6 +112,59 @@ class HFRunner:
         finally:
             for h in handles:
                 h.remove()
+
+    def official_masks(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor) -> dict:
+        """The mask dict HF's static ``create_masks_for_generate`` builds (catalog §4.3): full causal,
+        sliding (causal | block) & window. Handed to the forward as ``attention_mask``."""
+        from transformers import Gemma4UnifiedForConditionalGeneration
+
+        cfg = self.model.config
+        length = input_ids.shape[1]
+        embeds = torch.zeros((1, length, cfg.text_config.hidden_size), dtype=self.model.dtype)
+        return Gemma4UnifiedForConditionalGeneration.create_masks_for_generate(
+            cfg, embeds, None, None, torch.arange(length)[None], mm_token_type_ids)
+
+    @torch.no_grad()
+    def forward(self, inputs: Mapping[str, np.ndarray], policy: str, points: Mapping[str, tuple[str, str]],
+                decode_steps: int = 0) -> tuple[Capture, list[np.ndarray], list[int], float]:
+        """Prefill with hooks, then ``decode_steps`` greedy steps with HF's cache.
+
+        ``inputs``: input_ids, mm_token_type_ids, and optionally pixel_values, image_position_ids,
+        audio_frames. ``policy``: ``hf-forward`` (what ``model(...)`` builds) or ``official``
+        (the static mask dict). Returns (capture, decode-step logits, decode tokens,
+        self-consistency = max |logits(policy) - logits(HF's own forward)|).
+        """
+        ids = torch.from_numpy(inputs["input_ids"])
+        kw = {"input_ids": ids, "mm_token_type_ids": torch.from_numpy(inputs["mm_token_type_ids"])}
+        if "pixel_values" in inputs:
+            kw["pixel_values"] = torch.from_numpy(inputs["pixel_values"])
+            kw["image_position_ids"] = torch.from_numpy(inputs["image_position_ids"])
+        if "audio_frames" in inputs:
+            frames = torch.from_numpy(inputs["audio_frames"])
+            kw["input_features"] = frames
+            kw["input_features_mask"] = torch.ones(frames.shape[:2], dtype=torch.bool)
+        if policy == "official":
+            kw["attention_mask"] = self.official_masks(ids, kw["mm_token_type_ids"])
+        elif policy != "hf-forward":
+            raise ValueError(f"unknown mask policy '{policy}'")
+        captured: Capture = {}
+        with self.hooks(points, captured):
+            out = self.model(**kw, use_cache=decode_steps > 0)
+        captured["logits"] = to_numpy(out.logits)
+        consistency = 0.0
+        if policy != "hf-forward":
+            own = {k: v for k, v in kw.items() if k != "attention_mask"}
+            consistency = float((self.model(**own, use_cache=False).logits - out.logits).abs().max())
+        step_logits, tokens = [], []
+        cache, last = out.cache, out.logits[:, -1]
+        for step in range(decode_steps):
+            token = int(last.argmax(-1))
+            tokens.append(token)
+            position = torch.tensor([[ids.shape[1] + step]])
+            out = self.model(input_ids=torch.tensor([[token]]), cache=cache, position_ids=position, use_cache=True)
+            cache, last = out.cache, out.logits[:, -1]
+            step_logits.append(to_numpy(out.logits))
+        return captured, step_logits, tokens, consistency
 
     @torch.no_grad()
     def image_features(self, pixel_values: np.ndarray, position_ids: np.ndarray,

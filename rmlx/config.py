@@ -110,6 +110,9 @@ class TextConfig:
     def __post_init__(self):
         if not 0 <= self.num_kv_shared_layers <= self.num_hidden_layers:
             raise InputError(f"text_config: num_kv_shared_layers={self.num_kv_shared_layers} is out of range")
+        if self.use_bidirectional_attention not in (None, "vision"):
+            raise InputError(f"text_config: use_bidirectional_attention={self.use_bidirectional_attention!r} is not "
+                             "supported (only 'vision' and null)")
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise InputError(f"text_config: unsupported hidden_activation '{self.hidden_activation}'")
         for i in self.per_layer_config:
@@ -190,6 +193,8 @@ class ModelArgs:
     audio_token_id: int
     boi_token_id: int
     eoi_token_id: int
+    boa_token_id: int = 256000
+    eoa_token_index: int = 258883
     tie_word_embeddings: bool = True
     dtype: str = "float32"
 
@@ -210,6 +215,8 @@ class ModelArgs:
             audio_token_id=int(d.get("audio_token_id", 258881)),
             boi_token_id=int(_require(d, "boi_token_id", where)),
             eoi_token_id=int(_require(d, "eoi_token_id", where)),
+            boa_token_id=int(d.get("boa_token_id", 256000)),
+            eoa_token_index=int(d.get("eoa_token_index", 258883)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
         )
@@ -225,4 +232,9 @@ class ModelArgs:
             raise InputError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
             raise InputError(f"{path}: expected a JSON object at the top level")
-        return cls.from_dict(d, str(path))
+        try:
+            return cls.from_dict(d, str(path))
+        except InputError:
+            raise
+        except (TypeError, ValueError, AttributeError, KeyError) as e:
+            raise InputError(f"{path}: malformed value ({type(e).__name__}: {e})") from None

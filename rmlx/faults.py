@@ -24,7 +24,7 @@ from rmlx.errors import InputError
 class Fault:
     name: str
     imitates: str  # the real-world bug, in one line
-    stage: str  # the public stage it must first hit (teacher-forced)
+    stage: str  # the public stage it must first hit (teacher-forced); a glob where it depends on the model
 
 
 CATALOG: dict[str, Fault] = {
@@ -36,6 +36,17 @@ CATALOG: dict[str, Fault] = {
               "vision.patch_ln1"),
         Fault("posemb-xy-swap", "factorised position embedding indexed (y, x) instead of (x, y)",
               "vision.pos_embed"),
+        Fault("vision-causal", "image soft tokens attended causally, not bidirectionally within their image "
+              "(the motivating bug)", "mask.*"),
+        Fault("overlay-crosses-blocks", "the bidirectional image overlay spans every image of the prompt as one "
+              "block", "mask.*"),
+        Fault("rope-partial-slice", "proportional RoPE applied as mx.fast.rope(dims=128) on a slice: pairs "
+              "(i, i+64), exponent over 128", "layers.*.attn.q"),
+        Fault("rmsnorm-one-plus-w", "Gemma 1-3 RMSNorm convention x_hat * (1 + w) instead of Gemma 4's x_hat * w",
+              "layers.0.input_layernorm"),
+        Fault("softcap-skipped", "final logit soft-cap tanh(x / cap) * cap left out", "logits"),
+        Fault("k-eq-v-ignored", "attention_k_eq_v ignored: full layers built with their own v_proj, which the "
+              "checkpoint does not have", "load (exit 2, names the missing v_proj)"),
     )
 }
 

@@ -37,9 +37,14 @@ def load_image(path: str | Path) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()
+                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                    raise InputError(f"{path}: {im.mode} images (16/32-bit) are not supported: converting them "
+                                     "to 8-bit RGB clips them (HF's processor does the same)")
                 return to_rgb(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(f"{path}: refused, over Pillow's decompression-bomb limit ({e})") from None
+    except InputError:
+        raise
     except UnidentifiedImageError:
         raise InputError(f"{path}: not a readable image (Pillow cannot identify it)") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -128,6 +133,13 @@ def preprocess(
     position_ids = np.full((1, max_soft_tokens, 2), -1, np.int64)
     pixel_values[0, :n] = patches
     position_ids[0, :n] = positions
-    pixel_values = tap("image.pixel_values", pixel_values)
-    position_ids = tap("image.position_ids", position_ids)
     return pixel_values, position_ids, n
+
+
+def preprocess_batch(images: list[np.ndarray], max_soft_tokens: int = 280) -> tuple[np.ndarray, np.ndarray]:
+    """Several images -> pixel_values (num_images, P, 6912), position_ids (num_images, P, 2), as HF
+    batches them (each image padded on its own). The two preprocessing stages are tapped here."""
+    parts = [preprocess(im, max_soft_tokens)[:2] for im in images]
+    pixel_values = tap("image.pixel_values", np.concatenate([p[0] for p in parts]))
+    position_ids = tap("image.position_ids", np.concatenate([p[1] for p in parts]))
+    return pixel_values, position_ids

@@ -89,12 +89,15 @@ class Model(nn.Module):
             raise InputError("video tokens are not supported by rmlx yet")
         text_ids = np.where(types > 0, a.text.pad_token_id, ids)  # soft-token slots embed the pad token
         h = tap("text.embed_tokens", self.language_model.embed(mx.array(text_ids)))
-        h = self._scatter(h, types == 1, self._image_tokens(pixel_values, image_position_ids), "image")
-        audio = None if audio_frames is None else tap("audio.soft_tokens", self.embed_audio(mx.array(audio_frames)))
-        h = self._scatter(h, types == 3, audio, "audio")
+        if offset == 0:  # decode steps embed a generated soft-token id as the pad token, as HF does
+            h = self._scatter(h, types == 1, self._image_tokens(pixel_values, image_position_ids), "image")
+            audio = None if audio_frames is None else tap("audio.soft_tokens",
+                                                          self.embed_audio(mx.array(audio_frames)))
+            h = self._scatter(h, types == 3, audio, "audio")
         h = tap("text.inputs_embeds", h)
         if offset == 0:
-            masks = attention_masks(mx.array(types), a.text.sliding_window, mask_policy)
+            overlay = types if a.text.use_bidirectional_attention == "vision" else np.zeros_like(types)
+            masks = attention_masks(mx.array(overlay), a.text.sliding_window, mask_policy)
             masks = {"full_attention": tap("mask.full_attention", masks["full_attention"]),
                      "sliding_attention": tap("mask.sliding_attention", masks["sliding_attention"])}
         elif ids.shape[1] == 1 and cache is not None:

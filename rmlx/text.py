@@ -39,6 +39,24 @@ class KVCache:
         return keys, values
 
 
+def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
+    """q (B, H, L, d), k/v (B, kv, T, d), mask (B, L, T) bool -> (B, H, L, d). Scale 1.0 (QK-norm).
+
+    Rounds where HF's eager attention rounds: the scores are a matmul in the activation dtype, the
+    softmax runs in fp32 and is cast back, then probabilities @ V. In bf16 this matters: a fused kernel
+    that keeps fp32 scores differs from HF by ~0.1 at the layer outputs of the tiny fixtures.
+    """
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # GQA: query head h uses kv head h // groups
+        k = mx.repeat(k, groups, axis=1)
+        v = mx.repeat(v, groups, axis=1)
+    scores = q @ k.transpose(0, 1, 3, 2)  # (B, H, L, T)
+    if mask is not None:
+        scores = mx.where(mask[:, None], scores, mx.array(-mx.inf, scores.dtype))
+    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
+    return probs @ v
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, spec: LayerSpec):
         super().__init__()
@@ -74,9 +92,7 @@ class Attention(nn.Module):
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, L, kv, d) -> (B, kv, L, d)
             if cache is not None:
                 keys, values = cache.update(keys, values)
-        if mask is not None:
-            mask = mask[:, None]  # (B, L, T) -> (B, 1, L, T)
-        out = mx.fast.scaled_dot_product_attention(q.transpose(0, 2, 1, 3), keys, values, scale=1.0, mask=mask)
+        out = attention(q.transpose(0, 2, 1, 3), keys, values, mask)  # (B, L, H, d) -> (B, H, L, d)
         out = out.transpose(0, 2, 1, 3).reshape(b, length, -1)  # (B, H, L, d) -> (B, L, H*d)
         return tap(names["attn.out"], self.o_proj(out)), (keys, values)
 
@@ -89,7 +105,9 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(nn.gelu_approx(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = nn.gelu_approx(gate.astype(mx.float32)).astype(x.dtype)  # torch evaluates gelu in fp32
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):

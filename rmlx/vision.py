@@ -11,7 +11,7 @@ import mlx.nn as nn
 import numpy as np
 
 from rmlx import faults
-from rmlx.base import LayerNorm, layer_norm
+from rmlx.base import LayerNorm, layer_norm, rms_norm
 from rmlx.config import VisionConfig
 from rmlx.errors import InputError
 from rmlx.tap import tap
@@ -61,7 +61,7 @@ class VisionEmbedder(nn.Module):
         h = tap("vision.pos_embed", h + self.position_embedding(position_ids))
         h = tap("vision.pos_norm", self.pos_norm(h))
         h = h.astype(self.embedding_projection.weight.dtype)
-        h = tap("vision.mm_prenorm", mx.fast.rms_norm(h, None, self.cfg.rms_norm_eps))
+        h = tap("vision.mm_prenorm", rms_norm(h, None, self.cfg.rms_norm_eps))
         h = self.embedding_projection(h)  # (B, P, H)
         keep = np.flatnonzero((pos_np != -1).all(-1).reshape(-1))  # valid rows of the flattened batch
         soft = h.reshape(-1, h.shape[-1])[mx.array(keep)][None]  # (B*P, H) -> (1, N_valid, H)

@@ -8,10 +8,14 @@ non-zero variance and stay pairwise distinct. Checked on both sides (rmlx and HF
 
 import itertools
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
-from rmlx.image import load_image
+from parity.capture import Recorder
+from parity.stages import VISION, hook_points
+from rmlx.image import load_image, preprocess
+from rmlx.tap import tapping
 from tests.conftest import FIXTURES
 
 ACHROMATIC = ["solid-white", "solid-gray", "solid-black"]
@@ -24,10 +28,12 @@ def ln1_rows(model_dir, adapters):
     rows = {}
     for name in ACHROMATIC + CHROMATIC:
         img = load_image(FIXTURES / "images" / f"{name}.png")
-        cand = adapter.candidate(img, 280)
-        ref = adapter.reference(img, 280, adapter.stages)
-        n = int((cand["image.position_ids"] != -1).all(-1).sum())
-        rows[name] = (cand["vision.patch_ln1"][0, :n], ref["vision.patch_ln1"][0, :n])
+        pv, pos, n = preprocess(img, 280)
+        recorder = Recorder()
+        with tapping(recorder):
+            adapter.candidate_model.vision_embedder(mx.array(pv), mx.array(pos))
+        _, ref = adapter.hf.image_features(pv, pos, hook_points(VISION))
+        rows[name] = (recorder.capture["vision.patch_ln1"][0, :n], ref["vision.patch_ln1"][0, :n])
     return rows
 
 

@@ -1,7 +1,8 @@
-"""The embedded default, end to end through the CLI: every fixture model x every battery image.
+"""The embedded default, end to end through the CLI: every fixture model x every scenario (each
+battery image, plus text-only, two images, image at the start / end, a long image block, image + audio).
 
-fp32 and bf16, free-running and teacher-forced: every stage passes its named tolerance, the
-structural stages are exact, and the JSON record has the documented schema.
+Every stage passes its named tolerance, structural stages and masks are exact, fp32 logits agree on
+the top-1 token at every position and decode step, and the JSON record has the documented schema.
 """
 
 import json
@@ -10,99 +11,154 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from parity.adapters.gemma4_unified import special_scenarios
 from parity.cli import main
-from parity.stages import STAGES
+from parity.stages import stages_for
 from parity.tolerances import tolerance
-from tests.conftest import IMAGES, MODELS
+from rmlx.config import ModelArgs
+from tests.conftest import FIXTURES, IMAGES, MODELS
 
 STAGE_FIELDS = {"name", "passed", "max_abs", "max_abs_index", "max_rel", "mismatched", "numel", "max_ulp",
                 "cosine", "nmse_db", "tolerance", "min_tolerance"}
+ARGS = {m.name: ModelArgs.from_file(m / "config.json") for m in MODELS}
 
 
-@pytest.fixture(scope="module", params=[("float32", "free"), ("float32", "teacher"),
-                                        ("bfloat16", "free"), ("bfloat16", "teacher")],
-                ids=lambda p: f"{p[0]}-{p[1]}")
-def default_run(request, tmp_path_factory):
-    dtype, mode = request.param
-    out = tmp_path_factory.mktemp(f"run-{dtype}-{mode}")
-    code = main(["run", "--dtype", dtype, "--mode", mode, "--report-dir", str(out / "rep"),
-                 "--json", str(out / "record.json")])
+def expected_cases() -> int:
+    specials = special_scenarios(FIXTURES / "images")
+    return sum(len(IMAGES) + sum(1 for s in specials if not s.has_audio or ARGS[m.name].audio) for m in MODELS)
+
+
+RUNS = [("float32", "free", "official"), ("float32", "teacher", "official"), ("float32", "free", "hf-forward"),
+        ("bfloat16", "free", "official"),
+        pytest.param(("float32", "teacher", "hf-forward"), marks=pytest.mark.slow),
+        pytest.param(("bfloat16", "teacher", "official"), marks=pytest.mark.slow),
+        pytest.param(("bfloat16", "free", "hf-forward"), marks=pytest.mark.slow)]
+
+
+def _run(tmp_path_factory, dtype, mode, policy):
+    out = tmp_path_factory.mktemp(f"run-{dtype}-{mode}-{policy}")
+    code = main(["run", "--dtype", dtype, "--mode", mode, "--mask-policy", policy,
+                 "--report-dir", str(out / "rep"), "--json", str(out / "record.json")])
     return code, json.loads((out / "record.json").read_text()), out
+
+
+@pytest.fixture(scope="module", params=RUNS, ids=lambda p: "-".join(p))
+def default_run(request, tmp_path_factory):
+    return _run(tmp_path_factory, *request.param)
 
 
 def test_default_run_passes(default_run):
     code, rec, _ = default_run
-    failing = [(c["name"], c["first_divergence"]["stage"]) for c in rec["cases"] if not c["passed"]]
-    assert code == 0 and rec["passed"] and rec["first_divergence"] is None, failing
-    assert len(rec["cases"]) == len(MODELS) * len(IMAGES)
+    failing = [(c["name"], c["first_divergence"]) for c in rec["cases"] if not c["passed"]]
+    assert code == 0 and rec["passed"] and rec["first_divergence"] is None, failing[:3]
+    assert len(rec["cases"]) == expected_cases()
 
 
 def test_record_schema(default_run):
     _, rec, out = default_run
-    assert rec["schema"] == "rmlx.parity/1"
+    assert rec["schema"] == "rmlx.parity/2"
     assert {"transformers", "torch", "mlx", "numpy"} <= set(rec["versions"])
-    assert rec["wall_time_s"] > 0
+    assert rec["wall_time_s"] > 0 and rec["command"].startswith("rmlx-parity run --dtype")
     for case in rec["cases"]:
-        assert {"name", "model", "image", "dtype", "mode", "stages"} <= set(case)
-        assert [s["name"] for s in case["stages"]] == [s.name for s in STAGES]
+        assert {"name", "model", "image", "dtype", "mode", "stages", "mask_policy",
+                "reference_self_consistency", "logits", "decode"} <= set(case)
+        cfg = ARGS[case["model"]]
+        want = stages_for(cfg.text, bool(case["image_sizes"]), case["audio"])
+        assert [s["name"] for s in case["stages"]] == [s.name for s in want]
         for st in case["stages"]:
             assert STAGE_FIELDS <= set(st), STAGE_FIELDS - set(st)
-            assert set(st["tolerance"]) == {"rtol", "atol"}
-    assert (out / "rep" / "report.json").is_file() and (out / "rep" / "report.md").is_file()
+        assert [d["step"] for d in case["decode"]] == [1, 2, 3, 4]
     md = (out / "rep" / "report.md").read_text()
-    assert "wall time" in md and "vision.soft_tokens" in md
+    assert "wall time" in md and "logits" in md
 
 
-def test_structural_stages_are_exact(default_run):
+def test_structural_stages_and_masks_are_exact(default_run):
     _, rec, _ = default_run
     for case in rec["cases"]:
         for st in case["stages"]:
-            if st["name"] in ("image.pixel_values", "image.position_ids"):
+            if st["class"] in ("exact", "mask"):
                 assert st["max_abs"] == 0 and st["mismatched"] == 0, (case["name"], st["name"])
 
 
 def test_numeric_stages_use_the_named_tolerance(default_run):
     _, rec, _ = default_run
-    by_name = {s.name: s for s in STAGES}
     for case in rec["cases"]:
         for st in case["stages"]:
-            tol = tolerance(by_name[st["name"]].tol, case["dtype"])
+            tol = tolerance(st["class"], case["dtype"], case["mode"])
             assert st["tolerance"] == {"rtol": tol.rtol, "atol": tol.atol}
 
 
-def test_oracle_agrees_with_both_sides_in_fp32(default_run):
-    """The float64 oracle is the seed of truth: HF and rmlx are both within the fp32 tolerance of it."""
+def test_fp32_logits_agree_on_every_token(default_run):
     _, rec, _ = default_run
     if rec["settings"]["dtype"] != "float32":
+        pytest.skip("bf16 near-ties flip the argmax; its agreement is reported, not gated")
+    for case in rec["cases"]:
+        assert case["logits"]["top1_agreement"] == 1.0, case["name"]
+        assert all(d["top1_agreement"] == 1.0 for d in case["decode"]), case["name"]
+
+
+def test_policies_differ_in_the_reference_itself(default_run):
+    """Reference self-consistency: under `official`, HF's own forward differs on image cases (the
+    two policies disagree whenever an image block is longer than the window); never on text only."""
+    _, rec, _ = default_run
+    sc = {c["name"]: c["reference_self_consistency"]["max_abs_logits"] for c in rec["cases"]}
+    if rec["settings"]["mask_policy"] == "hf-forward":
+        assert set(sc.values()) == {0.0}
         return
+    assert all(v == 0.0 for k, v in sc.items() if k.endswith("/text-only"))
+    assert all(v > 0.1 for k, v in sc.items() if k.endswith(("/two-images", "/long-image-block")))
+
+
+@pytest.fixture(scope="module")
+def oracle_run(tmp_path_factory):
+    return _run(tmp_path_factory, "float32", "free", "official")
+
+
+def test_oracle_agrees_with_both_sides_in_fp32(oracle_run):
+    """The float64 oracle is the seed of truth: HF and rmlx are both within the fp32 tolerance of it."""
+    _, rec, _ = oracle_run
+    checked = 0
     for case in rec["cases"]:
         for st in case["stages"]:
-            assert st["oracle"]["reference_max_abs"] <= st["tolerance"]["atol"], (case["name"], st["name"])
-            assert st["oracle"]["candidate_max_abs"] <= st["tolerance"]["atol"], (case["name"], st["name"])
+            if "oracle" in st:
+                assert st["oracle"]["reference_max_abs"] <= st["tolerance"]["atol"], (case["name"], st["name"])
+                assert st["oracle"]["candidate_max_abs"] <= st["tolerance"]["atol"], (case["name"], st["name"])
+                checked += 1
+    assert checked > 0
 
 
 @pytest.mark.parametrize("mst", [70, pytest.param(1120, marks=pytest.mark.slow)])
 def test_default_run_at_other_budgets(mst, tmp_path):
-    """The smallest and the largest soft-token budgets (1120: ~3 min, run by `nox -s slow`)."""
-    code = main(["run", "--max-soft-tokens", str(mst), "--report-dir", str(tmp_path / "rep"),
+    """The smallest and the largest soft-token budgets (1120: minutes; run by `nox -s slow`)."""
+    code = main(["run", "--max-soft-tokens", str(mst), "--case", "image/*", "--report-dir", str(tmp_path / "rep"),
                  "--json", str(tmp_path / "r.json")])
     rec = json.loads((tmp_path / "r.json").read_text())
     assert code == 0 and rec["passed"], rec["first_divergence"]
 
 
 def test_dump_has_stage_keys_inputs_and_batch_axis(tmp_path):
-    model, image = MODELS[0], IMAGES[0]
-    code = main(["run", "--model", str(model), "--image", str(image), "--dump", str(tmp_path / "dump"),
+    model = MODELS[0]
+    code = main(["run", "--model", str(model), "--case", "image-and-audio", "--dump", str(tmp_path / "dump"),
                  "--report-dir", str(tmp_path / "rep"), "--no-oracle", "--attn-implementation", "sdpa"])
     assert code == 0
-    folder = tmp_path / "dump" / f"{model.name}__{image.stem}"
+    folder = tmp_path / "dump" / f"{model.name}__image-and-audio"
     ref = load_file(folder / "reference.safetensors")
     cand = load_file(folder / "candidate.safetensors")
-    names = {s.name for s in STAGES}
+    names = {s.name for s in stages_for(ARGS[model.name].text, True, True)}
     assert names <= set(ref) and names <= set(cand)
-    assert {"input.input_ids", "input.mm_token_type_ids", "input.image"} <= set(ref)
+    assert {"input.input_ids", "input.mm_token_type_ids", "input.audio_frames"} <= set(ref)
     for n in names:
         assert ref[n].shape == cand[n].shape and ref[n].shape[0] == 1, n
     n_img = int((ref["input.mm_token_type_ids"] == 1).sum())
     assert n_img == ref["vision.soft_tokens"].shape[1]
-    np.testing.assert_array_equal(ref["image.pixel_values"], cand["image.pixel_values"])
+    np.testing.assert_array_equal(ref["mask.sliding_attention"], cand["mask.sliding_attention"])
+
+
+def test_existing_report_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "rep").mkdir()
+    (tmp_path / "rep" / "keep.txt").write_text("mine")
+    assert main(["run", "--case", "text-only", "--report-dir", str(tmp_path / "rep")]) == 2
+    assert (tmp_path / "rep" / "keep.txt").read_text() == "mine"
+    assert "already exists" in capsys.readouterr().err
+
+

@@ -1,33 +1,67 @@
-"""Every stage of the table resolves on both sides for every fixture model: a renamed HF module or a
-dropped tap fails here, loudly, instead of silently removing a stage from the comparison."""
+"""Every stage of the table resolves on both sides for every fixture model and scenario kind: a
+renamed HF module or a dropped tap fails here, loudly, instead of silently removing a stage."""
 
-from parity.stages import STAGES, hook_points, select
+from pathlib import Path
+
+import pytest
+
+from parity.adapters.gemma4_unified import special_scenarios
+from parity.stages import VISION, hook_points, select, stages_for
+from rmlx.config import ModelArgs
 from rmlx.image import load_image
-from tests.conftest import IMAGES
+from rmlx.tap import LAYER_POINTS
+from tests.conftest import FIXTURES, MODELS
+
+SCENARIOS = {s.name: s for s in special_scenarios(FIXTURES / "images")}
 
 
-def test_stage_names_are_unique_and_ordered():
-    names = [s.name for s in STAGES]
-    assert len(names) == len(set(names))
-    assert names[0] == "image.pixel_values" and names[-1] == "vision.soft_tokens"
+def test_layer_points_are_the_table_order():
+    from parity.stages import _LAYER
+
+    assert tuple(_LAYER) == LAYER_POINTS
 
 
-def test_every_stage_resolves_on_both_sides(model_dir, adapters):
-    adapter = adapters(model_dir)
-    for path, _ in hook_points(STAGES).values():
+PAIRS = [(m, s) for m in MODELS for s in ("text-only", "image-and-audio", "two-images")
+         if s != "image-and-audio" or ModelArgs.from_file(m / "config.json").audio is not None]
+
+
+@pytest.mark.parametrize("model,scenario", PAIRS, ids=[f"{m.name}-{s}" for m, s in PAIRS])
+def test_every_stage_resolves_on_both_sides(model, adapters, scenario):
+    adapter = adapters(model)
+    sc = SCENARIOS[scenario]
+    assert adapter.supports(sc)
+    stages = adapter.stages(sc)
+    for path, _ in hook_points(stages).values():
         adapter.hf.model.get_submodule(path)  # raises AttributeError when HF renames a module
-    img = load_image(IMAGES[0])
-    ref = adapter.reference(img, 70, STAGES)
-    cand = adapter.candidate(img, 70)
-    names = [s.name for s in STAGES]
+    decoded = {p: load_image(p) for p in sc.images}
+    inputs, pre = adapter.inputs(sc, decoded, 70)
+    ref, *_ = adapter.reference(sc, inputs, pre, "official", 0)
+    cand, _ = adapter.candidate(sc, inputs, decoded, 70, "official", [])
+    names = [s.name for s in stages]
     assert sorted(ref) == sorted(names), f"reference: missing {sorted(set(names) - set(ref))}"
     assert sorted(cand) == sorted(names), f"candidate: missing {sorted(set(names) - set(cand))}"
     for n in names:
-        assert ref[n].shape == cand[n].shape, n
-        assert ref[n].shape[0] == 1, f"{n}: batch axis kept"
+        assert ref[n].shape == cand[n].shape, (n, ref[n].shape, cand[n].shape)
+        assert ref[n].shape[0] in (1, len(sc.images)), f"{n}: batch axis kept"
+
+
+def test_stage_order_and_kv_shared_layers(model_dir, adapters):
+    cfg = adapters(model_dir).args.text
+    names = [s.name for s in stages_for(cfg, True, False)]
+    assert len(names) == len(set(names))
+    assert names[:2] == ["image.pixel_values", "image.position_ids"] and names[-2:] == ["text.norm", "logits"]
+    assert names.index("mask.full_attention") < names.index("mask.sliding_attention") < names.index(
+        "layers.0.input_layernorm")
+    for i in range(cfg.num_hidden_layers):
+        has_kv = f"layers.{i}.attn.k" in names
+        assert has_kv == (not cfg.layer(i).kv_shared)
 
 
 def test_select_globs():
-    assert [s.name for s in select(["vision.patch_*"])] == ["vision.patch_ln1", "vision.patch_dense",
-                                                             "vision.patch_ln2"]
-    assert select(None) == STAGES
+    assert [s.name for s in select(["vision.patch_*"], VISION)] == ["vision.patch_ln1", "vision.patch_dense",
+                                                                      "vision.patch_ln2"]
+    assert select(None, VISION) == VISION
+
+
+def test_fixture_paths_exist():
+    assert all(Path(p).is_file() for s in SCENARIOS.values() for p in s.images)

@@ -1,4 +1,8 @@
-"""Gemma 4 unified adapter: HF transformers (reference), rmlx (candidate), NumPy float64 (oracle)."""
+"""Gemma 4 unified adapter: HF transformers (reference), rmlx (candidate), NumPy float64 (oracle).
+
+A case is one checkpoint x one *scenario*: a prompt made of text ids, images and audio frames. The
+battery gives one single-image scenario per image; ``SCENARIOS`` adds the decoder's special cases.
+"""
 
 from __future__ import annotations
 
@@ -9,70 +13,160 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from parity.capture import Capture, Recorder
-from parity.stages import VISION, Stage, hook_points
+from parity.capture import Capture, Recorder, to_numpy
+from parity.stages import Stage, hook_points, stages_for
 from reference import numpy_ops
 from reference.hf import HFRunner
 from rmlx import image as rimage
+from rmlx.errors import InputError
 from rmlx.load import load_model
 from rmlx.tap import tapping
 
+AUDIO_FRAME = 640  # samples per audio soft token (16 kHz / 25 fps)
+
 
 @dataclass(frozen=True)
-class Case:
+class Scenario:
+    """``parts``: ("text", (ids...)), ("image", Path) or ("audio", n_frames), in prompt order."""
+
     name: str
-    model: str  # display name (the checkpoint folder's name)
-    model_dir: Path
-    image: Path
-    max_soft_tokens: int
-    dtype: str
-    mode: str  # "free" | "teacher"
+    parts: tuple[tuple[str, object], ...]
+
+    @property
+    def images(self) -> list[Path]:
+        return [p for kind, p in self.parts if kind == "image"]
+
+    @property
+    def has_audio(self) -> bool:
+        return any(kind == "audio" for kind, _ in self.parts)
+
+
+def image_scenario(path: Path) -> Scenario:
+    return Scenario(f"image/{path.stem}", (("text", (2, 10, 11)), ("image", path), ("text", (12, 13))))
+
+
+def special_scenarios(images: Path) -> tuple[Scenario, ...]:
+    """The decoder's cases (issue 3): text only, two images, image at the very start / very end, an
+    image block longer than every sliding window (where the two policies differ), image + audio."""
+    grad, card, exact = images / "gradient.png", images / "white-card.png", images / "exact-672x960.png"
+    return (
+        Scenario("text-only", (("text", tuple(range(2, 40))),)),
+        Scenario("two-images", (("text", (2, 10)), ("image", grad), ("text", (11, 12, 13)), ("image", card),
+                                ("text", (14,)))),
+        Scenario("image-at-start", (("image", grad), ("text", (10, 11, 12)))),
+        Scenario("image-at-end", (("text", (2, 10, 11)), ("image", card))),
+        Scenario("long-image-block", (("text", (2, 10)), ("image", exact), ("text", (11, 12)))),
+        Scenario("image-and-audio", (("text", (2, 10)), ("image", grad), ("text", (11,)), ("audio", 6),
+                                     ("text", (12, 13)))),
+    )
+
+
+def audio_frames(n: int, seed: int = 0) -> np.ndarray:
+    """Deterministic raw audio: n frames of 640 samples of a two-tone signal, (1, n, 640) float32."""
+    t = np.arange(n * AUDIO_FRAME) / 16000.0
+    wave = 0.6 * np.sin(2 * np.pi * 440 * t) + 0.3 * np.sin(2 * np.pi * (660 + 10 * seed) * t)
+    return wave.astype(np.float32).reshape(1, n, AUDIO_FRAME)
 
 
 class Gemma4UnifiedAdapter:
     """One checkpoint, both sides loaded once and reused for every case."""
 
-    stages: tuple[Stage, ...] = VISION
-
     def __init__(self, model_dir: Path, dtype: str = "float32", attn_implementation: str = "eager"):
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         self.candidate_model = load_model(self.model_dir, dtype)  # strict: bad checkpoints fail here
+        self.args = self.candidate_model.args
         self.hf = HFRunner(self.model_dir, dtype, attn_implementation)
 
     @cached_property
     def oracle_weights(self) -> dict[str, np.ndarray]:
         return numpy_ops.load_vision_weights(self.model_dir)
 
-    def prompt(self, n_soft: int) -> dict[str, np.ndarray]:
-        """The case's text: [bos, 10, 11, boi, image x n, eoi, 12, 13]; mm_token_type_ids 1 on image slots."""
-        cfg = self.candidate_model.args
-        ids = [2, 10, 11, cfg.boi_token_id] + [cfg.image_token_id] * n_soft + [cfg.eoi_token_id, 12, 13]
+    def supports(self, scenario: Scenario) -> bool:
+        return (not scenario.images or self.args.vision is not None) and (
+            not scenario.has_audio or self.args.audio is not None)
+
+    def stages(self, scenario: Scenario) -> tuple[Stage, ...]:
+        return stages_for(self.args.text, bool(scenario.images), scenario.has_audio)
+
+    def inputs(self, scenario: Scenario, decoded: dict[Path, np.ndarray], max_soft_tokens: int
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(case inputs, the reference's preprocessing). The prompt is built from the reference's
+        soft-token counts; both sides get the same ids and the same decoded images."""
+        pre = self.hf.preprocess([decoded[p] for p in scenario.images], max_soft_tokens) if scenario.images else {}
+        a = self.args
+        if scenario.images and int(pre["image_position_ids"].max()) >= a.vision.mm_posemb_size:
+            raise InputError(f"{', '.join(map(str, scenario.images))}: position id "
+                             f"{int(pre['image_position_ids'].max())} is outside the position table "
+                             f"(mm_posemb_size={a.vision.mm_posemb_size}); use a smaller --max-soft-tokens")
+        counts = iter(int(n) for n in pre.get("num_soft_tokens_per_image", []))
+        ids: list[int] = []
+        frames = None
+        for kind, value in scenario.parts:
+            if kind == "text":
+                ids += list(value)
+            elif kind == "image":
+                ids += [a.boi_token_id] + [a.image_token_id] * next(counts) + [a.eoi_token_id]
+            else:
+                ids += [a.boa_token_id] + [a.audio_token_id] * int(value) + [a.eoa_token_index]
+                frames = audio_frames(int(value))
         input_ids = np.array([ids], np.int64)
-        return {"input.input_ids": input_ids,
-                "input.mm_token_type_ids": (input_ids == cfg.image_token_id).astype(np.int64)}
+        inputs = {"input.input_ids": input_ids, "input.mm_token_type_ids": self.candidate_model.token_types(input_ids)}
+        if frames is not None:
+            inputs["input.audio_frames"] = frames
+        return inputs, pre
 
-    def reference(self, image: np.ndarray, max_soft_tokens: int, stages: tuple[Stage, ...]) -> Capture:
-        pre = self.hf.preprocess(image, max_soft_tokens)
-        cap: Capture = {s.name: pre[s.hf] for s in stages if s.read == "processor"}
-        soft, hooked = self.hf.image_features(pre["pixel_values"], pre["image_position_ids"], hook_points(stages))
-        cap.update(hooked)
-        cap["vision.soft_tokens"] = soft
-        return {k: cap[k] for k in (s.name for s in stages) if k in cap}
+    def reference(self, scenario: Scenario, inputs: dict[str, np.ndarray], pre: dict[str, np.ndarray],
+                  policy: str, decode_steps: int) -> tuple[Capture, list[np.ndarray], list[int], float]:
+        stages = self.stages(scenario)
+        feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
+        if scenario.images:
+            feed["pixel_values"], feed["image_position_ids"] = pre["pixel_values"], pre["image_position_ids"]
+        if "input.audio_frames" in inputs:
+            feed["audio_frames"] = inputs["input.audio_frames"]
+        cap, steps, tokens, consistency = self.hf.forward(feed, policy, hook_points(stages), decode_steps)
+        if scenario.images:
+            cap["image.pixel_values"], cap["image.position_ids"] = pre["pixel_values"], pre["image_position_ids"]
+            valid = (pre["image_position_ids"] != -1).all(-1).reshape(-1)
+            proj = cap["vision.soft_tokens"]
+            cap["vision.soft_tokens"] = proj.reshape(-1, proj.shape[-1])[valid][None]  # drop padding rows
+        return cap, steps, tokens, consistency
 
-    def candidate(self, image: np.ndarray, max_soft_tokens: int, teacher: Capture | None = None) -> Capture:
+    def candidate(self, scenario: Scenario, inputs: dict[str, np.ndarray], decoded: dict[Path, np.ndarray],
+                  max_soft_tokens: int, policy: str, tokens: list[int], teacher: Capture | None = None
+                  ) -> tuple[Capture, list[np.ndarray]]:
+        """Prefill under the tap recorder (teacher-forced when ``teacher`` is given), then one decode
+        step per reference token, with the candidate's own cache."""
+        model = self.candidate_model
         recorder = Recorder(teacher)
+        cache = model.make_cache()
         with tapping(recorder):
-            pixel_values, position_ids, _ = rimage.preprocess(image, max_soft_tokens)
-            soft = self.candidate_model.vision_embedder(mx.array(pixel_values), mx.array(position_ids))
-            mx.eval(soft)
-        return recorder.capture
+            pixel_values = position_ids = None
+            if scenario.images:
+                pixel_values, position_ids = rimage.preprocess_batch(
+                    [decoded[p] for p in scenario.images], max_soft_tokens)
+            logits = model(inputs["input.input_ids"], inputs["input.mm_token_type_ids"], pixel_values,
+                           position_ids, inputs.get("input.audio_frames"), policy, cache, 0)
+            mx.eval(logits)
+        steps = []
+        length = inputs["input.input_ids"].shape[1]
+        for s, token in enumerate(tokens):
+            logits = model(np.array([[token]]), None, cache=cache, offset=length + s)
+            steps.append(to_numpy(logits))
+        return recorder.capture, steps
 
-    def oracle(self, image: np.ndarray, max_soft_tokens: int) -> Capture:
-        th, tw = numpy_ops.soft_token_grid(image.shape[0], image.shape[1], max_soft_tokens)
-        resized = image if image.shape[:2] == (th, tw) else self.hf.resize(image, th, tw)
-        pixel_values, positions = numpy_ops.patches(resized, max_soft_tokens)
-        cfg = self.candidate_model.args.vision
-        cap = numpy_ops.vision_embedder(self.oracle_weights, pixel_values, positions, cfg.rms_norm_eps)
+    def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], max_soft_tokens: int) -> Capture:
+        """Float64 preprocessing and vision embedder (the decoder's oracle comes with its own issue)."""
+        if not scenario.images:
+            return {}
+        parts = []
+        for p in scenario.images:
+            image = decoded[p]
+            th, tw = numpy_ops.soft_token_grid(image.shape[0], image.shape[1], max_soft_tokens)
+            resized = image if image.shape[:2] == (th, tw) else self.hf.resize(image, th, tw)
+            parts.append(numpy_ops.patches(resized, max_soft_tokens))
+        pixel_values = np.concatenate([p[0] for p in parts])
+        positions = np.concatenate([p[1] for p in parts])
+        cap = numpy_ops.vision_embedder(self.oracle_weights, pixel_values, positions, self.args.vision.rms_norm_eps)
         cap["image.pixel_values"], cap["image.position_ids"] = pixel_values, positions
         return cap
