@@ -134,7 +134,7 @@ def cmd_faults(args) -> int:
     from rmlx.faults import CATALOG
 
     for f in CATALOG.values():
-        print(f"{f.name:<16} -> {f.stage:<20} {f.imitates}")
+        print(f"{f.name:<24} -> {f.stage:<26} {f.imitates}")
     return EXIT_PASS
 
 

@@ -28,18 +28,25 @@ def expected_cases() -> int:
     return sum(len(IMAGES) + sum(1 for s in specials if not s.has_audio or ARGS[m.name].audio) for m in MODELS)
 
 
-RUNS = [("float32", "free", "official"), ("float32", "teacher", "official"), ("float32", "free", "hf-forward"),
-        ("bfloat16", "free", "official"),
+RUNS = [("float32", "free", "official"), ("float32", "teacher", "official"), ("bfloat16", "free", "official"),
+        pytest.param(("float32", "free", "hf-forward"), marks=pytest.mark.slow),
         pytest.param(("float32", "teacher", "hf-forward"), marks=pytest.mark.slow),
         pytest.param(("bfloat16", "teacher", "official"), marks=pytest.mark.slow),
         pytest.param(("bfloat16", "free", "hf-forward"), marks=pytest.mark.slow)]
 
 
+_RUNS: dict[tuple, tuple] = {}
+
+
 def _run(tmp_path_factory, dtype, mode, policy):
-    out = tmp_path_factory.mktemp(f"run-{dtype}-{mode}-{policy}")
-    code = main(["run", "--dtype", dtype, "--mode", mode, "--mask-policy", policy,
-                 "--report-dir", str(out / "rep"), "--json", str(out / "record.json")])
-    return code, json.loads((out / "record.json").read_text()), out
+    """One default run per (dtype, mode, policy) per session, shared by every test that reads it."""
+    key = (dtype, mode, policy)
+    if key not in _RUNS:
+        out = tmp_path_factory.mktemp(f"run-{dtype}-{mode}-{policy}")
+        code = main(["run", "--dtype", dtype, "--mode", mode, "--mask-policy", policy,
+                     "--report-dir", str(out / "rep"), "--json", str(out / "record.json")])
+        _RUNS[key] = (code, json.loads((out / "record.json").read_text()), out)
+    return _RUNS[key]
 
 
 @pytest.fixture(scope="module", params=RUNS, ids=lambda p: "-".join(p))
@@ -88,13 +95,17 @@ def test_numeric_stages_use_the_named_tolerance(default_run):
             assert st["tolerance"] == {"rtol": tol.rtol, "atol": tol.atol}
 
 
-def test_fp32_logits_agree_on_every_token(default_run):
+def test_logits_agree_on_the_next_token(default_run):
+    """fp32: 100 % top-1 agreement at every prefill position and decode step. bf16 logits tie and
+    flip within an ulp; there the agreement is reported, and held above the measured floor
+    (prefill 90.9 %, KL max 0.017 over the default, `rmlx-parity run --dtype bfloat16`)."""
     _, rec, _ = default_run
-    if rec["settings"]["dtype"] != "float32":
-        pytest.skip("bf16 near-ties flip the argmax; its agreement is reported, not gated")
     for case in rec["cases"]:
-        assert case["logits"]["top1_agreement"] == 1.0, case["name"]
-        assert all(d["top1_agreement"] == 1.0 for d in case["decode"]), case["name"]
+        if rec["settings"]["dtype"] == "float32":
+            assert case["logits"]["top1_agreement"] == 1.0, case["name"]
+            assert all(d["top1_agreement"] == 1.0 for d in case["decode"]), case["name"]
+        else:
+            assert case["logits"]["top1_agreement"] >= 0.85 and case["logits"]["kl_max"] < 0.05, case["name"]
 
 
 def test_policies_differ_in_the_reference_itself(default_run):
@@ -109,14 +120,9 @@ def test_policies_differ_in_the_reference_itself(default_run):
     assert all(v > 0.1 for k, v in sc.items() if k.endswith(("/two-images", "/long-image-block")))
 
 
-@pytest.fixture(scope="module")
-def oracle_run(tmp_path_factory):
-    return _run(tmp_path_factory, "float32", "free", "official")
-
-
-def test_oracle_agrees_with_both_sides_in_fp32(oracle_run):
+def test_oracle_agrees_with_both_sides_in_fp32(tmp_path_factory):
     """The float64 oracle is the seed of truth: HF and rmlx are both within the fp32 tolerance of it."""
-    _, rec, _ = oracle_run
+    _, rec, _ = _run(tmp_path_factory, "float32", "free", "official")
     checked = 0
     for case in rec["cases"]:
         for st in case["stages"]:
