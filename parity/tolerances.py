@@ -31,10 +31,11 @@ _FP32_DECODER = Tol(rtol=1.3e-6, atol=2e-3)
 # bf16 free-running: both sides round at the same points (HF eager: bf16 scores, fp32 softmax; fp32
 # gelu), so the text-only case is bit-exact through layer 1; then single-ulp differences grow like
 # the fp32 ones do (x30-x100 over four layers of the random tiny models). Worst needs over the
-# default (`rmlx-parity run --dtype bfloat16`): input_layernorm 0.40, attn.q 0.44, attn.k 0.48,
-# attn.v 0.42, attn.out 0.65, mlp.out 0.42, text.norm 0.53, logits 0.58 (max|logits| ~5), decode
-# steps 0.27; layer outputs 1.55 (max|x| ~12). 1.0 and 3.0 are ~1.6-2x those.
-_BF16_DECODER = Tol(rtol=1.6e-2, atol=1.0)
+# default, both policies (`rmlx-parity run --dtype bfloat16 [--mask-policy hf-forward]`):
+# input_layernorm 0.47, attn.q 0.48, attn.k 0.48, attn.v 0.42, attn.out 0.73, mlp.out 0.42,
+# text.norm 0.57, logits 0.67 (max|logits| ~5), decode steps 0.27; layer outputs 1.83 (max|x| ~12).
+# 1.5 and 4.0 are ~2x those.
+_BF16_DECODER = Tol(rtol=1.6e-2, atol=1.5)
 
 TOLERANCES: dict[str, dict[str, Tol]] = {
     # Structural stages (pixel layout, positions, masks, codec bytes): bit-exact in every dtype.
@@ -57,13 +58,13 @@ TOLERANCES: dict[str, dict[str, Tol]] = {
     "embedding": {"float32": _FP32, "bfloat16": _BF16_DECODER},
     # Decoder stages. Teacher-forced, every fp32 decoder stage is within 4.4e-6 of HF (worst:
     # layers.*.attn.out). Free-running, the soft tokens' 2.7e-5 enters RMSNorms of small-magnitude
-    # image rows (x10) and attention over 280-token blocks: worst 7.7e-4 (layers.1.out, two-images;
-    # err / max|ref| ~5e-5 on every decoder stage). 2e-3 ~ 2.6x the worst free-running need. Planted
-    # decoder defects move their stage by 1e-1 or more.
+    # image rows (x10) and attention over 280-token blocks: worst 7.7e-4 under `official` and 1.1e-3
+    # under `hf-forward` (layers.3.out, two-images; err / max|ref| ~5e-5 on every decoder stage).
+    # 2e-3 ~ 1.8x the worst free-running need. Planted decoder defects move their stage by 1e-1 or more.
     "norm": {"float32": _FP32_DECODER, "bfloat16": _BF16_DECODER},
     "attention": {"float32": _FP32_DECODER, "bfloat16": _BF16_DECODER},
     "mlp": {"float32": _FP32_DECODER, "bfloat16": _BF16_DECODER},
-    "residual": {"float32": _FP32_DECODER, "bfloat16": Tol(rtol=1.6e-2, atol=3.0)},
+    "residual": {"float32": _FP32_DECODER, "bfloat16": Tol(rtol=1.6e-2, atol=4.0)},
     "logits": {"float32": _FP32_DECODER, "bfloat16": _BF16_DECODER},
 }
 
