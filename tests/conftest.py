@@ -1,7 +1,8 @@
 """Shared fixtures and Hypothesis profiles.
 
-Profiles: ``dev`` (default) and ``ci`` (derandomized, no deadline, print the reproduction blob),
-chosen by ``HYPOTHESIS_PROFILE`` or by ``CI=true``.
+Profiles, chosen by ``HYPOTHESIS_PROFILE`` (or ``CI=true`` for ``ci``): ``ci`` is fixed
+(derandomized, 50 examples, the reproduction blob printed); ``dev`` (the local default) draws 100
+fresh examples a run; ``long`` draws 1000 (``HYPOTHESIS_PROFILE=long python -m pytest tests/test_masks.py``).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
-settings.register_profile("dev", deadline=None, max_examples=50)
+settings.register_profile("dev", deadline=None, max_examples=100)
+settings.register_profile("long", deadline=None, max_examples=1000)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True, max_examples=50,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
