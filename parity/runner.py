@@ -161,13 +161,27 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
         reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
 
 
+def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, int] | None:
+    """A case's first divergent stage and its forward index; a case whose stages all pass but whose
+    decode step fails diverges at ``logits`` (after every prefill stage)."""
+    fd = first_divergence(r.diffs)
+    if fd is not None:
+        return fd, r.order[fd.stage]
+    step = next((s for s in r.decode if not s["passed"]), None)
+    if step is None:
+        return None
+    return StageDiff("logits", False, tolerance("logits", dtype), dtype, (),
+                     error=f"decode step {step['step']}: max |delta logits| {step['max_abs']:.3g}"), len(r.order)
+
+
 def record(results: list[CaseResult], settings: Settings, wall_time_s: float, run_id: str,
            argv: list[str] | None = None) -> dict:
     """The JSON record of a run (the schema every other report is rendered from)."""
     cases = []
     first = None
     for r in results:
-        fd = first_divergence(r.diffs)
+        div = divergence(r, settings.dtype)
+        fd = None if div is None else div[0]
         stages = []
         for d in r.diffs:
             entry = d.to_dict()
@@ -188,13 +202,8 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
             "first_divergence": None if fd is None else {"stage": fd.stage, "message": fd.message()},
             "logits": r.logits, "decode": r.decode, "seconds": round(r.seconds, 3), "stages": stages,
         })
-        if fd is not None and (first is None or r.order[fd.stage] < first[2]):
-            first = (r, fd, r.order[fd.stage])
-        elif fd is None and not r.passed and first is None:
-            step = next(s for s in r.decode if not s["passed"])
-            first = (r, StageDiff("logits", False, tolerance("logits", settings.dtype), settings.dtype, (),
-                                  error=f"decode step {step['step']}: max |delta logits| {step['max_abs']:.3g}"),
-                     len(r.order))
+        if div is not None and (first is None or div[1] < first[2]):
+            first = (r, *div)
     return {
         "schema": SCHEMA,
         "run_id": run_id,

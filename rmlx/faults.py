@@ -45,6 +45,8 @@ CATALOG: dict[str, Fault] = {
         Fault("rmsnorm-one-plus-w", "Gemma 1-3 RMSNorm convention x_hat * (1 + w) instead of Gemma 4's x_hat * w",
               "layers.0.input_layernorm"),
         Fault("softcap-skipped", "final logit soft-cap tanh(x / cap) * cap left out", "logits"),
+        Fault("sliding-cache-off-by-one", "the rotating KV cache keeps W keys instead of W - 1, so a decode step "
+              "sees W + 1 keys: only decoding with a cache shows it", "logits"),
         Fault("k-eq-v-ignored", "attention_k_eq_v ignored: full layers built with their own v_proj, which the "
               "checkpoint does not have", "load (exit 2, names the missing v_proj)"),
     )

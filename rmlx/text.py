@@ -34,7 +34,8 @@ class KVCache:
         if self.keys is not None:
             keys = mx.concatenate([self.keys, keys], axis=2)  # (B, kv, T + L, d)
             values = mx.concatenate([self.values, values], axis=2)
-        start = 0 if self.window is None else max(keys.shape[2] - (self.window - 1), 0)
+        keep = None if self.window is None else self.window - (0 if faults.active("sliding-cache-off-by-one") else 1)
+        start = 0 if keep is None else max(keys.shape[2] - keep, 0)
         self.keys, self.values = keys[:, :, start:], values[:, :, start:]
         return keys, values
 
