@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "naming a mask difference)")
     r.add_argument("--decode-steps", type=int, default=4, metavar="N",
                    help="greedy decode steps after the prefill, logits compared at each (default 4)")
+    r.add_argument("--quantize", choices=("mxfp8",), default=None,
+                   help="quantize the candidate on load (patch_dense and the decoder linears); the reference runs "
+                        "with its own codec's dequantized weights, and the unquantized model gives the cost")
     r.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON record here")
     r.add_argument("--dump", type=Path, metavar="DIR",
                    help="write DIR/<case>/{reference,candidate}.safetensors (keys = stage names and input.*)")
@@ -73,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--model", type=Path, metavar="DIR", help="default: the first fixture model")
     st.add_argument("--stages", action="append", metavar="GLOB")
     sub.add_parser("faults", help="list the planted defects")
+
+    c = sub.add_parser("convert", help="write an MLX-style quantized copy of a checkpoint (atomically)")
+    c.add_argument("--quantize", choices=("mxfp8",), required=True)
+    c.add_argument("src", type=Path, metavar="SRC")
+    c.add_argument("dst", type=Path, metavar="DST")
 
     f = sub.add_parser("fixtures", help="regenerate the embedded default under fixtures/")
     f.add_argument("--out", type=Path, default=None, help="default: the repository's fixtures/")
@@ -97,7 +105,8 @@ def cmd_run(args) -> int:
     settings = Settings(mode=args.mode, dtype=args.dtype, max_soft_tokens=args.max_soft_tokens,
                         stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
                         inject=tuple(args.inject), oracle=not args.no_oracle, mask_policy=args.mask_policy,
-                        candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps)
+                        candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
+                        quantize=args.quantize)
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}-{os.urandom(2).hex()}"
     report_dir = args.report_dir or Path("reports") / run_id
     for folder in (report_dir, args.dump):
@@ -138,6 +147,18 @@ def cmd_faults(args) -> int:
     return EXIT_PASS
 
 
+def cmd_convert(args) -> int:
+    from rmlx.load import save_quantized
+
+    status = save_quantized(args.src, args.dst, args.quantize)
+    done = sum(s == "quantized" for s in status.values())
+    print(f"wrote {args.dst}: {done} of {len(status)} quantizable linears in {args.quantize}")
+    for path, s in status.items():
+        if s != "quantized":
+            print(f"  {path}: {s}")
+    return EXIT_PASS
+
+
 def cmd_fixtures(args) -> int:
     from reference.fixtures import generate
 
@@ -159,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:  # this revision cannot even import the port: skip it when bisecting
         print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
-    commands = {"run": cmd_run, "stages": cmd_stages, "faults": cmd_faults, "fixtures": cmd_fixtures}
+    commands = {"run": cmd_run, "stages": cmd_stages, "faults": cmd_faults, "fixtures": cmd_fixtures,
+                "convert": cmd_convert}
     try:
         return commands[args.command](args)
     except InputError as e:

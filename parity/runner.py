@@ -40,6 +40,7 @@ class Settings:
     mask_policy: str = "official"
     candidate_mask_policy: str | None = None  # None: the same as the reference's
     decode_steps: int = 4
+    quantize: str | None = None  # "mxfp8": the candidate quantizes on load
 
 
 @dataclass
@@ -53,6 +54,7 @@ class CaseResult:
     logits: dict = field(default_factory=dict)
     self_consistency: float = 0.0
     oracle: dict[str, dict] = field(default_factory=dict)
+    quantization_cost: dict | None = None
     seconds: float = 0.0
     image_sizes: list = field(default_factory=list)
     n_soft_tokens: int = 0
@@ -108,7 +110,8 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
     paths = sorted({p for s in scenarios for p in s.images})
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
     with faults.inject(*settings.inject):  # a fault may act at load time (e.g. k-eq-v-ignored)
-        adapters = {m: Gemma4UnifiedAdapter(m, settings.dtype, settings.attn_implementation) for m in models}
+        adapters = {m: Gemma4UnifiedAdapter(m, settings.dtype, settings.attn_implementation, settings.quantize)
+                    for m in models}
         plan = [(m, s) for m, a in adapters.items() for s in scenarios if a.supports(s)]
         if not plan:
             raise InputError("no case to run: the checkpoint(s) have no vision_config for the image(s)")
@@ -144,6 +147,15 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
         d = compare("logits", a, e, logits_tol, settings.dtype)
         decode.append({"step": step + 1, "token": token, "passed": d.passed, "max_abs": d.max_abs,
                        "mismatched": d.mismatched, **logits_agreement(a, e)})
+    cost = None
+    if adapter.hf_float is not None:  # the cost of quantization: candidate vs the unquantized model
+        flt, *_ = adapter.reference(scenario, inputs, pre, settings.mask_policy, 0, unquantized=True)
+        cost = {"stages": {s.name: compare(s.name, cand[s.name], flt[s.name], tols[i][1], settings.dtype).nmse_db
+                           for i, s in enumerate(stages) if s.name in flt and s.name in cand},
+                "logits": logits_agreement(cand["logits"], flt["logits"]) if "logits" in flt else {},
+                "quantized_modules": sorted(adapter.quantized),
+                "left_unquantized": {p: s for p, s in adapter.candidate_model.quant_status.items()
+                                     if s != "quantized"}}
     oracle = {}
     if settings.oracle:
         orc = adapter.oracle(scenario, decoded, settings.max_soft_tokens)
@@ -155,7 +167,7 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
     return CaseResult(
         name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,
         decode=decode, logits=logits_agreement(cand["logits"], ref["logits"]) if "logits" in cand else {},
-        self_consistency=consistency, oracle=oracle, seconds=time.perf_counter() - t0,
+        self_consistency=consistency, oracle=oracle, quantization_cost=cost, seconds=time.perf_counter() - t0,
         image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images], n_soft_tokens=n_soft,
         order={s.name: i for i, s in enumerate(all_stages)}, classes={s.name: s.tol for s in all_stages},
         reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
@@ -200,7 +212,8 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                                            "what": "max |logits(policy) - logits(HF's own forward)|"},
             "passed": r.passed,
             "first_divergence": None if fd is None else {"stage": fd.stage, "message": fd.message()},
-            "logits": r.logits, "decode": r.decode, "seconds": round(r.seconds, 3), "stages": stages,
+            "logits": r.logits, "decode": r.decode, "quantization_cost": r.quantization_cost,
+            "seconds": round(r.seconds, 3), "stages": stages,
         })
         if div is not None and (first is None or div[1] < first[2]):
             first = (r, *div)
@@ -214,7 +227,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                      "stages": list(settings.stages), "attn_implementation": settings.attn_implementation,
                      "inject": sorted(set(settings.inject) | faults.enabled()), "mask_policy": settings.mask_policy,
                      "candidate_mask_policy": settings.candidate_mask_policy or settings.mask_policy,
-                     "decode_steps": settings.decode_steps},
+                     "decode_steps": settings.decode_steps, "quantize": settings.quantize},
         "passed": all(r.passed for r in results),
         "first_divergence": None if first is None else {
             "case": first[0].name, "stage": first[1].stage, "max_abs": first[1].max_abs,

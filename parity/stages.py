@@ -88,9 +88,29 @@ def text_stages(cfg: TextConfig) -> tuple[Stage, ...]:
     return tuple(head + layers + tail)
 
 
-def stages_for(cfg: TextConfig, image: bool, audio: bool) -> tuple[Stage, ...]:
-    """The stages of one case, in forward order."""
-    return (VISION if image else ()) + (AUDIO if audio else ()) + text_stages(cfg)
+_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+            "mlp.down_proj")  # forward order within a layer
+
+
+def weight_stage(name: str) -> Stage:
+    """The dequantized weight of a quantized linear (``vision.patch_dense.weight``,
+    ``layers.3.attn.q_proj.weight``): the reference encodes HF's weight with its own MX codec."""
+    return Stage(name, "qweight", name, "quantized", "dequantized MXFP8 weight (out, in)")
+
+
+def stages_for(cfg: TextConfig, image: bool, audio: bool, quantized: frozenset[str] = frozenset()
+               ) -> tuple[Stage, ...]:
+    """The stages of one case, in forward order. ``quantized``: names of dequantized-weight stages;
+    each goes right before the first stage that uses its weight."""
+    out = []
+    for s in (VISION if image else ()) + (AUDIO if audio else ()) + text_stages(cfg):
+        if s.name == "vision.patch_dense" and "vision.patch_dense.weight" in quantized:
+            out.append(weight_stage("vision.patch_dense.weight"))
+        if s.name.endswith(".attn.q") and s.name.startswith("layers."):
+            layer = s.name[: -len(".attn.q")]
+            out += [weight_stage(f"{layer}.{w}.weight") for w in _LINEARS if f"{layer}.{w}.weight" in quantized]
+        out.append(s)
+    return tuple(out)
 
 
 def select(patterns: list[str] | None, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
@@ -106,4 +126,4 @@ def select(patterns: list[str] | None, stages: tuple[Stage, ...]) -> tuple[Stage
 
 def hook_points(stages: tuple[Stage, ...]) -> dict[str, tuple[str, str]]:
     """{stage name: (module path, read)} for the stages read through forward hooks."""
-    return {s.name: (s.hf, s.read) for s in stages if s.read not in ("processor", "result")}
+    return {s.name: (s.hf, s.read) for s in stages if s.read not in ("processor", "result", "quantized")}

@@ -53,6 +53,8 @@ TOLERANCES: dict[str, dict[str, Tol]] = {
     "projection": {"float32": _FP32, "bfloat16": Tol(rtol=1.6e-2, atol=3e-2)},
     # Masks are boolean: exact.
     "mask": {"float32": EXACT, "bfloat16": EXACT},
+    # Dequantized MXFP8 weights: both codecs must agree to the byte, so the decoded weights are exact.
+    "qweight": {"float32": EXACT, "bfloat16": EXACT},
     # Token embedding (E[ids] * sqrt(H)): exact in both modes; the merged inputs_embeds carry the soft
     # tokens' error (fp32 2.7e-5), so the vision fp32 bound applies.
     "embedding": {"float32": _FP32, "bfloat16": _BF16_DECODER},

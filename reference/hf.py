@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import torch
 from PIL import Image
@@ -117,6 +118,22 @@ class HFRunner:
         finally:
             for h in handles:
                 h.remove()
+
+    @torch.no_grad()
+    def quantize_dequantize(self, modules: Mapping[str, str], encode, decode) -> Capture:
+        """Replace the weight of each linear in ``modules`` = {module path: stage name} by
+        ``decode(*encode(w))`` (the reference's own MX codec): the reference then computes what the
+        quantized kernel should. Returns {stage name: dequantized weight}."""
+        out: Capture = {}
+        for path, stage in modules.items():
+            linear = self.model.get_submodule(path)
+            w = linear.weight.detach().float().numpy()
+            if linear.weight.dtype == torch.bfloat16:  # the codec computes the scale in the input dtype
+                w = w.astype(ml_dtypes.bfloat16)
+            deq = np.asarray(decode(*encode(w)), dtype=np.float32)
+            linear.weight.copy_(torch.from_numpy(deq).to(linear.weight.dtype))
+            out[stage] = to_numpy(linear.weight)
+        return out
 
     def official_masks(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor) -> dict:
         """The mask dict HF's static ``create_masks_for_generate`` builds (catalog §4.3): full causal,

@@ -197,6 +197,7 @@ class ModelArgs:
     eoa_token_index: int = 258883
     tie_word_embeddings: bool = True
     dtype: str = "float32"
+    quantization: dict | None = None  # MLX-style: {"group_size", "bits", "mode", <module path>: False | {...}}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "config.json") -> ModelArgs:
@@ -219,6 +220,7 @@ class ModelArgs:
             eoa_token_index=int(d.get("eoa_token_index", 258883)),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
+            quantization=d.get("quantization"),
         )
 
     @classmethod

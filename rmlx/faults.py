@@ -47,6 +47,11 @@ CATALOG: dict[str, Fault] = {
         Fault("softcap-skipped", "final logit soft-cap tanh(x / cap) * cap left out", "logits"),
         Fault("sliding-cache-off-by-one", "the rotating KV cache keeps W keys instead of W - 1, so a decode step "
               "sees W + 1 keys: only decoding with a cache shows it", "logits"),
+        Fault("mx-scale-exponent-off-by-one", "MXFP8 E8M0 scale exponent off by one (bias 127 vs 126): every "
+              "block decoded at twice its value", "vision.patch_dense.weight"),
+        Fault("mx-scales-shifted-block", "MXFP8 scales applied to the wrong block (block j uses block j-1's "
+              "scale)", "vision.patch_dense.weight"),
+        Fault("mx-e5m2", "MXFP8 elements encoded as FP8 E5M2 instead of E4M3", "vision.patch_dense.weight"),
         Fault("k-eq-v-ignored", "attention_k_eq_v ignored: full layers built with their own v_proj, which the "
               "checkpoint does not have", "load (exit 2, names the missing v_proj)"),
     )

@@ -7,15 +7,17 @@ checkpoint (``pytorch_model.bin``) is refused, never unpickled.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from rmlx import quant
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
-from rmlx.model import Model, checkpoint_key
+from rmlx.model import Model, checkpoint_key, module_path
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
@@ -108,8 +110,13 @@ def check_weights(model: Model, weights: dict[str, mx.array], source: dict[str, 
             raise InputError(f"tensor '{source[k]}' has shape {got}, the config implies {expected[k]}")
 
 
-def load_model(path: str | Path, dtype: str = "float32") -> Model:
-    """Load a gemma4_unified checkpoint directory into an MLX ``Model`` in ``dtype``."""
+def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = None) -> Model:
+    """Load a gemma4_unified checkpoint directory into an MLX ``Model`` in ``dtype``.
+
+    An MLX-style quantized checkpoint (``config.json`` "quantization") loads as quantized linears;
+    ``quantize="mxfp8"`` quantizes an unquantized checkpoint on load. ``model.quant_status`` says,
+    per quantizable module, whether it was quantized or why not.
+    """
     path = Path(path)
     if not path.is_dir():
         raise InputError(f"{path}: checkpoint directory not found")
@@ -117,10 +124,62 @@ def load_model(path: str | Path, dtype: str = "float32") -> Model:
         raise InputError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
     args = ModelArgs.from_file(path / "config.json")
     model = Model(args)
+    model.quant_status = {}
+    if args.quantization:
+        if quantize is not None:
+            raise InputError(f"{path}: the checkpoint is already quantized; drop --quantize")
+        model.quant_status = _quantize_as_stored(model, args.quantization, path)
     weights, source = model.sanitize(load_raw_weights(path))
     check_weights(model, weights, source)
     target = DTYPES[dtype]
     weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
+    if quantize is not None:
+        model.quant_status = quant.quantize(model, quantize)
     mx.eval(model.parameters())
     return model
+
+
+def save_quantized(src: str | Path, dst: str | Path, mode: str) -> dict[str, str]:
+    """``rmlx-parity convert``: write an MLX-style quantized copy of checkpoint ``src`` to ``dst``,
+    atomically (a temporary sibling folder renamed into place); ``dst`` must not exist yet.
+
+    Tensors keep the on-disk HF key spelling (``<module>.weight`` uint32 words + ``<module>.scales``);
+    ``config.json`` gains "quantization" with ``False`` for every module left unquantized.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    src, dst = Path(src), Path(dst)
+    if dst.exists():
+        raise InputError(f"{dst}: already exists; choose a new folder")
+    model = load_model(src, "float32", quantize=mode)
+    config = json.loads((src / "config.json").read_text())
+    skipped = {checkpoint_key(p + ".weight")[: -len(".weight")]: False
+               for p, s in model.quant_status.items() if s != "quantized"}
+    config["quantization"] = {**quant.MODES[mode], "mode": mode, **skipped}
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        weights = {checkpoint_key(k): v for k, v in tree_flatten(model.parameters())}
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if (src / "generation_config.json").is_file():
+            shutil.copy(src / "generation_config.json", tmp / "generation_config.json")
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model.quant_status
+
+
+def _quantize_as_stored(model: Model, q: dict, path: Path) -> dict[str, str]:
+    mode = q.get("mode", "affine")
+    if mode not in quant.MODES:
+        raise InputError(f"{path / 'config.json'}: quantization mode {mode!r} is not supported")
+    for key in ("group_size", "bits"):
+        if q.get(key) != quant.MODES[mode][key]:
+            raise InputError(f"{path / 'config.json'}: quantization {key}={q.get(key)!r}, {mode} needs "
+                             f"{quant.MODES[mode][key]}")
+    overrides = {module_path(k): v for k, v in q.items() if k not in ("group_size", "bits", "mode")}
+    return quant.quantize(model, mode, overrides)

@@ -13,6 +13,8 @@ import numpy as np
 from rmlx.base import attention_masks, rms_norm
 from rmlx.config import AudioConfig, ModelArgs
 from rmlx.errors import InputError
+from rmlx.quant import dequantized_weights
+from rmlx.tap import active as tap_active
 from rmlx.tap import tap
 from rmlx.text import KVCache, TextModel
 from rmlx.vision import VisionEmbedder
@@ -42,6 +44,15 @@ _PREFIXES = (
     ("model.embed_audio.embedding_projection.", "embed_audio.embedding_projection."),
     ("model.language_model.", "language_model."),
 )
+
+
+def module_path(checkpoint_name: str) -> str:
+    """A checkpoint key or module path (either HF spelling) -> the module path in this tree."""
+    name = checkpoint_name + "."
+    for prefix, target in _PREFIXES:
+        if name.startswith(prefix):
+            return (target + name[len(prefix):])[:-1]
+    raise InputError(f"'{checkpoint_name}' is not a module of a gemma4_unified checkpoint")
 
 
 def checkpoint_key(name: str) -> str:
@@ -89,6 +100,9 @@ class Model(nn.Module):
             raise InputError("video tokens are not supported by rmlx yet")
         text_ids = np.where(types > 0, a.text.pad_token_id, ids)  # soft-token slots embed the pad token
         h = tap("text.embed_tokens", self.language_model.embed(mx.array(text_ids)))
+        if offset == 0 and tap_active():  # record-only: the kernels keep using the packed weights
+            for name, weight in dequantized_weights(self).items():
+                tap(name, weight)
         if offset == 0:  # decode steps embed a generated soft-token id as the pad token, as HF does
             h = self._scatter(h, types == 1, self._image_tokens(pixel_values, image_position_ids), "image")
             audio = None if audio_frames is None else tap("audio.soft_tokens",

@@ -27,6 +27,11 @@ def layer_stages(i: int) -> dict[str, str]:
     return {point: f"layers.{i}.{point}" for point in LAYER_POINTS}
 
 
+def active() -> bool:
+    """Is a handler installed? (Lets a caller skip work that only a capture needs.)"""
+    return _handler is not None
+
+
 def tap(name: str, x: T) -> T:
     """Pass ``x`` through the active handler (if any) under the public stage name ``name``."""
     if _handler is None:

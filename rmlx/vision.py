@@ -52,7 +52,7 @@ class VisionEmbedder(nn.Module):
         if pos_np.max(initial=-1) >= self.cfg.mm_posemb_size:
             raise InputError(f"position id {int(pos_np.max())} is outside the position table "
                              f"(mm_posemb_size={self.cfg.mm_posemb_size})")
-        x = pixel_values.astype(self.patch_dense.weight.dtype)  # bf16 models see bf16 pixels (catalog §2 step 0)
+        x = pixel_values.astype(self.patch_ln1.weight.dtype)  # bf16 models see bf16 pixels (catalog §2 step 0)
         ln1 = self.patch_ln1
         eps1 = 1e-6 if faults.active("patch-ln1-eps") else ln1.eps
         h = tap("vision.patch_ln1", layer_norm(x, ln1.weight, ln1.bias, eps1))

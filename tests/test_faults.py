@@ -33,7 +33,8 @@ def first_full_layer(model) -> int:
 
 
 def test_every_runtime_fault_has_cases():
-    assert set(CASES) == set(faults.CATALOG) - {"k-eq-v-ignored"}
+    codec = {n for n in faults.CATALOG if n.startswith("mx-")}  # tests/test_quant.py runs those
+    assert set(CASES) == set(faults.CATALOG) - {"k-eq-v-ignored"} - codec
 
 
 @pytest.mark.parametrize("mode", ["teacher", "free"])

@@ -20,6 +20,7 @@ from reference.hf import HFRunner
 from rmlx import image as rimage
 from rmlx.errors import InputError
 from rmlx.load import load_model
+from rmlx.quant import dequantized_name
 from rmlx.tap import tapping
 
 AUDIO_FRAME = 640  # samples per audio soft token (16 kHz / 25 fps)
@@ -39,6 +40,13 @@ class Scenario:
     @property
     def has_audio(self) -> bool:
         return any(kind == "audio" for kind, _ in self.parts)
+
+
+def hf_module(path: str) -> str:
+    """An rmlx module path -> the HF module path under Gemma4UnifiedForConditionalGeneration."""
+    if path.startswith("vision_embedder."):
+        return "model.embed_vision." + path[len("vision_embedder."):]
+    return "model." + path
 
 
 def image_scenario(path: Path) -> Scenario:
@@ -71,12 +79,29 @@ def audio_frames(n: int, seed: int = 0) -> np.ndarray:
 class Gemma4UnifiedAdapter:
     """One checkpoint, both sides loaded once and reused for every case."""
 
-    def __init__(self, model_dir: Path, dtype: str = "float32", attn_implementation: str = "eager"):
+    def __init__(self, model_dir: Path, dtype: str = "float32", attn_implementation: str = "eager",
+                 quantize: str | None = None):
+        """``quantize="mxfp8"``: the candidate quantizes on load; the reference ``hf`` runs with the
+        weights its own codec dequantizes (the kernel's target: tight), and ``hf_float`` is the
+        unquantized model (the cost of quantization: reported)."""
         self.model_dir = Path(model_dir)
         self.dtype = dtype
-        self.candidate_model = load_model(self.model_dir, dtype)  # strict: bad checkpoints fail here
+        self.candidate_model = load_model(self.model_dir, dtype, quantize)  # strict: bad checkpoints fail here
         self.args = self.candidate_model.args
+        if self.args.quantization:
+            raise InputError(f"{self.model_dir}: an MLX-quantized checkpoint has no HF reference; run the "
+                             "unquantized checkpoint with --quantize instead")
         self.hf = HFRunner(self.model_dir, dtype, attn_implementation)
+        self.hf_float = None
+        self.reference_weights: Capture = {}
+        quantized = [p for p, s in self.candidate_model.quant_status.items() if s == "quantized"]
+        if quantized:
+            from reference import mxfp8
+
+            self.hf_float = HFRunner(self.model_dir, dtype, attn_implementation)
+            modules = {hf_module(p): dequantized_name(p) for p in quantized}
+            self.reference_weights = self.hf.quantize_dequantize(modules, mxfp8.encode, mxfp8.decode)
+        self.quantized = frozenset(self.reference_weights)
 
     @cached_property
     def oracle_weights(self) -> dict[str, np.ndarray]:
@@ -87,7 +112,7 @@ class Gemma4UnifiedAdapter:
             not scenario.has_audio or self.args.audio is not None)
 
     def stages(self, scenario: Scenario) -> tuple[Stage, ...]:
-        return stages_for(self.args.text, bool(scenario.images), scenario.has_audio)
+        return stages_for(self.args.text, bool(scenario.images), scenario.has_audio, self.quantized)
 
     def inputs(self, scenario: Scenario, decoded: dict[Path, np.ndarray], max_soft_tokens: int
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -117,14 +142,19 @@ class Gemma4UnifiedAdapter:
         return inputs, pre
 
     def reference(self, scenario: Scenario, inputs: dict[str, np.ndarray], pre: dict[str, np.ndarray],
-                  policy: str, decode_steps: int) -> tuple[Capture, list[np.ndarray], list[int], float]:
+                  policy: str, decode_steps: int, unquantized: bool = False
+                  ) -> tuple[Capture, list[np.ndarray], list[int], float]:
+        """HF's capture of the case. ``unquantized=True``: the unquantized model of a quantized run."""
         stages = self.stages(scenario)
+        runner = self.hf_float if unquantized else self.hf
         feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
         if scenario.images:
             feed["pixel_values"], feed["image_position_ids"] = pre["pixel_values"], pre["image_position_ids"]
         if "input.audio_frames" in inputs:
             feed["audio_frames"] = inputs["input.audio_frames"]
-        cap, steps, tokens, consistency = self.hf.forward(feed, policy, hook_points(stages), decode_steps)
+        cap, steps, tokens, consistency = runner.forward(feed, policy, hook_points(stages), decode_steps)
+        if not unquantized:
+            cap.update(self.reference_weights)
         if scenario.images:
             cap["image.pixel_values"], cap["image.position_ids"] = pre["pixel_values"], pre["image_position_ids"]
             valid = (pre["image_position_ids"] != -1).all(-1).reshape(-1)

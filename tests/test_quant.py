@@ -1,0 +1,96 @@
+"""MXFP8 in the port: quantize on load, MLX-style quantized checkpoints (convert + load), and the
+harness on a quantized candidate (dequantized reference: tight; unquantized reference: the cost)."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from parity.cli import main
+from rmlx import faults
+from rmlx.errors import InputError
+from rmlx.load import load_model
+from tests.conftest import MODELS
+
+TINY = next(m for m in MODELS if m.name == "tiny")
+VARIANT = next(m for m in MODELS if m.name == "tiny-variant")
+
+
+def test_quantize_on_load_reports_every_module():
+    tiny = load_model(TINY, quantize="mxfp8")
+    assert tiny.quant_status and set(tiny.quant_status.values()) == {"quantized"}
+    assert "vision_embedder.patch_dense" in tiny.quant_status
+    variant = load_model(VARIANT, quantize="mxfp8")  # hidden 48: q/k/v/gate/up cannot be blocked by 32
+    skipped = {p: s for p, s in variant.quant_status.items() if s != "quantized"}
+    assert "language_model.layers.0.self_attn.q_proj" in skipped
+    assert all("input size 48 is not a multiple of 32" in s for s in skipped.values())
+    assert variant.quant_status["language_model.layers.0.self_attn.o_proj"] == "quantized"
+
+
+@pytest.mark.parametrize("model", [TINY, VARIANT], ids=lambda m: m.name)
+def test_convert_round_trip(model, tmp_path, capsys):
+    dst = tmp_path / "q"
+    assert main(["convert", "--quantize", "mxfp8", str(model), str(dst)]) == 0
+    config = json.loads((dst / "config.json").read_text())
+    assert {"group_size": 32, "bits": 8, "mode": "mxfp8"}.items() <= config["quantization"].items()
+    tensors = load_file(dst / "model.safetensors")
+    assert tensors["model.vision_embedder.patch_dense.weight"].dtype == np.uint32
+    assert tensors["model.vision_embedder.patch_dense.scales"].dtype == np.uint8
+    loaded, on_load = load_model(dst), load_model(model, quantize="mxfp8")
+    assert loaded.quant_status == on_load.quant_status
+    ids = np.arange(3, 30)[None]
+    np.testing.assert_array_equal(np.array(loaded(ids)), np.array(on_load(ids)))
+    assert main(["convert", "--quantize", "mxfp8", str(model), str(dst)]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_quantized_checkpoint_is_loaded_strictly(tmp_path):
+    dst = tmp_path / "q"
+    assert main(["convert", "--quantize", "mxfp8", str(TINY), str(dst)]) == 0
+    tensors = load_file(dst / "model.safetensors")
+    del tensors["model.language_model.layers.0.mlp.up_proj.scales"]
+    save_file(tensors, str(dst / "model.safetensors"))
+    with pytest.raises(InputError, match="model.language_model.layers.0.mlp.up_proj.scales"):
+        load_model(dst)
+
+
+def test_quantized_kernel_uses_the_packed_weights():
+    """The dequantized-weight stage is what mx.dequantize gives; the forward runs quantized_matmul."""
+    model = load_model(TINY, quantize="mxfp8")
+    dense = model.vision_embedder.patch_dense
+    x = mx.random.normal((3, dense.weight.shape[1] * 4))
+    deq = mx.dequantize(dense.weight, dense.scales, group_size=32, bits=8, mode="mxfp8")
+    np.testing.assert_allclose(np.array(dense(x)), np.array(x @ deq.T + dense.bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def quantized_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quantized")
+    code = main(["run", "--quantize", "mxfp8", "--no-oracle", "--report-dir", str(out / "rep"),
+                 "--json", str(out / "r.json")])
+    return code, json.loads((out / "r.json").read_text())
+
+
+def test_quantized_default_run_passes_against_the_dequantized_reference(quantized_run):
+    code, rec = quantized_run
+    assert code == 0 and rec["passed"], rec["first_divergence"]
+    assert rec["settings"]["quantize"] == "mxfp8"
+    for case in rec["cases"]:
+        weights = [s for s in case["stages"] if s["class"] == "qweight"]
+        assert weights and all(s["max_abs"] == 0 for s in weights), case["name"]  # codecs agree to the byte
+        cost = case["quantization_cost"]
+        assert cost["quantized_modules"] and {"top1_agreement", "kl_mean", "kl_max"} <= set(cost["logits"])
+        assert cost["stages"]["logits"] < 0  # a real, finite cost in dB (NMSE vs the unquantized model)
+
+
+@pytest.mark.parametrize("name", ["mx-scale-exponent-off-by-one", "mx-scales-shifted-block", "mx-e5m2"])
+def test_codec_defects_are_named_at_the_first_quantized_weight(name, tmp_path):
+    assert faults.CATALOG[name].stage == "vision.patch_dense.weight"
+    code = main(["run", "--quantize", "mxfp8", "--inject", name, "--mode", "teacher", "--case", "image/gradient",
+                 "--no-oracle", "--decode-steps", "1", "--report-dir", str(tmp_path / "rep"),
+                 "--json", str(tmp_path / "r.json")])
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert code == 1 and rec["first_divergence"]["stage"] == "vision.patch_dense.weight"
