@@ -23,6 +23,10 @@ def _fmt(v, spec=".2e") -> str:
     return format(v, spec)
 
 
+def _db(stages: dict, name: str) -> str:
+    return "-" if name not in stages else _fmt(stages[name], ".1f")
+
+
 def stage_summary(rec: dict) -> list[dict]:
     """One row per stage, worst case over all cases (forward order)."""
     rows: dict[str, dict] = {}
@@ -112,6 +116,18 @@ def to_markdown(rec: dict) -> str:
         lines.append(f"| {c['name']} | {sizes} | {c['n_soft_tokens']} | {'yes' if c['passed'] else 'NO'} "
                      f"| {fdc} | {lg.get('top1_agreement', 0):.0%} | {_fmt(lg.get('kl_max'))} | {_fmt(dec)} "
                      f"| {_fmt(c['reference_self_consistency']['max_abs_logits'])} | {c['seconds']:.2f} |")
+    quantized = [c for c in rec["cases"] if c.get("quantization_cost")]
+    if quantized:
+        lines += ["", "## Cost of quantization (candidate vs the unquantized HF model)", "",
+                  "Not a parity check: the dequantized reference above is. This is what MXFP8 costs.", "",
+                  "| case | top-1 agreement | KL mean | KL max | NMSE dB soft tokens | NMSE dB logits "
+                  "| left unquantized |", "|---|---|---|---|---|---|---|"]
+        for c in quantized:
+            q = c["quantization_cost"]
+            lg = q["logits"]
+            lines.append(f"| {c['name']} | {lg.get('top1_agreement', 0):.1%} | {_fmt(lg.get('kl_mean'))} "
+                         f"| {_fmt(lg.get('kl_max'))} | {_db(q['stages'], 'vision.soft_tokens')} "
+                         f"| {_db(q['stages'], 'logits')} | {len(q['left_unquantized'])} |")
     return "\n".join(lines) + "\n"
 
 
