@@ -7,9 +7,9 @@ import sys
 import pytest
 
 CASES = [
-    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap",
+    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap, rmlx.quant, rmlx.text",
      ["torch", "transformers", "parity", "reference"]),
-    ("reference, reference.hf, reference.numpy_ops, reference.fixtures", ["mlx", "rmlx", "parity"]),
+    ("reference, reference.hf, reference.numpy_ops, reference.fixtures, reference.mxfp8", ["mlx", "rmlx", "parity"]),
     ("parity.metrics", ["mlx", "torch", "transformers", "rmlx", "reference"]),
 ]
 
