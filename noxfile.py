@@ -1,5 +1,5 @@
 """nox sessions: tests (the default pytest run), slow (tests marked slow), lint (ruff), parity (the
-embedded default in every dtype and mode)."""
+embedded default in every policy, dtype and mode, and quantized)."""
 
 import nox
 
@@ -28,6 +28,8 @@ def lint(session):
 @nox.session(python=PYTHON)
 def parity(session):
     session.install("-e", ".[dev]")
-    for dtype in ("float32", "bfloat16"):
-        for mode in ("free", "teacher"):
-            session.run("rmlx-parity", "run", "--dtype", dtype, "--mode", mode)
+    for policy in ("official", "hf-forward"):
+        for dtype in ("float32", "bfloat16"):
+            for mode in ("free", "teacher"):
+                session.run("rmlx-parity", "run", "--dtype", dtype, "--mode", mode, "--mask-policy", policy)
+    session.run("rmlx-parity", "run", "--quantize", "mxfp8")
