@@ -114,7 +114,8 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
                     for m in models}
         plan = [(m, s) for m, a in adapters.items() for s in scenarios if a.supports(s)]
         if not plan:
-            raise InputError("no case to run: the checkpoint(s) have no vision_config for the image(s)")
+            raise InputError("no case to run: the checkpoint(s) have no vision_config / audio_config for the "
+                             "requested scenarios")
         results: list[CaseResult] = []
         for m, scenario in plan:
             if progress:
@@ -132,7 +133,7 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
              settings: Settings) -> CaseResult:
     t0 = time.perf_counter()
     all_stages = adapter.stages(scenario)
-    stages = select(list(settings.stages) or None, all_stages) if settings.stages else all_stages
+    stages = select(list(settings.stages), all_stages)
     tols = [(s.name, tolerance(s.tol, settings.dtype, settings.mode)) for s in stages]
     inputs, pre = adapter.inputs(scenario, decoded, settings.max_soft_tokens)
     ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings.mask_policy,

@@ -153,5 +153,5 @@ def attention_masks(mm_token_type_ids: mx.array, sliding_window: int, policy: st
         b = block_ids(mm_token_type_ids)
         block = (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)  # (B, L, L)
     if policy == "official":
-        return {"full_attention": causal | mx.zeros_like(block), "sliding_attention": (causal | block) & window}
+        return {"full_attention": mx.broadcast_to(causal, block.shape), "sliding_attention": (causal | block) & window}
     return {"full_attention": causal | block, "sliding_attention": (causal & window) | block}

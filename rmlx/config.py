@@ -115,6 +115,16 @@ class TextConfig:
                              "supported (only 'vision' and null)")
         if self.hidden_activation not in ("gelu_pytorch_tanh", "gelu_tanh"):
             raise InputError(f"text_config: unsupported hidden_activation '{self.hidden_activation}'")
+        first_shared = self.num_hidden_layers - self.num_kv_shared_layers
+        for i in range(first_shared, self.num_hidden_layers):  # a "reuse" layer needs a producer of its type
+            if self.layer_types[i] not in self.layer_types[:first_shared]:
+                raise InputError(f"text_config: layer {i} shares K/V (num_kv_shared_layers="
+                                 f"{self.num_kv_shared_layers}) but no earlier layer is {self.layer_types[i]}")
+        for kind in set(self.layer_types):
+            rope = self.rope_parameters.get(kind) if isinstance(self.rope_parameters, dict) else None
+            if not rope or rope.get("rope_type", "default") not in ("default", "proportional"):
+                raise InputError(f"text_config: rope_parameters[{kind!r}] = {rope!r} is not supported "
+                                 "(rope_type 'default' or 'proportional')")
         for i in self.per_layer_config:
             if not 0 <= i < self.num_hidden_layers:
                 raise InputError(f"text_config: per_layer_config names layer {i}, the model has "

@@ -147,7 +147,6 @@ def save_quantized(src: str | Path, dst: str | Path, mode: str) -> dict[str, str
     Tensors keep the on-disk HF key spelling (``<module>.weight`` uint32 words + ``<module>.scales``);
     ``config.json`` gains "quantization" with ``False`` for every module left unquantized.
     """
-    import json
     import shutil
     import tempfile
 

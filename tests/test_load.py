@@ -460,8 +460,10 @@ TEXT_VARIANTS = {
     "variant/global_head_dim_only": lambda: _absent(_text_config("tiny-variant"), global_head_dim=32),
     "variant/k_eq_v_off": lambda: _absent(_text_config("tiny-variant"), global_head_dim=32,
                                           num_global_key_value_heads=1, attention_k_eq_v=False),
+    # HF's default pattern makes only layer 5 of 6 full, so it cannot also be KV-shared: no sharing here
     "variant/layer_types_default": lambda: _drop(_absent(_text_config("tiny-variant"), global_head_dim=24,
-                                                         num_global_key_value_heads=1), "layer_types"),
+                                                         num_global_key_value_heads=1), "layer_types")
+    | {"num_kv_shared_layers": 0},
 }
 
 
@@ -607,3 +609,26 @@ def test_unknown_layer_type_is_named(tiny):
     edit_config(tiny, lambda cfg: cfg["text_config"]["layer_types"].__setitem__(0, "chunked_attention"))
     msg = raises_input_error(load_model, tiny)
     assert "chunked_attention" in msg
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"num_kv_shared_layers": 4}, "shares K/V"),
+    ({"rope_parameters": {"sliding_attention": {"rope_type": "yarn", "rope_theta": 1.0},
+                          "full_attention": {"rope_type": "proportional", "rope_theta": 1e6}}}, "rope_type"),
+], ids=["kv-shared-without-producer", "unsupported-rope"])
+def test_unsupported_text_config_is_an_input_error(extra, needle):
+    """Caught while reading config.json (exit 2 in the CLI), not as a traceback while building the model."""
+    d = json.loads((FIXTURES / "models" / "tiny" / "config.json").read_text())["text_config"] | extra
+    with pytest.raises(InputError, match=needle):
+        TextConfig.from_dict(d)
+
+
+def test_kv_sharing_without_a_producer_is_refused_like_hf():
+    """HF raises when its model asks the config for kv_sharing_modes; rmlx refuses at config time."""
+    import transformers
+
+    d = _drop(_text_config("tiny-variant"), "layer_types")  # default pattern: the only full layer is shared
+    with pytest.raises(ValueError, match="producing a cache"):
+        _ = transformers.Gemma4UnifiedTextConfig(**copy.deepcopy(d)).kv_sharing_modes
+    with pytest.raises(InputError, match="shares K/V"):
+        TextConfig.from_dict(copy.deepcopy(d))

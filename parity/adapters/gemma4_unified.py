@@ -18,6 +18,7 @@ from parity.stages import Stage, hook_points, stages_for
 from reference import numpy_ops
 from reference.hf import HFRunner
 from rmlx import image as rimage
+from rmlx.config import ModelArgs
 from rmlx.errors import InputError
 from rmlx.load import load_model
 from rmlx.quant import dequantized_name
@@ -86,11 +87,11 @@ class Gemma4UnifiedAdapter:
         unquantized model (the cost of quantization: reported)."""
         self.model_dir = Path(model_dir)
         self.dtype = dtype
-        self.candidate_model = load_model(self.model_dir, dtype, quantize)  # strict: bad checkpoints fail here
-        self.args = self.candidate_model.args
-        if self.args.quantization:
+        if ModelArgs.from_file(self.model_dir / "config.json").quantization:
             raise InputError(f"{self.model_dir}: an MLX-quantized checkpoint has no HF reference; run the "
                              "unquantized checkpoint with --quantize instead")
+        self.candidate_model = load_model(self.model_dir, dtype, quantize)  # strict: bad checkpoints fail here
+        self.args = self.candidate_model.args
         self.hf = HFRunner(self.model_dir, dtype, attn_implementation)
         self.hf_float = None
         self.reference_weights: Capture = {}
