@@ -34,21 +34,17 @@ def stage_summary(rec: dict) -> list[dict]:
         for st in case["stages"]:
             row = rows.setdefault(st["name"], {
                 "stage": st["name"], "class": st["class"], "tolerance": st["tolerance"], "cases": 0, "passed": 0,
-                "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "min_rtol": 0.0,
-                "oracle_ref": None, "worst_case": None})
+                "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "oracle_ref": None})
             row["cases"] += 1
             row["passed"] += bool(st["passed"])
             if st.get("error"):
-                row["worst_case"] = row["worst_case"] or case["name"]
                 continue
-            if st["max_abs"] >= row["max_abs"]:
-                row["max_abs"], row["worst_case"] = st["max_abs"], case["name"]
+            row["max_abs"] = max(row["max_abs"], st["max_abs"])
             row["max_ulp"] = max(row["max_ulp"], st["max_ulp"])
             row["cosine"] = min(row["cosine"], st["cosine"])
             if st["nmse_db"] is not None and (row["nmse_db"] is None or _num(st["nmse_db"]) > _num(row["nmse_db"])):
                 row["nmse_db"] = st["nmse_db"]
             row["min_atol"] = max(row["min_atol"], st["min_tolerance"].get("atol", 0.0))
-            row["min_rtol"] = max(row["min_rtol"], _num(st["min_tolerance"].get("rtol", 0.0)))
             if "oracle" in st:
                 row["oracle_ref"] = max(row["oracle_ref"] or 0.0, st["oracle"]["reference_max_abs"])
     return list(rows.values())
@@ -76,11 +72,10 @@ _COLS = ("stage", "class", "rtol", "atol", "pass", "max_abs", "max_ulp", "min co
 def _rows(rec: dict) -> list[tuple[str, ...]]:
     out = []
     for r in stage_summary(rec):
-        nmse = r["nmse_db"]
         out.append((r["stage"], r["class"], f"{r['tolerance']['rtol']:g}", f"{r['tolerance']['atol']:g}",
                     f"{r['passed']}/{r['cases']}", _fmt(r["max_abs"]) if r["max_abs"] else "0",
                     str(r["max_ulp"]), f"{r['cosine']:.9f}",
-                    "exact" if nmse is None else (f"{nmse:.1f}" if not isinstance(nmse, str) else nmse),
+                    _fmt(r["nmse_db"], ".1f"),
                     _fmt(r["min_atol"]) if r["min_atol"] else "0",
                     "-" if r["oracle_ref"] is None else (_fmt(r["oracle_ref"]) if r["oracle_ref"] else "0")))
     return out
@@ -165,13 +160,16 @@ class Progress:
         self.stream.flush()
 
 
+def _json_text(rec: dict) -> str:
+    return json.dumps(rec, indent=2, allow_nan=False) + "\n"
+
+
 def write_json_atomic(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(rec, f, indent=2, allow_nan=False)
-            f.write("\n")
+            f.write(_json_text(rec))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -194,22 +192,20 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
     everything goes to a temporary sibling folder first, then is renamed into place."""
     from safetensors.numpy import save_file
 
-    targets = [(report_dir, {"report.json": rec, "report.md": to_markdown(rec)})]
-    staged: list[tuple[Path, Path]] = []
+    staged: list[tuple[Path, Path]] = []  # (temporary folder, final folder)
+
+    def stage(final: Path) -> Path:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        staged.append((tmp, final))
+        return tmp
+
     try:
-        for final, files in targets:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-            staged.append((tmp, final))
-            for name, content in files.items():
-                if isinstance(content, dict):
-                    (tmp / name).write_text(json.dumps(content, indent=2, allow_nan=False) + "\n")
-                else:
-                    (tmp / name).write_text(content)
+        tmp = stage(report_dir)
+        (tmp / "report.json").write_text(_json_text(rec))
+        (tmp / "report.md").write_text(to_markdown(rec))
         if dumps is not None and dump_dir is not None:
-            dump_dir.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{dump_dir.name}.", dir=dump_dir.parent))
-            staged.append((tmp, dump_dir))
+            tmp = stage(dump_dir)
             meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": rec["settings"]["dtype"]}
             for case_name, sides in dumps.items():
                 folder = tmp / case_name.replace("/", "__")
