@@ -1,5 +1,6 @@
 """nox sessions: tests (the default pytest run), slow (tests marked slow), lint (ruff), parity (the
-embedded default in every policy, dtype and mode, and quantized)."""
+self-test, the gates against the committed baselines, and the embedded default in every policy, dtype
+and mode, and quantized)."""
 
 import nox
 
@@ -28,6 +29,10 @@ def lint(session):
 @nox.session(python=PYTHON)
 def parity(session):
     session.install("-e", ".[dev]")
+    session.run("rmlx-parity", "selftest")
+    session.run("rmlx-parity", "gate", "--baseline", "fixtures/baselines/float32-free.json")
+    session.run("rmlx-parity", "gate", "--baseline", "fixtures/baselines/float32-teacher.json", "--mode", "teacher")
+    session.run("rmlx-parity", "gate", "--baseline", "fixtures/baselines/mxfp8-free.json", "--quantize", "mxfp8")
     for policy in ("official", "hf-forward"):
         for dtype in ("float32", "bfloat16"):
             for mode in ("free", "teacher"):

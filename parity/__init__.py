@@ -4,3 +4,12 @@ The only package that imports both the port (``rmlx``) and the reference (``refe
 side of a comparison produces a ``Capture`` (``parity.capture.Capture``): a dict of NumPy arrays
 keyed by public stage name. Nothing else crosses into ``parity.metrics``.
 """
+
+
+def __getattr__(name: str):
+    # lazy: `import parity` stays cheap (the pytest plugin imports this package in every pytest run)
+    if name == "assert_parity":
+        from parity.pytest_plugin import assert_parity
+
+        return assert_parity
+    raise AttributeError(f"module 'parity' has no attribute {name!r}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import json
 import os
 import sys
 import time
@@ -30,6 +31,10 @@ def default_images() -> list[Path]:
     return sorted((fixtures_dir() / "images").glob("*.png"))
 
 
+class Untestable(Exception):
+    """This revision cannot be tested (exit 125: ``git bisect run`` skips it)."""
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse exits 2 on bad usage already; keep it to one line
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
@@ -39,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rmlx-parity", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    r = sub.add_parser("run", help="compare every stage of rmlx against HF transformers")
+    r = _Parser(add_help=False)  # the options of a run, shared by run and gate
     r.add_argument("--model", action="append", type=Path, metavar="DIR",
                    help="a gemma4_unified checkpoint directory (repeatable; default: every fixture model)")
     r.add_argument("--image", action="append", type=Path, metavar="PATH",
@@ -72,6 +77,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
     r.add_argument("--no-oracle", action="store_true", help="skip the float64 NumPy oracle columns")
 
+    sub.add_parser("run", parents=[r], help="compare every stage of rmlx against HF transformers")
+
+    g = sub.add_parser("gate", parents=[r],
+                       help="run, then fail if any stage's error grew past its committed baseline (git bisect run)")
+    g.add_argument("--baseline", type=Path, required=True, metavar="FILE",
+                   help="a baseline JSON (fixtures/baselines/*.json for the embedded default)")
+    g.add_argument("--update-baseline", action="store_true",
+                   help="record this run as FILE instead of gating (atomic; refused when the run fails parity)")
+    g.add_argument("--drift-ratio", type=float, default=2.0, metavar="R",
+                   help="allowed = baseline * R + FLOOR (default 2.0)")
+    g.add_argument("--drift-floor", type=float, default=1e-5, metavar="FLOOR",
+                   help="absolute allowance on top (default 1e-5, torch.testing's atol)")
+
+    t = sub.add_parser("selftest", help="plant every catalogued defect; the harness must catch and localise each")
+    t.add_argument("--fault", action="append", metavar="NAME", help="only these defects (repeatable)")
+    t.add_argument("--mode", choices=("both", "free", "teacher"), default="both")
+    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    t.add_argument("--model", action="append", type=Path, metavar="DIR", help="default: every fixture model")
+    t.add_argument("--json", type=Path, metavar="PATH", help="also write the self-test record here")
+    t.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/selftest-<run-id>/")
+
     st = sub.add_parser("stages", help="list the public stage names of a model in forward order")
     st.add_argument("--model", type=Path, metavar="DIR", help="default: the first fixture model")
     st.add_argument("--stages", action="append", metavar="GLOB")
@@ -82,12 +108,31 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("src", type=Path, metavar="SRC")
     c.add_argument("dst", type=Path, metavar="DST")
 
+    cp = sub.add_parser("compare", help="compare two stage dumps (run --dump, or another port's) with the "
+                                        "run's tolerances")
+    cp.add_argument("ref", type=Path, metavar="REF",
+                    help="the reference dump: a .safetensors file keyed by stage names, or a folder of dumps "
+                         "(DIR/<case>/reference.safetensors as 'run --dump' writes, or DIR/<case>.safetensors)")
+    cp.add_argument("cand", type=Path, metavar="CAND", nargs="?",
+                    help="the candidate dump (a file, or a folder: DIR/<case>/candidate.safetensors or "
+                         "DIR/<case>.safetensors); default: REF, a 'run --dump' folder holding both sides")
+    cp.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="the dtype whose tolerances apply (auto: the dumps' 'dtype' metadata, else bfloat16 "
+                         "when a dump stores bf16 tensors, else float32)")
+    cp.add_argument("--mode", choices=("free", "teacher"), default="free",
+                    help="which tolerance table: the dumps' run was free-running (default) or teacher-forced")
+    cp.add_argument("--stages", action="append", metavar="GLOB",
+                    help="compare (and require) only matching stages (repeatable)")
+    cp.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON record here")
+    cp.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
+
     f = sub.add_parser("fixtures", help="regenerate the embedded default under fixtures/")
     f.add_argument("--out", type=Path, default=None, help="default: the repository's fixtures/")
     return p
 
 
-def cmd_run(args) -> int:
+def _run(args) -> tuple[dict, Path, dict | None]:
+    """Run the cases the options name: (record, report folder, dumps); nothing written yet."""
     from parity import report
     from parity.runner import Settings, default_scenarios, record, run_cases
     from rmlx.errors import InputError
@@ -95,8 +140,7 @@ def cmd_run(args) -> int:
     models = args.model or default_models()
     images = args.image or default_images()
     if not models or not images:
-        print(f"rmlx-parity: cannot test: no fixture models or images under {fixtures_dir()}", file=sys.stderr)
-        return EXIT_UNTESTABLE
+        raise Untestable(f"no fixture models or images under {fixtures_dir()}")
     scenarios = default_scenarios(images, None if args.image else fixtures_dir() / "images")
     if args.case:
         scenarios = [s for s in scenarios if any(fnmatch.fnmatchcase(s.name, g) for g in args.case)]
@@ -107,21 +151,88 @@ def cmd_run(args) -> int:
                         inject=tuple(args.inject), oracle=not args.no_oracle, mask_policy=args.mask_policy,
                         candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
                         quantize=args.quantize)
-    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}-{os.urandom(2).hex()}"
-    report_dir = args.report_dir or Path("reports") / run_id
+    report_dir = args.report_dir or Path("reports") / args.run_id
     for folder in (report_dir, args.dump):
         if folder is not None:
             report.check_free(folder)  # before the run, not after minutes of work
     t0 = time.perf_counter()
     results = run_cases(models, scenarios, settings, keep_captures=args.dump is not None,
                         progress=report.Progress())
-    rec = record(results, settings, time.perf_counter() - t0, run_id, argv=args.argv)
+    rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv)
     dumps = {r.name: {"reference": r.reference, "candidate": r.candidate} for r in results} if args.dump else None
-    report.write_report_dir(report_dir, rec, dumps, args.dump)
+    return rec, report_dir, dumps
+
+
+def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, markdown: str | None = None) -> None:
+    """Write the report folder (and dumps, and --json) atomically; add the Markdown to the CI job
+    summary when ``$GITHUB_STEP_SUMMARY`` names one."""
+    from parity import report
+
+    report.write_report_dir(report_dir, rec, dumps, getattr(args, "dump", None))
     if args.json:
         report.write_json_atomic(args.json, rec)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a") as f:
+            f.write(markdown or report.to_markdown(rec))
+
+
+def cmd_run(args) -> int:
+    from parity import report
+
+    rec, report_dir, dumps = _run(args)
+    _publish(rec, report_dir, args, dumps)
     print(report.to_terminal(rec))
     print(f"\nreport: {report_dir / 'report.md'}" + (f"; dumps: {args.dump}" if args.dump else ""))
+    return EXIT_PASS if rec["passed"] else EXIT_FAIL
+
+
+def cmd_gate(args) -> int:
+    from parity import gate, report
+    from rmlx.errors import InputError
+
+    baseline = None if args.update_baseline else gate.load(args.baseline)  # a bad baseline fails before the run
+    if args.update_baseline and args.baseline.exists() and not args.baseline.is_file():
+        raise InputError(f"baseline {args.baseline}: is not a file")
+    rec, report_dir, dumps = _run(args)
+    if args.update_baseline:
+        print(report.to_terminal(rec))
+        if not rec["passed"]:
+            print(f"\nbaseline {args.baseline} NOT written: the run fails parity", file=sys.stderr)
+            return EXIT_FAIL
+        report.write_json_atomic(args.baseline, gate.from_record(rec))
+        print(f"\nbaseline written: {args.baseline} ({len(rec['cases'])} cases)")
+        return EXIT_PASS
+    rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline))
+    _publish(rec, report_dir, args, dumps)
+    print(report.to_terminal(rec))
+    print("\n" + gate.summary(rec["gate"]))
+    print(f"\nreport: {report_dir / 'report.md'}")
+    return EXIT_PASS if rec["gate"]["passed"] else EXIT_FAIL
+
+
+def cmd_selftest(args) -> int:
+    from parity import report, selftest
+
+    models = args.model or default_models()
+    images = fixtures_dir() / "images"
+    if not models or not images.is_dir():
+        raise Untestable(f"no fixture models or images under {fixtures_dir()}")
+    report_dir = args.report_dir or Path("reports") / f"selftest-{args.run_id}"
+    report.check_free(report_dir)
+    modes = ("teacher", "free") if args.mode == "both" else (args.mode,)
+    rec = selftest.run_selftest(models, images, args.fault, modes, args.dtype, progress=report.Progress())
+    rec["command"] = " ".join(["rmlx-parity", *args.argv])
+    report.write_files(report_dir, {"selftest.json": json.dumps(rec, indent=2, allow_nan=False) + "\n",
+                                    "selftest.md": selftest.to_markdown(rec)})
+    if args.json:
+        report.write_json_atomic(args.json, rec)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a") as f:
+            f.write(selftest.to_markdown(rec))
+    print(selftest.to_terminal(rec))
+    print(f"\nreport: {report_dir / 'selftest.md'}")
     return EXIT_PASS if rec["passed"] else EXIT_FAIL
 
 
@@ -159,6 +270,21 @@ def cmd_convert(args) -> int:
     return EXIT_PASS
 
 
+def cmd_compare(args) -> int:
+    from parity import report
+    from parity.compare import compare_paths, summary_lines
+
+    run_id = args.run_id
+    report_dir = args.report_dir or Path("reports") / run_id
+    report.check_free(report_dir)
+    rec = compare_paths(args.ref, args.cand, args.dtype, args.mode, args.stages, run_id, argv=args.argv)
+    _publish(rec, report_dir, args)
+    print(report.to_terminal(rec))
+    print("\n" + "\n".join(summary_lines(rec)))
+    print(f"\nreport: {report_dir / 'report.md'}")
+    return EXIT_PASS if rec["passed"] else EXIT_FAIL
+
+
 def cmd_fixtures(args) -> int:
     from reference.fixtures import generate
 
@@ -175,22 +301,24 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # bad usage (2) or --help (0): a return code, like every other outcome
         return int(e.code or 0)
     args.argv = argv
-    try:
+    args.run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}-{os.urandom(2).hex()}"
+    try:  # import the whole port and harness up front: a revision that cannot is skipped, not failed
+        import parity.runner  # noqa: F401
+        import rmlx.load  # noqa: F401
         from rmlx.errors import InputError
-    except ImportError as e:  # this revision cannot even import the port: skip it when bisecting
-        print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
+    except Exception as e:  # ImportError, SyntaxError, anything raised at import time
+        print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
-    commands = {"run": cmd_run, "stages": cmd_stages, "faults": cmd_faults, "fixtures": cmd_fixtures,
-                "convert": cmd_convert}
+    commands = {"run": cmd_run, "gate": cmd_gate, "selftest": cmd_selftest, "stages": cmd_stages,
+                "faults": cmd_faults, "fixtures": cmd_fixtures, "convert": cmd_convert, "compare": cmd_compare}
     try:
         return commands[args.command](args)
     except InputError as e:
         print(f"rmlx-parity: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except ImportError as e:
+    except (ImportError, SyntaxError, Untestable) as e:
         print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
-
 
 if __name__ == "__main__":
     sys.exit(main())

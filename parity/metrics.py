@@ -189,10 +189,11 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5) -> dict:
+def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5, per_position: bool = False) -> dict:
     """Next-token agreement over every position of (..., V) logits: top-1 agreement (fraction),
     KL(reference || candidate) of the softmax distributions (mean and max over positions, nats),
-    and the mean top-k overlap (fraction of the reference's top k found in the candidate's)."""
+    and the mean top-k overlap (fraction of the reference's top k found in the candidate's).
+    ``per_position``: also ``"kl"``, the KL at every position as a float64 array (not JSON)."""
     a = actual.reshape(-1, actual.shape[-1])
     e = expected.reshape(-1, expected.shape[-1])
     la, le = _log_softmax(a), _log_softmax(e)
@@ -201,5 +202,6 @@ def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5) -> di
     top_a = np.argsort(-a, axis=-1, kind="stable")[:, :k]
     top_e = np.argsort(-e, axis=-1, kind="stable")[:, :k]
     overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(top_a, top_e, strict=True)])
-    return {"top1_agreement": float((a.argmax(-1) == e.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
-            "kl_max": float(kl.max()), f"top{k}_overlap": float(overlap), "positions": int(e.shape[0])}
+    out = {"top1_agreement": float((a.argmax(-1) == e.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
+           "kl_max": float(kl.max()), f"top{k}_overlap": float(overlap), "positions": int(e.shape[0])}
+    return (out | {"kl": kl}) if per_position else out

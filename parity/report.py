@@ -123,6 +123,10 @@ def to_markdown(rec: dict) -> str:
             lines.append(f"| {c['name']} | {lg.get('top1_agreement', 0):.1%} | {_fmt(lg.get('kl_mean'))} "
                          f"| {_fmt(lg.get('kl_max'))} | {_db(q['stages'], 'vision.soft_tokens')} "
                          f"| {_db(q['stages'], 'logits')} | {len(q['left_unquantized'])} |")
+    if rec.get("gate"):
+        from parity.gate import summary
+
+        lines += ["", "## Gate", "", "```", summary(rec["gate"]), "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -160,14 +164,34 @@ class Progress:
         self.stream.flush()
 
 
+def _json_layout(v, depth: int = 0, width: int = 120) -> str:
+    """Indented JSON whose containers stay on one line when they fit in ``width`` columns (a shape,
+    an index, a tolerance): a quarter smaller than ``indent=2`` and easier to read."""
+    one = json.dumps(v, allow_nan=False)
+    if not isinstance(v, (dict, list)) or not v or len(one) + 2 * depth <= width:
+        return one
+    pad, end = "  " * (depth + 1), "\n" + "  " * depth
+    if isinstance(v, dict):
+        items = (f"{pad}{json.dumps(k)}: {_json_layout(x, depth + 1, width)}" for k, x in v.items())
+        return "{\n" + ",\n".join(items) + end + "}"
+    return "[\n" + ",\n".join(pad + _json_layout(x, depth + 1, width) for x in v) + end + "]"
+
+
 def _json_text(rec: dict) -> str:
-    return json.dumps(rec, indent=2, allow_nan=False) + "\n"
+    return _json_layout(rec) + "\n"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json_atomic(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
         with os.fdopen(fd, "w") as f:
             f.write(_json_text(rec))
         os.replace(tmp, path)
@@ -192,11 +216,14 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
     everything goes to a temporary sibling folder first, then is renamed into place."""
     from safetensors.numpy import save_file
 
+    from parity import html, junit
+
     staged: list[tuple[Path, Path]] = []  # (temporary folder, final folder)
 
     def stage(final: Path) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
         staged.append((tmp, final))
         return tmp
 
@@ -204,6 +231,8 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
         tmp = stage(report_dir)
         (tmp / "report.json").write_text(_json_text(rec))
         (tmp / "report.md").write_text(to_markdown(rec))
+        (tmp / "report.html").write_text(html.to_html(rec))
+        (tmp / "junit.xml").write_text(junit.to_junit(rec))
         if dumps is not None and dump_dir is not None:
             tmp = stage(dump_dir)
             meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": rec["settings"]["dtype"]}
@@ -219,3 +248,17 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
     finally:
         for tmp, _ in staged:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_files(folder: Path, files: dict[str, str]) -> None:
+    """Write ``{name: text}`` into a new ``folder``, all or nothing (a temporary sibling renamed into place)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
+    try:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+        check_free(folder)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

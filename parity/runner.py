@@ -19,6 +19,7 @@ from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image
 from parity.metrics import StageDiff, compare, compare_all, first_divergence, logits_agreement
 from parity.stages import select
 from parity.tolerances import tolerance
+from parity.viz import case_viz
 from rmlx import faults
 from rmlx.base import MASK_POLICIES
 from rmlx.errors import InputError
@@ -60,6 +61,7 @@ class CaseResult:
     n_soft_tokens: int = 0
     order: dict[str, int] = field(default_factory=dict)
     classes: dict[str, str] = field(default_factory=dict)
+    viz: dict = field(default_factory=dict)  # parity.viz.case_viz: what the HTML report draws
     reference: dict[str, np.ndarray] | None = None
     candidate: dict[str, np.ndarray] | None = None
 
@@ -136,8 +138,9 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
     stages = select(list(settings.stages), all_stages)
     tols = [(s.name, tolerance(s.tol, settings.dtype, settings.mode)) for s in stages]
     inputs, pre = adapter.inputs(scenario, decoded, settings.max_soft_tokens)
+    other_masks: dict[str, np.ndarray] = {}  # the reference's masks under the other policy
     ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings.mask_policy,
-                                                            settings.decode_steps)
+                                                            settings.decode_steps, other_masks=other_masks)
     cand, cand_steps = adapter.candidate(
         scenario, inputs, decoded, settings.max_soft_tokens, settings.candidate_mask_policy or settings.mask_policy,
         tokens, teacher=ref if settings.mode == "teacher" else None)
@@ -165,9 +168,13 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
                 oracle[name] = {"reference_max_abs": compare(name, ref[name], orc[name], tol, "float64").max_abs,
                                 "candidate_max_abs": compare(name, cand[name], orc[name], tol, "float64").max_abs}
     n_soft = int((inputs["input.mm_token_type_ids"] == 1).sum())
+    agreement = logits_agreement(cand["logits"], ref["logits"], per_position=True) if "logits" in cand else {}
+    kl = agreement.pop("kl", None)
+    viz = case_viz(cand, ref, other_masks, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,
+                   [d.stage for d in diffs])
     return CaseResult(
         name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,
-        decode=decode, logits=logits_agreement(cand["logits"], ref["logits"]) if "logits" in cand else {},
+        decode=decode, logits=agreement, viz=viz,
         self_consistency=consistency, oracle=oracle, quantization_cost=cost, seconds=time.perf_counter() - t0,
         image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images], n_soft_tokens=n_soft,
         order={s.name: i for i, s in enumerate(all_stages)}, classes={s.name: s.tol for s in all_stages},
@@ -214,7 +221,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
             "passed": r.passed,
             "first_divergence": None if fd is None else {"stage": fd.stage, "message": fd.message()},
             "logits": r.logits, "decode": r.decode, "quantization_cost": r.quantization_cost,
-            "seconds": round(r.seconds, 3), "stages": stages,
+            "seconds": round(r.seconds, 3), "stages": stages, "viz": r.viz,
         })
         if div is not None and (first is None or div[1] < first[2]):
             first = (r, *div)

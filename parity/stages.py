@@ -13,6 +13,7 @@ Independent branches (vision, audio, token embedding) are ordered by convention.
 from __future__ import annotations
 
 import fnmatch
+import re
 from dataclasses import dataclass
 
 from rmlx.config import TextConfig
@@ -62,30 +63,41 @@ _LAYER = {  # point -> (tolerance class, module under the layer, read, what)
 }
 
 
+def _layer_stage(i: int, point: str) -> Stage:
+    tol, sub, read, what = _LAYER[point]
+    path = f"{_LM}.layers.{i}" + (f".{sub}" if sub else "")
+    return Stage(f"layers.{i}.{point}", tol, path, read, what)
+
+
 def layer_stages(cfg: TextConfig, i: int) -> tuple[Stage, ...]:
     spec = cfg.layer(i)
-    out = []
-    for point, (tol, sub, read, what) in _LAYER.items():
-        if spec.kv_shared and point in ("attn.k", "attn.v"):
-            continue  # a "reuse" layer has no K/V of its own
-        path = f"{_LM}.layers.{i}" + (f".{sub}" if sub else "")
-        out.append(Stage(f"layers.{i}.{point}", tol, path, read, what))
-    return tuple(out)
+    # a "reuse" (KV-shared) layer has no K/V of its own
+    return tuple(_layer_stage(i, point) for point in _LAYER
+                 if not (spec.kv_shared and point in ("attn.k", "attn.v")))
+
+
+TEXT_HEAD: tuple[Stage, ...] = (
+    Stage("text.embed_tokens", "embedding", f"{_LM}.embed_tokens", "output", "E[ids] * sqrt(hidden)"),
+    Stage("text.inputs_embeds", "embedding", _LM, "kwarg:inputs_embeds",
+          "token embeddings with the soft tokens scattered into their slots"),
+)
+MASK_KINDS = ("full_attention", "sliding_attention")  # forward order: the policies differ at full first
+TEXT_TAIL: tuple[Stage, ...] = (
+    Stage("text.norm", "norm", f"{_LM}.norm", "output", "final RMSNorm"),
+    Stage("logits", "logits", "lm_head", "result", "tied lm_head, after the optional soft-cap"),
+)
+
+
+def mask_stage(kind: str, first: int | None) -> Stage:
+    """``mask.{kind}``, read at the first layer of that kind (None: unknown, e.g. from a dump)."""
+    return Stage(f"mask.{kind}", "mask", f"{_LM}.layers.{first}" if first is not None else f"{_LM}.layers", "mask",
+                 "boolean (B, L, L), True = may attend")
 
 
 def text_stages(cfg: TextConfig) -> tuple[Stage, ...]:
-    head = [Stage("text.embed_tokens", "embedding", f"{_LM}.embed_tokens", "output", "E[ids] * sqrt(hidden)"),
-            Stage("text.inputs_embeds", "embedding", _LM, "kwarg:inputs_embeds",
-                  "token embeddings with the soft tokens scattered into their slots")]
-    for kind in ("full_attention", "sliding_attention"):
-        if kind in cfg.layer_types:
-            first = cfg.layer_types.index(kind)
-            head.append(Stage(f"mask.{kind}", "mask", f"{_LM}.layers.{first}", "mask",
-                              "boolean (B, L, L), True = may attend"))
+    masks = [mask_stage(kind, cfg.layer_types.index(kind)) for kind in MASK_KINDS if kind in cfg.layer_types]
     layers = [s for i in range(cfg.num_hidden_layers) for s in layer_stages(cfg, i)]
-    tail = [Stage("text.norm", "norm", f"{_LM}.norm", "output", "final RMSNorm"),
-            Stage("logits", "logits", "lm_head", "result", "tied lm_head, after the optional soft-cap")]
-    return tuple(head + layers + tail)
+    return TEXT_HEAD + tuple(masks + layers) + TEXT_TAIL
 
 
 _LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
@@ -127,3 +139,47 @@ def select(patterns: list[str] | None, stages: tuple[Stage, ...]) -> tuple[Stage
 def hook_points(stages: tuple[Stage, ...]) -> dict[str, tuple[str, str]]:
     """{stage name: (module path, read)} for the stages read through forward hooks."""
     return {s.name: (s.hf, s.read) for s in stages if s.read not in ("processor", "result", "quantized")}
+
+
+# Stage names without a model config: dumps written by another implementation (`rmlx-parity compare`).
+
+_LAYER_NAME = re.compile(r"layers\.(0|[1-9][0-9]*)\.(.+)")  # canonical index: no sign, no leading zero
+_WEIGHTS_IN_LAYER = tuple(f"{w}.weight" for w in _LINEARS)
+# within a layer, forward order: the dequantized weights go right before attn.q (as in stages_for)
+_LAYER_ORDER = {p: i for i, p in enumerate(("input_layernorm", *_WEIGHTS_IN_LAYER, *tuple(_LAYER)[1:]))}
+_HEAD_ORDER = {n: i for i, n in enumerate(
+    [s.name for s in VISION[:3]] + ["vision.patch_dense.weight"] + [s.name for s in VISION[3:] + AUDIO + TEXT_HEAD]
+    + [f"mask.{kind}" for kind in MASK_KINDS])}
+_TAIL_ORDER = {s.name: i for i, s in enumerate(TEXT_TAIL)}
+_FIXED = {s.name: s for s in VISION + AUDIO + TEXT_HEAD + TEXT_TAIL}
+
+
+def classify(name: str) -> Stage | None:
+    """The stage a public name denotes, from the name alone (no config): a fixed vision, audio or text
+    stage, ``mask.{full,sliding}_attention``, ``layers.{i}.<point>``, or a dequantized weight
+    (``vision.patch_dense.weight``, ``layers.{i}.<linear>.weight``). None: not in the vocabulary."""
+    if name in _FIXED:
+        return _FIXED[name]
+    if name == "vision.patch_dense.weight":
+        return weight_stage(name)
+    if name.startswith("mask.") and name[len("mask."):] in MASK_KINDS:
+        return mask_stage(name[len("mask."):], None)
+    m = _LAYER_NAME.fullmatch(name)
+    if m is None:
+        return None
+    if m[2] in _LAYER:
+        return _layer_stage(int(m[1]), m[2])
+    return weight_stage(name) if m[2] in _WEIGHTS_IN_LAYER else None
+
+
+def order_key(name: str) -> tuple[int, int, int, str]:
+    """Sort key putting stage names in forward order (the order of ``stages_for``; layer indices
+    compare as numbers). Names outside the vocabulary sort last, by name."""
+    if name in _HEAD_ORDER:
+        return (0, _HEAD_ORDER[name], 0, "")
+    if name in _TAIL_ORDER:
+        return (2, _TAIL_ORDER[name], 0, "")
+    m = _LAYER_NAME.fullmatch(name)
+    if m is not None and m[2] in _LAYER_ORDER:
+        return (1, int(m[1]), _LAYER_ORDER[m[2]], "")
+    return (3, 0, 0, name)

@@ -30,6 +30,15 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy().copy()
 
 
+def bool_mask(m: torch.Tensor | None, length: int) -> torch.Tensor:
+    """A layer's ``attention_mask`` as boolean (B, Lq, Lk), True = may attend: additive float masks
+    read as ``== 0``; None (sdpa with no overlay: HF skips the mask and uses is_causal) is causal."""
+    if m is None:
+        m = torch.ones((1, 1, length, length), dtype=torch.bool).tril()
+    m = m[:, 0]  # (B, 1, Lq, Lk) -> (B, Lq, Lk)
+    return m if m.dtype == torch.bool else m == 0
+
+
 class HFRunner:
     def __init__(self, model_dir: str | Path, dtype: str = "float32", attn_implementation: str = "eager",
                  threads: int = 1):
@@ -100,12 +109,8 @@ class HFRunner:
                     elif read.startswith("kwarg:"):
                         value = kwargs[read.split(":", 1)[1]]
                     elif read == "mask":
-                        m = kwargs["attention_mask"]
-                        if m is None:  # sdpa with no overlay: HF skips the mask and uses is_causal
-                            length = (args[0] if args else kwargs["hidden_states"]).shape[1]
-                            m = torch.ones((1, 1, length, length), dtype=torch.bool).tril()
-                        m = m[:, 0]  # (B, 1, Lq, Lk) -> (B, Lq, Lk)
-                        value = m if m.dtype == torch.bool else m == 0
+                        value = bool_mask(kwargs["attention_mask"],
+                                          (args[0] if args else kwargs["hidden_states"]).shape[1])
                     elif read == "rope":
                         cos, sin = rotary[path.split(".self_attn.")[0]]
                         value = apply_rotary_pos_emb(output, cos, sin, unsqueeze_dim=2)
@@ -148,13 +153,18 @@ class HFRunner:
 
     @torch.no_grad()
     def forward(self, inputs: Mapping[str, np.ndarray], policy: str, points: Mapping[str, tuple[str, str]],
-                decode_steps: int = 0) -> tuple[Capture, list[np.ndarray], list[int], float]:
+                decode_steps: int = 0, other_masks: Capture | None = None
+                ) -> tuple[Capture, list[np.ndarray], list[int], float]:
         """Prefill with hooks, then ``decode_steps`` greedy steps with HF's cache.
 
         ``inputs``: input_ids, mm_token_type_ids, and optionally pixel_values, image_position_ids,
         audio_frames. ``policy``: ``hf-forward`` (what ``model(...)`` builds) or ``official``
         (the static mask dict). Returns (capture, decode-step logits, decode tokens,
         self-consistency = max |logits(policy) - logits(HF's own forward)|).
+
+        ``other_masks``, when given, is filled with the ``mask`` points as the *other* policy builds
+        them, at no extra forward: under ``official``, hooked on the self-consistency forward (HF's
+        own); under ``hf-forward``, read from the static ``official_masks`` dict.
         """
         ids = torch.from_numpy(inputs["input_ids"])
         kw = {"input_ids": ids, "mm_token_type_ids": torch.from_numpy(inputs["mm_token_type_ids"])}
@@ -174,9 +184,19 @@ class HFRunner:
             out = self.model(**kw, use_cache=decode_steps > 0)
         captured["logits"] = to_numpy(out.logits)
         consistency = 0.0
+        other = {} if other_masks is None else other_masks
+        mask_points = {k: v for k, v in points.items() if v[1] == "mask"} if other_masks is not None else {}
         if policy != "hf-forward":
             own = {k: v for k, v in kw.items() if k != "attention_mask"}
-            consistency = float((self.model(**own, use_cache=False).logits - out.logits).abs().max())
+            with self.hooks(mask_points, other):
+                own_logits = self.model(**own, use_cache=False).logits
+            consistency = float((own_logits - out.logits).abs().max())
+        elif mask_points:
+            official = self.official_masks(ids, kw["mm_token_type_ids"])
+            types = self.config.get_text_config().layer_types
+            for name, (path, _) in mask_points.items():
+                layer_type = types[self.model.get_submodule(path).layer_idx]
+                other[name] = to_numpy(bool_mask(official[layer_type], ids.shape[1]))
         step_logits, tokens = [], []
         cache, last = out.cache, out.logits[:, -1]
         for step in range(decode_steps):

@@ -107,7 +107,17 @@ class RoPE:
             i = mx.arange(self.n_rot, dtype=mx.float32)
             head = _rotate(x[..., :d_rot], 1.0 / (self.theta ** (2 * i / d_rot)), offset)
             return mx.concatenate([head, x[..., d_rot:]], axis=-1)
+        if faults.active("rope-interleaved"):  # the planted bug: GPT-J pairs (2i, 2i+1), not (i, i + d/2)
+            return _rotate_interleaved(x, self.inv_freq, offset)
         return _rotate(x, self.inv_freq, offset)
+
+
+def _rotate_interleaved(x: mx.array, inv: mx.array, offset: int) -> mx.array:
+    pos = mx.arange(offset, offset + x.shape[1], dtype=mx.float32)
+    freqs = (pos[:, None] * inv[None, :])[None, :, None, :]  # (1, L, 1, d/2)
+    cos, sin = mx.cos(freqs).astype(x.dtype), mx.sin(freqs).astype(x.dtype)
+    even, odd = x[..., 0::2], x[..., 1::2]
+    return mx.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(x.shape)
 
 
 def _rotate(x: mx.array, inv: mx.array, offset: int) -> mx.array:

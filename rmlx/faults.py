@@ -12,6 +12,7 @@ Off by default; when off, ``active`` is one frozenset lookup.
 
 from __future__ import annotations
 
+import fnmatch
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,39 +24,75 @@ from rmlx.errors import InputError
 @dataclass(frozen=True)
 class Fault:
     name: str
+    area: str  # where the bug lives: preprocessing, embedder, masks, rope, attention, ...
     imitates: str  # the real-world bug, in one line
-    stage: str  # the public stage it must first hit (teacher-forced); a glob where it depends on the model
+    stage: str  # the public stage it must first hit (teacher-forced): a glob, or globs joined by " | ", where it
+    #             depends on the model or case; "load" for a defect the strict loader refuses (the message names
+    #             ``load_error``)
+    settings: tuple[tuple[str, object], ...] = ()  # run settings the defect needs to show, e.g. quantize
+    load_error: str = ""
 
 
+_MX = (("quantize", "mxfp8"),)
+_MX_STAGE = "vision.patch_dense.weight | layers.0.*.weight"  # the first dequantized weight of the case
 CATALOG: dict[str, Fault] = {
     f.name: f
     for f in (
-        Fault("bgr-patchify", "image decoded as BGR (OpenCV habit): patches carry B,G,R instead of R,G,B",
-              "image.pixel_values"),
-        Fault("patch-ln1-eps", "patch_ln1 built with the RMSNorm eps 1e-6 instead of LayerNorm's 1e-5",
-              "vision.patch_ln1"),
-        Fault("posemb-xy-swap", "factorised position embedding indexed (y, x) instead of (x, y)",
-              "vision.pos_embed"),
-        Fault("vision-causal", "image soft tokens attended causally, not bidirectionally within their image "
-              "(the motivating bug)", "mask.*"),
-        Fault("overlay-crosses-blocks", "the bidirectional image overlay spans every image of the prompt as one "
-              "block", "mask.*"),
-        Fault("rope-partial-slice", "proportional RoPE applied as mx.fast.rope(dims=128) on a slice: pairs "
-              "(i, i+64), exponent over 128", "layers.*.attn.q"),
-        Fault("rmsnorm-one-plus-w", "Gemma 1-3 RMSNorm convention x_hat * (1 + w) instead of Gemma 4's x_hat * w",
+        Fault("bgr-patchify", "preprocessing",
+              "image decoded as BGR (OpenCV habit): patches carry B,G,R instead of R,G,B", "image.pixel_values"),
+        Fault("patch-ln1-eps", "embedder",
+              "patch_ln1 built with the RMSNorm eps 1e-6 instead of LayerNorm's 1e-5", "vision.patch_ln1"),
+        Fault("posemb-xy-swap", "embedder",
+              "factorised position embedding indexed (y, x) instead of (x, y)", "vision.pos_embed"),
+        Fault("soft-token-scatter-shifted", "embedder",
+              "image soft tokens scattered from <boi> inclusive: every token one slot late", "text.inputs_embeds"),
+        Fault("embed-scale-missing", "embedder",
+              "token embeddings not multiplied by sqrt(hidden_size) (a Llama-style embedding)", "text.embed_tokens"),
+        Fault("audio-rmsnorm-skipped", "audio",
+              "audio frames projected without the weightless RMSNorm before embedding_projection",
+              "audio.soft_tokens"),
+        Fault("vision-causal", "masks", "image soft tokens attended causally, not bidirectionally within their "
+              "image (the motivating bug)", "mask.*"),
+        Fault("overlay-crosses-blocks", "masks",
+              "the bidirectional image overlay spans every image of the prompt as one block", "mask.*"),
+        Fault("rope-partial-slice", "rope", "proportional RoPE applied as mx.fast.rope(dims=128) on a slice: "
+              "pairs (i, i+64), exponent over 128", "layers.*.attn.q"),
+        Fault("rope-interleaved", "rope",
+              "RoPE pairs interleaved (2i, 2i+1), GPT-J style (mx.fast.rope traditional=True), instead of "
+              "half-split (i, i + d/2)", "layers.0.attn.q"),
+        Fault("attn-scale-rsqrt", "attention",
+              "attention scores scaled by 1/sqrt(head_dim), which Gemma 4 drops (scale 1.0 after QK-norm)",
+              "layers.0.attn.out"),
+        Fault("v-norm-skipped", "norms", "values not passed through the weightless v_norm", "layers.0.attn.v"),
+        Fault("rmsnorm-one-plus-w", "norms",
+              "Gemma 1-3 RMSNorm convention x_hat * (1 + w) instead of Gemma 4's x_hat * w",
               "layers.0.input_layernorm"),
-        Fault("softcap-skipped", "final logit soft-cap tanh(x / cap) * cap left out", "logits"),
-        Fault("sliding-cache-off-by-one", "the rotating KV cache keeps W keys instead of W - 1, so a decode step "
-              "sees W + 1 keys: only decoding with a cache shows it", "logits"),
-        Fault("mx-scale-exponent-off-by-one", "MXFP8 E8M0 scale exponent off by one (bias 127 vs 126): every "
-              "block decoded at twice its value", "vision.patch_dense.weight"),
-        Fault("mx-scales-shifted-block", "MXFP8 scales applied to the wrong block (block j uses block j-1's "
-              "scale)", "vision.patch_dense.weight"),
-        Fault("mx-e5m2", "MXFP8 elements encoded as FP8 E5M2 instead of E4M3", "vision.patch_dense.weight"),
-        Fault("k-eq-v-ignored", "attention_k_eq_v ignored: full layers built with their own v_proj, which the "
-              "checkpoint does not have", "load (exit 2, names the missing v_proj)"),
+        Fault("mlp-gelu-exact", "mlp", "MLP gate activation exact erf GELU instead of gelu_pytorch_tanh",
+              "layers.0.mlp.out"),
+        Fault("layer-scalar-ignored", "residual",
+              "the per-layer layer_scalar buffer never applied to the layer output", "layers.0.out"),
+        Fault("softcap-skipped", "logits", "final logit soft-cap tanh(x / cap) * cap left out", "logits"),
+        Fault("sliding-cache-off-by-one", "cache", "the rotating KV cache keeps W keys instead of W - 1, so a "
+              "decode step sees W + 1 keys: only decoding with a cache shows it", "logits"),
+        Fault("gate-up-swapped", "loader", "checkpoint gate_proj and up_proj loaded into each other's slots "
+              "(a fused gate_up split in the wrong order): same shapes, so no shape check sees it",
+              "layers.0.mlp.out"),
+        Fault("k-eq-v-ignored", "loader", "attention_k_eq_v ignored: full layers built with their own v_proj, "
+              "which the checkpoint does not have", "load", load_error="self_attn.v_proj.weight"),
+        Fault("mx-scale-exponent-off-by-one", "quantization", "MXFP8 E8M0 scale exponent off by one (bias 127 vs "
+              "126): every block decoded at twice its value", _MX_STAGE, _MX),
+        Fault("mx-scales-shifted-block", "quantization",
+              "MXFP8 scales applied to the wrong block (block j uses block j-1's scale)",
+              _MX_STAGE, _MX),
+        Fault("mx-e5m2", "quantization", "MXFP8 elements encoded as FP8 E5M2 instead of E4M3",
+              _MX_STAGE, _MX),
     )
 }
+
+
+def matches(stage: str, expected: str) -> bool:
+    """Is ``stage`` one of the stages a fault declares (``Fault.stage``: globs joined by " | ")?"""
+    return any(fnmatch.fnmatchcase(stage, g.strip()) for g in expected.split("|"))
 
 
 def _parse(spec: str, origin: str) -> frozenset[str]:

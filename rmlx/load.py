@@ -140,6 +140,12 @@ def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = 
     return model
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_quantized(src: str | Path, dst: str | Path, mode: str) -> dict[str, str]:
     """``rmlx-parity convert``: write an MLX-style quantized copy of checkpoint ``src`` to ``dst``,
     atomically (a temporary sibling folder renamed into place); ``dst`` must not exist yet.
@@ -160,6 +166,7 @@ def save_quantized(src: str | Path, dst: str | Path, mode: str) -> dict[str, str
     config["quantization"] = {**quant.MODES[mode], "mode": mode, **skipped}
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         weights = {checkpoint_key(k): v for k, v in tree_flatten(model.parameters())}
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})

@@ -52,6 +52,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> m
         k = mx.repeat(k, groups, axis=1)
         v = mx.repeat(v, groups, axis=1)
     scores = q @ k.transpose(0, 1, 3, 2)  # (B, H, L, T)
+    if faults.active("attn-scale-rsqrt"):  # the planted bug: the usual 1/sqrt(d), which QK-norm models drop
+        scores = scores * mx.array(q.shape[-1] ** -0.5, scores.dtype)
     if mask is not None:
         scores = mx.where(mask[:, None], scores, mx.array(-mx.inf, scores.dtype))
     probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
@@ -89,7 +91,7 @@ class Attention(nn.Module):
             k = self.k_proj(x).reshape(b, length, -1, d)  # (B, L, kv*d) -> (B, L, kv, d)
             v = self.v_proj(x).reshape(b, length, -1, d) if "v_proj" in self else k  # k_eq_v: raw K
             k = tap(names["attn.k"], self.rope(self.k_norm(k), offset))
-            v = tap(names["attn.v"], rms_norm(v, None, self.eps))
+            v = tap(names["attn.v"], v if faults.active("v-norm-skipped") else rms_norm(v, None, self.eps))
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, L, kv, d) -> (B, kv, L, d)
             if cache is not None:
                 keys, values = cache.update(keys, values)
@@ -107,7 +109,8 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         gate = self.gate_proj(x)
-        gate = nn.gelu_approx(gate.astype(mx.float32)).astype(x.dtype)  # torch evaluates gelu in fp32
+        act = nn.gelu if faults.active("mlp-gelu-exact") else nn.gelu_approx
+        gate = act(gate.astype(mx.float32)).astype(x.dtype)  # torch evaluates gelu in fp32
         return self.down_proj(gate * self.up_proj(x))
 
 
@@ -132,6 +135,8 @@ class DecoderLayer(nn.Module):
         x = x + self.post_attention_layernorm(h)
         h = tap(n["mlp.out"], self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.post_feedforward_layernorm(h)
+        if faults.active("layer-scalar-ignored"):
+            return tap(n["out"], x), kv
         return tap(n["out"], x * self.layer_scalar.astype(x.dtype)), kv
 
 
@@ -151,6 +156,8 @@ class TextModel(nn.Module):
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """E[ids] * sqrt(H), the scale rounded to the weight dtype first (catalog §3.1)."""
+        if faults.active("embed-scale-missing"):
+            return self.embed_tokens(input_ids)
         scale = mx.array(math.sqrt(self.cfg.hidden_size), dtype=self.embed_tokens.weight.dtype)
         return self.embed_tokens(input_ids) * scale
 

@@ -143,9 +143,10 @@ class Gemma4UnifiedAdapter:
         return inputs, pre
 
     def reference(self, scenario: Scenario, inputs: dict[str, np.ndarray], pre: dict[str, np.ndarray],
-                  policy: str, decode_steps: int, unquantized: bool = False
+                  policy: str, decode_steps: int, unquantized: bool = False, other_masks: Capture | None = None
                   ) -> tuple[Capture, list[np.ndarray], list[int], float]:
-        """HF's capture of the case. ``unquantized=True``: the unquantized model of a quantized run."""
+        """HF's capture of the case. ``unquantized=True``: the unquantized model of a quantized run.
+        ``other_masks``: filled with the ``mask.*`` stages under the other policy (``HFRunner.forward``)."""
         stages = self.stages(scenario)
         runner = self.hf_float if unquantized else self.hf
         feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
@@ -153,7 +154,8 @@ class Gemma4UnifiedAdapter:
             feed["pixel_values"], feed["image_position_ids"] = pre["pixel_values"], pre["image_position_ids"]
         if "input.audio_frames" in inputs:
             feed["audio_frames"] = inputs["input.audio_frames"]
-        cap, steps, tokens, consistency = runner.forward(feed, policy, hook_points(stages), decode_steps)
+        cap, steps, tokens, consistency = runner.forward(feed, policy, hook_points(stages), decode_steps,
+                                                         other_masks)
         if not unquantized:
             cap.update(self.reference_weights)
         if scenario.images:

@@ -1,0 +1,158 @@
+"""Baselines and regression gates: hold every stage's error at most a little above its recorded value.
+
+A baseline is a JSON file (schema ``rmlx.baseline/1``) of per-case, per-stage errors (``max_abs``) and
+per-decode-step logits errors of one run, with that run's settings. ``rmlx-parity gate --baseline FILE``
+runs the same cases and fails when any error grows past
+
+    allowed = baseline * ratio + floor        (defaults: ratio 2.0, floor 1e-5)
+
+-- the ratio absorbs machine-to-machine BLAS noise on stages with real error; the floor (torch.testing's
+fp32/bf16 ``atol``) keeps exact and near-zero stages from failing on a single ulp. The gate also fails
+when the run fails parity. ``--update-baseline`` is the only way to write one (atomically), and only
+from a run that passes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from parity.metrics import _json_float
+from rmlx.errors import InputError
+
+SCHEMA = "rmlx.baseline/1"
+DEFAULT_RATIO = 2.0
+DEFAULT_FLOOR = 1e-5
+# Settings that change what is measured: a baseline recorded under others cannot gate this run.
+KEYED = ("mode", "dtype", "max_soft_tokens", "attn_implementation", "mask_policy", "candidate_mask_policy",
+         "decode_steps", "quantize")
+
+
+def from_record(rec: dict) -> dict:
+    """The baseline of a (passing) run record."""
+    cases = {}
+    for c in rec["cases"]:
+        entry = {"stages": {s["name"]: s["max_abs"] for s in c["stages"]},
+                 "decode": {str(d["step"]): d["max_abs"] for d in c["decode"]}}
+        if c.get("quantization_cost") and c["quantization_cost"].get("logits"):
+            entry["quantization_kl_max"] = c["quantization_cost"]["logits"]["kl_max"]
+        cases[c["name"]] = entry
+    return {"schema": SCHEMA, "created": rec["created"], "recorded_from": rec["run_id"],
+            "command": rec["command"], "versions": rec["versions"],
+            "settings": {k: rec["settings"][k] for k in KEYED}, "cases": cases}
+
+
+def load(path: Path) -> dict:
+    """Read and validate a baseline; every problem is an ``InputError`` naming the file and the key."""
+    if not path.is_file():
+        raise InputError(f"baseline {path}: not found; record one with "
+                         "'rmlx-parity gate --baseline FILE --update-baseline' (same options as the run)")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"baseline {path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"baseline {path}: schema is {got!r}, expected {SCHEMA!r}")
+    for key in ("settings", "cases"):
+        if not isinstance(data.get(key), dict):
+            raise InputError(f"baseline {path}: missing or malformed '{key}'")
+    missing = [k for k in KEYED if k not in data["settings"]]
+    if missing:
+        raise InputError(f"baseline {path}: settings lack {missing}")
+    for case, entry in data["cases"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("stages"), dict):
+            raise InputError(f"baseline {path}: case '{case}' has no 'stages' table")
+        for table in ("stages", "decode"):
+            for name, v in entry.get(table, {}).items():
+                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                    raise InputError(f"baseline {path}: case '{case}' {table[:-1]} '{name}' has value {v!r}; "
+                                     "expected a finite error >= 0")
+    return data
+
+
+def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float = DEFAULT_FLOOR,
+          source: str = "baseline") -> dict:
+    """Compare a run record with a baseline. Returns the gate result (also stored in the record as
+    ``rec["gate"]``): ``passed``, every regression in forward order, the closest calls.
+
+    A setting that differs, or a case / stage of the run the baseline does not have, is an
+    ``InputError`` (the baseline does not describe this run). Baseline cases the run skipped
+    (``--case``) are listed, not failed."""
+    if not (ratio >= 1 and floor >= 0):
+        raise InputError(f"drift ratio must be >= 1 and floor >= 0, got ratio {ratio}, floor {floor}")
+    diff = {k: (baseline["settings"][k], rec["settings"][k]) for k in KEYED
+            if baseline["settings"][k] != rec["settings"][k]}
+    if diff:
+        shown = ", ".join(f"{k}: baseline {a!r}, run {b!r}" for k, (a, b) in diff.items())
+        raise InputError(f"{source}: recorded with other settings ({shown}); run with the baseline's settings "
+                         "or record a new one with --update-baseline")
+    uncovered = []
+    for c in rec["cases"]:
+        b = baseline["cases"].get(c["name"])
+        if b is None:
+            uncovered.append(c["name"])
+            continue
+        uncovered += [f"{c['name']} {s['name']}" for s in c["stages"] if s["name"] not in b["stages"]]
+    if uncovered:
+        raise InputError(f"{source} does not cover {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''} "
+                         f"({len(uncovered)} in all); record it with --update-baseline")
+    regressions, margins = [], []
+    for c in rec["cases"]:
+        b = baseline["cases"][c["name"]]
+        measured = [(s["name"], s["max_abs"], b["stages"][s["name"]]) for s in c["stages"]]
+        measured += [(f"logits@decode.{d['step']}", d["max_abs"], b.get("decode", {}).get(str(d["step"])))
+                     for d in c["decode"]]
+        q = (c.get("quantization_cost") or {}).get("logits") or {}
+        if "kl_max" in q and "quantization_kl_max" in b:
+            measured.append(("quantization.kl_max", q["kl_max"], b["quantization_kl_max"]))
+        for index, (name, now, base) in enumerate(measured):
+            if base is None:
+                continue
+            now = math.inf if isinstance(now, str) or now is None else float(now)  # "inf" / NaN in JSON
+            allowed = base * ratio + floor
+            entry = {"case": c["name"], "stage": name, "index": index, "max_abs": now, "baseline": base,
+                     "allowed": allowed}
+            margins.append(entry)
+            if now > allowed:
+                regressions.append(entry)
+    margins.sort(key=lambda e: -_share(e["max_abs"], e["allowed"]))
+    regressions.sort(key=lambda e: e["index"])  # forward order: the earliest stage that grew comes first
+    return _json_float({"baseline": source, "ratio": ratio, "floor": floor, "passed": not regressions and rec["passed"],
+            "parity_passed": rec["passed"], "regressions": regressions, "closest": margins[:10],
+            "checked": len(margins), "cases": len(rec["cases"]),
+            "not_run": sorted(set(baseline["cases"]) - {c["name"] for c in rec["cases"]})})
+
+
+def _share(now: float, allowed: float) -> float:
+    """How much of its allowance an error uses."""
+    return now / allowed if allowed > 0 else (math.inf if now > 0 else 0.0)
+
+
+def _g(v) -> str:
+    return v if isinstance(v, str) else f"{v:.3g}"
+
+
+def summary(result: dict) -> str:
+    lines = []
+    regs = result["regressions"]
+    head = "PASS" if result["passed"] else "FAIL"
+    lines.append(f"gate {head}: {result['checked']} errors in {result['cases']} cases against {result['baseline']} "
+                 f"(allowed = baseline x {result['ratio']:g} + {result['floor']:g})"
+                 + ("" if result["parity_passed"] else "; the run itself fails parity"))
+    if regs:
+        first = regs[0]
+        lines.append(f"First regression: {first['stage']} in case {first['case']}: max_abs {_g(first['max_abs'])} > "
+                     f"allowed {first['allowed']:.3g} (baseline {first['baseline']:.3g})")
+        lines += [f"  {r['case']} {r['stage']}: {_g(r['max_abs'])} > {r['allowed']:.3g} (baseline {r['baseline']:.3g})"
+                  for r in regs[1:8]]
+        if len(regs) > 8:
+            lines.append(f"  ... {len(regs) - 8} more")
+    else:
+        lines += [f"  closest: {e['case']} {e['stage']}: {_g(e['max_abs'])} of allowed {e['allowed']:.3g}"
+                  for e in result["closest"][:3]]
+    if result["not_run"]:
+        lines.append(f"baseline cases not run: {len(result['not_run'])}")
+    return "\n".join(lines)
+

@@ -1,0 +1,284 @@
+"""``rmlx-parity selftest``: the harness measures itself against the catalog of planted defects.
+
+Every defect of ``rmlx.faults.CATALOG`` is switched on in turn and run in both modes on the
+self-test cases; the harness must (a) fail the run -- *detection* -- and (b) in teacher-forced mode
+name the defect's declared stage as the first divergence of every failing case -- *localisation*.
+The clean port runs first in both modes and must pass: a false alarm fails the self-test too.
+
+The reference does not depend on the candidate's defects, so each case's reference capture is
+computed once and reused by every defect (that is what makes ~45 runs take a minute or two);
+each defect gets a freshly loaded candidate, since some act at load time (the loader, the codec).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios
+from parity.runner import MODES, CaseResult, Settings, divergence, run_case, versions
+from rmlx import faults
+from rmlx.errors import InputError
+from rmlx.image import load_image
+from rmlx.load import load_model
+
+SCHEMA = "rmlx.selftest/1"
+# Small, and together they exercise every defect: an image, two images (block structure), image +
+# audio, and a text-only prompt longer than every sliding window (the decode steps reach the cache).
+CASES = ("image/gradient", "two-images", "image-and-audio", "text-only")
+CLEAN = "(none)"
+MAX_SOFT_TOKENS = 70  # the smallest budget: every image still spans several sliding windows of the fixtures
+
+
+@dataclass
+class Outcome:
+    fault: str  # CLEAN for the run without a defect
+    area: str
+    expected: str
+    mode: str
+    found: list[str]  # first divergent stage of every failing case (deduplicated, forward order)
+    failed_cases: int
+    cases: int
+    error: str = ""  # the loader's refusal, for a "load" defect
+    seconds: float = 0.0
+
+    @property
+    def detected(self) -> bool:
+        return self.failed_cases > 0 or bool(self.error)
+
+    @property
+    def localised(self) -> bool:
+        f = faults.CATALOG.get(self.fault)
+        if f is None or not self.detected:
+            return False
+        if f.stage == "load":
+            return bool(self.error) and f.load_error in self.error
+        return bool(self.found) and all(faults.matches(s, f.stage) for s in self.found)
+
+    @property
+    def ok(self) -> bool:
+        if self.fault not in faults.CATALOG:  # the clean port (of one setting group)
+            return not self.detected
+        return self.detected and (self.mode != "teacher" or self.localised)
+
+    def to_dict(self) -> dict:
+        return {"fault": self.fault, "area": self.area, "expected": self.expected, "mode": self.mode,
+                "found": self.found, "failed_cases": self.failed_cases, "cases": self.cases,
+                "detected": self.detected, "localised": self.localised, "ok": self.ok, "error": self.error,
+                "seconds": round(self.seconds, 3)}
+
+
+def scenarios(fixture_images: Path) -> list[Scenario]:
+    every = [image_scenario(p) for p in sorted(fixture_images.glob("*.png"))] + list(special_scenarios(fixture_images))
+    picked = [s for s in every if s.name in CASES]
+    missing = sorted(set(CASES) - {s.name for s in picked})
+    if missing:
+        raise InputError(f"{fixture_images}: the self-test cases {missing} need images that are not there")
+    return picked
+
+
+class _Side:
+    """The adapters of one setting group (plain or quantized), with each case's reference kept."""
+
+    def __init__(self, models: list[Path], dtype: str, quantize: str | None):
+        self.adapters = {m: Gemma4UnifiedAdapter(m, dtype, "eager", quantize) for m in models}
+        self.clean = {m: a.candidate_model for m, a in self.adapters.items()}
+        self.quantize, self.dtype = quantize, dtype
+        for a in self.adapters.values():
+            a.reference = _memoized(a.reference)
+
+    def reload_candidates(self) -> None:
+        """Load every candidate again, under whatever defect is switched on now."""
+        for m, a in self.adapters.items():
+            a.candidate_model = load_model(m, self.dtype, self.quantize)
+
+    def restore(self) -> None:
+        for m, a in self.adapters.items():
+            a.candidate_model = self.clean[m]
+
+
+def _memoized(reference):
+    """The adapter's reference() keyed by its case: the reference is the same whatever the candidate.
+    Keyword out-parameters (dicts the reference fills, e.g. ``other_masks``) are kept and refilled."""
+    kept: dict = {}
+
+    def call(scenario, inputs, pre, policy, decode_steps, unquantized=False, **out: dict):
+        key = (scenario, policy, decode_steps, unquantized, inputs["input.input_ids"].tobytes(), tuple(sorted(out)))
+        if key not in kept:
+            filled = {k: {} for k in out}
+            kept[key] = (reference(scenario, inputs, pre, policy, decode_steps, unquantized=unquantized, **filled),
+                         filled)
+        result, filled = kept[key]
+        for k, target in out.items():
+            target.update(filled[k])
+        return result
+
+    return call
+
+
+def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settings) -> list[CaseResult]:
+    results = []
+    for m, a in side.adapters.items():
+        for s in scenarios:
+            if a.supports(s):
+                r = run_case(a, m, s, decoded, settings)
+                r.reference = r.candidate = None
+                results.append(r)
+    return results
+
+
+def _found(results: list[CaseResult], dtype: str) -> tuple[list[str], int]:
+    stages = []
+    for r in results:
+        div = divergence(r, dtype)
+        if div is not None and div[0].stage not in stages:
+            stages.append(div[0].stage)
+    return stages, sum(not r.passed for r in results)
+
+
+def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | None = None,
+                 modes: tuple[str, ...] = MODES, dtype: str = "float32", decode_steps: int = 2,
+                 progress: Callable[[int, int, str], None] | None = None) -> dict:
+    """Run the clean port and every named defect (default: the whole catalog) in ``modes``; return
+    the self-test record (schema ``rmlx.selftest/1``)."""
+    t0 = time.perf_counter()
+    chosen = faults.check(*names) if names else faults.CATALOG.keys()
+    picked = [f for n, f in faults.CATALOG.items() if n in chosen]  # catalog order
+    cases = scenarios(fixture_images)
+    decoded = {p: load_image(p) for s in cases for p in s.images}
+    base = Settings(dtype=dtype, decode_steps=decode_steps, oracle=False, max_soft_tokens=MAX_SOFT_TOKENS)
+    groups: dict[tuple, list] = {}
+    for f in picked:
+        groups.setdefault(f.settings, []).append(f)
+    groups.setdefault((), [])  # the clean run of the plain setting always runs
+    total = sum((1 + len(fs)) * len(modes) for fs in groups.values())
+    outcomes: list[Outcome] = []
+
+    def tick(label: str) -> None:
+        if progress:
+            progress(len(outcomes), total, label)
+
+    for extra, group in sorted(groups.items(), key=lambda kv: len(kv[0])):
+        settings = replace(base, **dict(extra))
+        side = _Side(models, dtype, settings.quantize)
+        label = ", ".join(f"{k}={v}" for k, v in extra)
+        for mode in modes:  # no false alarm: the clean port passes in every mode of every setting
+            tick(f"clean {mode} {label}")
+            t = time.perf_counter()
+            res = _run(side, cases, decoded, replace(settings, mode=mode))
+            found, n_failed = _found(res, dtype)
+            outcomes.append(Outcome(CLEAN + (f" [{label}]" if label else ""), "-", "pass", mode, found, n_failed,
+                                    len(res), seconds=time.perf_counter() - t))
+        for f in group:
+            for mode in modes:
+                tick(f"{f.name} {mode}")
+                t = time.perf_counter()
+                with faults.inject(f.name):
+                    try:
+                        side.reload_candidates()
+                        res = _run(side, cases, decoded, replace(settings, mode=mode, inject=(f.name,)))
+                        found, n_failed = _found(res, dtype)
+                        error = ""
+                    except InputError as e:  # a loader defect: the strict loader refuses the checkpoint
+                        res, found, n_failed, error = [], [], 0, str(e)
+                    finally:
+                        side.restore()
+                outcomes.append(Outcome(f.name, f.area, f.stage, mode, found, n_failed, len(res), error,
+                                        time.perf_counter() - t))
+    tick("done")
+    return _record(outcomes, picked, modes, dtype, decode_steps, cases, models, time.perf_counter() - t0)
+
+
+def _record(outcomes: list[Outcome], picked, modes, dtype, decode_steps, cases, models, wall) -> dict:
+    planted = [o for o in outcomes if o.fault in faults.CATALOG]
+    by_fault: dict[str, list[Outcome]] = {}
+    for o in planted:
+        by_fault.setdefault(o.fault, []).append(o)
+    detected = [n for n, os in by_fault.items() if all(o.detected for o in os)]
+    localised = [n for n, os in by_fault.items() if all(o.localised for o in os if o.mode == "teacher")
+                 and any(o.mode == "teacher" for o in os)]
+    false_alarms = [o.to_dict() for o in outcomes if o.fault not in faults.CATALOG and o.detected]
+    n = len(by_fault)
+    return {
+        "schema": SCHEMA,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": versions(),
+        "settings": {"dtype": dtype, "modes": list(modes), "decode_steps": decode_steps,
+                     "cases": [s.name for s in cases], "models": [m.name for m in models]},
+        "faults": len(picked),
+        "detection_score": len(detected) / n if n else None,
+        "localisation_score": (len(localised) / n if n else None) if "teacher" in modes else None,
+        "escaped": sorted(set(by_fault) - set(detected)),
+        "mislocalised": sorted(set(by_fault) - set(localised)) if "teacher" in modes else [],
+        "false_alarms": false_alarms,
+        "passed": all(o.ok for o in outcomes),
+        "wall_time_s": round(wall, 3),
+        "outcomes": [o.to_dict() for o in outcomes],
+    }
+
+
+def _refusal(error: str, fault: str) -> str:
+    """A loader refusal in one cell: the tensor it names (the one the defect predicts, when it does)."""
+    f = faults.CATALOG.get(fault)
+    named = re.findall(r"'([^']+)'", error)
+    hit = next((n for n in named if f is not None and f.load_error and f.load_error in n), named[0] if named else "")
+    return f"load refused ({hit})" if hit else "load refused"
+
+
+def _table(rec: dict) -> list[tuple[str, ...]]:
+    """One row per defect: expected stage, found stage per mode, detected, localised."""
+    rows: dict[str, dict] = {}
+    for o in rec["outcomes"]:
+        row = rows.setdefault(o["fault"], {"area": o["area"], "expected": o["expected"], "found": {},
+                                           "detected": True, "localised": None, "ok": True})
+        shown = o["found"] or ([_refusal(o["error"], o["fault"])] if o["error"] else ["-"])
+        row["found"][o["mode"]] = ", ".join(shown) + ("" if o["fault"] in faults.CATALOG or not o["detected"]
+                                                      else " (FALSE ALARM)")
+        row["detected"] = row["detected"] and o["detected"]
+        if o["mode"] == "teacher":
+            row["localised"] = o["localised"]
+        row["ok"] = row["ok"] and o["ok"]
+    modes = rec["settings"]["modes"]
+    out = [("defect", "area", "expected stage", *(f"found ({m})" for m in modes), "detected", "localised", "ok")]
+    for name, r in rows.items():
+        planted = name in faults.CATALOG
+        out.append((name, r["area"], r["expected"], *(r["found"].get(m, "-") for m in modes),
+                    ("yes" if r["detected"] else "NO") if planted else ("ALARM" if r["detected"] else "no"),
+                    "-" if not planted or r["localised"] is None else ("yes" if r["localised"] else "NO"),
+                    "ok" if r["ok"] else "FAIL"))
+    return out
+
+
+def _summary(rec: dict) -> str:
+    det, loc = rec["detection_score"], rec["localisation_score"]
+    return (f"selftest {'PASS' if rec['passed'] else 'FAIL'}: {rec['faults']} planted defects; detection "
+            f"{'-' if det is None else f'{det:.0%}'}, localisation {'-' if loc is None else f'{loc:.0%}'}, "
+            f"false alarms {len(rec['false_alarms'])}; wall time {rec['wall_time_s']:.1f} s")
+
+
+def to_terminal(rec: dict) -> str:
+    rows = _table(rec)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    extra = []
+    if rec["escaped"]:
+        extra.append(f"escaped: {', '.join(rec['escaped'])}")
+    if rec["mislocalised"]:
+        extra.append(f"mislocalised: {', '.join(rec['mislocalised'])}")
+    return "\n".join(lines + [""] + extra + [_summary(rec)])
+
+
+def to_markdown(rec: dict) -> str:
+    rows = _table(rec)
+    lines = [f"# {_summary(rec)}", "", f"Cases: {', '.join(rec['settings']['cases'])} on "
+             f"{', '.join(rec['settings']['models'])}; dtype {rec['settings']['dtype']}; "
+             + ", ".join(f"{k} {v}" for k, v in rec["versions"].items()
+                         if k in ("transformers", "torch", "mlx", "numpy")), "",
+             "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
+    return "\n".join(lines) + "\n"
+

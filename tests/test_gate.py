@@ -1,0 +1,131 @@
+"""Baselines and gates: the committed baselines pass on the embedded default, a planted defect fails the
+gate (exit 1) naming its stage, bad baselines are bad input (exit 2) before any work, and only
+``--update-baseline`` writes one -- atomically, and never from a failing run."""
+
+import copy
+import json
+
+import pytest
+
+from parity import gate
+from parity.cli import main
+from rmlx import faults
+from rmlx.errors import InputError
+from tests.conftest import FIXTURES, MODELS
+from tests.test_parity import _run
+
+BASELINES = FIXTURES / "baselines"
+TINY = next(m for m in MODELS if m.name == "tiny")
+ONE_CASE = ["--model", str(TINY), "--case", "image/gradient", "--no-oracle"]
+
+
+@pytest.mark.parametrize("mode", ["free", "teacher"])
+def test_committed_baseline_passes_on_the_default_run(tmp_path_factory, mode):
+    """The same record `rmlx-parity gate --baseline fixtures/baselines/float32-<mode>.json` gates."""
+    code, rec, _ = _run(tmp_path_factory, "float32", mode, "official")
+    result = gate.check(rec, gate.load(BASELINES / f"float32-{mode}.json"))
+    assert code == 0 and result["passed"], gate.summary(result)
+    assert result["cases"] == len(rec["cases"]) and result["not_run"] == []
+    assert result["checked"] == sum(len(c["stages"]) + len(c["decode"]) for c in rec["cases"])
+
+
+def test_gate_cli_passes_on_a_subset(tmp_path, capsys):
+    code = main(["gate", "--baseline", str(BASELINES / "float32-free.json"), *ONE_CASE,
+                 "--report-dir", str(tmp_path / "rep"), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    rec = json.loads((tmp_path / "r.json").read_text())
+    assert rec["gate"]["passed"] and len(rec["gate"]["not_run"]) > 0  # the other baseline cases were not run
+    assert "gate PASS" in out and "## Gate" in (tmp_path / "rep" / "report.md").read_text()
+
+
+def _stage_of(name: str) -> str:
+    return faults.CATALOG[name].stage
+
+
+@pytest.mark.parametrize("name", [
+    "bgr-patchify", "vision-causal", "layer-scalar-ignored", "sliding-cache-off-by-one",
+    *[pytest.param(n, marks=pytest.mark.slow) for n in faults.CATALOG
+      if n not in ("bgr-patchify", "vision-causal", "layer-scalar-ignored", "sliding-cache-off-by-one",
+                   "k-eq-v-ignored", "audio-rmsnorm-skipped", "mx-scale-exponent-off-by-one",
+                   "mx-scales-shifted-block", "mx-e5m2")]])
+def test_gate_fails_on_a_planted_defect_naming_its_stage(name, tmp_path, capsys):
+    code = main(["gate", "--baseline", str(BASELINES / "float32-free.json"), *ONE_CASE, "--inject", name,
+                 "--report-dir", str(tmp_path / "rep"), "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    rec = json.loads((tmp_path / "r.json").read_text())
+    first = rec["gate"]["regressions"][0]["stage"]
+    assert code == 1 and not rec["gate"]["passed"]
+    expected = "logits@decode.*" if name == "sliding-cache-off-by-one" else _stage_of(name)
+    assert faults.matches(first, expected), first
+    assert f"First regression: {first} in case tiny/image/gradient" in out
+
+
+def test_drift_within_tolerance_is_caught(tmp_path_factory):
+    """A stage that still passes parity but grew past baseline x ratio + floor fails the gate."""
+    _, rec, _ = _run(tmp_path_factory, "float32", "free", "official")
+    base = gate.from_record(rec)
+    case = rec["cases"][0]["name"]
+    worst = max(rec["cases"][0]["stages"], key=lambda s: s["max_abs"])
+    shrunk = copy.deepcopy(base)
+    shrunk["cases"][case]["stages"][worst["name"]] = worst["max_abs"] / 10
+    result = gate.check(rec, shrunk, ratio=2.0, floor=0.0)
+    assert not result["passed"] and rec["passed"]  # parity passes; the gate does not
+    assert [(r["case"], r["stage"]) for r in result["regressions"]] == [(case, worst["name"])]
+    assert gate.check(rec, shrunk, ratio=20.0, floor=0.0)["passed"]
+    assert gate.check(rec, base, ratio=1.0, floor=0.0)["passed"]  # a run equals its own baseline
+
+
+def test_settings_mismatch_and_uncovered_cases_are_bad_input(tmp_path_factory):
+    _, rec, _ = _run(tmp_path_factory, "float32", "free", "official")
+    teacher = gate.load(BASELINES / "float32-teacher.json")
+    with pytest.raises(InputError, match="mode: baseline 'teacher', run 'free'"):
+        gate.check(rec, teacher)
+    partial = gate.from_record(rec)
+    partial["cases"].pop(rec["cases"][-1]["name"])
+    with pytest.raises(InputError, match="does not cover"):
+        gate.check(rec, partial)
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    ("{not json", "not valid JSON"),
+    ('{"schema": "rmlx.parity/2"}', "schema is 'rmlx.parity/2'"),
+    ('{"schema": "rmlx.baseline/1", "settings": {}, "cases": {}}', "settings lack"),
+])
+def test_bad_baseline_is_exit_2_before_any_work(content, message, tmp_path, capsys):
+    path = tmp_path / "b.json"
+    if content is not None:
+        path.write_text(content)
+    code = main(["gate", "--baseline", str(path), *ONE_CASE, "--report-dir", str(tmp_path / "rep")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and str(path) in err
+    assert not (tmp_path / "rep").exists()
+
+
+def test_corrupted_value_names_case_and_stage(tmp_path, capsys):
+    data = json.loads((BASELINES / "float32-free.json").read_text())
+    case = next(iter(data["cases"]))
+    data["cases"][case]["stages"]["vision.patch_ln1"] = "oops"
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    assert main(["gate", "--baseline", str(path), *ONE_CASE, "--report-dir", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert case in err and "vision.patch_ln1" in err and "'oops'" in err
+
+
+def test_update_baseline_writes_atomically_and_round_trips(tmp_path):
+    path = tmp_path / "base" / "b.json"
+    args = ["gate", "--baseline", str(path), *ONE_CASE, "--decode-steps", "1"]
+    assert main([*args, "--update-baseline", "--report-dir", str(tmp_path / "r0")]) == 0
+    data = gate.load(path)
+    assert list(data["cases"]) == ["tiny/image/gradient"] and data["settings"]["decode_steps"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["b.json"]  # no temporary file left behind
+    assert main([*args, "--report-dir", str(tmp_path / "r1")]) == 0
+
+
+def test_update_baseline_refuses_a_failing_run(tmp_path, capsys):
+    path = tmp_path / "b.json"
+    code = main(["gate", "--baseline", str(path), *ONE_CASE, "--inject", "patch-ln1-eps", "--update-baseline",
+                 "--report-dir", str(tmp_path / "rep")])
+    assert code == 1 and not path.exists() and "NOT written" in capsys.readouterr().err

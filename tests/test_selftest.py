@@ -1,0 +1,89 @@
+"""`rmlx-parity selftest`: every catalogued defect is detected (both modes) and localised at its declared
+stage (teacher-forced), the clean port raises no false alarm -- and the self-test itself fails when the
+harness would let a defect escape or blame the wrong stage."""
+
+import json
+from dataclasses import replace
+
+import pytest
+
+from parity import tolerances
+from parity.cli import main
+from parity.metrics import Tol
+from rmlx import faults
+from tests.conftest import MODELS
+
+TINY = next(m for m in MODELS if m.name == "tiny")
+
+AREAS = {"preprocessing", "embedder", "masks", "rope", "attention", "mlp", "norms", "residual", "logits", "loader",
+         "audio", "quantization"}
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("selftest")
+    code = main(["selftest", "--report-dir", str(out / "rep"), "--json", str(out / "s.json")])
+    return code, json.loads((out / "s.json").read_text()), out
+
+
+def test_catalog_is_wide_enough():
+    assert len(faults.CATALOG) >= 20
+    assert {f.area for f in faults.CATALOG.values()} >= AREAS
+    for f in faults.CATALOG.values():
+        assert f.imitates and f.stage and f.name == f.name.strip()
+
+
+def test_selftest_catches_and_localises_every_defect(selftest):
+    code, rec, out = selftest
+    assert code == 0, [o for o in rec["outcomes"] if not o["ok"]]
+    assert rec["passed"] and rec["detection_score"] == 1.0 and rec["localisation_score"] == 1.0
+    assert rec["false_alarms"] == [] and rec["escaped"] == [] and rec["mislocalised"] == []
+    assert rec["faults"] == len(faults.CATALOG)
+    planted = {(o["fault"], o["mode"]) for o in rec["outcomes"] if o["fault"] in faults.CATALOG}
+    assert planted == {(n, m) for n in faults.CATALOG for m in ("teacher", "free")}
+    for o in rec["outcomes"]:
+        if o["fault"] in faults.CATALOG and o["mode"] == "teacher" and o["found"]:
+            assert all(faults.matches(s, faults.CATALOG[o["fault"]].stage) for s in o["found"]), o
+    clean = [o for o in rec["outcomes"] if o["fault"] not in faults.CATALOG]
+    assert {o["mode"] for o in clean} == {"teacher", "free"} and len(clean) == 4  # plain and quantized
+    assert all(o["cases"] > 0 and o["failed_cases"] == 0 for o in clean)
+
+
+def test_selftest_report_has_the_table(selftest):
+    _, rec, out = selftest
+    md = (out / "rep" / "selftest.md").read_text()
+    assert "| defect | area | expected stage | found (teacher) | found (free) | detected | localised | ok |" in md
+    for name in faults.CATALOG:
+        assert f"| {name} |" in md
+    assert "detection 100%, localisation 100%, false alarms 0" in md
+    assert json.loads((out / "rep" / "selftest.json").read_text())["outcomes"] == rec["outcomes"]
+
+
+def test_selftest_fails_on_a_mislocalised_defect(monkeypatch, tmp_path, capsys):
+    """Declare the wrong stage for a defect: the self-test must say it was not localised (exit 1)."""
+    f = faults.CATALOG["rope-interleaved"]
+    monkeypatch.setitem(faults.CATALOG, f.name, replace(f, stage="layers.1.attn.q"))
+    code = main(["selftest", "--fault", f.name, "--mode", "teacher", "--model", str(TINY),
+                 "--report-dir", str(tmp_path / "rep"), "--json", str(tmp_path / "s.json")])
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert code == 1 and rec["mislocalised"] == [f.name] and rec["localisation_score"] == 0.0
+    assert "mislocalised: rope-interleaved" in capsys.readouterr().out
+
+
+def test_selftest_fails_when_a_defect_escapes(monkeypatch, tmp_path):
+    """A harness whose tolerances swallow the defect must not pass its self-test."""
+    wide = Tol(rtol=1.0, atol=1e9)
+    for table in (tolerances.TOLERANCES, tolerances.TEACHER_TOLERANCES):
+        monkeypatch.setitem(table, "attention", {"float32": wide, "bfloat16": wide})
+    for table in (tolerances.TOLERANCES, tolerances.TEACHER_TOLERANCES):
+        for cls in ("residual", "mlp", "norm", "logits"):
+            monkeypatch.setitem(table, cls, {"float32": wide, "bfloat16": wide})
+    code = main(["selftest", "--fault", "attn-scale-rsqrt", "--model", str(TINY),
+                 "--report-dir", str(tmp_path / "rep"), "--json", str(tmp_path / "s.json")])
+    rec = json.loads((tmp_path / "s.json").read_text())
+    assert code == 1 and rec["escaped"] == ["attn-scale-rsqrt"] and rec["detection_score"] == 0.0
+
+
+def test_unknown_fault_is_bad_usage(tmp_path, capsys):
+    assert main(["selftest", "--fault", "no-such-bug", "--report-dir", str(tmp_path / "rep")]) == 2
+    assert "no-such-bug" in capsys.readouterr().err and not (tmp_path / "rep").exists()
