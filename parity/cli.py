@@ -93,7 +93,6 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("selftest", help="plant every catalogued defect; the harness must catch and localise each")
     t.add_argument("--fault", action="append", metavar="NAME", help="only these defects (repeatable)")
     t.add_argument("--mode", choices=("both", "free", "teacher"), default="both")
-    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     t.add_argument("--model", action="append", type=Path, metavar="DIR", help="default: every fixture model")
     t.add_argument("--json", type=Path, metavar="PATH", help="also write the self-test record here")
     t.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/selftest-<run-id>/")
@@ -131,10 +130,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _settings(args):
+    from parity.runner import Settings
+
+    return Settings(mode=args.mode, dtype=args.dtype, max_soft_tokens=args.max_soft_tokens,
+                    stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
+                    inject=tuple(args.inject), oracle=not args.no_oracle, mask_policy=args.mask_policy,
+                    candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
+                    quantize=args.quantize)
+
+
+def _check_outputs(args, *folders: Path | None) -> None:
+    """Every output place is usable before the run, not after minutes of work."""
+    from parity import report
+    from rmlx.errors import InputError
+
+    for folder in folders:
+        if folder is not None:
+            report.check_free(folder)
+    for path in (getattr(args, "json", None), getattr(args, "baseline", None)):
+        if path is not None and (path.is_dir() or any(p.exists() and not p.is_dir() for p in path.parents)):
+            raise InputError(f"{path}: cannot write a file there (it is a folder, or a parent is a file)")
+
+
 def _run(args) -> tuple[dict, Path, dict | None]:
     """Run the cases the options name: (record, report folder, dumps); nothing written yet."""
     from parity import report
-    from parity.runner import Settings, default_scenarios, record, run_cases
+    from parity.runner import default_scenarios, record, run_cases
     from rmlx.errors import InputError
 
     models = args.model or default_models()
@@ -146,15 +168,9 @@ def _run(args) -> tuple[dict, Path, dict | None]:
         scenarios = [s for s in scenarios if any(fnmatch.fnmatchcase(s.name, g) for g in args.case)]
         if not scenarios:
             raise InputError(f"--case {' '.join(args.case)} matches no scenario")
-    settings = Settings(mode=args.mode, dtype=args.dtype, max_soft_tokens=args.max_soft_tokens,
-                        stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
-                        inject=tuple(args.inject), oracle=not args.no_oracle, mask_policy=args.mask_policy,
-                        candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
-                        quantize=args.quantize)
+    settings = _settings(args)
     report_dir = args.report_dir or Path("reports") / args.run_id
-    for folder in (report_dir, args.dump):
-        if folder is not None:
-            report.check_free(folder)  # before the run, not after minutes of work
+    _check_outputs(args, report_dir, args.dump)
     t0 = time.perf_counter()
     results = run_cases(models, scenarios, settings, keep_captures=args.dump is not None,
                         progress=report.Progress())
@@ -177,6 +193,15 @@ def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, markd
             f.write(markdown or report.to_markdown(rec))
 
 
+def _no_injected_faults(what: str) -> None:
+    from rmlx import faults
+    from rmlx.errors import InputError
+
+    if faults.enabled():
+        raise InputError(f"RMLX_INJECT={','.join(sorted(faults.enabled()))} is set: {what} needs the port as it "
+                         "is; unset it")
+
+
 def cmd_run(args) -> int:
     from parity import report
 
@@ -188,20 +213,27 @@ def cmd_run(args) -> int:
 
 
 def cmd_gate(args) -> int:
-    from parity import gate, report
-    from rmlx.errors import InputError
+    from dataclasses import asdict
 
-    baseline = None if args.update_baseline else gate.load(args.baseline)  # a bad baseline fails before the run
-    if args.update_baseline and args.baseline.exists() and not args.baseline.is_file():
-        raise InputError(f"baseline {args.baseline}: is not a file")
+    from parity import gate, report
+
+    gate.check_drift(args.drift_ratio, args.drift_floor)
+    if args.update_baseline:
+        _no_injected_faults("recording a baseline")
+    else:  # a bad baseline, or one of other settings, fails before the run
+        baseline = gate.load(args.baseline)
+        settings = asdict(_settings(args))
+        settings["candidate_mask_policy"] = settings["candidate_mask_policy"] or settings["mask_policy"]
+        gate.check_settings(settings, baseline, str(args.baseline))
     rec, report_dir, dumps = _run(args)
     if args.update_baseline:
+        _publish(rec, report_dir, args, dumps)
         print(report.to_terminal(rec))
         if not rec["passed"]:
             print(f"\nbaseline {args.baseline} NOT written: the run fails parity", file=sys.stderr)
             return EXIT_FAIL
         report.write_json_atomic(args.baseline, gate.from_record(rec))
-        print(f"\nbaseline written: {args.baseline} ({len(rec['cases'])} cases)")
+        print(f"\nbaseline written: {args.baseline} ({len(rec['cases'])} cases); report: {report_dir / 'report.md'}")
         return EXIT_PASS
     rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline))
     _publish(rec, report_dir, args, dumps)
@@ -214,14 +246,15 @@ def cmd_gate(args) -> int:
 def cmd_selftest(args) -> int:
     from parity import report, selftest
 
+    _no_injected_faults("the self-test")
     models = args.model or default_models()
     images = fixtures_dir() / "images"
     if not models or not images.is_dir():
         raise Untestable(f"no fixture models or images under {fixtures_dir()}")
     report_dir = args.report_dir or Path("reports") / f"selftest-{args.run_id}"
-    report.check_free(report_dir)
+    _check_outputs(args, report_dir)
     modes = ("teacher", "free") if args.mode == "both" else (args.mode,)
-    rec = selftest.run_selftest(models, images, args.fault, modes, args.dtype, progress=report.Progress())
+    rec = selftest.run_selftest(models, images, args.fault, modes, progress=report.Progress())
     rec["command"] = " ".join(["rmlx-parity", *args.argv])
     report.write_files(report_dir, {"selftest.json": json.dumps(rec, indent=2, allow_nan=False) + "\n",
                                     "selftest.md": selftest.to_markdown(rec)})
@@ -303,10 +336,21 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     args.run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}-{os.urandom(2).hex()}"
     try:  # import the whole port and harness up front: a revision that cannot is skipped, not failed
-        import parity.runner  # noqa: F401
-        import rmlx.load  # noqa: F401
         from rmlx.errors import InputError
     except Exception as e:  # ImportError, SyntaxError, anything raised at import time
+        print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_UNTESTABLE
+    try:
+        import parity.compare  # noqa: F401
+        import parity.gate  # noqa: F401
+        import parity.report  # noqa: F401
+        import parity.runner  # noqa: F401
+        import parity.selftest  # noqa: F401
+        import rmlx.load  # noqa: F401
+    except InputError as e:  # e.g. an unknown fault in RMLX_INJECT, read at import: bad input, not untestable
+        print(f"rmlx-parity: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as e:
         print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
     commands = {"run": cmd_run, "gate": cmd_gate, "selftest": cmd_selftest, "stages": cmd_stages,
@@ -316,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"rmlx-parity: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except (ImportError, SyntaxError, Untestable) as e:
+    except Untestable as e:
         print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
 

@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 from parity.metrics import _json_float
+from parity.stages import order_key
 from rmlx.errors import InputError
 
 SCHEMA = "rmlx.baseline/1"
@@ -50,8 +51,8 @@ def load(path: Path) -> dict:
                          "'rmlx-parity gate --baseline FILE --update-baseline' (same options as the run)")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"baseline {path}: not valid JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"baseline {path}: not readable JSON ({e})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         got = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise InputError(f"baseline {path}: schema is {got!r}, expected {SCHEMA!r}")
@@ -64,12 +65,32 @@ def load(path: Path) -> dict:
     for case, entry in data["cases"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("stages"), dict):
             raise InputError(f"baseline {path}: case '{case}' has no 'stages' table")
-        for table in ("stages", "decode"):
-            for name, v in entry.get(table, {}).items():
-                if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                    raise InputError(f"baseline {path}: case '{case}' {table[:-1]} '{name}' has value {v!r}; "
-                                     "expected a finite error >= 0")
+        if not isinstance(entry.get("decode", {}), dict):
+            raise InputError(f"baseline {path}: case '{case}' has a malformed 'decode' table (expected an object)")
+        values = [("stage", n, v) for n, v in entry["stages"].items()]
+        values += [("decode step", n, v) for n, v in entry.get("decode", {}).items()]
+        if "quantization_kl_max" in entry:
+            values.append(("value", "quantization_kl_max", entry["quantization_kl_max"]))
+        for what, name, v in values:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise InputError(f"baseline {path}: case '{case}' {what} '{name}' has value {v!r}; "
+                                 "expected a finite error >= 0")
     return data
+
+
+def check_drift(ratio: float, floor: float) -> None:
+    if not (math.isfinite(ratio) and math.isfinite(floor) and ratio >= 1 and floor >= 0):
+        raise InputError(f"--drift-ratio must be finite and >= 1 and --drift-floor finite and >= 0; "
+                         f"got ratio {ratio}, floor {floor}")
+
+
+def check_settings(settings: dict, baseline: dict, source: str = "baseline") -> None:
+    """A baseline recorded under other settings cannot gate this run (``InputError``, before any work)."""
+    diff = {k: (baseline["settings"][k], settings[k]) for k in KEYED if baseline["settings"][k] != settings[k]}
+    if diff:
+        shown = ", ".join(f"{k}: baseline {a!r}, run {b!r}" for k, (a, b) in diff.items())
+        raise InputError(f"{source}: recorded with other settings ({shown}); run with the baseline's settings "
+                         "or record a new one with --update-baseline")
 
 
 def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float = DEFAULT_FLOOR,
@@ -78,16 +99,11 @@ def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float 
     ``rec["gate"]``): ``passed``, every regression in forward order, the closest calls.
 
     A setting that differs, or a case / stage of the run the baseline does not have, is an
-    ``InputError`` (the baseline does not describe this run). Baseline cases the run skipped
-    (``--case``) are listed, not failed."""
-    if not (ratio >= 1 and floor >= 0):
-        raise InputError(f"drift ratio must be >= 1 and floor >= 0, got ratio {ratio}, floor {floor}")
-    diff = {k: (baseline["settings"][k], rec["settings"][k]) for k in KEYED
-            if baseline["settings"][k] != rec["settings"][k]}
-    if diff:
-        shown = ", ".join(f"{k}: baseline {a!r}, run {b!r}" for k, (a, b) in diff.items())
-        raise InputError(f"{source}: recorded with other settings ({shown}); run with the baseline's settings "
-                         "or record a new one with --update-baseline")
+    ``InputError`` (the baseline does not describe this run). A stage or decode step the baseline has
+    but the run lacks is a regression ("missing"), unless the run selected stages (``--stages``).
+    Baseline cases the run skipped (``--case``) are counted, not failed. A NaN error is a regression."""
+    check_drift(ratio, floor)
+    check_settings(rec["settings"], baseline, source)
     uncovered = []
     for c in rec["cases"]:
         b = baseline["cases"].get(c["name"])
@@ -98,40 +114,57 @@ def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float 
     if uncovered:
         raise InputError(f"{source} does not cover {uncovered[:6]}{' ...' if len(uncovered) > 6 else ''} "
                          f"({len(uncovered)} in all); record it with --update-baseline")
+    selected = bool(rec["settings"].get("stages"))
     regressions, margins = [], []
-    for c in rec["cases"]:
+    for ci, c in enumerate(rec["cases"]):
         b = baseline["cases"][c["name"]]
         measured = [(s["name"], s["max_abs"], b["stages"][s["name"]]) for s in c["stages"]]
         measured += [(f"logits@decode.{d['step']}", d["max_abs"], b.get("decode", {}).get(str(d["step"])))
                      for d in c["decode"]]
         q = (c.get("quantization_cost") or {}).get("logits") or {}
-        if "kl_max" in q and "quantization_kl_max" in b:
-            measured.append(("quantization.kl_max", q["kl_max"], b["quantization_kl_max"]))
-        for index, (name, now, base) in enumerate(measured):
+        if "quantization_kl_max" in b:
+            measured.append(("quantization.kl_max", q.get("kl_max", "missing"), b["quantization_kl_max"]))
+        if not selected:
+            ran = {m[0] for m in measured}
+            measured += [(n, "missing", v) for n, v in b["stages"].items() if n not in ran]
+            measured += [(f"logits@decode.{n}", "missing", v) for n, v in b.get("decode", {}).items()
+                         if f"logits@decode.{n}" not in ran]
+        for name, now, base in measured:
             if base is None:
                 continue
-            now = math.inf if isinstance(now, str) or now is None else float(now)  # "inf" / NaN in JSON
             allowed = base * ratio + floor
-            entry = {"case": c["name"], "stage": name, "index": index, "max_abs": now, "baseline": base,
-                     "allowed": allowed}
+            entry = {"case": c["name"], "stage": name, "order": [*order_key(name)[:3], ci],
+                     "max_abs": now if now == "missing" else _number(now), "baseline": base, "allowed": allowed}
             margins.append(entry)
-            if now > allowed:
+            if now == "missing" or not _number(now) <= allowed:  # NaN: not <= anything
                 regressions.append(entry)
+    margins = [e for e in margins if e["max_abs"] != "missing"]
     margins.sort(key=lambda e: -_share(e["max_abs"], e["allowed"]))
-    regressions.sort(key=lambda e: e["index"])  # forward order: the earliest stage that grew comes first
-    return _json_float({"baseline": source, "ratio": ratio, "floor": floor, "passed": not regressions and rec["passed"],
-            "parity_passed": rec["passed"], "regressions": regressions, "closest": margins[:10],
-            "checked": len(margins), "cases": len(rec["cases"]),
-            "not_run": sorted(set(baseline["cases"]) - {c["name"] for c in rec["cases"]})})
+    regressions.sort(key=lambda e: e["order"])  # forward order over all cases: the earliest stage that grew
+    return _json_float({"baseline": source, "ratio": ratio, "floor": floor,
+                        "passed": not regressions and rec["passed"], "parity_passed": rec["passed"],
+                        "regressions": regressions, "closest": margins[:10], "checked": len(margins),
+                        "cases": len(rec["cases"]),
+                        "not_run": sorted(set(baseline["cases"]) - {c["name"] for c in rec["cases"]})})
+
+
+def _number(v) -> float:
+    """A record number: JSON's "inf" / "-inf" strings and null (NaN) back to floats."""
+    if isinstance(v, str):
+        return float(v)
+    return math.nan if v is None else float(v)
 
 
 def _share(now: float, allowed: float) -> float:
-    """How much of its allowance an error uses."""
+    """How much of its allowance an error uses (NaN sorts first)."""
+    if math.isnan(now):
+        return math.inf
     return now / allowed if allowed > 0 else (math.inf if now > 0 else 0.0)
 
 
 def _g(v) -> str:
-    return v if isinstance(v, str) else f"{v:.3g}"
+    """A number of the gate result: strings ("missing", "inf") as they are, null (NaN) as "nan"."""
+    return v if isinstance(v, str) else ("nan" if v is None else f"{v:.3g}")
 
 
 def summary(result: dict) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios
-from parity.metrics import StageDiff, compare, compare_all, first_divergence, logits_agreement
-from parity.stages import select
+from parity.metrics import StageDiff, _json_float, compare, compare_all, first_divergence, logits_agreement
+from parity.stages import order_key, select
 from parity.tolerances import tolerance
 from parity.viz import case_viz
 from rmlx import faults
@@ -181,22 +181,25 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
         reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
 
 
-def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, int] | None:
-    """A case's first divergent stage and its forward index; a case whose stages all pass but whose
-    decode step fails diverges at ``logits`` (after every prefill stage)."""
+def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, tuple] | None:
+    """A case's first divergent stage and its forward-order key (``parity.stages.order_key``, the same
+    for every case, so cases with different stage lists compare). A case whose prefill stages all pass
+    but whose decode step N fails diverges at ``logits@decode.N`` (after every prefill stage)."""
     fd = first_divergence(r.diffs)
     if fd is not None:
-        return fd, r.order[fd.stage]
+        return fd, order_key(fd.stage)
     step = next((s for s in r.decode if not s["passed"]), None)
     if step is None:
         return None
-    return StageDiff("logits", False, tolerance("logits", dtype), dtype, (),
-                     error=f"decode step {step['step']}: max |delta logits| {step['max_abs']:.3g}"), len(r.order)
+    name = f"logits@decode.{step['step']}"
+    return StageDiff(name, False, tolerance("logits", dtype), dtype, (),
+                     error=f"decode step {step['step']}: max |delta logits| {step['max_abs']:.3g}"), order_key(name)
 
 
 def record(results: list[CaseResult], settings: Settings, wall_time_s: float, run_id: str,
            argv: list[str] | None = None) -> dict:
-    """The JSON record of a run (the schema every other report is rendered from)."""
+    """The JSON record of a run (the schema every other report is rendered from). Non-finite numbers
+    (a NaN KL from NaN logits, say) become JSON's "inf" / null, so a broken port still gets its report."""
     cases = []
     first = None
     for r in results:
@@ -225,7 +228,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         })
         if div is not None and (first is None or div[1] < first[2]):
             first = (r, *div)
-    return {
+    return _json_float({
         "schema": SCHEMA,
         "run_id": run_id,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -244,4 +247,4 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
             "oracle": first[0].oracle.get(first[1].stage)},
         "wall_time_s": round(wall_time_s, 3),
         "cases": cases,
-    }
+    })

@@ -15,7 +15,8 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios
@@ -39,36 +40,41 @@ class Outcome:
     area: str
     expected: str
     mode: str
-    found: list[str]  # first divergent stage of every failing case (deduplicated, forward order)
+    found: list[str]  # the first divergent stage of each failing case (deduplicated, in case order)
     failed_cases: int
     cases: int
-    error: str = ""  # the loader's refusal, for a "load" defect
+    error: str = ""  # the run was refused or crashed: the loader's refusal is the detection of a "load" defect
+    misplaced: list[dict] = field(default_factory=list)  # failing cases whose first stage is not the expected one
     seconds: float = 0.0
 
     @property
+    def _load_defect(self) -> bool:
+        f = faults.CATALOG.get(self.fault)
+        return f is not None and f.stage == "load"
+
+    @property
     def detected(self) -> bool:
-        return self.failed_cases > 0 or bool(self.error)
+        return self.failed_cases > 0 or (self._load_defect and bool(self.error))
 
     @property
     def localised(self) -> bool:
-        f = faults.CATALOG.get(self.fault)
-        if f is None or not self.detected:
+        if self.fault not in faults.CATALOG or not self.detected:
             return False
-        if f.stage == "load":
-            return bool(self.error) and f.load_error in self.error
-        return bool(self.found) and all(faults.matches(s, f.stage) for s in self.found)
+        if self._load_defect:
+            return faults.CATALOG[self.fault].load_error in self.error
+        return bool(self.found) and not self.misplaced
 
     @property
     def ok(self) -> bool:
-        if self.fault not in faults.CATALOG:  # the clean port (of one setting group)
-            return not self.detected
+        if self.fault not in faults.CATALOG:  # the clean port (of one setting group): passes, no crash
+            return not self.detected and not self.error
         return self.detected and (self.mode != "teacher" or self.localised)
 
     def to_dict(self) -> dict:
         return {"fault": self.fault, "area": self.area, "expected": self.expected, "mode": self.mode,
                 "found": self.found, "failed_cases": self.failed_cases, "cases": self.cases,
                 "detected": self.detected, "localised": self.localised, "ok": self.ok, "error": self.error,
-                "seconds": round(self.seconds, 3)}
+                "misplaced": self.misplaced, "seconds": round(self.seconds, 3)}
 
 
 def scenarios(fixture_images: Path) -> list[Scenario]:
@@ -119,7 +125,12 @@ def _memoized(reference):
     return call
 
 
-def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settings) -> list[CaseResult]:
+def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settings, reload: bool = False
+         ) -> list[CaseResult]:
+    """Every supported case on every model; ``reload``: load the candidates again first, under whatever
+    defect is on (some act at load time: the loader, the codec)."""
+    if reload:
+        side.reload_candidates()
     results = []
     for m, a in side.adapters.items():
         for s in scenarios:
@@ -130,13 +141,36 @@ def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settin
     return results
 
 
-def _found(results: list[CaseResult], dtype: str) -> tuple[list[str], int]:
-    stages = []
+def _outcome(name: str, area: str, mode: str, side: _Side, run: Callable[[], list[CaseResult]], dtype: str
+             ) -> Outcome:
+    """Run one mode of one defect (or of the clean port) and judge every failing case against the
+    defect's stage, resolved for that case's model and stages."""
+    t = time.perf_counter()
+    fault = faults.CATALOG.get(name)
+    try:
+        results, error = run(), ""
+    except InputError as e:  # the strict loader refused the checkpoint (or the port refused its input)
+        results, error = [], str(e)
+    except Exception as e:  # the port crashed: not a detection, and the self-test goes on
+        results, error = [], f"{type(e).__name__}: {e}"
+    found, misplaced, resolved = [], [], []
     for r in results:
         div = divergence(r, dtype)
-        if div is not None and div[0].stage not in stages:
-            stages.append(div[0].stage)
-    return stages, sum(not r.passed for r in results)
+        if div is None:
+            continue
+        stage = div[0].stage
+        if stage not in found:
+            found.append(stage)
+        if fault is not None:
+            a = side.adapters[r.model]
+            expected = faults.expected_stage(fault, a.args.text.layer_types, [s.name for s in a.stages(r.scenario)])
+            if expected not in resolved:
+                resolved.append(expected)
+            if not faults.matches(stage, expected):
+                misplaced.append({"case": r.name, "found": stage, "expected": expected})
+    shown = ", ".join(resolved) if resolved else (fault.stage if fault else "pass")
+    return Outcome(name, area, shown, mode, found, sum(not r.passed for r in results),
+                   len(results), error, misplaced, time.perf_counter() - t)
 
 
 def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | None = None,
@@ -167,27 +201,17 @@ def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | No
         label = ", ".join(f"{k}={v}" for k, v in extra)
         for mode in modes:  # no false alarm: the clean port passes in every mode of every setting
             tick(f"clean {mode} {label}")
-            t = time.perf_counter()
-            res = _run(side, cases, decoded, replace(settings, mode=mode))
-            found, n_failed = _found(res, dtype)
-            outcomes.append(Outcome(CLEAN + (f" [{label}]" if label else ""), "-", "pass", mode, found, n_failed,
-                                    len(res), seconds=time.perf_counter() - t))
+            clean = partial(_run, side, cases, decoded, replace(settings, mode=mode))
+            outcomes.append(_outcome(CLEAN + (f" [{label}]" if label else ""), "-", mode, side, clean, dtype))
         for f in group:
             for mode in modes:
                 tick(f"{f.name} {mode}")
-                t = time.perf_counter()
+                run = partial(_run, side, cases, decoded, replace(settings, mode=mode, inject=(f.name,)), reload=True)
                 with faults.inject(f.name):
                     try:
-                        side.reload_candidates()
-                        res = _run(side, cases, decoded, replace(settings, mode=mode, inject=(f.name,)))
-                        found, n_failed = _found(res, dtype)
-                        error = ""
-                    except InputError as e:  # a loader defect: the strict loader refuses the checkpoint
-                        res, found, n_failed, error = [], [], 0, str(e)
+                        outcomes.append(_outcome(f.name, f.area, mode, side, run, dtype))
                     finally:
                         side.restore()
-                outcomes.append(Outcome(f.name, f.area, f.stage, mode, found, n_failed, len(res), error,
-                                        time.perf_counter() - t))
     tick("done")
     return _record(outcomes, picked, modes, dtype, decode_steps, cases, models, time.perf_counter() - t0)
 
@@ -223,6 +247,8 @@ def _record(outcomes: list[Outcome], picked, modes, dtype, decode_steps, cases, 
 def _refusal(error: str, fault: str) -> str:
     """A loader refusal in one cell: the tensor it names (the one the defect predicts, when it does)."""
     f = faults.CATALOG.get(fault)
+    if f is None or f.stage != "load":
+        return f"error: {error[:80]}"
     named = re.findall(r"'([^']+)'", error)
     hit = next((n for n in named if f is not None and f.load_error and f.load_error in n), named[0] if named else "")
     return f"load refused ({hit})" if hit else "load refused"
@@ -234,7 +260,8 @@ def _table(rec: dict) -> list[tuple[str, ...]]:
     for o in rec["outcomes"]:
         row = rows.setdefault(o["fault"], {"area": o["area"], "expected": o["expected"], "found": {},
                                            "detected": True, "localised": None, "ok": True})
-        shown = o["found"] or ([_refusal(o["error"], o["fault"])] if o["error"] else ["-"])
+        shown = list(o["found"]) or ([_refusal(o["error"], o["fault"])] if o["error"] else ["-"])
+        shown += [f"(case {m['case']}: expected {m['expected']})" for m in o["misplaced"][:2]]
         row["found"][o["mode"]] = ", ".join(shown) + ("" if o["fault"] in faults.CATALOG or not o["detected"]
                                                       else " (FALSE ALARM)")
         row["detected"] = row["detected"] and o["detected"]

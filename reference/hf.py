@@ -140,6 +140,15 @@ class HFRunner:
             out[stage] = to_numpy(linear.weight)
         return out
 
+    def token_types(self, input_ids: np.ndarray) -> np.ndarray:
+        """HF's ``mm_token_type_ids`` for ``input_ids``: 1 image, 2 video, 3 audio token, else 0 (the
+        processor's rule; boi/eoi/boa/eoa are text), from the checkpoint's config."""
+        cfg = self.model.config
+        types = np.zeros_like(input_ids, dtype=np.int64)
+        for value, token in ((1, cfg.image_token_id), (2, cfg.video_token_id), (3, cfg.audio_token_id)):
+            types[input_ids == token] = value
+        return types
+
     def official_masks(self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor) -> dict:
         """The mask dict HF's static ``create_masks_for_generate`` builds (catalog §4.3): full causal,
         sliding (causal | block) & window. Handed to the forward as ``attention_mask``."""

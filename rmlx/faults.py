@@ -1,7 +1,7 @@
 """Planted defects: real-world porting bugs the parity harness must catch and localise.
 
 Each fault imitates a bug someone shipped; the port checks ``active(name)`` at the one place the
-bug would live. Switch them on with exactly one of:
+bug would live. Switch them on with any of (they combine):
 
 * the context manager ``with faults.inject("bgr-patchify"): ...``
 * the environment variable ``RMLX_INJECT=bgr-patchify[,other]`` (read at import)
@@ -26,15 +26,16 @@ class Fault:
     name: str
     area: str  # where the bug lives: preprocessing, embedder, masks, rope, attention, ...
     imitates: str  # the real-world bug, in one line
-    stage: str  # the public stage it must first hit (teacher-forced): a glob, or globs joined by " | ", where it
-    #             depends on the model or case; "load" for a defect the strict loader refuses (the message names
-    #             ``load_error``)
+    stage: str  # the public stage it must first hit (teacher-forced): a name or glob; "{first_full}" stands for
+    #             the model's first full-attention layer, "{first_qweight}" for the case's first dequantized
+    #             weight stage; "logits@decode.N" is a decode step; "load": the strict loader refuses the
+    #             checkpoint, naming ``load_error``
     settings: tuple[tuple[str, object], ...] = ()  # run settings the defect needs to show, e.g. quantize
     load_error: str = ""
 
 
 _MX = (("quantize", "mxfp8"),)
-_MX_STAGE = "vision.patch_dense.weight | layers.0.*.weight"  # the first dequantized weight of the case
+_MX_STAGE = "{first_qweight}"  # the first dequantized weight of the case, in forward order
 CATALOG: dict[str, Fault] = {
     f.name: f
     for f in (
@@ -56,7 +57,7 @@ CATALOG: dict[str, Fault] = {
         Fault("overlay-crosses-blocks", "masks",
               "the bidirectional image overlay spans every image of the prompt as one block", "mask.*"),
         Fault("rope-partial-slice", "rope", "proportional RoPE applied as mx.fast.rope(dims=128) on a slice: "
-              "pairs (i, i+64), exponent over 128", "layers.*.attn.q"),
+              "pairs (i, i+64), exponent over 128", "layers.{first_full}.attn.q"),
         Fault("rope-interleaved", "rope",
               "RoPE pairs interleaved (2i, 2i+1), GPT-J style (mx.fast.rope traditional=True), instead of "
               "half-split (i, i + d/2)", "layers.0.attn.q"),
@@ -73,7 +74,7 @@ CATALOG: dict[str, Fault] = {
               "the per-layer layer_scalar buffer never applied to the layer output", "layers.0.out"),
         Fault("softcap-skipped", "logits", "final logit soft-cap tanh(x / cap) * cap left out", "logits"),
         Fault("sliding-cache-off-by-one", "cache", "the rotating KV cache keeps W keys instead of W - 1, so a "
-              "decode step sees W + 1 keys: only decoding with a cache shows it", "logits"),
+              "decode step sees W + 1 keys: only decoding with a cache shows it", "logits@decode.*"),
         Fault("gate-up-swapped", "loader", "checkpoint gate_proj and up_proj loaded into each other's slots "
               "(a fused gate_up split in the wrong order): same shapes, so no shape check sees it",
               "layers.0.mlp.out"),
@@ -90,9 +91,20 @@ CATALOG: dict[str, Fault] = {
 }
 
 
+def expected_stage(fault: Fault, layer_types: list[str], stage_names: list[str]) -> str:
+    """``fault.stage`` for one case: its placeholders resolved from the model's layer types and the
+    case's stage names (forward order)."""
+    stage = fault.stage
+    if "{first_full}" in stage:
+        stage = stage.replace("{first_full}", str(layer_types.index("full_attention")))
+    if "{first_qweight}" in stage:
+        stage = stage.replace("{first_qweight}", next((n for n in stage_names if n.endswith(".weight")), "?"))
+    return stage
+
+
 def matches(stage: str, expected: str) -> bool:
-    """Is ``stage`` one of the stages a fault declares (``Fault.stage``: globs joined by " | ")?"""
-    return any(fnmatch.fnmatchcase(stage, g.strip()) for g in expected.split("|"))
+    """Is ``stage`` the stage a fault declares (a resolved ``Fault.stage``, possibly a glob)?"""
+    return fnmatch.fnmatchcase(stage, expected)
 
 
 def _parse(spec: str, origin: str) -> frozenset[str]:

@@ -147,7 +147,7 @@ class Model(nn.Module):
             return h
         idx = np.flatnonzero(slots[0])
         if faults.active("soft-token-scatter-shifted") and what == "image":
-            idx = idx + 1  # the planted bug: counted from <boi> inclusive, so every token lands one slot late
+            idx = np.minimum(idx + 1, h.shape[1] - 1)  # the planted bug: counted from <boi> inclusive, one slot late
         idx = mx.array(idx)
         h[:, idx] = soft.astype(h.dtype)  # (1, N, H) into the slots, in sequence order
         return h

@@ -7,6 +7,7 @@ fresh examples a run; ``long`` draws 1000 (``HYPOTHESIS_PROFILE=long python -m p
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,6 +34,26 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session", params=MODELS, ids=[m.name for m in MODELS])
 def model_dir(request) -> Path:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def default_runs(tmp_path_factory):
+    """``default_runs(dtype, mode, policy)`` -> (exit code, record, folder): one `rmlx-parity run` of the
+    embedded default per combination per session, shared by every test that reads it (a minute each)."""
+    from parity.cli import main
+
+    done: dict[tuple, tuple] = {}
+
+    def get(dtype: str, mode: str, policy: str):
+        key = (dtype, mode, policy)
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"run-{dtype}-{mode}-{policy}")
+            code = main(["run", "--dtype", dtype, "--mode", mode, "--mask-policy", policy,
+                         "--report-dir", str(out / "rep"), "--json", str(out / "record.json")])
+            done[key] = (code, json.loads((out / "record.json").read_text()), out)
+        return done[key]
+
+    return get
 
 
 @pytest.fixture(scope="session")

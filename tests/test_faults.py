@@ -47,10 +47,16 @@ def test_faults_switch_is_scoped_and_validated():
             pass
 
 
-def test_fault_stage_globs():
-    assert faults.matches("layers.0.attn.o_proj.weight", faults.CATALOG["mx-e5m2"].stage)
-    assert faults.matches("vision.patch_dense.weight", faults.CATALOG["mx-e5m2"].stage)
-    assert not faults.matches("layers.1.attn.q_proj.weight", faults.CATALOG["mx-e5m2"].stage)
+def test_fault_stages_resolve_per_case():
+    mx, rope = faults.CATALOG["mx-e5m2"], faults.CATALOG["rope-partial-slice"]
+    layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
+    assert faults.expected_stage(mx, layer_types, ["text.embed_tokens", "layers.0.attn.o_proj.weight",
+                                                   "layers.0.attn.q"]) == "layers.0.attn.o_proj.weight"
+    assert faults.expected_stage(mx, layer_types, ["image.pixel_values", "vision.patch_dense.weight",
+                                                   "layers.0.attn.q_proj.weight"]) == "vision.patch_dense.weight"
+    assert faults.expected_stage(rope, layer_types, []) == "layers.2.attn.q"
+    assert faults.matches("logits@decode.2", faults.CATALOG["sliding-cache-off-by-one"].stage)
+    assert not faults.matches("logits", faults.CATALOG["sliding-cache-off-by-one"].stage)
 
 
 def test_k_eq_v_ignored_fails_at_load_naming_the_tensor(tmp_path, capsys):

@@ -35,23 +35,9 @@ RUNS = [("float32", "free", "official"), ("float32", "teacher", "official"), ("b
         pytest.param(("bfloat16", "free", "hf-forward"), marks=pytest.mark.slow)]
 
 
-_RUNS: dict[tuple, tuple] = {}
-
-
-def _run(tmp_path_factory, dtype, mode, policy):
-    """One default run per (dtype, mode, policy) per session, shared by every test that reads it."""
-    key = (dtype, mode, policy)
-    if key not in _RUNS:
-        out = tmp_path_factory.mktemp(f"run-{dtype}-{mode}-{policy}")
-        code = main(["run", "--dtype", dtype, "--mode", mode, "--mask-policy", policy,
-                     "--report-dir", str(out / "rep"), "--json", str(out / "record.json")])
-        _RUNS[key] = (code, json.loads((out / "record.json").read_text()), out)
-    return _RUNS[key]
-
-
 @pytest.fixture(scope="module", params=RUNS, ids=lambda p: "-".join(p))
-def default_run(request, tmp_path_factory):
-    return _run(tmp_path_factory, *request.param)
+def default_run(request, default_runs):
+    return default_runs(*request.param)
 
 
 def test_default_run_passes(default_run):
@@ -120,9 +106,9 @@ def test_policies_differ_in_the_reference_itself(default_run):
     assert all(v > 0.1 for k, v in sc.items() if k.endswith(("/two-images", "/long-image-block")))
 
 
-def test_oracle_agrees_with_both_sides_in_fp32(tmp_path_factory):
+def test_oracle_agrees_with_both_sides_in_fp32(default_runs):
     """The float64 oracle is the seed of truth: HF and rmlx are both within the fp32 tolerance of it."""
-    _, rec, _ = _run(tmp_path_factory, "float32", "free", "official")
+    _, rec, _ = default_runs("float32", "free", "official")
     checked = 0
     for case in rec["cases"]:
         for st in case["stages"]:

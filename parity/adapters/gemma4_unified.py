@@ -137,7 +137,9 @@ class Gemma4UnifiedAdapter:
                 ids += [a.boa_token_id] + [a.audio_token_id] * int(value) + [a.eoa_token_index]
                 frames = audio_frames(int(value))
         input_ids = np.array([ids], np.int64)
-        inputs = {"input.input_ids": input_ids, "input.mm_token_type_ids": self.candidate_model.token_types(input_ids)}
+        # the reference types the tokens; the candidate types them itself (Model.__call__), so a typing
+        # defect in the port shows up at its masks and scattered inputs
+        inputs = {"input.input_ids": input_ids, "input.mm_token_type_ids": self.hf.token_types(input_ids)}
         if frames is not None:
             inputs["input.audio_frames"] = frames
         return inputs, pre
@@ -178,7 +180,7 @@ class Gemma4UnifiedAdapter:
             if scenario.images:
                 pixel_values, position_ids = rimage.preprocess_batch(
                     [decoded[p] for p in scenario.images], max_soft_tokens)
-            logits = model(inputs["input.input_ids"], inputs["input.mm_token_type_ids"], pixel_values,
+            logits = model(inputs["input.input_ids"], None, pixel_values,
                            position_ids, inputs.get("input.audio_frames"), policy, cache, 0)
             mx.eval(logits)
         steps = []
