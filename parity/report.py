@@ -242,8 +242,9 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
                 for side, capture in sides.items():
                     arrays = {k: np.ascontiguousarray(v) for k, v in capture.items()}
                     save_file(arrays, str(folder / f"{side}.safetensors"), metadata=meta | {"side": side})
-        for tmp, final in staged:
+        for _, final in staged:  # every destination is still free before the first one is taken
             check_free(final)
+        for tmp, final in staged:
             os.replace(tmp, final)
     finally:
         for tmp, _ in staged:
