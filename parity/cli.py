@@ -40,6 +40,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
 
+def _shard(text: str) -> tuple[int, int]:
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
+        raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N, got {text!r}")
+    return int(k), int(n)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rmlx-parity", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -76,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write DIR/<case>/{reference,candidate}.safetensors (keys = stage names and input.*)")
     r.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
     r.add_argument("--no-oracle", action="store_true", help="skip the float64 NumPy oracle columns")
+    r.add_argument("--shard", type=_shard, metavar="K/N",
+                   help="run only the K-th of N deterministic slices of the cases (CI matrix jobs; 1 <= K <= N)")
 
     sub.add_parser("run", parents=[r], help="compare every stage of rmlx against HF transformers")
 
@@ -125,8 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON record here")
     cp.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
 
-    f = sub.add_parser("fixtures", help="regenerate the embedded default under fixtures/")
-    f.add_argument("--out", type=Path, default=None, help="default: the repository's fixtures/")
+    f = sub.add_parser("fixtures", help="regenerate the embedded default under fixtures/, or write a synthetic "
+                                        "checkpoint of the real shapes (--shape)")
+    f.add_argument("--out", type=Path, default=None, help="default: the repository's fixtures/ (required with --shape)")
+    f.add_argument("--shape", choices=("12b", "mini"), default=None,
+                   help="write a sharded HF checkpoint of Gemma 4 unified 12B shapes (or 'mini': the same structure "
+                        "at toy sizes) with random weights, one shard in memory at a time")
+    f.add_argument("--layers", type=int, default=None, metavar="N", help="with --shape: decoder layers (12b: 48)")
+    f.add_argument("--weights-dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="with --shape: the stored dtype (default bfloat16)")
     return p
 
 
@@ -137,7 +153,7 @@ def _settings(args):
                     stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
                     inject=tuple(args.inject), oracle=not args.no_oracle, mask_policy=args.mask_policy,
                     candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
-                    quantize=args.quantize)
+                    quantize=args.quantize, shard=args.shard)
 
 
 def _check_outputs(args, *folders: Path | None) -> None:
@@ -319,8 +335,26 @@ def cmd_compare(args) -> int:
 
 
 def cmd_fixtures(args) -> int:
+    from parity import report
     from reference.fixtures import generate
+    from rmlx.errors import InputError
 
+    if args.shape is not None:
+        from reference import synthetic
+
+        if args.out is None:
+            raise InputError("--shape needs --out DIR (a new folder)")
+        if args.layers is not None and args.layers < 1:
+            raise InputError(f"--layers must be >= 1, got {args.layers}")
+        report.check_free(args.out)
+        t0 = time.perf_counter()
+        index = synthetic.write(args.out, args.shape, args.layers, args.weights_dtype, progress=report.Progress())
+        shards = len(set(index["weight_map"].values()))
+        print(f"wrote {args.out}: {args.shape}-shaped, {len(index['weight_map'])} tensors, "
+              f"{index['metadata']['total_size'] / 2**30:.2f} GiB in {shards} shards, {time.perf_counter() - t0:.1f} s")
+        return EXIT_PASS
+    if args.layers is not None:
+        raise InputError("--layers needs --shape")
     out = args.out or fixtures_dir()
     manifest = generate(out)
     print(f"wrote {len(manifest['files'])} files under {out} (see {out / 'MANIFEST.json'})")

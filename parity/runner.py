@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios
+from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios, supports
 from parity.metrics import StageDiff, _json_float, compare, compare_all, first_divergence, logits_agreement
 from parity.stages import order_key, select
 from parity.tolerances import tolerance
 from parity.viz import case_viz
 from rmlx import faults
 from rmlx.base import MASK_POLICIES
+from rmlx.config import ModelArgs
 from rmlx.errors import InputError
 from rmlx.image import check_max_soft_tokens, load_image
 
@@ -42,6 +43,7 @@ class Settings:
     candidate_mask_policy: str | None = None  # None: the same as the reference's
     decode_steps: int = 4
     quantize: str | None = None  # "mxfp8": the candidate quantizes on load
+    shard: tuple[int, int] | None = None  # (K, N): run only the K-th of N deterministic slices of the cases
 
 
 @dataclass
@@ -106,18 +108,34 @@ def validate(settings: Settings) -> None:
     faults.check(*settings.inject)
 
 
+def plan_cases(models: list[Path], scenarios: list[Scenario], shard: tuple[int, int] | None = None
+               ) -> list[tuple[Path, Scenario]]:
+    """Every (model, scenario) the models support, in a fixed order (models as given, then scenarios);
+    ``shard=(K, N)`` keeps cases K-1, K-1+N, K-1+2N, ...: N shards that together run every case once."""
+    args = {m: ModelArgs.from_file(Path(m) / "config.json") for m in models}
+    plan = [(m, s) for m in models for s in scenarios if supports(args[m], s)]
+    if not plan:
+        raise InputError("no case to run: the checkpoint(s) have no vision_config / audio_config for the "
+                         "requested scenarios")
+    if shard is not None:
+        k, n = shard
+        if not 1 <= k <= n:
+            raise InputError(f"--shard {k}/{n}: K must be in 1..N")
+        if n > len(plan):
+            raise InputError(f"--shard {k}/{n}: there are only {len(plan)} cases; use at most that many shards")
+        plan = plan[k - 1::n]
+    return plan
+
+
 def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings, keep_captures: bool = False,
               progress: Callable[[int, int, str], None] | None = None) -> list[CaseResult]:
     validate(settings)
-    paths = sorted({p for s in scenarios for p in s.images})
+    plan = plan_cases(models, scenarios, settings.shard)
+    paths = sorted({p for _, s in plan for p in s.images})
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
     with faults.inject(*settings.inject):  # a fault may act at load time (e.g. k-eq-v-ignored)
         adapters = {m: Gemma4UnifiedAdapter(m, settings.dtype, settings.attn_implementation, settings.quantize)
-                    for m in models}
-        plan = [(m, s) for m, a in adapters.items() for s in scenarios if a.supports(s)]
-        if not plan:
-            raise InputError("no case to run: the checkpoint(s) have no vision_config / audio_config for the "
-                             "requested scenarios")
+                    for m in dict.fromkeys(m for m, _ in plan)}
         results: list[CaseResult] = []
         for m, scenario in plan:
             if progress:
@@ -238,7 +256,8 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                      "stages": list(settings.stages), "attn_implementation": settings.attn_implementation,
                      "inject": sorted(set(settings.inject) | faults.enabled()), "mask_policy": settings.mask_policy,
                      "candidate_mask_policy": settings.candidate_mask_policy or settings.mask_policy,
-                     "decode_steps": settings.decode_steps, "quantize": settings.quantize},
+                     "decode_steps": settings.decode_steps, "quantize": settings.quantize,
+                     "shard": None if settings.shard is None else "{}/{}".format(*settings.shard)},
         "passed": all(r.passed for r in results),
         "first_divergence": None if first is None else {
             "case": first[0].name, "stage": first[1].stage, "max_abs": first[1].max_abs,

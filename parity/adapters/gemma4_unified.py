@@ -70,6 +70,11 @@ def special_scenarios(images: Path) -> tuple[Scenario, ...]:
     )
 
 
+def supports(args: ModelArgs, scenario: Scenario) -> bool:
+    """Can a checkpoint of this config run the scenario (a vision tower for images, audio for audio)?"""
+    return (not scenario.images or args.vision is not None) and (not scenario.has_audio or args.audio is not None)
+
+
 def audio_frames(n: int, seed: int = 0) -> np.ndarray:
     """Deterministic raw audio: n frames of 640 samples of a two-tone signal, (1, n, 640) float32."""
     t = np.arange(n * AUDIO_FRAME) / 16000.0
@@ -109,8 +114,7 @@ class Gemma4UnifiedAdapter:
         return numpy_ops.load_vision_weights(self.model_dir)
 
     def supports(self, scenario: Scenario) -> bool:
-        return (not scenario.images or self.args.vision is not None) and (
-            not scenario.has_audio or self.args.audio is not None)
+        return supports(self.args, scenario)
 
     def stages(self, scenario: Scenario) -> tuple[Stage, ...]:
         return stages_for(self.args.text, bool(scenario.images), scenario.has_audio, self.quantized)
