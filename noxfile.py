@@ -1,6 +1,6 @@
 """nox sessions: tests (the default pytest run), slow (tests marked slow), lint (ruff), parity (the
 self-test, the gates against the committed baselines, and the embedded default in every policy, dtype
-and mode, and quantized)."""
+and mode, and quantized), bench (benchmarks/bench.py: JSON + Markdown under reports/)."""
 
 import nox
 
@@ -23,7 +23,7 @@ def slow(session):
 @nox.session(python=PYTHON)
 def lint(session):
     session.install("ruff")
-    session.run("ruff", "check", "rmlx", "reference", "parity", "tests", "noxfile.py")
+    session.run("ruff", "check", "rmlx", "reference", "parity", "tests", "benchmarks", "noxfile.py")
 
 
 @nox.session(python=PYTHON)
@@ -38,3 +38,9 @@ def parity(session):
             for mode in ("free", "teacher"):
                 session.run("rmlx-parity", "run", "--dtype", dtype, "--mode", mode, "--mask-policy", policy)
     session.run("rmlx-parity", "run", "--quantize", "mxfp8")
+
+
+@nox.session(python=PYTHON)
+def bench(session):
+    session.install("-e", ".[dev]")
+    session.run("python", "benchmarks/bench.py", *session.posargs)

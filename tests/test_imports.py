@@ -9,7 +9,8 @@ import pytest
 CASES = [
     ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap, rmlx.quant, rmlx.text",
      ["torch", "transformers", "parity", "reference"]),
-    ("reference, reference.hf, reference.numpy_ops, reference.fixtures, reference.mxfp8", ["mlx", "rmlx", "parity"]),
+    ("reference, reference.hf, reference.numpy_ops, reference.fixtures, reference.mxfp8, reference.synthetic",
+     ["mlx", "rmlx", "parity"]),
     ("parity.metrics", ["mlx", "torch", "transformers", "rmlx", "reference"]),
 ]
 

@@ -1,0 +1,237 @@
+"""Benchmarks: rmlx (MLX) against HF (torch) on the same CPU, in the same process, at real shapes.
+
+    python benchmarks/bench.py [--out DIR] [--repeat N] [--only gemm,vision,masks,harness]
+
+Writes DIR/bench.json and DIR/bench.md (default reports/bench-<time>/), atomically. Every number is a
+median of N timed repeats after one warm-up, with the thread counts and versions recorded. Sections:
+
+- gemm: fp32 280x6912 @ 6912x3840 (the vision patch_dense at 280 soft tokens) in MLX, torch and NumPy;
+  bf16 in MLX and torch; MXFP8 in MLX (``mx.quantized_matmul``, mode "mxfp8").
+- vision: the vision embedder at the real shape (6912 -> 3840 -> 3840) at 280 and 1120 soft tokens.
+- masks: both mask policies at 8k and 32k tokens (an 8k-token image block in the middle).
+- harness: the embedded default (tiny fixtures), the time of the two forwards against everything else
+  the harness does (capture, compare, oracle, report).
+
+Not a test: timings are reported, never asserted (tests/ never time anything).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timed(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_gemm(repeat: int) -> list[dict]:
+    import mlx.core as mx
+    import torch
+
+    m, k, n = 280, 6912, 3840
+    flop = 2 * m * k * n
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((k, n), dtype=np.float32) / 83
+    rows = []
+
+    def add(what, seconds):
+        rows.append({"case": what, "seconds": seconds, "gflops": flop / seconds / 1e9})
+
+    ma, mb = mx.array(a), mx.array(b)
+    add("mlx fp32", timed(lambda: mx.eval(ma @ mb), repeat))
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    add("torch fp32", timed(lambda: ta @ tb, repeat))
+    add("numpy fp32", timed(lambda: a @ b, repeat))
+    ma16, mb16 = ma.astype(mx.bfloat16), mb.astype(mx.bfloat16)
+    add("mlx bf16", timed(lambda: mx.eval(ma16 @ mb16), repeat))
+    ta16, tb16 = ta.bfloat16(), tb.bfloat16()
+    add("torch bf16", timed(lambda: ta16 @ tb16, repeat))
+    wq, scales = mx.quantize(mb.T, group_size=32, bits=8, mode="mxfp8")[:2]
+    add("mlx mxfp8 (fp32 activations)", timed(lambda: mx.eval(mx.quantized_matmul(
+        ma, wq, scales, transpose=True, group_size=32, bits=8, mode="mxfp8")), repeat))
+    add("mlx mxfp8 (bf16 activations)", timed(lambda: mx.eval(mx.quantized_matmul(
+        ma16, wq, scales, transpose=True, group_size=32, bits=8, mode="mxfp8")), repeat))
+    torch_fp32 = rows[1]["seconds"]
+    for r in rows:
+        r["vs torch fp32"] = r["seconds"] / torch_fp32
+    return rows
+
+
+def bench_vision(repeat: int) -> list[dict]:
+    import mlx.core as mx
+    import torch
+    from transformers import Gemma4UnifiedConfig
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4UnifiedVisionEmbedder
+
+    from rmlx.config import VisionConfig
+    from rmlx.image import preprocess_batch
+    from rmlx.vision import VisionEmbedder
+
+    cfg = Gemma4UnifiedConfig(text_config=dict(hidden_size=3840), vision_config=dict(
+        mm_embed_dim=3840, output_proj_dims=3840, mm_posemb_size=1120))
+    torch.manual_seed(0)
+    hf = Gemma4UnifiedVisionEmbedder(cfg.vision_config, cfg.text_config).eval()
+    ours = VisionEmbedder(VisionConfig(16, 3, 3840, 1120, 3840), 3840)
+    from mlx.utils import tree_unflatten
+
+    from rmlx.model import module_path
+    state = {module_path("model.embed_vision." + k)[len("vision_embedder."):]: mx.array(v.detach().numpy())
+             for k, v in hf.state_dict().items()}
+    ours.update(tree_unflatten(list(state.items())))
+    rows = []
+    image = (np.random.default_rng(1).integers(0, 256, (768, 1024, 3))).astype(np.uint8)
+    for tokens in (280, 1120):
+        pv, pos = preprocess_batch([image], tokens)
+        tpv, tpos = torch.from_numpy(pv), torch.from_numpy(pos)
+        with torch.no_grad():
+            t_torch = timed(lambda tpv=tpv, tpos=tpos: hf(pixel_values=tpv, image_position_ids=tpos), repeat)
+        mpv, mpos = mx.array(pv), mx.array(pos)
+        t_mlx = timed(lambda mpv=mpv, mpos=mpos: mx.eval(ours(mpv, mpos)), repeat)
+        rows.append({"case": f"vision embedder, {tokens} soft tokens", "mlx s": t_mlx, "torch s": t_torch,
+                     "mlx / torch": t_mlx / t_torch})
+    return rows
+
+
+def bench_masks(repeat: int) -> list[dict]:
+    import mlx.core as mx
+    import torch
+    from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
+
+    from rmlx.base import attention_masks
+
+    cfg = Gemma4UnifiedConfig(text_config=dict(hidden_size=8, num_hidden_layers=2, sliding_window=1024,
+                                               layer_types=["sliding_attention", "full_attention"]))
+    cfg._attn_implementation = cfg.text_config._attn_implementation = "eager"  # materialised masks, as HFRunner
+    build = Gemma4UnifiedForConditionalGeneration.create_masks_for_generate
+    rows = []
+    for length in (8192, 32768):
+        types = np.zeros((1, length), np.int64)
+        types[0, length // 4: length // 4 + 8192] = 1  # an 8k-token image block
+        mtypes = mx.array(types)
+        for policy in ("official", "hf-forward"):
+            t_mlx = timed(lambda p=policy, t=mtypes: mx.eval(*attention_masks(t, 1024, p).values()), repeat)
+            rows.append({"case": f"rmlx masks, {policy}, {length} tokens", "seconds": t_mlx})
+        embeds = torch.zeros((1, length, 8))
+        ttypes = torch.from_numpy(types)
+        t_hf = timed(lambda e=embeds, t=ttypes, n=length: build(cfg, e, None, None, torch.arange(n)[None], t), repeat)
+        rows.append({"case": f"HF create_masks_for_generate (official, eager: float masks), {length} tokens",
+                     "seconds": t_hf})
+    return rows
+
+
+def bench_harness(repeat: int) -> list[dict]:
+    """The embedded default once: the two forwards' share of the wall time, the rest is the harness."""
+    from parity import report
+    from parity.adapters import gemma4_unified as g
+    from parity.cli import default_images, default_models, fixtures_dir
+    from parity.runner import Settings, default_scenarios, record, run_cases
+
+    spent = {"reference": 0.0, "candidate": 0.0}
+    originals = {name: getattr(g.Gemma4UnifiedAdapter, name) for name in spent}
+
+    def timing(name):
+        def call(self, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return originals[name](self, *a, **kw)
+            finally:
+                spent[name] += time.perf_counter() - t
+        return call
+
+    for name in spent:
+        setattr(g.Gemma4UnifiedAdapter, name, timing(name))
+    try:
+        t0 = time.perf_counter()
+        results = run_cases(default_models(), default_scenarios(default_images(), fixtures_dir() / "images"),
+                            Settings())
+        rec = record(results, Settings(), time.perf_counter() - t0, "bench")
+        t_report = time.perf_counter()
+        report.to_markdown(rec)
+        from parity import html, junit
+        html.to_html(rec)
+        junit.to_junit(rec)
+        report_s = time.perf_counter() - t_report
+        total = time.perf_counter() - t0
+    finally:
+        for name, fn in originals.items():
+            setattr(g.Gemma4UnifiedAdapter, name, fn)
+    forwards = spent["reference"] + spent["candidate"]
+    return [{"case": f"embedded default ({len(results)} cases)", "total s": total, "reference forward s":
+             spent["reference"], "candidate forward s": spent["candidate"], "report render s": report_s,
+             "harness overhead / forwards": (total - forwards) / forwards}]
+
+
+SECTIONS = {"gemm": bench_gemm, "vision": bench_vision, "masks": bench_masks, "harness": bench_harness}
+
+
+def environment() -> dict:
+    import mlx.core as mx
+    import torch
+    import transformers
+
+    return {"transformers": transformers.__version__, "torch": torch.__version__, "mlx": mx.__version__,
+            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
+            "mlx device": str(mx.default_device())}
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"# rmlx benchmarks ({result['created']})", "",
+             ", ".join(f"{k} {v}" for k, v in result["environment"].items()), ""]
+    for section, rows in result["sections"].items():
+        cols = list(rows[0])
+        lines += [f"## {section}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        for r in rows:
+            lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
+                         + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--only", default=",".join(SECTIONS))
+    args = p.parse_args(argv)
+    names = [s for s in args.only.split(",") if s]
+    unknown = sorted(set(names) - SECTIONS.keys())
+    if unknown or args.repeat < 1:
+        print(f"bench: unknown section(s) {unknown} (known: {sorted(SECTIONS)}) or --repeat < 1", file=sys.stderr)
+        return 2
+    from parity import report
+
+    out = args.out or ROOT / "reports" / time.strftime("bench-%Y%m%d-%H%M%S", time.gmtime())
+    report.check_free(out)
+    result = {"schema": "rmlx.bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "environment": environment(), "repeat": args.repeat, "sections": {}}
+    for name in names:
+        t = time.perf_counter()
+        result["sections"][name] = SECTIONS[name](args.repeat)
+        print(f"{name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    report.write_files(out, {"bench.json": json.dumps(result, indent=2) + "\n", "bench.md": to_markdown(result)})
+    print(to_markdown(result))
+    print(f"written: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
