@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
+import importlib
 import os
 import sys
 import time
@@ -197,10 +197,14 @@ def _run(args) -> tuple[dict, Path, dict | None]:
 
 def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, markdown: str | None = None) -> None:
     """Write the report folder (and dumps, and --json) atomically; add the Markdown to the CI job
-    summary when ``$GITHUB_STEP_SUMMARY`` names one."""
+    summary when ``$GITHUB_STEP_SUMMARY`` names one. With ``markdown`` (the self-test), the folder
+    holds that record as selftest.json + selftest.md instead of a run's reports."""
     from parity import report
 
-    report.write_report_dir(report_dir, rec, dumps, getattr(args, "dump", None))
+    if markdown is None:
+        report.write_report_dir(report_dir, rec, dumps, getattr(args, "dump", None))
+    else:
+        report.write_files(report_dir, {"selftest.json": report.json_text(rec), "selftest.md": markdown})
     if args.json:
         report.write_json_atomic(args.json, rec)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -272,14 +276,7 @@ def cmd_selftest(args) -> int:
     modes = ("teacher", "free") if args.mode == "both" else (args.mode,)
     rec = selftest.run_selftest(models, images, args.fault, modes, progress=report.Progress())
     rec["command"] = " ".join(["rmlx-parity", *args.argv])
-    report.write_files(report_dir, {"selftest.json": json.dumps(rec, indent=2, allow_nan=False) + "\n",
-                                    "selftest.md": selftest.to_markdown(rec)})
-    if args.json:
-        report.write_json_atomic(args.json, rec)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a") as f:
-            f.write(selftest.to_markdown(rec))
+    _publish(rec, report_dir, args, markdown=selftest.to_markdown(rec))
     print(selftest.to_terminal(rec))
     print(f"\nreport: {report_dir / 'selftest.md'}")
     return EXIT_PASS if rec["passed"] else EXIT_FAIL
@@ -325,7 +322,7 @@ def cmd_compare(args) -> int:
 
     run_id = args.run_id
     report_dir = args.report_dir or Path("reports") / run_id
-    report.check_free(report_dir)
+    _check_outputs(args, report_dir)
     rec = compare_paths(args.ref, args.cand, args.dtype, args.mode, args.stages, run_id, argv=args.argv)
     _publish(rec, report_dir, args)
     print(report.to_terminal(rec))
@@ -361,6 +358,12 @@ def cmd_fixtures(args) -> int:
     return EXIT_PASS
 
 
+# the modules each command imports before it starts (the port and harness for the gating commands)
+_NEEDS = {"run": ("parity.runner",), "gate": ("parity.gate", "parity.runner"), "selftest": ("parity.selftest",),
+          "compare": ("parity.compare",), "stages": ("parity.stages",), "faults": ("rmlx.faults",),
+          "convert": ("rmlx.load",), "fixtures": ("reference.fixtures",)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -369,18 +372,14 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     args.argv = argv
     args.run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + f"-{os.getpid()}-{os.urandom(2).hex()}"
-    try:  # import the whole port and harness up front: a revision that cannot is skipped, not failed
+    try:  # import what the command needs up front: a revision that cannot is skipped, not failed
         from rmlx.errors import InputError
     except Exception as e:  # ImportError, SyntaxError, anything raised at import time
         print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
     try:
-        import parity.compare  # noqa: F401
-        import parity.gate  # noqa: F401
-        import parity.report  # noqa: F401
-        import parity.runner  # noqa: F401
-        import parity.selftest  # noqa: F401
-        import rmlx.load  # noqa: F401
+        for module in ("parity.report", "rmlx.load", *_NEEDS[args.command]):
+            importlib.import_module(module)
     except InputError as e:  # e.g. an unknown fault in RMLX_INJECT, read at import: bad input, not untestable
         print(f"rmlx-parity: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -397,6 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     except Untestable as e:
         print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -156,7 +156,6 @@ def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patter
         name=name, model=Path(model if scenario else ""), scenario=Scenario(scenario or model, audio),
         settings=Settings(mode=mode, dtype=dtype), diffs=diffs, logits=logits,
         n_soft_tokens=0 if types is None else int((types == 1).sum()),
-        order={d.stage: i for i, d in enumerate(diffs)},
         classes={n: ("unknown" if s is None else s.tol) for n, s in classes.items()},
         seconds=time.perf_counter() - t0)
     return result, section

@@ -19,7 +19,7 @@ import math
 from pathlib import Path
 
 from parity.metrics import _json_float
-from parity.stages import order_key
+from parity.stages import decode_stage, order_key
 from rmlx.errors import InputError
 
 SCHEMA = "rmlx.baseline/1"
@@ -119,7 +119,7 @@ def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float 
     for ci, c in enumerate(rec["cases"]):
         b = baseline["cases"][c["name"]]
         measured = [(s["name"], s["max_abs"], b["stages"][s["name"]]) for s in c["stages"]]
-        measured += [(f"logits@decode.{d['step']}", d["max_abs"], b.get("decode", {}).get(str(d["step"])))
+        measured += [(decode_stage(d["step"]), d["max_abs"], b.get("decode", {}).get(str(d["step"])))
                      for d in c["decode"]]
         q = (c.get("quantization_cost") or {}).get("logits") or {}
         if "quantization_kl_max" in b:
@@ -127,8 +127,8 @@ def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float 
         if not selected:
             ran = {m[0] for m in measured}
             measured += [(n, "missing", v) for n, v in b["stages"].items() if n not in ran]
-            measured += [(f"logits@decode.{n}", "missing", v) for n, v in b.get("decode", {}).items()
-                         if f"logits@decode.{n}" not in ran]
+            measured += [(decode_stage(n), "missing", v) for n, v in b.get("decode", {}).items()
+                         if decode_stage(n) not in ran]
         for name, now, base in measured:
             if base is None:
                 continue

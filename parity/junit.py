@@ -21,6 +21,8 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
+from parity.stages import decode_stage
+
 _NOT_XML = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 FAILURE_TYPE = "ParityMismatch"
 
@@ -110,7 +112,7 @@ def _case_suite(rec: dict, case: dict, index: int) -> ET.Element:
             text += f"\nFirst divergent stage: {fd['stage']}"
         tests.append((st["name"], _stage_summary(st), text))
     for d in case.get("decode", []):
-        name = f"logits@decode.{d['step']}"
+        name = decode_stage(d["step"])
         tests.append((name, None, None) if d["passed"] else
                      (name, f"{name}: max abs {_g(d['max_abs'])}", _decode_message(d)))
     failures = sum(m is not None for _, m, _ in tests)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rmlx.load import umask
+
 
 def _fmt(v, spec=".2e") -> str:
     if v is None:
@@ -177,23 +179,17 @@ def _json_layout(v, depth: int = 0, width: int = 120) -> str:
     return "[\n" + ",\n".join(pad + _json_layout(x, depth + 1, width) for x in v) + end + "]"
 
 
-def _json_text(rec: dict) -> str:
+def json_text(rec: dict) -> str:
     return _json_layout(rec) + "\n"
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json_atomic(path: Path, rec: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a report is an ordinary file
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; a report is an ordinary file
         with os.fdopen(fd, "w") as f:
-            f.write(_json_text(rec))
+            f.write(json_text(rec))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -223,13 +219,13 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
     def stage(final: Path) -> Path:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the result is an ordinary folder
         staged.append((tmp, final))
         return tmp
 
     try:
         tmp = stage(report_dir)
-        (tmp / "report.json").write_text(_json_text(rec))
+        (tmp / "report.json").write_text(json_text(rec))
         (tmp / "report.md").write_text(to_markdown(rec))
         (tmp / "report.html").write_text(html.to_html(rec))
         (tmp / "junit.xml").write_text(junit.to_junit(rec))
@@ -255,7 +251,7 @@ def write_files(folder: Path, files: dict[str, str]) -> None:
     """Write ``{name: text}`` into a new ``folder``, all or nothing (a temporary sibling renamed into place)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         for name, text in files.items():
             (tmp / name).write_text(text)

@@ -17,7 +17,7 @@ import numpy as np
 
 from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios, supports
 from parity.metrics import StageDiff, _json_float, compare, compare_all, first_divergence, logits_agreement
-from parity.stages import order_key, select
+from parity.stages import decode_stage, order_key, select
 from parity.tolerances import tolerance
 from parity.viz import case_viz
 from rmlx import faults
@@ -61,7 +61,6 @@ class CaseResult:
     seconds: float = 0.0
     image_sizes: list = field(default_factory=list)
     n_soft_tokens: int = 0
-    order: dict[str, int] = field(default_factory=dict)
     classes: dict[str, str] = field(default_factory=dict)
     viz: dict = field(default_factory=dict)  # parity.viz.case_viz: what the HTML report draws
     reference: dict[str, np.ndarray] | None = None
@@ -195,7 +194,7 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
         decode=decode, logits=agreement, viz=viz,
         self_consistency=consistency, oracle=oracle, quantization_cost=cost, seconds=time.perf_counter() - t0,
         image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images], n_soft_tokens=n_soft,
-        order={s.name: i for i, s in enumerate(all_stages)}, classes={s.name: s.tol for s in all_stages},
+        classes={s.name: s.tol for s in all_stages},
         reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
 
 
@@ -209,7 +208,7 @@ def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, tuple] | None:
     step = next((s for s in r.decode if not s["passed"]), None)
     if step is None:
         return None
-    name = f"logits@decode.{step['step']}"
+    name = decode_stage(step["step"])
     return StageDiff(name, False, tolerance("logits", dtype), dtype, (),
                      error=f"decode step {step['step']}: max |delta logits| {step['max_abs']:.3g}"), order_key(name)
 

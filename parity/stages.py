@@ -172,9 +172,17 @@ def classify(name: str) -> Stage | None:
     return weight_stage(name) if m[2] in _WEIGHTS_IN_LAYER else None
 
 
+def decode_stage(step: int) -> str:
+    """The name reports give the logits of decode step ``step`` (1-based): after every prefill stage."""
+    return f"logits@decode.{step}"
+
+
+_DECODE_NAME = re.compile(r"logits@decode\.(0|[1-9][0-9]*)")
+
+
 def order_key(name: str) -> tuple[int, int, int, str]:
     """Sort key putting stage names in forward order (the order of ``stages_for``; layer indices
-    compare as numbers). Names outside the vocabulary sort last, by name."""
+    and decode steps compare as numbers). Names outside the vocabulary sort last, by name."""
     if name in _HEAD_ORDER:
         return (0, _HEAD_ORDER[name], 0, "")
     if name in _TAIL_ORDER:
@@ -182,4 +190,7 @@ def order_key(name: str) -> tuple[int, int, int, str]:
     m = _LAYER_NAME.fullmatch(name)
     if m is not None and m[2] in _LAYER_ORDER:
         return (1, int(m[1]), _LAYER_ORDER[m[2]], "")
-    return (3, 0, 0, name)
+    d = _DECODE_NAME.fullmatch(name)
+    if d is not None:
+        return (3, int(d[1]), 0, "")
+    return (4, 0, 0, name)

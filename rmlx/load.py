@@ -140,10 +140,16 @@ def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = 
     return model
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def umask() -> int:
+    """The process umask (read once; os.umask can only be read by setting it)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return _UMASK
+
+
+_UMASK: int | None = None
 
 
 def save_quantized(src: str | Path, dst: str | Path, mode: str) -> dict[str, str]:
@@ -166,7 +172,7 @@ def save_quantized(src: str | Path, dst: str | Path, mode: str) -> dict[str, str
     config["quantization"] = {**quant.MODES[mode], "mode": mode, **skipped}
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the result is an ordinary folder
+    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the result is an ordinary folder
     try:
         weights = {checkpoint_key(k): v for k, v in tree_flatten(model.parameters())}
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
