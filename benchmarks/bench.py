@@ -30,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import rmlx  # noqa: E402,F401  (first: the fast BLAS is loaded before mlx)
 
 
 def timed(fn, repeat: int) -> float:
@@ -187,10 +188,12 @@ def environment() -> dict:
     import torch
     import transformers
 
+    from rmlx import blas
+
     return {"transformers": transformers.__version__, "torch": torch.__version__, "mlx": mx.__version__,
             "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
-            "mlx device": str(mx.default_device())}
+            "mlx device": str(mx.default_device()), "mlx blas": "{blas} ({why})".format(**blas.in_use())}
 
 
 def to_markdown(result: dict) -> str:

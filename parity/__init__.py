@@ -5,6 +5,8 @@ side of a comparison produces a ``Capture`` (``parity.capture.Capture``): a dict
 keyed by public stage name. Nothing else crosses into ``parity.metrics``.
 """
 
+import rmlx  # noqa: F401  (first: loads the fast BLAS before any parity module imports mlx)
+
 
 def __getattr__(name: str):
     # lazy: `import parity` stays cheap (the pytest plugin imports this package in every pytest run)

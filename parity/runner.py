@@ -20,6 +20,7 @@ from parity.metrics import StageDiff, _json_float, compare, compare_all, first_d
 from parity.stages import decode_stage, order_key, select
 from parity.tolerances import tolerance
 from parity.viz import case_viz
+from rmlx import blas as rmlx_blas
 from rmlx import faults
 from rmlx.base import MASK_POLICIES
 from rmlx.config import ModelArgs
@@ -80,7 +81,8 @@ def versions() -> dict[str, str]:
 
     return {"transformers": transformers.__version__, "torch": torch.__version__, "mlx": mx.__version__,
             "numpy": np.__version__, "safetensors": safetensors.__version__, "pillow": PIL.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+            "python": platform.python_version(), "platform": platform.platform(),
+            "blas": "{blas} ({why})".format(**rmlx_blas.in_use())}
 
 
 def default_scenarios(images: list[Path], fixture_images: Path | None) -> list[Scenario]:
