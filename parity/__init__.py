@@ -5,7 +5,10 @@ side of a comparison produces a ``Capture`` (``parity.capture.Capture``): a dict
 keyed by public stage name. Nothing else crosses into ``parity.metrics``.
 """
 
-import rmlx  # noqa: F401  (first: loads the fast BLAS before any parity module imports mlx)
+try:  # first: rmlx loads the fast BLAS (rmlx/blas.py) before any parity module imports mlx
+    import rmlx  # noqa: F401
+except Exception:  # a port that cannot be imported: parity.cli says so (exit 125), the library on next use
+    pass
 
 
 def __getattr__(name: str):

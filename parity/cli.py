@@ -386,10 +386,6 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
-    if args.command in ("run", "gate", "selftest"):  # the commands that run MLX
-        from rmlx import blas
-
-        print(blas.notice(), file=sys.stderr)
     commands = {"run": cmd_run, "gate": cmd_gate, "selftest": cmd_selftest, "stages": cmd_stages,
                 "faults": cmd_faults, "fixtures": cmd_fixtures, "convert": cmd_convert, "compare": cmd_compare}
     try:

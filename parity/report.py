@@ -64,7 +64,8 @@ def _headline(rec: dict) -> list[str]:
             f"(mode {s['mode']}, dtype {s['dtype']}, max_soft_tokens {s['max_soft_tokens']}"
             + (f", injected {','.join(s['inject'])}" if s["inject"] else "") + ")",
             f"wall time {rec['wall_time_s']:.1f} s; " + ", ".join(f"{k} {v}" for k, v in rec["versions"].items()
-                                                                  if k in ("transformers", "torch", "mlx", "numpy"))]
+                                                                  if k in ("transformers", "torch", "mlx", "numpy",
+                                                                           "blas"))]
 
 
 _COLS = ("stage", "class", "rtol", "atol", "pass", "max_abs", "max_ulp", "min cosine", "worst NMSE dB",

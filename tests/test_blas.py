@@ -33,12 +33,13 @@ def test_opt_out_and_too_late_are_said():
     assert "mlx was imported before rmlx" in late or not LINUX_X86
 
 
-def test_cli_prints_one_line_notice(tmp_path):
+def test_cli_headline_says_which_blas(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "parity.cli", "run", "--model", "fixtures/models/tiny", "--case",
                            "text-only", "--no-oracle", "--decode-steps", "0", "--report-dir", str(tmp_path / "r")],
                           capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert proc.returncode == 0, proc.stderr
-    assert [line for line in proc.stderr.splitlines() if line.startswith("rmlx: MLX BLAS: ")]
+    headline = next(line for line in proc.stdout.splitlines() if line.startswith("wall time"))
+    assert ", blas " in headline and ("blas mkl (" in headline or not LINUX_X86), headline
 
 
 @pytest.mark.skipif(not LINUX_X86, reason="the floor is for the Linux fast path")

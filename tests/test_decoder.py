@@ -45,10 +45,11 @@ def test_kv_cache_decode_equals_a_full_forward(model_dir):
     cache = model.make_cache()
     n = ids.shape[1] - 4
     prefix = np.array(model(ids[:, :n], cache=cache))
-    np.testing.assert_allclose(prefix, full[:, :n], rtol=0, atol=1e-5)
+    # 5e-5: MKL (rmlx/blas.py) runs a 1-row and a 45-row GEMM on different kernels; measured 1.6e-5 (tiny)
+    np.testing.assert_allclose(prefix, full[:, :n], rtol=0, atol=5e-5)
     for s in range(4):
         step = np.array(model(ids[:, n + s:n + s + 1], cache=cache, offset=n + s))
-        np.testing.assert_allclose(step[:, 0], full[:, n + s], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(step[:, 0], full[:, n + s], rtol=0, atol=5e-5)
     sliding = [c for c in cache if c is not None and c.window is not None]
     assert sliding and all(c.keys.shape[2] == window - 1 for c in sliding)
 
