@@ -242,9 +242,9 @@ def cmd_gate(args) -> int:
         _no_injected_faults("recording a baseline")
     else:  # a bad baseline, or one of other settings, fails before the run
         baseline = gate.load(args.baseline)
-        settings = asdict(_settings(args))
-        settings["candidate_mask_policy"] = settings["candidate_mask_policy"] or settings["mask_policy"]
-        gate.check_settings(settings, baseline, str(args.baseline))
+        settings = _settings(args)
+        gate.check_settings(asdict(settings) | {"candidate_mask_policy": settings.candidate_policy}, baseline,
+                            str(args.baseline))
     rec, report_dir, dumps = _run(args)
     if args.update_baseline:
         _publish(rec, report_dir, args, dumps)

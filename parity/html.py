@@ -646,12 +646,9 @@ def to_html(rec: dict) -> str:
     slugs = [_slug(i, c["name"]) for i, c in enumerate(cases)]
     if fd:
         target = next((sl for c, sl in zip(cases, slugs, strict=True) if c["name"] == fd["case"]), "")
-        o = fd.get("oracle")
-        note = ""
-        if o:
-            closer = "rmlx" if o["candidate_max_abs"] < o["reference_max_abs"] else "HF"
-            note = (f"\nNote: float64 oracle: HF is {o['reference_max_abs']:.3g} from it, rmlx "
-                    f"{o['candidate_max_abs']:.3g} ({closer} is closer)")
+        from parity.report import oracle_line  # report imports this module: not at import time
+
+        note = "".join("\n" + line for line in oracle_line(fd))
         top = (f'<div class="divergence"><h2>First divergence: <code>{_e(fd["stage"])}</code> in case '
                f'<a href="#{target}"><code>{_e(fd["case"])}</code></a></h2><pre>{_e(fd["message"] + note)}</pre></div>')
     else:

@@ -78,6 +78,11 @@ def _json_float(v):
     return v
 
 
+def fmt_g(v) -> str:
+    """A record number in ``.3g``: strings ("inf", "missing") as they are, null (NaN) as "nan"."""
+    return v if isinstance(v, str) else ("nan" if v is None else f"{v:.3g}")
+
+
 def _ordered_bits(x: np.ndarray, dtype: str) -> np.ndarray:
     """Map floats to integers whose difference is the ULP distance in ``dtype``."""
     if dtype == "bfloat16":

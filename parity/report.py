@@ -84,7 +84,7 @@ def _rows(rec: dict) -> list[tuple[str, ...]]:
     return out
 
 
-def _oracle_line(fd: dict) -> list[str]:
+def oracle_line(fd: dict) -> list[str]:
     """Polygraphy-style note: which side the float64 oracle sides with."""
     o = fd.get("oracle")
     if not o:
@@ -99,7 +99,7 @@ def to_markdown(rec: dict) -> str:
     fd = rec["first_divergence"]
     if fd:
         lines += [f"## First divergence: `{fd['stage']}` in case `{fd['case']}`", "", "```", fd["message"],
-                  *_oracle_line(fd), "```", ""]
+                  *oracle_line(fd), "```", ""]
     lines += ["## Stages (worst over all cases)", "", "| " + " | ".join(_COLS) + " |",
               "|" + "---|" * len(_COLS)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(rec)]
@@ -145,7 +145,7 @@ def to_terminal(rec: dict) -> str:
                 + (" ..." if len(failed) > 12 else "")]
     fd = rec["first_divergence"]
     if fd:
-        out += ["", f"First divergent stage: {fd['stage']} (case {fd['case']})", fd["message"], *_oracle_line(fd)]
+        out += ["", f"First divergent stage: {fd['stage']} (case {fd['case']})", fd["message"], *oracle_line(fd)]
     return "\n".join(out)
 
 

@@ -46,6 +46,10 @@ class Settings:
     quantize: str | None = None  # "mxfp8": the candidate quantizes on load
     shard: tuple[int, int] | None = None  # (K, N): run only the K-th of N deterministic slices of the cases
 
+    @property
+    def candidate_policy(self) -> str:
+        return self.candidate_mask_policy or self.mask_policy
+
 
 @dataclass
 class CaseResult:
@@ -100,7 +104,7 @@ def default_scenarios(images: list[Path], fixture_images: Path | None) -> list[S
 def validate(settings: Settings) -> None:
     if settings.mode not in MODES:
         raise InputError(f"mode={settings.mode!r} is not one of {MODES}")
-    for policy in (settings.mask_policy, settings.candidate_mask_policy or settings.mask_policy):
+    for policy in (settings.mask_policy, settings.candidate_policy):
         if policy not in MASK_POLICIES:
             raise InputError(f"mask policy {policy!r} is not one of {MASK_POLICIES}")
     if settings.decode_steps < 0:
@@ -161,7 +165,7 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
     ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings.mask_policy,
                                                             settings.decode_steps, other_masks=other_masks)
     cand, cand_steps = adapter.candidate(
-        scenario, inputs, decoded, settings.max_soft_tokens, settings.candidate_mask_policy or settings.mask_policy,
+        scenario, inputs, decoded, settings.max_soft_tokens, settings.candidate_policy,
         tokens, teacher=ref if settings.mode == "teacher" else None)
     diffs = compare_all(cand, ref, tols, settings.dtype)
     logits_tol = tolerance("logits", settings.dtype)
@@ -237,7 +241,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
             "audio": r.scenario.has_audio, "max_soft_tokens": settings.max_soft_tokens,
             "n_soft_tokens": r.n_soft_tokens, "dtype": settings.dtype, "mode": settings.mode,
             "mask_policy": settings.mask_policy,
-            "candidate_mask_policy": settings.candidate_mask_policy or settings.mask_policy,
+            "candidate_mask_policy": settings.candidate_policy,
             "reference_self_consistency": {"max_abs_logits": r.self_consistency,
                                            "what": "max |logits(policy) - logits(HF's own forward)|"},
             "passed": r.passed,
@@ -256,7 +260,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         "settings": {"mode": settings.mode, "dtype": settings.dtype, "max_soft_tokens": settings.max_soft_tokens,
                      "stages": list(settings.stages), "attn_implementation": settings.attn_implementation,
                      "inject": sorted(set(settings.inject) | faults.enabled()), "mask_policy": settings.mask_policy,
-                     "candidate_mask_policy": settings.candidate_mask_policy or settings.mask_policy,
+                     "candidate_mask_policy": settings.candidate_policy,
                      "decode_steps": settings.decode_steps, "quantize": settings.quantize,
                      "shard": None if settings.shard is None else "{}/{}".format(*settings.shard)},
         "passed": all(r.passed for r in results),
