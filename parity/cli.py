@@ -85,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-oracle", action="store_true", help="skip the float64 NumPy oracle columns")
     r.add_argument("--shard", type=_shard, metavar="K/N",
                    help="run only the K-th of N deterministic slices of the cases (CI matrix jobs; 1 <= K <= N)")
+    r.add_argument("--stream", action="store_true",
+                   help="one decoder layer at a time on both sides, weights read from the memory-mapped "
+                        "checkpoint: for models larger than memory (peak ~ small modules + one layer + logits)")
+    r.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="intra-op threads of torch and of the BLAS under MLX (default 1: the same numbers in "
+                        "every process; more threads are faster but MKL's sums may then differ run to run)")
 
     sub.add_parser("run", parents=[r], help="compare every stage of rmlx against HF transformers")
 
@@ -153,7 +159,8 @@ def _settings(args):
                     stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
                     inject=tuple(args.inject), oracle=not args.no_oracle, mask_policy=args.mask_policy,
                     candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
-                    quantize=args.quantize, shard=args.shard)
+                    quantize=args.quantize, shard=args.shard, stream=args.stream,
+                    threads=args.threads)
 
 
 def _check_outputs(args, *folders: Path | None) -> None:

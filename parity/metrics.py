@@ -130,38 +130,80 @@ def compare(stage: str, actual: np.ndarray, expected: np.ndarray, tol: Tol, dtyp
     bad = _nonfinite(actual, expected)
     if bad:
         return StageDiff(stage, False, tol, dtype, tuple(expected.shape), numel=int(expected.size), error=bad)
-    a, e = actual.astype(np.float64), expected.astype(np.float64)
-    n = int(e.size)
+    n = int(expected.size)
     if n == 0:
-        return StageDiff(stage, True, tol, dtype, tuple(e.shape))
-    diff = np.abs(a - e)
-    mag = np.abs(e)
-    allowed = tol.atol + tol.rtol * mag
-    mismatched = int((diff > allowed).sum())
-    i_abs = np.unravel_index(int(diff.argmax()), e.shape)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rel = np.where(diff == 0, 0.0, diff / mag)
-    i_rel = np.unravel_index(int(rel.argmax()), e.shape)
-    err2, ref2 = float((diff**2).sum()), float((e**2).sum())
-    na, ne = float(np.linalg.norm(a)), float(np.linalg.norm(e))
-    cosine = 1.0 if na == ne == 0 else (0.0 if na == 0 or ne == 0 else float((a * e).sum() / (na * ne)))
-    if err2 == 0:
-        nmse_db = None
-    elif ref2 == 0:
-        nmse_db = math.inf
-    else:
-        nmse_db = 10 * math.log10(err2 / ref2)
-    over = diff > tol.atol
-    with np.errstate(divide="ignore", invalid="ignore"):
-        need_rtol = float(np.max(np.where(over, (diff - tol.atol) / mag, 0.0)))
-    return StageDiff(
-        stage, mismatched == 0, tol, dtype, tuple(e.shape), numel=n, mismatched=mismatched,
-        max_abs=float(diff[i_abs]), max_abs_index=tuple(int(i) for i in i_abs),
-        max_rel=float(rel[i_rel]), max_rel_index=tuple(int(i) for i in i_rel),
-        mean_abs=float(diff.mean()), p99_abs=float(np.percentile(diff, 99)),
-        max_ulp=max_ulp(actual, expected, dtype), cosine=cosine, nmse_db=nmse_db,
-        min_tolerance={"atol": float(max((diff - tol.rtol * mag).max(), 0.0)), "rtol": need_rtol},
-    )
+        return StageDiff(stage, True, tol, dtype, tuple(expected.shape))
+    acc = _Accumulator(tol, n)
+    flat_a, flat_e = actual.reshape(-1), expected.reshape(-1)
+    for start in range(0, n, CHUNK):
+        acc.add(flat_a[start:start + CHUNK], flat_e[start:start + CHUNK], start)
+    a_max_ulp = max(max_ulp(flat_a[s:s + CHUNK], flat_e[s:s + CHUNK], dtype) for s in range(0, n, CHUNK))
+    return acc.result(stage, dtype, tuple(expected.shape), a_max_ulp)
+
+
+CHUNK = 1 << 22  # elements per step: float64 temporaries stay ~32 MiB, even for (L, 262144) logits
+
+
+class _Accumulator:
+    """The statistics of ``compare`` over flat chunks (so a 1 GiB logits array needs no float64 copy).
+    Every statistic is exact over the chunks except p99, taken over float32 copies of |a - e|."""
+
+    def __init__(self, tol: Tol, n: int):
+        self.tol, self.n = tol, n
+        self.mismatched = 0
+        self.abs = (-1.0, 0)  # (value, flat index): the first maximum, as argmax
+        self.rel = (-1.0, 0)
+        self.sum_abs = self.err2 = self.ref2 = self.act2 = self.dot = 0.0
+        self.need_atol = self.need_rtol = 0.0
+        self.diffs = np.empty(n, np.float32)
+
+    def add(self, actual: np.ndarray, expected: np.ndarray, offset: int) -> None:
+        a, e = actual.astype(np.float64), expected.astype(np.float64)
+        tol = self.tol
+        diff = a - e
+        np.abs(diff, out=diff)
+        mag = np.abs(e)
+        slack = tol.rtol * mag  # |e| * rtol; allowed = atol + slack
+        self.need_atol = max(self.need_atol, float(np.max(diff - slack)))
+        slack += tol.atol
+        self.mismatched += int(np.count_nonzero(diff > slack))
+        i = int(diff.argmax())
+        if diff[i] > self.abs[0]:
+            self.abs = (float(diff[i]), offset + i)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rel = diff / mag
+            rel[diff == 0] = 0.0
+            i = int(rel.argmax())
+            if rel[i] > self.rel[0]:
+                self.rel = (float(rel[i]), offset + i)
+            need = np.subtract(diff, tol.atol, out=rel)
+            need /= mag
+            need[diff <= tol.atol] = 0.0
+            self.need_rtol = max(self.need_rtol, float(need.max()))
+        self.sum_abs += float(diff.sum())
+        self.err2 += float(diff @ diff)
+        self.ref2 += float(e @ e)
+        self.act2 += float(a @ a)
+        self.dot += float(a @ e)
+        self.diffs[offset:offset + diff.size] = diff
+
+    def result(self, stage: str, dtype: str, shape: tuple[int, ...], ulp: int) -> StageDiff:
+        na, ne = math.sqrt(self.act2), math.sqrt(self.ref2)
+        cosine = 1.0 if na == ne == 0 else (0.0 if na == 0 or ne == 0 else self.dot / (na * ne))
+        if self.err2 == 0:
+            nmse_db = None
+        elif self.ref2 == 0:
+            nmse_db = math.inf
+        else:
+            nmse_db = 10 * math.log10(self.err2 / self.ref2)
+        p99 = float(np.percentile(self.diffs, 99, overwrite_input=True))
+        return StageDiff(
+            stage, self.mismatched == 0, self.tol, dtype, shape, numel=self.n, mismatched=self.mismatched,
+            max_abs=self.abs[0], max_abs_index=tuple(int(i) for i in np.unravel_index(self.abs[1], shape)),
+            max_rel=self.rel[0], max_rel_index=tuple(int(i) for i in np.unravel_index(self.rel[1], shape)),
+            mean_abs=self.sum_abs / self.n, p99_abs=p99, max_ulp=ulp, cosine=cosine, nmse_db=nmse_db,
+            min_tolerance={"atol": max(self.need_atol, 0.0), "rtol": self.need_rtol},
+        )
 
 
 def compare_all(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
@@ -194,19 +236,36 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
+def _topk(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of each row's k largest values; ties at the boundary go to the lower index (what a
+    stable argsort of -x keeps). A partition, not a sort: O(V) per row."""
+    neg = -x
+    kth = np.partition(neg, k - 1, axis=-1)[:, k - 1]
+    out = np.empty((x.shape[0], k), np.int64)
+    for r, (row, t) in enumerate(zip(neg, kth, strict=True)):
+        idx = np.flatnonzero(row <= t)
+        out[r] = idx[np.argsort(row[idx], kind="stable")][:k]
+    return out
+
+
 def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5, per_position: bool = False) -> dict:
     """Next-token agreement over every position of (..., V) logits: top-1 agreement (fraction),
     KL(reference || candidate) of the softmax distributions (mean and max over positions, nats),
     and the mean top-k overlap (fraction of the reference's top k found in the candidate's).
-    ``per_position``: also ``"kl"``, the KL at every position as a float64 array (not JSON)."""
+    ``per_position``: also ``"kl"``, the KL at every position as a float64 array (not JSON).
+    Positions are taken in chunks (float64 softmax temporaries stay ~32 MiB at any vocabulary)."""
     a = actual.reshape(-1, actual.shape[-1])
     e = expected.reshape(-1, expected.shape[-1])
-    la, le = _log_softmax(a), _log_softmax(e)
-    kl = (np.exp(le) * (le - la)).sum(-1)
     k = min(k, e.shape[-1])
-    top_a = np.argsort(-a, axis=-1, kind="stable")[:, :k]
-    top_e = np.argsort(-e, axis=-1, kind="stable")[:, :k]
-    overlap = np.mean([len(set(x) & set(y)) / k for x, y in zip(top_a, top_e, strict=True)])
-    out = {"top1_agreement": float((a.argmax(-1) == e.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
-           "kl_max": float(kl.max()), f"top{k}_overlap": float(overlap), "positions": int(e.shape[0])}
+    rows = max(1, CHUNK // max(e.shape[-1], 1))
+    kl, overlap, top1 = [], [], []
+    for start in range(0, e.shape[0], rows):
+        ca, ce = a[start:start + rows], e[start:start + rows]
+        la, le = _log_softmax(ca), _log_softmax(ce)
+        kl.append((np.exp(le) * (le - la)).sum(-1))
+        overlap += [len(set(x) & set(y)) / k for x, y in zip(_topk(ca, k), _topk(ce, k), strict=True)]
+        top1.append(ca.argmax(-1) == ce.argmax(-1))
+    kl = np.concatenate(kl)
+    out = {"top1_agreement": float(np.concatenate(top1).mean()), "kl_mean": float(kl.mean()),
+           "kl_max": float(kl.max()), f"top{k}_overlap": float(np.mean(overlap)), "positions": int(e.shape[0])}
     return (out | {"kl": kl}) if per_position else out

@@ -18,6 +18,7 @@ import numpy as np
 from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios, supports
 from parity.metrics import StageDiff, _json_float, compare, compare_all, first_divergence, logits_agreement
 from parity.stages import decode_stage, order_key, select
+from parity.stream import StreamAdapter, run_case_streamed
 from parity.tolerances import tolerance
 from parity.viz import case_viz
 from rmlx import blas as rmlx_blas
@@ -45,6 +46,8 @@ class Settings:
     decode_steps: int = 4
     quantize: str | None = None  # "mxfp8": the candidate quantizes on load
     shard: tuple[int, int] | None = None  # (K, N): run only the K-th of N deterministic slices of the cases
+    stream: bool = False  # one decoder layer at a time on both sides (parity.stream)
+    threads: int = 1  # intra-op threads (torch, and the BLAS under MLX); 1 is bit-reproducible across processes
 
     @property
     def candidate_policy(self) -> str:
@@ -68,6 +71,7 @@ class CaseResult:
     n_soft_tokens: int = 0
     classes: dict[str, str] = field(default_factory=dict)
     viz: dict = field(default_factory=dict)  # parity.viz.case_viz: what the HTML report draws
+    stream: dict | None = None  # a streamed case: timings, layer reads, peak RSS (parity.stream)
     reference: dict[str, np.ndarray] | None = None
     candidate: dict[str, np.ndarray] | None = None
 
@@ -111,6 +115,10 @@ def validate(settings: Settings) -> None:
         raise InputError(f"--decode-steps must be >= 0, got {settings.decode_steps}")
     check_max_soft_tokens(settings.max_soft_tokens)
     faults.check(*settings.inject)
+    if settings.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {settings.threads}")
+    if settings.stream and settings.quantize is not None:
+        raise InputError("--stream runs the checkpoint as stored; --quantize is not supported with it")
 
 
 def plan_cases(models: list[Path], scenarios: list[Scenario], shard: tuple[int, int] | None = None
@@ -135,17 +143,20 @@ def plan_cases(models: list[Path], scenarios: list[Scenario], shard: tuple[int, 
 def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings, keep_captures: bool = False,
               progress: Callable[[int, int, str], None] | None = None) -> list[CaseResult]:
     validate(settings)
+    if settings.stream and keep_captures:
+        raise InputError("--dump keeps every capture in memory, which --stream exists to avoid; drop one of them")
     plan = plan_cases(models, scenarios, settings.shard)
     paths = sorted({p for _, s in plan for p in s.images})
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
     with faults.inject(*settings.inject):  # a fault may act at load time (e.g. k-eq-v-ignored)
-        adapters = {m: Gemma4UnifiedAdapter(m, settings.dtype, settings.attn_implementation, settings.quantize)
+        make, run = (StreamAdapter, run_case_streamed) if settings.stream else (Gemma4UnifiedAdapter, run_case)
+        adapters = {m: make(m, settings.dtype, settings.attn_implementation, settings.quantize, settings.threads)
                     for m in dict.fromkeys(m for m, _ in plan)}
         results: list[CaseResult] = []
         for m, scenario in plan:
             if progress:
                 progress(len(results), len(plan), f"{m.name}/{scenario.name}")
-            result = run_case(adapters[m], m, scenario, decoded, settings)
+            result = run(adapters[m], m, scenario, decoded, settings)
             if not keep_captures:
                 result.reference = result.candidate = None
             results.append(result)
@@ -248,6 +259,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
             "first_divergence": None if fd is None else {"stage": fd.stage, "message": fd.message()},
             "logits": r.logits, "decode": r.decode, "quantization_cost": r.quantization_cost,
             "seconds": round(r.seconds, 3), "stages": stages, "viz": r.viz,
+            **({} if r.stream is None else {"stream": r.stream}),
         })
         if div is not None and (first is None or div[1] < first[2]):
             first = (r, *div)
@@ -262,7 +274,8 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                      "inject": sorted(set(settings.inject) | faults.enabled()), "mask_policy": settings.mask_policy,
                      "candidate_mask_policy": settings.candidate_policy,
                      "decode_steps": settings.decode_steps, "quantize": settings.quantize,
-                     "shard": None if settings.shard is None else "{}/{}".format(*settings.shard)},
+                     "shard": None if settings.shard is None else "{}/{}".format(*settings.shard),
+                     "stream": settings.stream, "threads": settings.threads},
         "passed": all(r.passed for r in results),
         "first_divergence": None if first is None else {
             "case": first[0].name, "stage": first[1].stage, "max_abs": first[1].max_abs,

@@ -142,14 +142,19 @@ def masks(cand: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], other: 
     return out
 
 
+def ref_max_abs(x: np.ndarray | None) -> float | None:
+    """max |reference| of a stage at 4 significant digits (None: absent, empty or non-finite)."""
+    if x is None or x.size == 0 or not np.isfinite(x).all():
+        return None
+    return float(f"{float(np.abs(x).max()):.4g}")  # |x| is exact in x's own dtype
+
+
 def case_viz(cand: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray], other_masks: Mapping[str, np.ndarray],
-             policy: str, token_types: np.ndarray, kl: np.ndarray | None, stage_names: list[str]) -> dict:
-    ref_max = []
-    for name in stage_names:
-        x = ref.get(name)
-        ref_max.append(None if x is None or x.size == 0 or not np.isfinite(x).all()
-                       else float(f"{np.abs(x.astype(np.float64)).max():.4g}"))
+             policy: str, token_types: np.ndarray, kl: np.ndarray | None, stage_names: list[str],
+             ref_max: Mapping[str, float | None] | None = None) -> dict:
+    """``ref_max``: max |reference| by stage, when the captures are gone (a streamed run computes it
+    stage by stage); otherwise taken from ``ref``."""
     return {"patch_error": patch_error(cand, ref),
             "masks": masks(cand, ref, other_masks, policy, token_types),
             "kl_per_position": None if kl is None else pack_array(kl, "float32"),
-            "ref_max_abs": ref_max}
+            "ref_max_abs": [ref_max.get(n) if ref_max is not None else ref_max_abs(ref.get(n)) for n in stage_names]}

@@ -162,14 +162,16 @@ class HFRunner:
 
     @torch.no_grad()
     def forward(self, inputs: Mapping[str, np.ndarray], policy: str, points: Mapping[str, tuple[str, str]],
-                decode_steps: int = 0, other_masks: Capture | None = None
-                ) -> tuple[Capture, list[np.ndarray], list[int], float]:
+                decode_steps: int = 0, other_masks: Capture | None = None, consistency: bool = True,
+                captured: Capture | None = None) -> tuple[Capture, list[np.ndarray], list[int], float | None]:
         """Prefill with hooks, then ``decode_steps`` greedy steps with HF's cache.
 
         ``inputs``: input_ids, mm_token_type_ids, and optionally pixel_values, image_position_ids,
         audio_frames. ``policy``: ``hf-forward`` (what ``model(...)`` builds) or ``official``
         (the static mask dict). Returns (capture, decode-step logits, decode tokens,
-        self-consistency = max |logits(policy) - logits(HF's own forward)|).
+        self-consistency = max |logits(policy) - logits(HF's own forward)|; None when ``consistency``
+        is False: no second forward, as in a streamed run, where it would cost a second pass over the disk).
+        ``captured``: the dict the hooks fill (a caller's, to read captures while the forward runs).
 
         ``other_masks``, when given, is filled with the ``mask`` points as the *other* policy builds
         them, at no extra forward: under ``official``, hooked on the self-consistency forward (HF's
@@ -188,19 +190,22 @@ class HFRunner:
             kw["attention_mask"] = self.official_masks(ids, kw["mm_token_type_ids"])
         elif policy != "hf-forward":
             raise ValueError(f"unknown mask policy '{policy}'")
-        captured: Capture = {}
+        captured = {} if captured is None else captured
         with self.hooks(points, captured):
             out = self.model(**kw, use_cache=decode_steps > 0)
         captured["logits"] = to_numpy(out.logits)
-        consistency = 0.0
         other = {} if other_masks is None else other_masks
         mask_points = {k: v for k, v in points.items() if v[1] == "mask"} if other_masks is not None else {}
-        if policy != "hf-forward":
+        if not consistency:
+            consistency = None
+        elif policy != "hf-forward":
             own = {k: v for k, v in kw.items() if k != "attention_mask"}
             with self.hooks(mask_points, other):
                 own_logits = self.model(**own, use_cache=False).logits
             consistency = float((own_logits - out.logits).abs().max())
-        elif mask_points:
+        else:
+            consistency = 0.0
+        if policy == "hf-forward" and mask_points:
             official = self.official_masks(ids, kw["mm_token_type_ids"])
             types = self.config.get_text_config().layer_types
             for name, (path, _) in mask_points.items():

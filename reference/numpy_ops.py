@@ -10,7 +10,6 @@ import math
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import load_file
 
 F64 = np.float64
 
@@ -86,22 +85,28 @@ def patches(resized: np.ndarray, max_soft_tokens: int) -> tuple[np.ndarray, np.n
 
 
 def load_vision_weights(model_dir: str | Path) -> dict[str, np.ndarray]:
-    """The vision tensors of a checkpoint, by on-disk name without the prefix (either spelling)."""
+    """The vision tensors of a checkpoint, by on-disk name without the prefix (either spelling).
+    Only the shards holding them are opened, and only those tensors are read (bf16 widened to fp32)."""
+    import torch
+    from safetensors import safe_open
+
+    prefixes = ("model.vision_embedder.", "model.embed_vision.multimodal_embedder.", "model.embed_vision.")
     model_dir = Path(model_dir)
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         import json
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if k.startswith(prefixes)})
     else:
         files = ["model.safetensors"]
     out = {}
     for f in files:
-        for key, value in load_file(model_dir / f).items():
-            for prefix in ("model.vision_embedder.", "model.embed_vision.multimodal_embedder.",
-                           "model.embed_vision."):
-                if key.startswith(prefix):
-                    out[key[len(prefix):]] = value
-                    break
+        with safe_open(model_dir / f, framework="pt") as h:
+            for key in h.keys():
+                prefix = next((p for p in prefixes if key.startswith(p)), None)
+                if prefix is not None:
+                    t = h.get_tensor(key)
+                    out[key[len(prefix):]] = (t.float() if t.dtype == torch.bfloat16 else t).numpy()
     return out
 
 

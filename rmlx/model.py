@@ -95,7 +95,18 @@ class Model(nn.Module):
                  pixel_values: np.ndarray | None = None, image_position_ids: np.ndarray | None = None,
                  audio_frames: np.ndarray | None = None, mask_policy: str = "official",
                  cache: list[KVCache | None] | None = None, offset: int = 0) -> mx.array:
-        """Prefill (offset 0) or one decode step (offset > 0, one token, with ``cache``) -> logits (1, L, V).
+        """Prefill (offset 0) or one decode step (offset > 0, one token, with ``cache``) -> logits (1, L, V)."""
+        h, masks = self.embed_inputs(input_ids, mm_token_type_ids, pixel_values, image_position_ids, audio_frames,
+                                     mask_policy, cache, offset)
+        return self.language_model(h, masks, cache, offset)
+
+    def embed_inputs(self, input_ids: np.ndarray, mm_token_type_ids: np.ndarray | None = None,
+                     pixel_values: np.ndarray | None = None, image_position_ids: np.ndarray | None = None,
+                     audio_frames: np.ndarray | None = None, mask_policy: str = "official",
+                     cache: list[KVCache | None] | None = None, offset: int = 0
+                     ) -> tuple[mx.array, dict[str, mx.array] | None]:
+        """Everything before the first decoder layer: (inputs_embeds (1, L, H), masks by layer type;
+        None on a decode step). ``__call__`` and the layer-streaming driver share it.
 
         Soft tokens are scattered into the image / audio slots in sequence order; a count mismatch is
         an error, never a silent wrap-around.
@@ -127,7 +138,7 @@ class Model(nn.Module):
             masks = None  # a text token after the prompt sees every cached key (the cache holds the window)
         else:
             raise InputError("a decode step takes exactly one token and a cache")
-        return self.language_model(h, masks, cache, offset)
+        return h, masks
 
     def _image_tokens(self, pixel_values, image_position_ids) -> mx.array | None:
         if pixel_values is None:

@@ -153,18 +153,40 @@ class TextModel(nn.Module):
             i: max(j for j in range(first_shared) if cfg.layer_types[j] == cfg.layer_types[i])
             for i in range(first_shared, cfg.num_hidden_layers)
         }
+        self.kv_sources = frozenset(self.kv_source.values())
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """E[ids] * sqrt(H), the scale rounded to the weight dtype first (catalog §3.1)."""
         if faults.active("embed-scale-missing"):
             return self.embed_tokens(input_ids)
-        scale = mx.array(math.sqrt(self.cfg.hidden_size), dtype=self.embed_tokens.weight.dtype)
-        return self.embed_tokens(input_ids) * scale
+        e = self.embed_tokens(input_ids)
+        return e * mx.array(math.sqrt(self.cfg.hidden_size), dtype=e.dtype)
 
     def make_cache(self) -> list[KVCache | None]:
         return [None if i in self.kv_source else
                 KVCache(self.cfg.sliding_window if t == "sliding_attention" else None)
                 for i, t in enumerate(self.cfg.layer_types)]
+
+    def step(self, i: int, layer: DecoderLayer, h: mx.array, masks: dict[str, mx.array] | None,
+             cache: list[KVCache | None] | None, offset: int, attended: dict[int, tuple[mx.array, mx.array]]
+             ) -> mx.array:
+        """Decoder layer ``i`` (``layer``: this model's own, or one a streaming loader materialised).
+        ``attended`` carries the K/V of the layers that later "reuse" layers read."""
+        mask = None if masks is None else masks[layer.spec.layer_type]
+        shared = attended[self.kv_source[i]] if i in self.kv_source else None
+        h, kv = layer(h, mask, None if cache is None else cache[i], offset, shared)
+        if i in self.kv_sources:
+            attended[i] = kv
+        return h
+
+    def head(self, h: mx.array) -> mx.array:
+        """Final norm, tied lm_head (``embed_tokens.as_linear``), optional soft-cap: (B, L, H) -> (B, L, V)."""
+        h = tap("text.norm", self.norm(h))
+        logits = self.embed_tokens.as_linear(h)
+        cap = self.cfg.final_logit_softcapping
+        if cap is not None and not faults.active("softcap-skipped"):
+            logits = mx.tanh(logits / cap) * cap
+        return tap("logits", logits)
 
     def __call__(self, inputs_embeds: mx.array, masks: dict[str, mx.array] | None,
                  cache: list[KVCache | None] | None = None, offset: int = 0) -> mx.array:
@@ -173,12 +195,5 @@ class TextModel(nn.Module):
         h = inputs_embeds
         attended: dict[int, tuple[mx.array, mx.array]] = {}
         for i, layer in enumerate(self.layers):
-            mask = None if masks is None else masks[layer.spec.layer_type]
-            shared = attended[self.kv_source[i]] if i in self.kv_source else None
-            h, attended[i] = layer(h, mask, None if cache is None else cache[i], offset, shared)
-        h = tap("text.norm", self.norm(h))
-        logits = h @ self.embed_tokens.weight.T  # tied lm_head
-        cap = self.cfg.final_logit_softcapping
-        if cap is not None and not faults.active("softcap-skipped"):
-            logits = mx.tanh(logits / cap) * cap
-        return tap("logits", logits)
+            h = self.step(i, layer, h, masks, cache, offset, attended)
+        return self.head(h)

@@ -86,10 +86,10 @@ class Gemma4UnifiedAdapter:
     """One checkpoint, both sides loaded once and reused for every case."""
 
     def __init__(self, model_dir: Path, dtype: str = "float32", attn_implementation: str = "eager",
-                 quantize: str | None = None):
+                 quantize: str | None = None, threads: int = 1):
         """``quantize="mxfp8"``: the candidate quantizes on load; the reference ``hf`` runs with the
         weights its own codec dequantizes (the kernel's target: tight), and ``hf_float`` is the
-        unquantized model (the cost of quantization: reported)."""
+        unquantized model (the cost of quantization: reported). ``threads``: see ``HFRunner``."""
         self.model_dir = Path(model_dir)
         self.dtype = dtype
         if ModelArgs.from_file(self.model_dir / "config.json").quantization:
@@ -97,14 +97,14 @@ class Gemma4UnifiedAdapter:
                              "unquantized checkpoint with --quantize instead")
         self.candidate_model = load_model(self.model_dir, dtype, quantize)  # strict: bad checkpoints fail here
         self.args = self.candidate_model.args
-        self.hf = HFRunner(self.model_dir, dtype, attn_implementation)
+        self.hf = HFRunner(self.model_dir, dtype, attn_implementation, threads)
         self.hf_float = None
         self.reference_weights: Capture = {}
         quantized = [p for p, s in self.candidate_model.quant_status.items() if s == "quantized"]
         if quantized:
             from reference import mxfp8
 
-            self.hf_float = HFRunner(self.model_dir, dtype, attn_implementation)
+            self.hf_float = HFRunner(self.model_dir, dtype, attn_implementation, threads)
             modules = {hf_module(p): dequantized_name(p) for p in quantized}
             self.reference_weights = self.hf.quantize_dequantize(modules, mxfp8.encode, mxfp8.decode)
         self.quantized = frozenset(self.reference_weights)

@@ -1,0 +1,277 @@
+"""Layer streaming (``rmlx-parity run --stream``): both sides one decoder layer at a time.
+
+The reference is HF's own ``model(...)`` over a model whose layers live on disk
+(``reference.stream.HFStreamRunner``). The candidate (``rmlx.stream.StreamedModel``) runs in lockstep
+*inside* that forward, from hooks:
+
+- when HF enters its language model (soft tokens merged, masks built): the candidate's
+  ``Model.embed_inputs``; every stage before the first layer is compared;
+- when HF is about to enter layer i + 1 (or its final norm, after the last layer), before HF reads
+  that layer: the candidate's layer i; layer i's stages are compared and both sides' captures of
+  them dropped;
+- when HF's forward returns: the candidate's head (final norm, tied lm_head).
+
+Decode steps run the same way without captures. Teacher forcing works as in a resident run (the
+candidate's tap returns the reference's value, which is always captured first). At any moment the
+process holds the resident small modules, one decoder layer (HF's layer i is released before the
+candidate reads its own, and the candidate's before HF reads layer i + 1), one layer's captures,
+and the logits.
+
+Not in a streamed run: HF's self-consistency forward (a second pass over the disk; recorded as
+null), the other policy's masks in the HTML report, ``--quantize`` and ``--dump``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario
+from parity.capture import Capture, Recorder, to_numpy
+from parity.metrics import StageDiff, compare, logits_agreement
+from parity.stages import MASK_KINDS, hook_points, select
+from parity.tolerances import tolerance
+from parity.viz import case_viz, ref_max_abs
+from reference.hf import bool_mask
+from reference.hf import to_numpy as torch_to_numpy
+from reference.stream import HFStreamRunner
+from rmlx import image as rimage
+from rmlx.errors import InputError
+from rmlx.stream import StreamedModel
+from rmlx.tap import tapping
+
+_KEEP = ("image.", "vision.", "mask.")  # small stages the HTML report and the oracle still need
+_HEAD = ("text.norm", "logits")
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident set size so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class StreamAdapter(Gemma4UnifiedAdapter):
+    """The adapter of a streamed checkpoint: same inputs, stages and oracle; both models streamed."""
+
+    def __init__(self, model_dir: Path, dtype: str = "float32", attn_implementation: str = "eager",
+                 quantize: str | None = None, threads: int = 1):
+        if quantize is not None:
+            raise InputError("--stream runs the checkpoint as stored; --quantize is not supported with it")
+        self.model_dir, self.dtype = Path(model_dir), dtype
+        self.streamed = StreamedModel(self.model_dir, dtype)  # strict name/shape check, no layer read
+        self.candidate_model = self.streamed.model
+        self.args = self.candidate_model.args
+        self.hf = HFStreamRunner(self.model_dir, dtype, attn_implementation, threads)
+        self.hf_float = None
+        self.reference_weights: Capture = {}
+        self.quantized = frozenset()
+
+
+class Lockstep:
+    """The hooks that run the candidate inside HF's streamed forward (see the module docstring)."""
+
+    def __init__(self, adapter: StreamAdapter, scenario: Scenario, inputs: dict[str, np.ndarray],
+                 pre: dict[str, np.ndarray], decoded: dict[Path, np.ndarray], settings, names: list[str],
+                 tols: dict):
+        self.adapter, self.scenario, self.inputs, self.pre, self.decoded = adapter, scenario, inputs, pre, decoded
+        self.settings, self.names, self.tols = settings, names, tols
+        self.ref: Capture = {}
+        self.recorder = Recorder(self.ref if settings.mode == "teacher" else None)
+        self.diffs: dict[str, StageDiff] = {}
+        self.ref_max: dict[str, float | None] = {}
+        self.kept_ref: Capture = {}
+        self.kept_cand: Capture = {}
+        self.model = adapter.candidate_model
+        self.text = self.model.language_model
+        self.cache = self.model.make_cache()
+        self.forward = -1  # 0: the prefill; k: decode step k
+        self.step_logits: list[np.ndarray] = []
+        self.seconds = {"candidate": 0.0, "compare": 0.0}
+        self.pool = ThreadPoolExecutor(max_workers=settings.threads)  # NumPy releases the GIL in its loops
+        self.length = int(inputs["input.input_ids"].shape[1])
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def install(self) -> list:
+        hf = self.adapter.hf.model
+        lm = hf.model.language_model
+        handles = [hf.register_forward_pre_hook(self._enter, with_kwargs=True),
+                   hf.register_forward_hook(self._leave),
+                   lm.register_forward_pre_hook(self._prefix, with_kwargs=True)]
+        for j in range(1, len(lm.layers)):
+            handles.append(lm.layers[j].register_forward_pre_hook(self._layer_hook(j - 1), prepend=True))
+        handles.append(lm.norm.register_forward_pre_hook(self._layer_hook(len(lm.layers) - 1), prepend=True))
+        return handles
+
+    def _enter(self, module, args, kwargs) -> None:
+        self.forward += 1
+        self.h, self.masks, self.attended = None, None, {}
+        self.token = None if self.forward == 0 else int(kwargs["input_ids"][0, -1])
+
+    def _prefix(self, module, args, kwargs) -> None:
+        t0 = time.perf_counter()
+        if self.forward == 0:
+            self._reference_prefix(kwargs)
+            with tapping(self.recorder):
+                self.h, self.masks = self.model.embed_inputs(
+                    self.inputs["input.input_ids"], None, *self._pixels(), self.inputs.get("input.audio_frames"),
+                    self.settings.candidate_policy, self.cache, 0)
+                mx.eval(self.h, self.masks)
+        else:
+            self.h, _ = self.model.embed_inputs(np.array([[self.token]]), cache=self.cache,
+                                                offset=self.length + self.forward - 1)
+        self.seconds["candidate"] += time.perf_counter() - t0
+        if self.forward == 0:
+            self.settle([n for n in self.names if not n.startswith("layers.") and n not in _HEAD])
+
+    def _layer_hook(self, i: int):
+        def pre(module, args) -> None:
+            t0 = time.perf_counter()
+            layer = self.adapter.streamed.layer(i)
+            offset = 0 if self.forward == 0 else self.length + self.forward - 1
+            with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
+                self.h = self.text.step(i, layer, self.h, self.masks, self.cache, offset, self.attended)
+                mx.eval(self.h)
+            del layer
+            self.seconds["candidate"] += time.perf_counter() - t0
+            if self.forward == 0:
+                self.settle([n for n in self.names if n.startswith(f"layers.{i}.")])
+        return pre
+
+    def _leave(self, module, args, output) -> None:
+        t0 = time.perf_counter()
+        with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
+            logits = self.text.head(self.h)
+            mx.eval(logits)
+        if self.forward == 0:
+            self.cand_logits = self.recorder.capture.pop("logits")
+        else:
+            self.step_logits.append(to_numpy(logits))
+        del logits
+        self.seconds["candidate"] += time.perf_counter() - t0
+        if self.forward == 0:
+            self.settle(["text.norm"])
+
+    # -- the reference's values that are not module outputs -------------------------------------
+    def _reference_prefix(self, kwargs) -> None:
+        ref = self.ref
+        if self.scenario.images:
+            ref["image.pixel_values"] = self.pre["pixel_values"]
+            ref["image.position_ids"] = self.pre["image_position_ids"]
+            valid = (self.pre["image_position_ids"] != -1).all(-1).reshape(-1)
+            proj = ref["vision.soft_tokens"]
+            ref["vision.soft_tokens"] = proj.reshape(-1, proj.shape[-1])[valid][None]  # drop padding rows
+        ref["text.inputs_embeds"] = torch_to_numpy(kwargs["inputs_embeds"])
+        masks = kwargs["attention_mask"]  # {layer type: mask}, as every layer of that type receives it
+        for kind in MASK_KINDS:
+            if f"mask.{kind}" in self.names:
+                ref[f"mask.{kind}"] = torch_to_numpy(bool_mask(masks[kind], self.length))
+
+    def _pixels(self) -> tuple:
+        if not self.scenario.images:
+            return None, None
+        return rimage.preprocess_batch([self.decoded[p] for p in self.scenario.images],
+                                       self.settings.max_soft_tokens)
+
+    # -- compare and drop ------------------------------------------------------------------------
+    def settle(self, names: list[str]) -> None:
+        """Compare these stages (when selected; on ``--threads`` workers) and drop both sides' captures."""
+        t0 = time.perf_counter()
+        cand = self.recorder.capture
+        pairs = [(n, self.ref.pop(n), cand.pop(n)) for n in names if n in self.ref and n in cand]  # else: missing
+
+        def one(pair):
+            name, r, c = pair
+            return name, ref_max_abs(r), compare(name, c, r, self.tols[name], self.settings.dtype)
+
+        for name, top, diff in self.pool.map(one, [p for p in pairs if p[0] in self.tols]):
+            self.ref_max[name], self.diffs[name] = top, diff
+        for name, r, c in pairs:
+            if name.startswith(_KEEP):
+                self.kept_ref[name], self.kept_cand[name] = r, c
+        self.seconds["compare"] += time.perf_counter() - t0
+
+
+def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
+                      settings):
+    """One case, streamed: the same CaseResult as ``parity.runner.run_case`` (captures not kept), plus
+    ``stream`` = timings, layer reads and the process's peak RSS."""
+    from parity.runner import CaseResult
+
+    t0 = time.perf_counter()
+    all_stages = adapter.stages(scenario)
+    stages = select(list(settings.stages), all_stages)
+    tols = {s.name: tolerance(s.tol, settings.dtype, settings.mode) for s in stages}
+    inputs, pre = adapter.inputs(scenario, decoded, settings.max_soft_tokens)
+    names = [s.name for s in all_stages]
+    lock = Lockstep(adapter, scenario, inputs, pre, decoded, settings, names, tols)
+    # text.inputs_embeds and the masks are read when HF enters its language model (Lockstep._prefix)
+    points = {k: v for k, v in hook_points(all_stages).items()
+              if k != "text.inputs_embeds" and not k.startswith("mask.")}
+    feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
+    if scenario.images:
+        feed["pixel_values"], feed["image_position_ids"] = pre["pixel_values"], pre["image_position_ids"]
+    if "input.audio_frames" in inputs:
+        feed["audio_frames"] = inputs["input.audio_frames"]
+    handles = lock.install()
+    reads0, hf_load0, cand_load0 = adapter.hf.layer_reads, adapter.hf.load_seconds, adapter.streamed.load_seconds
+    t_forward = time.perf_counter()
+    try:
+        captured, ref_steps, tokens, _ = adapter.hf.forward(feed, settings.mask_policy, points, settings.decode_steps,
+                                                            consistency=False, captured=lock.ref)
+    finally:
+        for h in handles:
+            h.remove()
+        lock.pool.shutdown()
+    t_forward = time.perf_counter() - t_forward
+    ref_logits, cand_logits = captured.pop("logits"), lock.cand_logits
+    t1 = time.perf_counter()
+    if "logits" in tols:
+        lock.ref_max["logits"] = ref_max_abs(ref_logits)
+        lock.diffs["logits"] = compare("logits", cand_logits, ref_logits, tols["logits"], settings.dtype)
+    agreement = logits_agreement(cand_logits, ref_logits, per_position=True)
+    kl = agreement.pop("kl")
+    del ref_logits, cand_logits
+    logits_tol = tolerance("logits", settings.dtype)
+    decode = []
+    for step, (a, e, token) in enumerate(zip(lock.step_logits, ref_steps, tokens, strict=True)):
+        d = compare("logits", a, e, logits_tol, settings.dtype)
+        decode.append({"step": step + 1, "token": token, "passed": d.passed, "max_abs": d.max_abs,
+                       "mismatched": d.mismatched, **logits_agreement(a, e)})
+    diffs = []
+    for s in stages:
+        if s.name in lock.diffs:
+            diffs.append(lock.diffs[s.name])
+        else:
+            side = [n for n, cap in (("candidate", lock.recorder.capture), ("reference", lock.ref)) if s.name not in cap]
+            diffs.append(StageDiff(s.name, False, tols[s.name], settings.dtype, (),
+                                   error=f"Stage missing on the {' and '.join(side) or 'no'} side"))
+    oracle = {}
+    if settings.oracle:
+        orc = adapter.oracle(scenario, decoded, settings.max_soft_tokens)
+        for name, tol in tols.items():
+            if name in orc and name in lock.kept_ref:
+                oracle[name] = {
+                    "reference_max_abs": compare(name, lock.kept_ref[name], orc[name], tol, "float64").max_abs,
+                    "candidate_max_abs": compare(name, lock.kept_cand[name], orc[name], tol, "float64").max_abs}
+    viz = case_viz(lock.kept_cand, lock.kept_ref, {}, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,
+                   [d.stage for d in diffs], lock.ref_max)
+    after = time.perf_counter() - t1
+    seconds = time.perf_counter() - t0
+    reference_s = t_forward - lock.seconds["candidate"] - lock.seconds["compare"]
+    stream = {"reference_forward_s": round(reference_s, 3), "candidate_forward_s": round(lock.seconds["candidate"], 3),
+              "reference_load_s": round(adapter.hf.load_seconds - hf_load0, 3),
+              "candidate_load_s": round(adapter.streamed.load_seconds - cand_load0, 3),
+              "compare_s": round(lock.seconds["compare"] + after, 3),
+              "setup_s": round(seconds - t_forward - after, 3),
+              "layer_reads": adapter.hf.layer_reads - reads0, "peak_rss_gib": round(peak_rss_gib(), 3)}
+    return CaseResult(
+        name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,
+        decode=decode, logits=agreement, viz=viz, self_consistency=None, oracle=oracle, quantization_cost=None,
+        seconds=seconds, image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images],
+        n_soft_tokens=int((inputs["input.mm_token_type_ids"] == 1).sum()),
+        classes={s.name: s.tol for s in all_stages}, stream=stream)

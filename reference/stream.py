@@ -1,0 +1,183 @@
+"""The HF reference with its decoder layers streamed from disk (``rmlx-parity run --stream``).
+
+``HFStreamRunner`` is an ``HFRunner`` whose model is HF's own ``Gemma4UnifiedForConditionalGeneration``
+built on the ``meta`` device (no memory), so ``forward``, the hooks, the masks, RoPE, KV sharing and
+the cache are all HF's code, run by HF's own ``model(...)``. What differs is where the weights are:
+
+- the small modules (vision / audio embedders, final norm) are read once and stay resident;
+- decoder layer ``i`` is read when HF calls it (a forward pre-hook: safetensors' memory-mapped
+  ``safe_open``, cast to the run dtype as ``from_pretrained`` does) and sent back to ``meta`` when it
+  returns (a forward hook), so one layer is resident at a time;
+- the tied vocabulary table is never materialised: ``embed_tokens`` is HF's own
+  ``Gemma4UnifiedTextScaledWordEmbedding`` over the rows the prompt uses, and ``lm_head`` is
+  ``F.linear`` over chunks of rows (the same op as the ``nn.Linear`` it replaces).
+
+Checkpoint names are mapped to module names with transformers' own conversion table for
+gemma4_unified (``vision_embedder.* -> embed_vision.*``), as ``from_pretrained`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from reference.hf import DTYPES, HFRunner
+from rmlx.errors import InputError
+from rmlx.load import checkpoint_files, read_safetensors_header
+
+VOCAB_CHUNK = 16384
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """What ``from_pretrained`` does while it builds a model: the run dtype as torch's default."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+class Weights:
+    """Checkpoint tensors by HF module name, read on demand through safetensors' ``safe_open``."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype):
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        renames = [(src, dst) for r in get_checkpoint_conversion_mapping("gemma4_unified") or []
+                   for src, dst in zip(r.source_patterns, r.target_patterns, strict=True)]
+        self.dtype = dtype
+        self.where: dict[str, tuple[Path, str]] = {}  # HF name -> (file, checkpoint key)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in checkpoint_files(model_dir):
+            for key, info in read_safetensors_header(f).items():
+                if key == "__metadata__":
+                    continue
+                name = key
+                for src, dst in renames:
+                    name = re.sub(src, dst, name)
+                self.where[name] = (f, key)
+                self.shapes[name] = tuple(info["shape"])
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Whole tensors, cast to the run dtype (each file mapped only while it is read)."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.where:
+                raise InputError(f"checkpoint has no tensor for '{name}'")
+            by_file.setdefault(self.where[name][0], []).append(name)
+        out = {}
+        for f, group in by_file.items():
+            with safe_open(f, framework="pt") as h:
+                for name in group:
+                    out[name] = h.get_tensor(self.where[name][1]).to(self.dtype)
+        return out
+
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        f, key = self.where[name]
+        with safe_open(f, framework="pt") as h:
+            return h.get_slice(key)[start:stop].to(self.dtype)
+
+
+def load_module(module: nn.Module, prefix: str, weights: Weights) -> None:
+    """Give a ``meta`` module its checkpoint tensors (strict: every persistent tensor, nothing else)."""
+    names = list(module.state_dict())
+    got = weights.read([prefix + n for n in names])
+    for n in names:
+        want = tuple(module.state_dict()[n].shape)
+        if tuple(got[prefix + n].shape) != want:
+            raise InputError(f"tensor '{weights.where[prefix + n][1]}' has shape {tuple(got[prefix + n].shape)}, "
+                             f"the config implies {want}")
+    module.load_state_dict({n: got[prefix + n] for n in names}, strict=True, assign=True)
+
+
+def _rows_embedding_class():
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4UnifiedTextScaledWordEmbedding
+
+    class RowsEmbedding(Gemma4UnifiedTextScaledWordEmbedding):
+        """HF's scaled embedding over only the rows the ids name (read on each call)."""
+
+        def __init__(self, weights: Weights, name: str, hidden: int, embed_scale: float):
+            super().__init__(1, hidden, None, embed_scale=embed_scale)
+            self._weights, self._name = weights, name
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            uniq, local = torch.unique(input_ids, return_inverse=True)
+            rows = [self._weights.rows(self._name, int(i), int(i) + 1) for i in uniq]
+            self.weight = nn.Parameter(torch.cat(rows), requires_grad=False)
+            return super().forward(local)
+
+    return RowsEmbedding
+
+
+class ChunkedLinear(nn.Module):
+    """``F.linear(h, W)`` with W's rows read in chunks (W: (V, H) on disk, never resident)."""
+
+    def __init__(self, weights: Weights, name: str, chunk: int = VOCAB_CHUNK):
+        super().__init__()
+        self._weights, self._name, self._chunk = weights, name, chunk
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        vocab = self._weights.shapes[self._name][0]
+        out = torch.empty((*h.shape[:-1], vocab), dtype=h.dtype)
+        for start in range(0, vocab, self._chunk):
+            stop = min(start + self._chunk, vocab)
+            out[..., start:stop] = F.linear(h, self._weights.rows(self._name, start, stop))
+        return out
+
+
+def _release(module: nn.Module, args, output) -> None:
+    module.to_empty(device="meta")  # frees the layer's tensors; returns None: the output stays
+
+
+class HFStreamRunner(HFRunner):
+    """``HFRunner`` over a checkpoint streamed layer by layer (see the module docstring)."""
+
+    def __init__(self, model_dir: str | Path, dtype: str = "float32", attn_implementation: str = "eager",
+                 threads: int = 1):
+        from transformers import AutoConfig, Gemma4UnifiedForConditionalGeneration
+        from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4UnifiedTextRotaryEmbedding
+
+        torch.set_num_threads(threads)
+        self.model_dir, self.dtype = Path(model_dir), dtype
+        config = AutoConfig.from_pretrained(self.model_dir, attn_implementation=attn_implementation,
+                                            local_files_only=True)
+        torch_dtype = DTYPES[dtype]
+        self.weights = Weights(self.model_dir, torch_dtype)
+        with default_dtype(torch_dtype):
+            with torch.device("meta"):
+                model = Gemma4UnifiedForConditionalGeneration(config).eval()
+            text = model.model.language_model
+            text.rotary_emb = Gemma4UnifiedTextRotaryEmbedding(config=config.get_text_config())  # non-persistent
+            embed = "model.language_model.embed_tokens.weight"
+            hidden = config.get_text_config().hidden_size
+            text.embed_tokens = _rows_embedding_class()(self.weights, embed, hidden, hidden**0.5)
+        model.lm_head = ChunkedLinear(self.weights, embed)
+        for path, module in model.model.named_children():
+            if path == "language_model":
+                load_module(module.norm, "model.language_model.norm.", self.weights)
+            elif module is not None:
+                load_module(module, f"model.{path}.", self.weights)
+        for i, layer in enumerate(text.layers):
+            layer.register_forward_pre_hook(self._materialize(f"model.language_model.layers.{i}."))
+            layer.register_forward_hook(_release)
+        self.model, self.config = model, model.config
+        self.layer_reads = 0
+        self.load_seconds = 0.0  # spent reading and casting decoder layers
+
+    def _materialize(self, prefix: str):
+        def pre(module, args):
+            t0 = time.perf_counter()
+            load_module(module, prefix, self.weights)
+            self.layer_reads += 1
+            self.load_seconds += time.perf_counter() - t0
+        return pre

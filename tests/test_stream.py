@@ -1,0 +1,100 @@
+"""Layer streaming (``--stream``): the same record as a resident run, one layer resident at a time."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from parity.cli import main
+from tests.conftest import FIXTURES, MODELS
+
+CASES = ["image/gradient", "two-images", "long-image-block", "image-and-audio", "text-only"]
+
+
+def _stream_record(tmp_path, *args: str) -> tuple[int, dict]:
+    out = tmp_path / "record.json"
+    argv = ["run", "--stream", "--report-dir", str(tmp_path / "rep"), "--json", str(out), *args]
+    for case in CASES:
+        argv += ["--case", case]
+    code = main(argv)
+    return code, json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("dtype,mode", [("float32", "free"), ("float32", "teacher"), ("bfloat16", "free")])
+def test_streamed_record_equals_the_resident_record(tmp_path, default_runs, dtype, mode):
+    """Every number of every stage, the logits agreement and every decode step agree exactly with the
+    resident run of the same cases: streaming changes where the weights are, not what is computed."""
+    _, resident, _ = default_runs(dtype, mode, "official")
+    code, streamed = _stream_record(tmp_path, "--dtype", dtype, "--mode", mode)
+    assert code == 0 and streamed["settings"]["stream"] is True
+    by_name = {c["name"]: c for c in resident["cases"]}
+    assert len(streamed["cases"]) == sum(1 for c in resident["cases"] if c["scenario"] in CASES) > len(CASES)
+    for case in streamed["cases"]:
+        ref = by_name[case["name"]]
+        assert [s["name"] for s in case["stages"]] == [s["name"] for s in ref["stages"]]
+        for s, r in zip(case["stages"], ref["stages"], strict=True):
+            assert s == r, (case["name"], s["name"])
+        for key in ("logits", "decode", "passed", "first_divergence"):
+            assert case[key] == ref[key], (case["name"], key)
+        for key in ("patch_error", "kl_per_position", "ref_max_abs"):
+            assert case["viz"][key] == ref["viz"][key], (case["name"], key)
+        assert case["reference_self_consistency"]["max_abs_logits"] is None  # no second pass over the disk
+        n_layers = int(case["stages"][-3]["name"].split(".")[1]) + 1
+        assert case["stream"]["layer_reads"] == n_layers * (1 + resident["settings"]["decode_steps"])
+
+
+def test_a_planted_defect_is_named_when_streamed(tmp_path):
+    code, rec = _stream_record(tmp_path, "--inject", "vision-causal", "--model", str(MODELS[0]))
+    assert code == 1
+    first = {c["scenario"]: (c["first_divergence"] or {}).get("stage") for c in rec["cases"]}
+    assert first == {"image/gradient": "mask.sliding_attention", "two-images": "mask.sliding_attention",
+                     "long-image-block": "mask.sliding_attention", "image-and-audio": "mask.sliding_attention",
+                     "text-only": None}  # no image: nothing to attend bidirectionally
+
+
+def test_one_layer_at_a_time_on_both_sides(tmp_path):
+    """HF's layers are back on the meta device after every call; the candidate holds no layer at all
+    between calls, and never the vocabulary table."""
+    from reference.stream import HFStreamRunner
+    from rmlx.stream import StreamedModel
+
+    model_dir = MODELS[0]
+    hf = HFStreamRunner(model_dir)
+    ids = np.array([[2, 10, 11, 12]])
+    hf.forward({"input_ids": ids, "mm_token_type_ids": np.zeros_like(ids)}, "official", {}, 1, consistency=False)
+    layers = hf.model.model.language_model.layers
+    assert hf.layer_reads == 2 * len(layers)
+    assert all(p.device == torch.device("meta") for p in layers.parameters())
+    assert not any(p.device == torch.device("meta") for n, p in hf.model.named_parameters() if ".layers." not in n)
+
+    cand = StreamedModel(model_dir)
+    assert cand.model.language_model.layers == []
+    assert "weight" not in cand.model.language_model.embed_tokens  # rows read on demand
+    layer = cand.layer(0)
+    assert sum(v.nbytes for v in layer.parameters()["self_attn"]["q_proj"].values()) > 0
+
+
+def test_stream_refuses_what_it_cannot_do(tmp_path, capsys):
+    for extra in (["--quantize", "mxfp8"], ["--dump", str(tmp_path / "dump")]):
+        assert main(["run", "--stream", "--report-dir", str(tmp_path / "r"), *extra]) == 2
+        assert "--stream" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "dump").exists()
+
+
+def test_a_bad_checkpoint_is_refused_before_any_layer_is_read(tmp_path):
+    """The strict name/shape check reads only the safetensors headers."""
+    import shutil
+
+    from rmlx.errors import InputError
+    from rmlx.stream import StreamedModel
+
+    bad = tmp_path / "m"
+    shutil.copytree(FIXTURES / "models" / MODELS[0].name, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["text_config"]["intermediate_size"] += 1
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="mlp.gate_proj.weight' has shape"):
+        StreamedModel(bad)
