@@ -1,6 +1,7 @@
 """Benchmarks: rmlx (MLX) against HF (torch) on the same CPU, in the same process, at real shapes.
 
-    python benchmarks/bench.py [--out DIR] [--repeat N] [--only gemm,vision,masks,harness]
+    python benchmarks/bench.py [--out DIR] [--repeat N] [--only gemm,vision,masks,harness,layers]
+    python benchmarks/bench.py --only stream --checkpoint DIR [--tokens 280,1120] [--threads 2]
 
 Writes DIR/bench.json and DIR/bench.md (default reports/bench-<time>/), atomically. Every number is a
 median of N timed repeats after one warm-up, with the thread counts and versions recorded. Sections:
@@ -11,6 +12,9 @@ median of N timed repeats after one warm-up, with the thread counts and versions
 - masks: both mask policies at 8k and 32k tokens (an 8k-token image block in the middle).
 - harness: the embedded default (tiny fixtures), the time of the two forwards against everything else
   the harness does (capture, compare, oracle, report).
+- layers: one sliding and one full decoder layer of the 12B shapes at 512 and 2048 tokens, fp32.
+- stream (only with --only stream --checkpoint DIR): ``rmlx-parity run --stream`` at real size, one
+  image at 280 and 1120 soft tokens, each in its own process: wall time, forwards vs harness, peak RSS.
 
 Not a test: timings are reported, never asserted (tests/ never time anything).
 """
@@ -180,7 +184,99 @@ def bench_harness(repeat: int) -> list[dict]:
              "harness overhead / forwards": (total - forwards) / forwards}]
 
 
-SECTIONS = {"gemm": bench_gemm, "vision": bench_vision, "masks": bench_masks, "harness": bench_harness}
+def bench_layers(repeat: int) -> list[dict]:
+    """One sliding (layer 0) and one full (layer 5) decoder layer of the 12B shapes, fp32, at 512 and
+    2048 tokens: HF's ``Gemma4UnifiedTextDecoderLayer`` (eager attention, HF's own masks and RoPE) against
+    rmlx's ``DecoderLayer`` with the same weights and the same boolean masks."""
+    import mlx.core as mx
+    import torch
+    from mlx.utils import tree_unflatten
+    from transformers import Gemma4UnifiedForConditionalGeneration
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import (
+        Gemma4UnifiedTextDecoderLayer,
+        Gemma4UnifiedTextRotaryEmbedding,
+    )
+
+    from reference.hf import bool_mask
+    from reference.synthetic import config
+    from rmlx.config import TextConfig
+    from rmlx.text import DecoderLayer
+
+    cfg = config("12b", layers=6)
+    cfg._attn_implementation = cfg.text_config._attn_implementation = "eager"
+    text = cfg.text_config
+    ours_cfg = TextConfig.from_dict(text.to_dict())
+    rotary = Gemma4UnifiedTextRotaryEmbedding(config=text)
+    rows = []
+    for i in (0, 5):
+        torch.manual_seed(i)
+        hf = Gemma4UnifiedTextDecoderLayer(text, i).eval()
+        with torch.no_grad():
+            for p in hf.parameters():  # the synthetic checkpoint's scales (reference/synthetic.py)
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5 if p.ndim > 1 else 1 + 0.1 * torch.randn_like(p))
+        ours = DecoderLayer(ours_cfg, i)
+        ours.update(tree_unflatten([(k, mx.array(v.detach().numpy())) for k, v in hf.state_dict().items()]))
+        mx.eval(ours.parameters())
+        kind = text.layer_types[i]
+        for length in (512, 2048):
+            x = torch.randn(1, length, text.hidden_size)
+            pos = torch.arange(length)[None]
+            masks = Gemma4UnifiedForConditionalGeneration.create_masks_for_generate(
+                cfg, x, None, None, pos, torch.zeros((1, length), dtype=torch.long))
+            pe = rotary(x, pos, kind)
+            with torch.no_grad():
+                t_torch = timed(lambda x=x, pe=pe, m=masks[kind], pos=pos, hf=hf: hf(
+                    x, shared_kv_states={}, position_embeddings=pe, attention_mask=m, position_ids=pos), repeat)
+            mx_x, mx_mask = mx.array(x.numpy()), mx.array(bool_mask(masks[kind], length).numpy())
+            t_mlx = timed(lambda a=mx_x, m=mx_mask, ours=ours: mx.eval(ours(a, m, None, 0, None)[0]), repeat)
+            rows.append({"case": f"decoder layer {i} ({kind}), {length} tokens, fp32", "mlx s": t_mlx,
+                         "torch s": t_torch, "mlx / torch": t_mlx / t_torch})
+        del hf, ours
+    return rows
+
+
+def bench_stream(repeat: int, checkpoint: Path | None = None, tokens: tuple[int, ...] = (280, 1120),
+                 threads: int = 2) -> list[dict]:
+    """``rmlx-parity run --stream`` on a real-size checkpoint (``--checkpoint``; e.g. one written by
+    ``rmlx-parity fixtures --shape 12b``), one image at each soft-token budget, each in a fresh process
+    (its peak RSS is that process's). Reports the record's own split: the two forwards (reading the
+    weights included), the harness (capture, compare, oracle, report), and the peak RSS. Runs once:
+    ``repeat`` does not apply (minutes per run)."""
+    import resource
+    import subprocess
+    import tempfile
+
+    if checkpoint is None:
+        raise SystemExit("bench: the stream section needs --checkpoint DIR")
+    rows = []
+    image = ROOT / "fixtures" / "images" / "exact-672x960.png"
+    for n in tokens:
+        with tempfile.TemporaryDirectory() as tmp:
+            rec_path = Path(tmp) / "record.json"
+            cmd = [sys.executable, "-m", "parity.cli", "run", "--stream", "--threads", str(threads), "--model",
+                   str(checkpoint), "--image", str(image), "--case", "image/*", "--max-soft-tokens", str(n),
+                   "--decode-steps", "0", "--report-dir", str(Path(tmp) / "rep"), "--json", str(rec_path)]
+            t = time.perf_counter()
+            code = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode
+            wall = time.perf_counter() - t
+            peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+            rec = json.loads(rec_path.read_text())
+        case = rec["cases"][0]
+        st = case["stream"]
+        forwards = st["reference_forward_s"] + st["candidate_forward_s"]
+        rows.append({"case": f"{checkpoint.name}, {case['n_soft_tokens']} soft tokens, {len(case['stages'])} stages",
+                     "exit": code, "wall s": wall, "record s": rec["wall_time_s"], "forwards s": forwards,
+                     "HF s": st["reference_forward_s"], "rmlx s": st["candidate_forward_s"],
+                     "HF read s": st["reference_load_s"], "rmlx read s": st["candidate_load_s"],
+                     "compare s": st["compare_s"], "harness / forwards": (rec["wall_time_s"] - forwards) / forwards,
+                     "peak RSS GiB (max so far)": peak,
+                     "first divergence": (case["first_divergence"] or {}).get("stage"),
+                     "top1": case["logits"]["top1_agreement"]})
+    return rows
+
+
+SECTIONS = {"gemm": bench_gemm, "vision": bench_vision, "masks": bench_masks, "harness": bench_harness,
+            "layers": bench_layers, "stream": bench_stream}
 
 
 def environment() -> dict:
@@ -213,7 +309,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--only", default=",".join(SECTIONS))
+    p.add_argument("--only", default=",".join(s for s in SECTIONS if s != "stream"))
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="stream section: a real-size checkpoint directory (rmlx-parity fixtures --shape 12b)")
+    p.add_argument("--tokens", default="280,1120", help="stream section: soft-token budgets (default 280,1120)")
+    p.add_argument("--threads", type=int, default=2, help="stream section: --threads of the run (default 2)")
     args = p.parse_args(argv)
     names = [s for s in args.only.split(",") if s]
     unknown = sorted(set(names) - SECTIONS.keys())
@@ -228,7 +328,11 @@ def main(argv=None) -> int:
               "environment": environment(), "repeat": args.repeat, "sections": {}}
     for name in names:
         t = time.perf_counter()
-        result["sections"][name] = SECTIONS[name](args.repeat)
+        if name == "stream":
+            result["sections"][name] = bench_stream(1, args.checkpoint, tuple(int(t) for t in args.tokens.split(",")),
+                                                    args.threads)
+        else:
+            result["sections"][name] = SECTIONS[name](args.repeat)
         print(f"{name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
     report.write_files(out, {"bench.json": json.dumps(result, indent=2) + "\n", "bench.md": to_markdown(result)})
     print(to_markdown(result))

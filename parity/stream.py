@@ -247,7 +247,8 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
         if s.name in lock.diffs:
             diffs.append(lock.diffs[s.name])
         else:
-            side = [n for n, cap in (("candidate", lock.recorder.capture), ("reference", lock.ref)) if s.name not in cap]
+            side = [n for n, cap in (("candidate", lock.recorder.capture), ("reference", lock.ref))
+                    if s.name not in cap]
             diffs.append(StageDiff(s.name, False, tols[s.name], settings.dtype, (),
                                    error=f"Stage missing on the {' and '.join(side) or 'no'} side"))
     oracle = {}

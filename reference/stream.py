@@ -19,6 +19,7 @@ gemma4_unified (``vision_embedder.* -> embed_vision.*``), as ``from_pretrained``
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections.abc import Iterator
@@ -58,7 +59,10 @@ class Weights:
         self.dtype = dtype
         self.where: dict[str, tuple[Path, str]] = {}  # HF name -> (file, checkpoint key)
         self.shapes: dict[str, tuple[int, ...]] = {}
+        self.spans: dict[str, tuple[int, int]] = {}  # HF name -> (byte offset in its file, length)
         for f in checkpoint_files(model_dir):
+            with f.open("rb") as fh:
+                data_start = 8 + int.from_bytes(fh.read(8), "little")
             for key, info in read_safetensors_header(f).items():
                 if key == "__metadata__":
                     continue
@@ -67,6 +71,21 @@ class Weights:
                     name = re.sub(src, dst, name)
                 self.where[name] = (f, key)
                 self.shapes[name] = tuple(info["shape"])
+                start, end = info["data_offsets"]
+                self.spans[name] = (data_start + start, end - start)
+
+    def prefetch(self, prefix: str) -> None:
+        """Ask the kernel to start reading every tensor under ``prefix`` (``posix_fadvise`` WILLNEED:
+        asynchronous, no CPU), so the next layer's bytes arrive while this one computes."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        for name, (f, _) in self.where.items():
+            if name.startswith(prefix):
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, *self.spans[name], os.POSIX_FADV_WILLNEED)
+                finally:
+                    os.close(fd)
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Whole tensors, cast to the run dtype (each file mapped only while it is read)."""
@@ -168,16 +187,19 @@ class HFStreamRunner(HFRunner):
             elif module is not None:
                 load_module(module, f"model.{path}.", self.weights)
         for i, layer in enumerate(text.layers):
-            layer.register_forward_pre_hook(self._materialize(f"model.language_model.layers.{i}."))
+            following = f"model.language_model.layers.{i + 1}." if i + 1 < len(text.layers) else None
+            layer.register_forward_pre_hook(self._materialize(f"model.language_model.layers.{i}.", following))
             layer.register_forward_hook(_release)
         self.model, self.config = model, model.config
         self.layer_reads = 0
         self.load_seconds = 0.0  # spent reading and casting decoder layers
 
-    def _materialize(self, prefix: str):
+    def _materialize(self, prefix: str, next_prefix: str | None):
         def pre(module, args):
             t0 = time.perf_counter()
             load_module(module, prefix, self.weights)
+            if next_prefix is not None:
+                self.weights.prefetch(next_prefix)
             self.layer_reads += 1
             self.load_seconds += time.perf_counter() - t0
         return pre

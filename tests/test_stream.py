@@ -96,5 +96,5 @@ def test_a_bad_checkpoint_is_refused_before_any_layer_is_read(tmp_path):
     config = json.loads((bad / "config.json").read_text())
     config["text_config"]["intermediate_size"] += 1
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match="mlp.gate_proj.weight' has shape"):
+    with pytest.raises(InputError, match=r"layers.0.mlp.down_proj.weight' has shape \(64, 128\), the config implies \(64, 129\)"):
         StreamedModel(bad)
