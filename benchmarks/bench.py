@@ -268,7 +268,7 @@ def bench_stream(repeat: int, checkpoint: Path | None = None, tokens: tuple[int,
                      "exit": code, "wall s": wall, "record s": rec["wall_time_s"], "forwards s": forwards,
                      "HF s": st["reference_forward_s"], "rmlx s": st["candidate_forward_s"],
                      "HF read s": st["reference_load_s"], "rmlx read s": st["candidate_load_s"],
-                     "compare s": st["compare_s"], "harness / forwards": (rec["wall_time_s"] - forwards) / forwards,
+                     "capture s": st["capture_s"], "compare s": st["compare_s"], "harness / forwards": (rec["wall_time_s"] - forwards) / forwards,
                      "peak RSS GiB (max so far)": peak,
                      "first divergence": (case["first_divergence"] or {}).get("stage"),
                      "top1": case["logits"]["top1_agreement"]})

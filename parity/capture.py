@@ -7,6 +7,7 @@ the reference's input to that stage (its error is then its own).
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import mlx.core as mx
@@ -39,9 +40,12 @@ class Recorder:
     def __init__(self, reference: Capture | None = None):
         self.capture: Capture = {}
         self.reference = reference
+        self.seconds = 0.0  # spent copying captures out (a harness cost, not the model's)
 
     def __call__(self, name: str, x: Any) -> Any:
+        t0 = time.perf_counter()
         self.capture[name] = to_numpy(x)
+        self.seconds += time.perf_counter() - t0
         if self.reference is not None and name in self.reference:
             ref = self.reference[name]
             if tuple(ref.shape) == tuple(x.shape):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 import ml_dtypes
@@ -84,18 +85,20 @@ def fmt_g(v) -> str:
 
 
 def _ordered_bits(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Map floats to integers whose difference is the ULP distance in ``dtype``."""
+    """Map floats to integers whose difference is the ULP distance in ``dtype`` (sign-magnitude bits,
+    the magnitude negated for negative values: -0.0 and +0.0 are one point). Kept in the float's own
+    width: a negated magnitude always fits; ``max_ulp`` subtracts in int64."""
     if dtype == "bfloat16":
-        bits = x.astype(ml_dtypes.bfloat16).view(np.int16).astype(np.int64)
+        bits = x.astype(ml_dtypes.bfloat16).view(np.int16)
         sign = 0x7FFF
     elif dtype == "float16":
-        bits = x.astype(np.float16).view(np.int16).astype(np.int64)
+        bits = x.astype(np.float16).view(np.int16)
         sign = 0x7FFF
     elif dtype == "float64":
         bits = x.astype(np.float64).view(np.int64)
         return np.where(bits < 0, -(bits & 0x7FFFFFFFFFFFFFFF), bits)
     else:
-        bits = x.astype(np.float32).view(np.int32).astype(np.int64)
+        bits = x.astype(np.float32, copy=False).view(np.int32)
         sign = 0x7FFFFFFF
     return np.where(bits < 0, -(bits & sign), bits)
 
@@ -105,7 +108,7 @@ def max_ulp(actual: np.ndarray, expected: np.ndarray, dtype: str) -> int:
         return 0
     if not np.issubdtype(expected.dtype, np.floating):
         return int(np.abs(actual.astype(np.int64) - expected.astype(np.int64)).max())
-    return int(np.abs(_ordered_bits(actual, dtype) - _ordered_bits(expected, dtype)).max())
+    return int(np.abs(np.subtract(_ordered_bits(actual, dtype), _ordered_bits(expected, dtype), dtype=np.int64)).max())
 
 
 def _nonfinite(actual: np.ndarray, expected: np.ndarray) -> str | None:
@@ -117,8 +120,10 @@ def _nonfinite(actual: np.ndarray, expected: np.ndarray) -> str | None:
     return None
 
 
-def compare(stage: str, actual: np.ndarray, expected: np.ndarray, tol: Tol, dtype: str = "float32") -> StageDiff:
-    """Compare one stage. ``dtype`` is the dtype the values were computed in (ULP unit)."""
+def compare(stage: str, actual: np.ndarray, expected: np.ndarray, tol: Tol, dtype: str = "float32",
+            workers: int = 1) -> StageDiff:
+    """Compare one stage. ``dtype`` is the dtype the values were computed in (ULP unit). ``workers``:
+    threads for a large array (NumPy releases the GIL); the result does not depend on it."""
     actual, expected = np.asarray(actual), np.asarray(expected)
     if actual.shape != expected.shape:
         return StageDiff(stage, False, tol, dtype, tuple(expected.shape), numel=int(expected.size),
@@ -133,14 +138,28 @@ def compare(stage: str, actual: np.ndarray, expected: np.ndarray, tol: Tol, dtyp
     n = int(expected.size)
     if n == 0:
         return StageDiff(stage, True, tol, dtype, tuple(expected.shape))
-    acc = _Accumulator(tol, n)
     flat_a, flat_e = actual.reshape(-1), expected.reshape(-1)
-    for start in range(0, n, CHUNK):
-        acc.add(flat_a[start:start + CHUNK], flat_e[start:start + CHUNK], start)
-    a_max_ulp = max(max_ulp(flat_a[s:s + CHUNK], flat_e[s:s + CHUNK], dtype) for s in range(0, n, CHUNK))
-    return acc.result(stage, dtype, tuple(expected.shape), a_max_ulp)
+    diffs = np.empty(n, np.float32)
+    starts = list(range(0, n, CHUNK))
+    groups = [starts[i:i + GROUP] for i in range(0, len(starts), GROUP)]  # fixed: the sums' order too
+
+    def run(group: list[int]) -> _Accumulator:
+        acc = _Accumulator(tol, dtype, diffs)
+        for start in group:
+            acc.add(flat_a[start:start + CHUNK], flat_e[start:start + CHUNK], start)
+        return acc
+
+    if workers > 1 and len(groups) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(run, groups))
+    else:
+        parts = [run(g) for g in groups]
+    for part in parts[1:]:
+        parts[0].merge(part)
+    return parts[0].result(stage, tuple(expected.shape))
 
 
+GROUP = 8  # chunks per unit of work (a thread's share)
 CHUNK = 1 << 18  # elements per step: float64 temporaries of 2 MiB stay in the malloc heap (larger ones are
 # mmap-ed afresh and page-faulted on every call: 2.5x slower, measured on (1127, 3840) stages)
 
@@ -149,14 +168,27 @@ class _Accumulator:
     """The statistics of ``compare`` over flat chunks (so a 1 GiB logits array needs no float64 copy).
     Every statistic is exact over the chunks except p99, taken over float32 copies of |a - e|."""
 
-    def __init__(self, tol: Tol, n: int):
-        self.tol, self.n = tol, n
-        self.mismatched = 0
+    def __init__(self, tol: Tol, dtype: str, diffs: np.ndarray):
+        self.tol, self.dtype, self.diffs = tol, dtype, diffs  # diffs: |a - e| of the whole array, float32
+        self.n = diffs.size
+        self.mismatched = self.ulp = 0
         self.abs = (-1.0, 0)  # (value, flat index): the first maximum, as argmax
         self.rel = (-1.0, 0)
         self.sum_abs = self.err2 = self.ref2 = self.act2 = self.dot = 0.0
         self.need_atol = self.need_rtol = 0.0
-        self.diffs = np.empty(n, np.float32)
+
+    def merge(self, other: _Accumulator) -> None:
+        """Fold in the statistics of a later part of the array."""
+        self.mismatched += other.mismatched
+        self.ulp = max(self.ulp, other.ulp)
+        if other.abs[0] > self.abs[0]:
+            self.abs = other.abs
+        if other.rel[0] > self.rel[0]:
+            self.rel = other.rel
+        for k in ("sum_abs", "err2", "ref2", "act2", "dot"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.need_atol = max(self.need_atol, other.need_atol)
+        self.need_rtol = max(self.need_rtol, other.need_rtol)
 
     def add(self, actual: np.ndarray, expected: np.ndarray, offset: int) -> None:
         a, e = actual.astype(np.float64), expected.astype(np.float64)
@@ -187,8 +219,9 @@ class _Accumulator:
         self.act2 += float(a @ a)
         self.dot += float(a @ e)
         self.diffs[offset:offset + diff.size] = diff
+        self.ulp = max(self.ulp, max_ulp(actual, expected, self.dtype))
 
-    def result(self, stage: str, dtype: str, shape: tuple[int, ...], ulp: int) -> StageDiff:
+    def result(self, stage: str, shape: tuple[int, ...]) -> StageDiff:
         na, ne = math.sqrt(self.act2), math.sqrt(self.ref2)
         cosine = 1.0 if na == ne == 0 else (0.0 if na == 0 or ne == 0 else self.dot / (na * ne))
         if self.err2 == 0:
@@ -199,10 +232,10 @@ class _Accumulator:
             nmse_db = 10 * math.log10(self.err2 / self.ref2)
         p99 = float(np.percentile(self.diffs, 99, overwrite_input=True))
         return StageDiff(
-            stage, self.mismatched == 0, self.tol, dtype, shape, numel=self.n, mismatched=self.mismatched,
+            stage, self.mismatched == 0, self.tol, self.dtype, shape, numel=self.n, mismatched=self.mismatched,
             max_abs=self.abs[0], max_abs_index=tuple(int(i) for i in np.unravel_index(self.abs[1], shape)),
             max_rel=self.rel[0], max_rel_index=tuple(int(i) for i in np.unravel_index(self.rel[1], shape)),
-            mean_abs=self.sum_abs / self.n, p99_abs=p99, max_ulp=ulp, cosine=cosine, nmse_db=nmse_db,
+            mean_abs=self.sum_abs / self.n, p99_abs=p99, max_ulp=self.ulp, cosine=cosine, nmse_db=nmse_db,
             min_tolerance={"atol": max(self.need_atol, 0.0), "rtol": self.need_rtol},
         )
 
@@ -249,24 +282,34 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5, per_position: bool = False) -> dict:
+def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5, per_position: bool = False,
+                     workers: int = 1) -> dict:
     """Next-token agreement over every position of (..., V) logits: top-1 agreement (fraction),
     KL(reference || candidate) of the softmax distributions (mean and max over positions, nats),
     and the mean top-k overlap (fraction of the reference's top k found in the candidate's).
     ``per_position``: also ``"kl"``, the KL at every position as a float64 array (not JSON).
-    Positions are taken in chunks (float64 softmax temporaries stay ~32 MiB at any vocabulary)."""
+    Positions are taken a few at a time (float64 softmax temporaries stay small at any vocabulary),
+    on ``workers`` threads; the result does not depend on their number."""
     a = actual.reshape(-1, actual.shape[-1])
     e = expected.reshape(-1, expected.shape[-1])
     k = min(k, e.shape[-1])
-    rows = max(1, CHUNK // max(e.shape[-1], 1))
-    kl, overlap, top1 = [], [], []
-    for start in range(0, e.shape[0], rows):
+    rows = max(1, (CHUNK * 4) // max(e.shape[-1], 1))
+
+    def block(start: int):
         ca, ce = a[start:start + rows], e[start:start + rows]
         la, le = _log_softmax(ca), _log_softmax(ce)
-        kl.append((np.exp(le) * (le - la)).sum(-1))
-        overlap += [len(set(x) & set(y)) / k for x, y in zip(_topk(ca, k), _topk(ce, k), strict=True)]
-        top1.append(ca.argmax(-1) == ce.argmax(-1))
-    kl = np.concatenate(kl)
-    out = {"top1_agreement": float(np.concatenate(top1).mean()), "kl_mean": float(kl.mean()),
+        overlap = [len(set(x) & set(y)) / k for x, y in zip(_topk(ca, k), _topk(ce, k), strict=True)]
+        return (np.exp(le) * (le - la)).sum(-1), overlap, ca.argmax(-1) == ce.argmax(-1)
+
+    starts = range(0, e.shape[0], rows)
+    if workers > 1 and len(starts) > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            parts = list(pool.map(block, starts))
+    else:
+        parts = [block(s) for s in starts]
+    kl = np.concatenate([p[0] for p in parts])
+    overlap = [x for p in parts for x in p[1]]
+    top1 = np.concatenate([p[2] for p in parts])
+    out = {"top1_agreement": float(top1.mean()), "kl_mean": float(kl.mean()),
            "kl_max": float(kl.max()), f"top{k}_overlap": float(np.mean(overlap)), "positions": int(e.shape[0])}
     return (out | {"kl": kl}) if per_position else out

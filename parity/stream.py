@@ -199,7 +199,9 @@ class Lockstep:
 def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
                       settings):
     """One case, streamed: the same CaseResult as ``parity.runner.run_case`` (captures not kept), plus
-    ``stream`` = timings, layer reads and the process's peak RSS."""
+    ``stream``: layer reads, the process's peak RSS, and where the time went. ``*_forward_s`` is each
+    model's own time, reading its weights included (``*_load_s`` of it); ``capture_s`` (copying stage
+    values out), ``compare_s`` (metrics, oracle, viz) and ``setup_s`` (inputs, hooks) are the harness's."""
     from parity.runner import CaseResult
 
     t0 = time.perf_counter()
@@ -219,6 +221,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
         feed["audio_frames"] = inputs["input.audio_frames"]
     handles = lock.install()
     reads0, hf_load0, cand_load0 = adapter.hf.layer_reads, adapter.hf.load_seconds, adapter.streamed.load_seconds
+    hf_capture0 = adapter.hf.capture_seconds
     t_forward = time.perf_counter()
     try:
         captured, ref_steps, tokens, _ = adapter.hf.forward(feed, settings.mask_policy, points, settings.decode_steps,
@@ -232,8 +235,9 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     t1 = time.perf_counter()
     if "logits" in tols:
         lock.ref_max["logits"] = ref_max_abs(ref_logits)
-        lock.diffs["logits"] = compare("logits", cand_logits, ref_logits, tols["logits"], settings.dtype)
-    agreement = logits_agreement(cand_logits, ref_logits, per_position=True)
+        lock.diffs["logits"] = compare("logits", cand_logits, ref_logits, tols["logits"], settings.dtype,
+                                       workers=settings.threads)
+    agreement = logits_agreement(cand_logits, ref_logits, per_position=True, workers=settings.threads)
     kl = agreement.pop("kl")
     del ref_logits, cand_logits
     logits_tol = tolerance("logits", settings.dtype)
@@ -263,8 +267,11 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
                    [d.stage for d in diffs], lock.ref_max)
     after = time.perf_counter() - t1
     seconds = time.perf_counter() - t0
-    reference_s = t_forward - lock.seconds["candidate"] - lock.seconds["compare"]
-    stream = {"reference_forward_s": round(reference_s, 3), "candidate_forward_s": round(lock.seconds["candidate"], 3),
+    capture = {"reference": adapter.hf.capture_seconds - hf_capture0, "candidate": lock.recorder.seconds}
+    reference_s = t_forward - lock.seconds["candidate"] - lock.seconds["compare"] - capture["reference"]
+    stream = {"reference_forward_s": round(reference_s, 3),
+              "candidate_forward_s": round(lock.seconds["candidate"] - capture["candidate"], 3),
+              "capture_s": round(capture["reference"] + capture["candidate"], 3),
               "reference_load_s": round(adapter.hf.load_seconds - hf_load0, 3),
               "candidate_load_s": round(adapter.streamed.load_seconds - cand_load0, 3),
               "compare_s": round(lock.seconds["compare"] + after, 3),

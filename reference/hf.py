@@ -9,6 +9,7 @@ parity stages: the caller hands it ``{name: (module_path, read)}``.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class HFRunner:
             use_safetensors=True, local_files_only=True,
         ).eval()
         self.config = self.model.config
+        self.capture_seconds = 0.0  # spent copying captures out in hooks (a harness cost)
 
     @staticmethod
     def preprocess(image: np.ndarray | list[np.ndarray], max_soft_tokens: int) -> dict[str, np.ndarray]:
@@ -116,7 +118,9 @@ class HFRunner:
                         value = apply_rotary_pos_emb(output, cos, sin, unsqueeze_dim=2)
                     else:
                         raise ValueError(f"unknown read kind '{read}' for {path}")
+                    t0 = time.perf_counter()
                     out[name] = to_numpy(value)
+                    self.capture_seconds += time.perf_counter() - t0
 
                 handles.append(module.register_forward_hook(hook, with_kwargs=True))
             yield

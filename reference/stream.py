@@ -19,6 +19,7 @@ gemma4_unified (``vision_embedder.* -> embed_vision.*``), as ``from_pretrained``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -31,10 +32,23 @@ from safetensors import safe_open
 from torch import nn
 
 from reference.hf import DTYPES, HFRunner
-from rmlx.errors import InputError
-from rmlx.load import checkpoint_files, read_safetensors_header
 
 VOCAB_CHUNK = 16384
+
+
+def _shards(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (validated strictly by the rmlx side beforehand)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return [model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [model_dir / "model.safetensors"]
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data, the safetensors header)."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
 
 
 @contextlib.contextmanager
@@ -60,10 +74,9 @@ class Weights:
         self.where: dict[str, tuple[Path, str]] = {}  # HF name -> (file, checkpoint key)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.spans: dict[str, tuple[int, int]] = {}  # HF name -> (byte offset in its file, length)
-        for f in checkpoint_files(model_dir):
-            with f.open("rb") as fh:
-                data_start = 8 + int.from_bytes(fh.read(8), "little")
-            for key, info in read_safetensors_header(f).items():
+        for f in _shards(model_dir):
+            data_start, header = _header(f)
+            for key, info in header.items():
                 if key == "__metadata__":
                     continue
                 name = key
@@ -92,7 +105,7 @@ class Weights:
         by_file: dict[Path, list[str]] = {}
         for name in names:
             if name not in self.where:
-                raise InputError(f"checkpoint has no tensor for '{name}'")
+                raise ValueError(f"checkpoint has no tensor for '{name}'")
             by_file.setdefault(self.where[name][0], []).append(name)
         out = {}
         for f, group in by_file.items():
@@ -114,7 +127,7 @@ def load_module(module: nn.Module, prefix: str, weights: Weights) -> None:
     for n in names:
         want = tuple(module.state_dict()[n].shape)
         if tuple(got[prefix + n].shape) != want:
-            raise InputError(f"tensor '{weights.where[prefix + n][1]}' has shape {tuple(got[prefix + n].shape)}, "
+            raise ValueError(f"tensor '{weights.where[prefix + n][1]}' has shape {tuple(got[prefix + n].shape)}, "
                              f"the config implies {want}")
     module.load_state_dict({n: got[prefix + n] for n in names}, strict=True, assign=True)
 
@@ -192,6 +205,7 @@ class HFStreamRunner(HFRunner):
             layer.register_forward_hook(_release)
         self.model, self.config = model, model.config
         self.layer_reads = 0
+        self.capture_seconds = 0.0
         self.load_seconds = 0.0  # spent reading and casting decoder layers
 
     def _materialize(self, prefix: str, next_prefix: str | None):

@@ -7,9 +7,11 @@ import sys
 import pytest
 
 CASES = [
-    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap, rmlx.quant, rmlx.text",
+    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap, rmlx.quant, rmlx.text, "
+     "rmlx.stream",
      ["torch", "transformers", "parity", "reference"]),
-    ("reference, reference.hf, reference.numpy_ops, reference.fixtures, reference.mxfp8, reference.synthetic",
+    ("reference, reference.hf, reference.numpy_ops, reference.fixtures, reference.mxfp8, reference.synthetic, "
+     "reference.stream",
      ["mlx", "rmlx", "parity"]),
     # parity's package init imports rmlx's (the BLAS loader, rmlx/blas.py: ctypes, no mlx) and nothing else of rmlx
     ("parity.metrics", ["mlx", "torch", "transformers", "reference", "rmlx.model", "rmlx.load", "rmlx.base"]),

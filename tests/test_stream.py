@@ -96,5 +96,14 @@ def test_a_bad_checkpoint_is_refused_before_any_layer_is_read(tmp_path):
     config = json.loads((bad / "config.json").read_text())
     config["text_config"]["intermediate_size"] += 1
     (bad / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match=r"layers.0.mlp.down_proj.weight' has shape \(64, 128\), the config implies \(64, 129\)"):
+    shapes = r"layers.0.mlp.down_proj.weight' has shape \(64, 128\), the config implies \(64, 129\)"
+    with pytest.raises(InputError, match=shapes):
         StreamedModel(bad)
+
+
+def test_a_streamed_run_is_gated_by_the_resident_baseline(tmp_path):
+    """Streaming changes no number, so the committed baseline gates it (as CI would, per shard)."""
+    baseline = FIXTURES / "baselines" / "float32-free.json"
+    argv = ["gate", "--stream", "--baseline", str(baseline), "--case", "two-images", "--report-dir", str(tmp_path)]
+    assert main(argv) == 0
+    assert main([*argv[:-1], str(tmp_path / "again"), "--inject", "layer-scalar-ignored"]) == 1
