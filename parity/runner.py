@@ -179,12 +179,7 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
         scenario, inputs, decoded, settings.max_soft_tokens, settings.candidate_policy,
         tokens, teacher=ref if settings.mode == "teacher" else None)
     diffs = compare_all(cand, ref, tols, settings.dtype)
-    logits_tol = tolerance("logits", settings.dtype)
-    decode = []
-    for step, (a, e, token) in enumerate(zip(cand_steps, ref_steps, tokens, strict=True)):
-        d = compare("logits", a, e, logits_tol, settings.dtype)
-        decode.append({"step": step + 1, "token": token, "passed": d.passed, "max_abs": d.max_abs,
-                       "mismatched": d.mismatched, **logits_agreement(a, e)})
+    decode = decode_entries(cand_steps, ref_steps, tokens, settings.dtype)
     cost = None
     if adapter.hf_float is not None:  # the cost of quantization: candidate vs the unquantized model
         flt, *_ = adapter.reference(scenario, inputs, pre, settings.mask_policy, 0, unquantized=True)
@@ -194,13 +189,8 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
                 "quantized_modules": sorted(adapter.quantized),
                 "left_unquantized": {p: s for p, s in adapter.candidate_model.quant_status.items()
                                      if s != "quantized"}}
-    oracle = {}
-    if settings.oracle:
-        orc = adapter.oracle(scenario, decoded, settings.max_soft_tokens)
-        for name, tol in tols:
-            if name in orc and name in ref and name in cand:
-                oracle[name] = {"reference_max_abs": compare(name, ref[name], orc[name], tol, "float64").max_abs,
-                                "candidate_max_abs": compare(name, cand[name], orc[name], tol, "float64").max_abs}
+    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings.max_soft_tokens), ref, cand, dict(tols)
+                            ) if settings.oracle else {}
     n_soft = int((inputs["input.mm_token_type_ids"] == 1).sum())
     agreement = logits_agreement(cand["logits"], ref["logits"], per_position=True) if "logits" in cand else {}
     kl = agreement.pop("kl", None)
@@ -213,6 +203,26 @@ def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, dec
         image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images], n_soft_tokens=n_soft,
         classes={s.name: s.tol for s in all_stages},
         reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
+
+
+def decode_entries(cand_steps: list[np.ndarray], ref_steps: list[np.ndarray], tokens: list[int], dtype: str
+                   ) -> list[dict]:
+    """The record's ``decode`` list: each greedy step's logits compared, with their agreement."""
+    tol = tolerance("logits", dtype)
+    out = []
+    for step, (a, e, token) in enumerate(zip(cand_steps, ref_steps, tokens, strict=True)):
+        d = compare("logits", a, e, tol, dtype)
+        out.append({"step": step + 1, "token": token, "passed": d.passed, "max_abs": d.max_abs,
+                    "mismatched": d.mismatched, **logits_agreement(a, e)})
+    return out
+
+
+def oracle_columns(orc: dict[str, np.ndarray], ref: dict[str, np.ndarray], cand: dict[str, np.ndarray],
+                   tols: dict) -> dict[str, dict]:
+    """Both sides' distance to the float64 oracle, for the stages all three have."""
+    return {name: {"reference_max_abs": compare(name, ref[name], orc[name], tol, "float64").max_abs,
+                   "candidate_max_abs": compare(name, cand[name], orc[name], tol, "float64").max_abs}
+            for name, tol in tols.items() if name in orc and name in ref and name in cand}
 
 
 def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, tuple] | None:

@@ -202,7 +202,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     ``stream``: layer reads, the process's peak RSS, and where the time went. ``*_forward_s`` is each
     model's own time, reading its weights included (``*_load_s`` of it); ``capture_s`` (copying stage
     values out), ``compare_s`` (metrics, oracle, viz) and ``setup_s`` (inputs, hooks) are the harness's."""
-    from parity.runner import CaseResult
+    from parity.runner import CaseResult, decode_entries, oracle_columns
 
     t0 = time.perf_counter()
     all_stages = adapter.stages(scenario)
@@ -240,12 +240,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     agreement = logits_agreement(cand_logits, ref_logits, per_position=True, workers=settings.threads)
     kl = agreement.pop("kl")
     del ref_logits, cand_logits
-    logits_tol = tolerance("logits", settings.dtype)
-    decode = []
-    for step, (a, e, token) in enumerate(zip(lock.step_logits, ref_steps, tokens, strict=True)):
-        d = compare("logits", a, e, logits_tol, settings.dtype)
-        decode.append({"step": step + 1, "token": token, "passed": d.passed, "max_abs": d.max_abs,
-                       "mismatched": d.mismatched, **logits_agreement(a, e)})
+    decode = decode_entries(lock.step_logits, ref_steps, tokens, settings.dtype)
     diffs = []
     for s in stages:
         if s.name in lock.diffs:
@@ -255,14 +250,8 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
                     if s.name not in cap]
             diffs.append(StageDiff(s.name, False, tols[s.name], settings.dtype, (),
                                    error=f"Stage missing on the {' and '.join(side) or 'no'} side"))
-    oracle = {}
-    if settings.oracle:
-        orc = adapter.oracle(scenario, decoded, settings.max_soft_tokens)
-        for name, tol in tols.items():
-            if name in orc and name in lock.kept_ref:
-                oracle[name] = {
-                    "reference_max_abs": compare(name, lock.kept_ref[name], orc[name], tol, "float64").max_abs,
-                    "candidate_max_abs": compare(name, lock.kept_cand[name], orc[name], tol, "float64").max_abs}
+    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings.max_soft_tokens), lock.kept_ref,
+                            lock.kept_cand, tols) if settings.oracle else {}
     viz = case_viz(lock.kept_cand, lock.kept_ref, {}, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,
                    [d.stage for d in diffs], lock.ref_max)
     after = time.perf_counter() - t1
