@@ -244,15 +244,15 @@ class _Accumulator:
 def compare_all(actual: Mapping[str, np.ndarray], expected: Mapping[str, np.ndarray],
                 stages: Iterable[tuple[str, Tol]], dtype: str = "float32") -> list[StageDiff]:
     """Every stage in the given (forward) order. A stage missing on either side is a failed diff."""
-    diffs = []
-    for name, tol in stages:
-        if name not in actual or name not in expected:
-            side = [s for s, cap in (("candidate", actual), ("reference", expected)) if name not in cap]
-            error = f"Stage missing on the {' and '.join(side)} side"
-            diffs.append(StageDiff(name, False, tol, dtype, (), error=error))
-            continue
-        diffs.append(compare(name, actual[name], expected[name], tol, dtype))
-    return diffs
+    return [compare(name, actual[name], expected[name], tol, dtype)
+            if name in actual and name in expected else missing(name, tol, dtype, actual, expected)
+            for name, tol in stages]
+
+
+def missing(name: str, tol: Tol, dtype: str, actual: Mapping, expected: Mapping) -> StageDiff:
+    """The failed diff of a stage absent from the candidate's and/or the reference's capture."""
+    side = [s for s, cap in (("candidate", actual), ("reference", expected)) if name not in cap]
+    return StageDiff(name, False, tol, dtype, (), error=f"Stage missing on the {' and '.join(side)} side")
 
 
 def missing_and_extra(actual: Mapping, expected: Mapping) -> tuple[list[str], list[str]]:

@@ -34,7 +34,7 @@ import numpy as np
 
 from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario
 from parity.capture import Capture, Recorder, to_numpy
-from parity.metrics import StageDiff, compare, logits_agreement
+from parity.metrics import StageDiff, compare, logits_agreement, missing
 from parity.stages import MASK_KINDS, hook_points, select
 from parity.tolerances import tolerance
 from parity.viz import case_viz, ref_max_abs
@@ -241,15 +241,9 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     kl = agreement.pop("kl")
     del ref_logits, cand_logits
     decode = decode_entries(lock.step_logits, ref_steps, tokens, settings.dtype)
-    diffs = []
-    for s in stages:
-        if s.name in lock.diffs:
-            diffs.append(lock.diffs[s.name])
-        else:
-            side = [n for n, cap in (("candidate", lock.recorder.capture), ("reference", lock.ref))
-                    if s.name not in cap]
-            diffs.append(StageDiff(s.name, False, tols[s.name], settings.dtype, (),
-                                   error=f"Stage missing on the {' and '.join(side) or 'no'} side"))
+    # a stage never settled is one a side did not capture (settle pops the captures it compares)
+    diffs = [lock.diffs[s.name] if s.name in lock.diffs  # (a StageDiff is falsy when it fails: no `or`)
+             else missing(s.name, tols[s.name], settings.dtype, lock.recorder.capture, lock.ref) for s in stages]
     oracle = oracle_columns(adapter.oracle(scenario, decoded, settings.max_soft_tokens), lock.kept_ref,
                             lock.kept_cand, tols) if settings.oracle else {}
     viz = case_viz(lock.kept_cand, lock.kept_ref, {}, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,

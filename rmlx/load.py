@@ -26,6 +26,12 @@ _ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16
 
 def read_safetensors_header(path: Path) -> dict:
     """Parse and validate a safetensors header (without reading the data)."""
+    return safetensors_layout(path)[1]
+
+
+def safetensors_layout(path: Path) -> tuple[int, dict]:
+    """(the byte offset where the data starts, the validated header): what a reader of raw tensor
+    bytes needs (``rmlx.stream``); the header's ``data_offsets`` count from that offset."""
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
@@ -53,7 +59,7 @@ def read_safetensors_header(path: Path) -> dict:
             raise InputError(f"{path}: corrupt safetensors header entry for '{key}' "
                              f"(dtype {dtype}, offsets {start}..{end}, data is {data_size} bytes)")
         del shape
-    return header
+    return 8 + n, header
 
 
 def checkpoint_files(path: Path) -> list[Path]:

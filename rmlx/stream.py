@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
-from rmlx.load import DTYPES, check_weights, checkpoint_files, read_safetensors_header
+from rmlx.load import DTYPES, check_weights, checkpoint_files, safetensors_layout
 from rmlx.model import Model
 from rmlx.text import DecoderLayer
 
@@ -45,11 +45,11 @@ class TensorFile:
 
     _NP = {"F32": np.float32, "BF16": np.uint16, "F16": np.float16}
 
-    def __init__(self, path: Path, header_bytes: int, info: dict):
+    def __init__(self, path: Path, data_start: int, info: dict):
         self.path = path
         self.dtype = info["dtype"]
         self.shape = tuple(info["shape"])
-        self.offset = 8 + header_bytes + info["data_offsets"][0]
+        self.offset = data_start + info["data_offsets"][0]
         if self.dtype not in self._NP:
             raise InputError(f"{path}: tensor dtype {self.dtype} cannot be streamed (F32, BF16 or F16)")
 
@@ -110,13 +110,11 @@ class StreamedModel:
         self.tensors: dict[str, TensorFile] = {}
         shapes: dict[str, _Meta] = {}
         for f in checkpoint_files(path):
-            header = read_safetensors_header(f)
-            with f.open("rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
+            data_start, header = safetensors_layout(f)
             for key, info in header.items():
                 if key != "__metadata__":
                     shapes[key] = _Meta(info["shape"])
-                    self.tensors[key] = TensorFile(f, n, info)
+                    self.tensors[key] = TensorFile(f, data_start, info)
         renamed, source = self.model.sanitize(shapes)
         check_weights(self.model, renamed, source)  # strict: every name and shape, before any data is read
         self.source = source  # module path -> checkpoint key
