@@ -99,3 +99,53 @@ def test_to_dict_is_json_safe():
     d = compare("s", np.array([1.0, 1.0]), e, Tol(0.0, 0.5))  # needs infinite rtol at e == 0
     json.dumps(d.to_dict(), allow_nan=False)
     assert d.to_dict()["min_tolerance"]["rtol"] == "inf"
+
+
+def _oracle(a: np.ndarray, e: np.ndarray, tol: Tol) -> dict:
+    """Every statistic of ``compare`` the plain way: whole float64 arrays, the textbook formulas."""
+    a64, e64 = a.astype(np.float64).ravel(), e.astype(np.float64).ravel()
+    diff, mag = np.abs(a64 - e64), np.abs(e64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.where(diff == 0, 0.0, diff / mag)
+        need = np.where(diff <= tol.atol, 0.0, (diff - tol.atol) / mag)
+    bits = [x.astype(np.float32).view(np.int32).astype(np.int64) for x in (a, e)]
+    ordered = [np.where(b < 0, -(b & 0x7FFFFFFF), b).ravel() for b in bits]
+    return {"mismatched": int((diff > tol.atol + tol.rtol * mag).sum()),
+            "max_abs": diff.max(), "max_abs_index": np.unravel_index(diff.argmax(), e.shape),
+            "max_rel": rel.max(), "max_rel_index": np.unravel_index(rel.argmax(), e.shape),
+            "mean_abs": diff.mean(), "p99_abs": float(np.percentile(diff.astype(np.float32), 99)),
+            "max_ulp": int(np.abs(ordered[0] - ordered[1]).max()),
+            "cosine": a64 @ e64 / np.sqrt((a64 @ a64) * (e64 @ e64)),
+            "atol": max(float((diff - tol.rtol * mag).max()), 0.0), "rtol": need.max()}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("case", ["noise", "zeros", "ties", "exact-signs"])
+def test_chunked_compare_equals_the_whole_array_formulas(monkeypatch, workers, case):
+    """compare() works in chunks (and threads, and selects p99 instead of sorting): every statistic
+    equals the whole-array float64 formulas, across chunk boundaries, whatever the worker count."""
+    import parity.metrics as metrics
+
+    monkeypatch.setattr(metrics, "CHUNK", 1 << 12)  # 1M values: 256 chunks in 32 groups
+    rng = np.random.default_rng(7)
+    e = (rng.standard_normal((1024, 1024)) * 3).astype(np.float32)
+    if case == "zeros":
+        e[rng.random(e.shape) < 0.3] = 0.0
+    a = (e + rng.standard_normal(e.shape).astype(np.float32) * 1e-4).astype(np.float32)
+    if case == "ties":
+        a = np.round(a * 64) / 64
+        e = np.round(e * 64) / 64
+    if case in ("zeros", "exact-signs"):
+        same = rng.random(e.shape) < 0.5
+        a[same] = e[same]  # exactly equal values: 0/0 in the relative error where both are 0
+        a[0, :8] = -a[0, :8]  # sign flips: the ULP distance across zero
+    tol = Tol(rtol=1e-5, atol=1e-5)
+    d = compare("s", a, e, tol, workers=workers)
+    want = _oracle(a, e, tol)
+    assert d.mismatched == want["mismatched"]
+    assert d.max_abs == want["max_abs"] and d.max_abs_index == want["max_abs_index"]
+    assert d.max_rel == want["max_rel"] and d.max_rel_index == want["max_rel_index"]
+    assert d.p99_abs == want["p99_abs"] and d.max_ulp == want["max_ulp"]
+    assert d.min_tolerance == {"atol": want["atol"], "rtol": want["rtol"]}
+    assert d.mean_abs == pytest.approx(want["mean_abs"], rel=1e-12)
+    assert d.cosine == pytest.approx(want["cosine"], rel=1e-12)
