@@ -7,6 +7,35 @@ import mlx.nn as nn
 
 from rmlx import faults
 
+_STREAMS: list[mx.Stream] = []
+HALVES_MIN = 1 << 20  # elements: below this, splitting costs more than it saves
+
+
+def halves(fn, *xs: mx.array, axis: int) -> mx.array:
+    """``fn(*xs)`` computed as two halves along ``axis``, on two CPU streams (so on two cores).
+
+    For a ``fn`` that treats the slices along ``axis`` independently: element-wise ops, a softmax or a
+    norm over another axis. MLX runs a CPU stream's element-wise and reduction kernels on one thread
+    (measured on 2 cores: tanh 16 ns and exp 13 ns per value; gelu-tanh over 1127 x 15360 values 0.46 s,
+    0.28 s in halves). Matmuls stay whole: BLAS already uses every core. The halves are computed by the
+    same kernels, so the values are the same. Small inputs, and GPU streams, run ``fn(*xs)`` as it is.
+    """
+    n = xs[0].shape[axis]
+    if xs[0].size < HALVES_MIN or n < 2 or mx.default_device() != mx.cpu:
+        return fn(*xs)
+    mid = n // 2
+    first = fn(*(mx.split(x, [mid], axis=axis)[0] for x in xs))
+    with mx.stream(cpu_streams()[1]):
+        second = fn(*(mx.split(x, [mid], axis=axis)[1] for x in xs))
+    return mx.concatenate([first, second], axis=axis)
+
+
+def cpu_streams() -> tuple[mx.Stream, mx.Stream]:
+    """The default CPU stream and a second one (made once): MLX runs each on its own thread."""
+    if not _STREAMS:
+        _STREAMS.append(mx.new_stream(mx.cpu))
+    return mx.default_stream(mx.cpu), _STREAMS[0]
+
 
 def _blocked_mean(x: mx.array) -> mx.array:
     """Mean over the last axis as a sum of block sums (block <= 64), keepdims.
@@ -24,6 +53,13 @@ def _blocked_mean(x: mx.array) -> mx.array:
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """:func:`_layer_norm` over the rows, in :func:`halves` when there are many."""
+    if x.ndim < 2:
+        return _layer_norm(x, weight, bias, eps)
+    return halves(lambda rows: _layer_norm(rows, weight, bias, eps), x, axis=-2)
+
+
+def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
     """torch.nn.LayerNorm (biased variance), accurate in fp32 on long rows.
 
     Shifted two-pass: subtracting the row's first element makes constant rows exactly zero
@@ -54,8 +90,15 @@ class LayerNorm(nn.Module):
 def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     """Gemma 4 RMSNorm: ``x * (mean(x^2) + eps)^-1/2 * w`` in fp32, cast back (``x_hat * w``, not ``1 + w``).
 
-    ``weight=None`` is the weightless norm (v_norm, the multimodal pre-projection norm).
+    ``weight=None`` is the weightless norm (v_norm, the multimodal pre-projection norm). Computed in
+    :func:`halves` over the rows when there are many.
     """
+    if x.ndim < 2:
+        return _rms_norm(x, weight, eps)
+    return halves(lambda rows: _rms_norm(rows, weight, eps), x, axis=-2)
+
+
+def _rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     dtype = x.dtype
     x = x.astype(mx.float32)
     y = x * mx.rsqrt(_blocked_mean(x * x) + eps)

@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from rmlx.base import cpu_streams
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
 from rmlx.load import DTYPES, check_weights, checkpoint_files, safetensors_layout
@@ -136,7 +137,8 @@ class StreamedModel:
             lazy = mx.load(str(f))
             for name in group:
                 v = lazy[self.source[name]]
-                out[name] = v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+                with mx.stream(cpu_streams()[len(out) % 2]):
+                    out[name] = v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v
             mx.eval(list(out.values()))
             del lazy
         return out

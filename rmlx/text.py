@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from rmlx import faults
-from rmlx.base import RMSNorm, RoPE, rms_norm
+from rmlx.base import RMSNorm, RoPE, halves, rms_norm
 from rmlx.config import LayerSpec, TextConfig
 from rmlx.tap import layer_stages, tap
 
@@ -54,10 +54,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> m
     scores = q @ k.transpose(0, 1, 3, 2)  # (B, H, L, T)
     if faults.active("attn-scale-rsqrt"):  # the planted bug: the usual 1/sqrt(d), which QK-norm models drop
         scores = scores * mx.array(q.shape[-1] ** -0.5, scores.dtype)
-    if mask is not None:
-        scores = mx.where(mask[:, None], scores, mx.array(-mx.inf, scores.dtype))
-    probs = mx.softmax(scores.astype(mx.float32), axis=-1).astype(q.dtype)
-    return probs @ v
+
+    def softmax(s: mx.array) -> mx.array:  # (B, heads, L, T), a share of the heads
+        if mask is not None:
+            s = mx.where(mask[:, None], s, mx.array(-mx.inf, s.dtype))
+        return mx.softmax(s.astype(mx.float32), axis=-1).astype(q.dtype)
+
+    return halves(softmax, scores, axis=1) @ v
 
 
 class Attention(nn.Module):
@@ -108,10 +111,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        gate = self.gate_proj(x)
         act = nn.gelu if faults.active("mlp-gelu-exact") else nn.gelu_approx
-        gate = act(gate.astype(mx.float32)).astype(x.dtype)  # torch evaluates gelu in fp32
-        return self.down_proj(gate * self.up_proj(x))
+
+        def gated(gate: mx.array, up: mx.array) -> mx.array:
+            return act(gate.astype(mx.float32)).astype(x.dtype) * up  # torch evaluates gelu in fp32
+
+        return self.down_proj(halves(gated, self.gate_proj(x), self.up_proj(x), axis=-2))
 
 
 class DecoderLayer(nn.Module):
@@ -185,7 +190,7 @@ class TextModel(nn.Module):
         logits = self.embed_tokens.as_linear(h)
         cap = self.cfg.final_logit_softcapping
         if cap is not None and not faults.active("softcap-skipped"):
-            logits = mx.tanh(logits / cap) * cap
+            logits = halves(lambda x: mx.tanh(x / cap) * cap, logits, axis=-2)
         return tap("logits", logits)
 
     def __call__(self, inputs_embeds: mx.array, masks: dict[str, mx.array] | None,
