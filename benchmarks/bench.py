@@ -322,9 +322,14 @@ def main(argv=None) -> int:
         print(f"bench: unknown section(s) {unknown} (known: {sorted(SECTIONS)}) or --repeat < 1", file=sys.stderr)
         return 2
     from parity import report
+    from rmlx.errors import InputError
 
     out = args.out or ROOT / "reports" / time.strftime("bench-%Y%m%d-%H%M%S", time.gmtime())
-    report.check_free(out)
+    try:
+        report.check_free(out)
+    except InputError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
     result = {"schema": "rmlx.bench/1", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "environment": environment(), "repeat": args.repeat, "sections": {}}
     for name in names:

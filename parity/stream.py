@@ -90,9 +90,11 @@ class Lockstep:
         self.text = self.model.language_model
         self.cache = self.model.make_cache()
         self.forward = -1  # 0: the prefill; k: decode step k
+        self.pending: dict[int, object] = {}  # candidate layers being read (``StreamedModel.layer(i, wait=False)``)
         self.step_logits: list[np.ndarray] = []
         self.seconds = {"candidate": 0.0, "compare": 0.0}
         self.pool = ThreadPoolExecutor(max_workers=settings.threads)  # NumPy releases the GIL in its loops
+        self.running: list = []  # compares in flight (``settle``)
         self.length = int(inputs["input.input_ids"].shape[1])
 
     # -- hooks ---------------------------------------------------------------------------------
@@ -104,6 +106,8 @@ class Lockstep:
                    lm.register_forward_pre_hook(self._prefix, with_kwargs=True)]
         for j in range(1, len(lm.layers)):
             handles.append(lm.layers[j].register_forward_pre_hook(self._layer_hook(j - 1), prepend=True))
+        for j, layer in enumerate(lm.layers):  # after HF has read layer j (its bytes are in the page cache)
+            handles.append(layer.register_forward_pre_hook(self._read_hook(j)))
         handles.append(lm.norm.register_forward_pre_hook(self._layer_hook(len(lm.layers) - 1), prepend=True))
         return handles
 
@@ -128,10 +132,17 @@ class Lockstep:
         if self.forward == 0:
             self.settle([n for n in self.names if not n.startswith("layers.") and n not in _HEAD])
 
+    def _read_hook(self, i: int):
+        def pre(module, args) -> None:  # the candidate reads layer i on MLX's threads while HF computes it
+            t0 = time.perf_counter()
+            self.pending[i] = self.adapter.streamed.layer(i, wait=False)
+            self.seconds["candidate"] += time.perf_counter() - t0
+        return pre
+
     def _layer_hook(self, i: int):
         def pre(module, args) -> None:
             t0 = time.perf_counter()
-            layer = self.adapter.streamed.layer(i)
+            layer = self.adapter.streamed.ready(self.pending.pop(i))
             offset = 0 if self.forward == 0 else self.length + self.forward - 1
             with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
                 self.h = self.text.step(i, layer, self.h, self.masks, self.cache, offset, self.attended)
@@ -179,7 +190,10 @@ class Lockstep:
 
     # -- compare and drop ------------------------------------------------------------------------
     def settle(self, names: list[str]) -> None:
-        """Compare these stages (when selected; on ``--threads`` workers) and drop both sides' captures."""
+        """Compare these stages (when selected) and drop both sides' captures. The compares run on
+        ``--threads`` workers *behind* the forward: they overlap HF's next layer, and the previous
+        batch is collected first (so at most two layers' captures are held)."""
+        self.collect()
         t0 = time.perf_counter()
         cand = self.recorder.capture
         pairs = [(n, self.ref.pop(n), cand.pop(n)) for n in names if n in self.ref and n in cand]  # else: missing
@@ -188,11 +202,19 @@ class Lockstep:
             name, r, c = pair
             return name, ref_max_abs(r), compare(name, c, r, self.tols[name], self.settings.dtype)
 
-        for name, top, diff in self.pool.map(one, [p for p in pairs if p[0] in self.tols]):
-            self.ref_max[name], self.diffs[name] = top, diff
+        self.running = [self.pool.submit(one, p) for p in pairs if p[0] in self.tols]
         for name, r, c in pairs:
             if name.startswith(_KEEP):
                 self.kept_ref[name], self.kept_cand[name] = r, c
+        self.seconds["compare"] += time.perf_counter() - t0
+
+    def collect(self) -> None:
+        """Wait for the compares in flight and record their results."""
+        t0 = time.perf_counter()
+        for future in self.running:
+            name, top, diff = future.result()
+            self.ref_max[name], self.diffs[name] = top, diff
+        self.running = []
         self.seconds["compare"] += time.perf_counter() - t0
 
 
@@ -226,6 +248,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     try:
         captured, ref_steps, tokens, _ = adapter.hf.forward(feed, settings.mask_policy, points, settings.decode_steps,
                                                             consistency=False, captured=lock.ref)
+        lock.collect()
     finally:
         for h in handles:
             h.remove()
