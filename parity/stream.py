@@ -11,11 +11,15 @@ The reference is HF's own ``model(...)`` over a model whose layers live on disk
   them dropped;
 - when HF's forward returns: the candidate's head (final norm, tied lm_head).
 
+Layer i's compares run on ``--threads`` workers while HF goes on with layer i + 1, and once both
+sides have read layer i its bytes are dropped from the page cache (``posix_fadvise`` DONTNEED), so the
+kernel never has to reclaim memory on the CPUs the forwards use.
+
 Decode steps run the same way without captures. Teacher forcing works as in a resident run (the
 candidate's tap returns the reference's value, which is always captured first). At any moment the
 process holds the resident small modules, one decoder layer (HF's layer i is released before the
-candidate reads its own, and the candidate's before HF reads layer i + 1), one layer's captures,
-and the logits.
+candidate reads its own, and the candidate's before HF reads layer i + 1), at most two layers'
+captures (one being compared), and the logits.
 
 Not in a streamed run: HF's self-consistency forward (a second pass over the disk; recorded as
 null), the other policy's masks in the HTML report, ``--quantize`` and ``--dump``.
@@ -90,7 +94,6 @@ class Lockstep:
         self.text = self.model.language_model
         self.cache = self.model.make_cache()
         self.forward = -1  # 0: the prefill; k: decode step k
-        self.pending: dict[int, object] = {}  # candidate layers being read (``StreamedModel.layer(i, wait=False)``)
         self.step_logits: list[np.ndarray] = []
         self.seconds = {"candidate": 0.0, "compare": 0.0}
         self.pool = ThreadPoolExecutor(max_workers=settings.threads)  # NumPy releases the GIL in its loops
@@ -106,8 +109,6 @@ class Lockstep:
                    lm.register_forward_pre_hook(self._prefix, with_kwargs=True)]
         for j in range(1, len(lm.layers)):
             handles.append(lm.layers[j].register_forward_pre_hook(self._layer_hook(j - 1), prepend=True))
-        for j, layer in enumerate(lm.layers):  # after HF has read layer j (its bytes are in the page cache)
-            handles.append(layer.register_forward_pre_hook(self._read_hook(j)))
         handles.append(lm.norm.register_forward_pre_hook(self._layer_hook(len(lm.layers) - 1), prepend=True))
         return handles
 
@@ -132,17 +133,11 @@ class Lockstep:
         if self.forward == 0:
             self.settle([n for n in self.names if not n.startswith("layers.") and n not in _HEAD])
 
-    def _read_hook(self, i: int):
-        def pre(module, args) -> None:  # the candidate reads layer i on MLX's threads while HF computes it
-            t0 = time.perf_counter()
-            self.pending[i] = self.adapter.streamed.layer(i, wait=False)
-            self.seconds["candidate"] += time.perf_counter() - t0
-        return pre
-
     def _layer_hook(self, i: int):
         def pre(module, args) -> None:
             t0 = time.perf_counter()
-            layer = self.adapter.streamed.ready(self.pending.pop(i))
+            layer = self.adapter.streamed.layer(i)
+            self.adapter.hf.weights.evict(f"model.language_model.layers.{i}.")  # both sides have read it
             offset = 0 if self.forward == 0 else self.length + self.forward - 1
             with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
                 self.h = self.text.step(i, layer, self.h, self.masks, self.cache, offset, self.attended)

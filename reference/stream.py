@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
@@ -34,6 +35,7 @@ from torch import nn
 from reference.hf import DTYPES, HFRunner
 
 VOCAB_CHUNK = 16384
+_MAPPED = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16), "F32": (np.float32, torch.float32)}
 
 
 def _shards(model_dir: Path) -> list[Path]:
@@ -74,6 +76,7 @@ class Weights:
         self.where: dict[str, tuple[Path, str]] = {}  # HF name -> (file, checkpoint key)
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.spans: dict[str, tuple[int, int]] = {}  # HF name -> (byte offset in its file, length)
+        self.stored: dict[str, str] = {}  # HF name -> safetensors dtype
         for f in _shards(model_dir):
             data_start, header = _header(f)
             for key, info in header.items():
@@ -84,35 +87,61 @@ class Weights:
                     name = re.sub(src, dst, name)
                 self.where[name] = (f, key)
                 self.shapes[name] = tuple(info["shape"])
+                self.stored[name] = info["dtype"]
                 start, end = info["data_offsets"]
                 self.spans[name] = (data_start + start, end - start)
 
     def prefetch(self, prefix: str) -> None:
         """Ask the kernel to start reading every tensor under ``prefix`` (``posix_fadvise`` WILLNEED:
         asynchronous, no CPU), so the next layer's bytes arrive while this one computes."""
-        if not hasattr(os, "posix_fadvise"):
+        self._advise(prefix, getattr(os, "POSIX_FADV_WILLNEED", None))
+
+    def evict(self, prefix: str) -> None:
+        """Tell the kernel the bytes of every tensor under ``prefix`` are no longer needed
+        (``posix_fadvise`` DONTNEED): a streamed run reads each layer once, and page cache it leaves
+        behind would have to be reclaimed later (kswapd, on the CPUs the forwards use)."""
+        self._advise(prefix, getattr(os, "POSIX_FADV_DONTNEED", None))
+
+    def _advise(self, prefix: str, advice: int | None) -> None:
+        if advice is None:
             return
         for name, (f, _) in self.where.items():
             if name.startswith(prefix):
                 fd = os.open(f, os.O_RDONLY)
                 try:
-                    os.posix_fadvise(fd, *self.spans[name], os.POSIX_FADV_WILLNEED)
+                    os.posix_fadvise(fd, *self.spans[name], advice)
                 finally:
                     os.close(fd)
 
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """Whole tensors, cast to the run dtype (each file mapped only while it is read)."""
-        by_file: dict[Path, list[str]] = {}
+    def read(self, names: list[str], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Whole tensors, cast to the run dtype. ``into``: tensors of the run dtype, by name, to cast into
+        (when the shape matches) instead of new ones: a streamed layer reuses the memory of the previous
+        layer, so no fresh pages are faulted in and zeroed. Those are read from a copy-on-write memory
+        map of the file (no intermediate copy); the others through safetensors' ``safe_open``."""
+        out = {}
         for name in names:
             if name not in self.where:
                 raise ValueError(f"checkpoint has no tensor for '{name}'")
-            by_file.setdefault(self.where[name][0], []).append(name)
-        out = {}
+            target = (into or {}).get(name)
+            if target is not None and tuple(target.shape) == self.shapes[name] and self.stored[name] in _MAPPED:
+                out[name] = target.copy_(self._mapped(name))  # the same cast as .to(dtype)
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in out:
+                by_file.setdefault(self.where[name][0], []).append(name)
         for f, group in by_file.items():
             with safe_open(f, framework="pt") as h:
                 for name in group:
                     out[name] = h.get_tensor(self.where[name][1]).to(self.dtype)
         return out
+
+    def _mapped(self, name: str) -> torch.Tensor:
+        """The stored tensor as a view of the file's pages (copy-on-write: never written back)."""
+        np_dtype, torch_dtype = _MAPPED[self.stored[name]]
+        offset, length = self.spans[name]
+        data = np.memmap(self.where[name][0], dtype=np_dtype, mode="c", offset=offset,
+                         shape=(length // np.dtype(np_dtype).itemsize,))
+        return torch.from_numpy(data).view(torch_dtype).reshape(self.shapes[name])
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         f, key = self.where[name]
@@ -120,10 +149,16 @@ class Weights:
             return h.get_slice(key)[start:stop].to(self.dtype)
 
 
-def load_module(module: nn.Module, prefix: str, weights: Weights) -> None:
-    """Give a ``meta`` module its checkpoint tensors (strict: every persistent tensor, nothing else)."""
+def load_module(module: nn.Module, prefix: str, weights: Weights, reuse: dict[str, torch.Tensor] | None = None
+                ) -> None:
+    """Give a ``meta`` module its checkpoint tensors (strict: every persistent tensor, nothing else).
+    ``reuse``: tensors by name within the module (a released layer's) to read into when shapes match;
+    it is updated with this module's tensors."""
     names = list(module.state_dict())
-    got = weights.read([prefix + n for n in names])
+    into = None if reuse is None else {prefix + n: reuse[n] for n in names if n in reuse}
+    got = weights.read([prefix + n for n in names], into)
+    if reuse is not None:
+        reuse.update({n: got[prefix + n] for n in names})
     for n in names:
         want = tuple(module.state_dict()[n].shape)
         if tuple(got[prefix + n].shape) != want:
@@ -207,11 +242,12 @@ class HFStreamRunner(HFRunner):
         self.layer_reads = 0
         self.capture_seconds = 0.0
         self.load_seconds = 0.0  # spent reading and casting decoder layers
+        self._buffers: dict[str, torch.Tensor] = {}  # the last decoder layer's tensors, reused by the next
 
     def _materialize(self, prefix: str, next_prefix: str | None):
         def pre(module, args):
             t0 = time.perf_counter()
-            load_module(module, prefix, self.weights)
+            load_module(module, prefix, self.weights, self._buffers)
             if next_prefix is not None:
                 self.weights.prefetch(next_prefix)
             self.layer_reads += 1

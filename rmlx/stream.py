@@ -127,9 +127,9 @@ class StreamedModel:
         mx.eval(self.model.parameters())
         self.load_seconds = 0.0  # spent in layer(i), reading and casting weights
 
-    def _read(self, names: list[str], wait: bool = True) -> dict[str, mx.array]:
-        """Module paths -> arrays in the model dtype, read with MLX's lazy loader (only these tensors).
-        ``wait=False``: left lazy (the caller evaluates them)."""
+    def _read(self, names: list[str]) -> dict[str, mx.array]:
+        """Module paths -> arrays in the model dtype, read with MLX's lazy loader (only these tensors; the
+        casts alternate between two CPU streams)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.tensors[self.source[name]].path, []).append(name)
@@ -140,31 +140,19 @@ class StreamedModel:
                 v = lazy[self.source[name]]
                 with mx.stream(cpu_streams()[len(out) % 2]):
                     out[name] = v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-            if wait:
-                mx.eval(list(out.values()))
+            mx.eval(list(out.values()))
             del lazy
         return out
 
-    def layer(self, i: int, wait: bool = True) -> DecoderLayer:
-        """Decoder layer ``i`` with its weights read now (drop it to free them). ``wait=False`` starts the
-        read on MLX's own threads (``mx.async_eval``) and returns at once; :meth:`ready` waits for it."""
+    def layer(self, i: int) -> DecoderLayer:
+        """Decoder layer ``i`` with its weights read now (drop it to free them)."""
         t0 = time.perf_counter()
         cfg = self.args.text
         layer = DecoderLayer(cfg, i)
         prefix = f"language_model.layers.{i}."
         names = [k for k in self.source if k.startswith(prefix)]
-        weights = {k[len(prefix):]: v for k, v in self._read(names, wait).items()}
+        weights = {k[len(prefix):]: v for k, v in self._read(names).items()}
         layer.load_weights(list(weights.items()), strict=True)
-        if wait:
-            mx.eval(layer.parameters())
-        else:
-            mx.async_eval(layer.parameters())
-        self.load_seconds += time.perf_counter() - t0
-        return layer
-
-    def ready(self, layer: DecoderLayer) -> DecoderLayer:
-        """Wait for a layer started with ``layer(i, wait=False)`` (the wait counts as reading time)."""
-        t0 = time.perf_counter()
         mx.eval(layer.parameters())
         self.load_seconds += time.perf_counter() - t0
         return layer
