@@ -46,3 +46,27 @@ def test_layer_norm_is_more_accurate_than_mx_fast_on_pixel_rows():
     fast = np.abs(np.array(mx.fast.layer_norm(mx.array(x), mx.array(w), mx.array(b), 1e-5)) - want).max()
     assert ours < 5e-6, ours
     assert fast > 10 * ours, (fast, ours)
+
+
+def test_halves_is_bit_identical_to_the_whole_computation():
+    """rmlx.base.halves splits row-independent work over two CPU streams: the same bits as unsplit,
+    at sizes that split (odd row counts too) and at sizes that do not."""
+    import mlx.nn as nn
+
+    from rmlx import base
+
+    rng = np.random.default_rng(3)
+    for shape in [(1, 1127, 1024), (1, 4, 9, 16)]:
+        x = mx.array(rng.standard_normal(shape).astype(np.float32) * 3)
+        up = mx.array(rng.standard_normal(shape).astype(np.float32))
+        w = mx.array((1 + 0.1 * rng.standard_normal(shape[-1])).astype(np.float32))
+        cases = [
+            (lambda a, b: nn.gelu_approx(a) * b, (x, up), -2),
+            (lambda a: mx.softmax(a, axis=-1), (x,), 1 if len(shape) == 4 else -2),
+            (lambda a, w=w: base._rms_norm(a, w, 1e-6), (x,), -2),
+            (lambda a, w=w: base._layer_norm(a, w, w, 1e-5), (x,), -2),
+        ]
+        for fn, args, axis in cases:
+            whole, split = fn(*args), base.halves(fn, *args, axis=axis)
+            assert np.array_equal(np.array(whole), np.array(split)), (shape, axis)
+    assert x.size < base.HALVES_MIN  # the last shape ran whole; the first (1.15M values) in halves
