@@ -169,11 +169,11 @@ CHUNK = 1 << 17  # elements per step. Float64 temporaries of 1 MiB stay in the m
 
 
 def percentile(x: np.ndarray, q: float) -> float:
-    """``np.percentile(x, q)`` (linear interpolation) of a flat array (the same number for float32, within
-    1e-15 relative for float64), found by selecting
-    among the values above a threshold taken from a strided sample (a pass to count, one to gather), not
-    by partitioning the whole array (~13 ns per value at 4M values; this: ~2). Falls back to
-    ``np.percentile`` when the sample misjudges (the threshold is above the value sought)."""
+    """``np.percentile(x, q)`` (linear interpolation) of a flat array: the same number for float32 (within
+    1e-15 relative for float64). Found by selecting among the values above a threshold taken from a
+    strided sample (a pass to count, one to gather), not by partitioning the whole array (~13 ns per
+    value at 4M values; this: ~2). Falls back to ``np.percentile`` when the sample misjudges (the
+    threshold is above the value sought)."""
     n = x.size
     if n < 1 << 16:
         return float(np.percentile(x, q))

@@ -17,9 +17,11 @@ kernel never has to reclaim memory on the CPUs the forwards use.
 
 Decode steps run the same way without captures. Teacher forcing works as in a resident run (the
 candidate's tap returns the reference's value, which is always captured first). At any moment the
-process holds the resident small modules, one decoder layer (HF's layer i is released before the
-candidate reads its own, and the candidate's before HF reads layer i + 1), at most two layers'
-captures (one being compared), and the logits.
+process holds the resident small modules, at most two decoder layers' tensors (HF's layer i goes
+back to ``meta`` before the candidate reads its own, but HF keeps that memory to cast layer i + 1
+into; the candidate's is dropped before HF reads layer i + 1), MLX's cache of freed buffers (up to
+``LAYER_CACHE``, cleared before the logits), at most two layers' captures (one being compared), and
+the logits.
 
 Not in a streamed run: HF's self-consistency forward (a second pass over the disk; recorded as
 null), the other policy's masks in the HTML report, ``--quantize`` and ``--dump``.
