@@ -30,6 +30,11 @@ def halves(fn, *xs: mx.array, axis: int) -> mx.array:
     return mx.concatenate([first, second], axis=axis)
 
 
+def over_rows(fn, x: mx.array) -> mx.array:
+    """``fn(x)`` for a row-wise ``fn`` (a norm over the last axis), in :func:`halves` of the rows."""
+    return fn(x) if x.ndim < 2 else halves(fn, x, axis=-2)
+
+
 def cpu_streams() -> tuple[mx.Stream, mx.Stream]:
     """The default CPU stream and a second one (made once): MLX runs each on its own thread."""
     if not _STREAMS:
@@ -53,10 +58,8 @@ def _blocked_mean(x: mx.array) -> mx.array:
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    """:func:`_layer_norm` over the rows, in :func:`halves` when there are many."""
-    if x.ndim < 2:
-        return _layer_norm(x, weight, bias, eps)
-    return halves(lambda rows: _layer_norm(rows, weight, bias, eps), x, axis=-2)
+    """:func:`_layer_norm`, :func:`over_rows`."""
+    return over_rows(lambda rows: _layer_norm(rows, weight, bias, eps), x)
 
 
 def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
@@ -91,11 +94,9 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     """Gemma 4 RMSNorm: ``x * (mean(x^2) + eps)^-1/2 * w`` in fp32, cast back (``x_hat * w``, not ``1 + w``).
 
     ``weight=None`` is the weightless norm (v_norm, the multimodal pre-projection norm). Computed in
-    :func:`halves` over the rows when there are many.
+    :func:`over_rows`.
     """
-    if x.ndim < 2:
-        return _rms_norm(x, weight, eps)
-    return halves(lambda rows: _rms_norm(rows, weight, eps), x, axis=-2)
+    return over_rows(lambda rows: _rms_norm(rows, weight, eps), x)
 
 
 def _rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:

@@ -128,17 +128,18 @@ class StreamedModel:
         self.load_seconds = 0.0  # spent in layer(i), reading and casting weights
 
     def _read(self, names: list[str]) -> dict[str, mx.array]:
-        """Module paths -> arrays in the model dtype, read with MLX's lazy loader (only these tensors; the
-        casts alternate between two CPU streams)."""
+        """Module paths -> arrays in the model dtype, read with MLX's lazy loader (only these tensors; on
+        the CPU the casts alternate between two streams)."""
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.tensors[self.source[name]].path, []).append(name)
+        streams = cpu_streams() if mx.default_device() == mx.cpu else (mx.default_stream(mx.default_device()),)
         out = {}
         for f, group in by_file.items():
             lazy = mx.load(str(f))
             for name in group:
                 v = lazy[self.source[name]]
-                with mx.stream(cpu_streams()[len(out) % 2]):
+                with mx.stream(streams[len(out) % len(streams)]):
                     out[name] = v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v
             mx.eval(list(out.values()))
             del lazy
