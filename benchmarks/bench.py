@@ -4,7 +4,9 @@
     python benchmarks/bench.py --only stream --checkpoint DIR [--tokens 280,1120] [--threads 2]
 
 Writes DIR/bench.json and DIR/bench.md (default reports/bench-<time>/), atomically. Every number is a
-median of N timed repeats after one warm-up, with the thread counts and versions recorded. Sections:
+median of N timed repeats after one warm-up, with the thread counts and versions recorded. Where rmlx is
+set against torch (gemm fp32, vision, layers) the two are timed in alternating rounds (:func:`paired`),
+and the range of the per-round ratios is reported next to the ratio of the medians. Sections:
 
 - gemm: fp32 280x6912 @ 6912x3840 (the vision patch_dense at 280 soft tokens) in MLX, torch and NumPy;
   bf16 in MLX and torch; MXFP8 in MLX (``mx.quantized_matmul``, mode "mxfp8").
@@ -47,6 +49,29 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def paired(fns: dict, repeat: int) -> dict[str, list[float]]:
+    """Times of each of ``fns`` over ``repeat`` rounds, interleaved: every round runs each once (the order
+    reversed every other round), so drift of the machine (another process, the page cache, the clock)
+    falls on all of them alike rather than on whichever ran last. One warm-up call each first."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeat):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def ratio_row(case: str, times: dict[str, list[float]]) -> dict:
+    """``mlx s`` / ``torch s`` medians, their ratio, and the range of the per-round ratios."""
+    per_round = [m / t for m, t in zip(times["mlx"], times["torch"], strict=True)]
+    t_mlx, t_torch = statistics.median(times["mlx"]), statistics.median(times["torch"])
+    return {"case": case, "mlx s": t_mlx, "torch s": t_torch, "mlx / torch": t_mlx / t_torch,
+            "per-round ratio min": min(per_round), "per-round ratio max": max(per_round)}
+
+
 def bench_gemm(repeat: int) -> list[dict]:
     import mlx.core as mx
     import torch
@@ -61,10 +86,10 @@ def bench_gemm(repeat: int) -> list[dict]:
         rows.append({"case": what, "seconds": seconds, "gflops": flop / seconds / 1e9})
 
     ma, mb = mx.array(a), mx.array(b)
-    add("mlx fp32", timed(lambda: mx.eval(ma @ mb), repeat))
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-    add("torch fp32", timed(lambda: ta @ tb, repeat))
-    add("numpy fp32", timed(lambda: a @ b, repeat))
+    fp32 = paired({"mlx": lambda: mx.eval(ma @ mb), "torch": lambda: ta @ tb, "numpy": lambda: a @ b}, repeat)
+    for name, times in fp32.items():
+        add(f"{name} fp32", statistics.median(times))
     ma16, mb16 = ma.astype(mx.bfloat16), mb.astype(mx.bfloat16)
     add("mlx bf16", timed(lambda: mx.eval(ma16 @ mb16), repeat))
     ta16, tb16 = ta.bfloat16(), tb.bfloat16()
@@ -106,12 +131,12 @@ def bench_vision(repeat: int) -> list[dict]:
     for tokens in (280, 1120):
         pv, pos = preprocess_batch([image], tokens)
         tpv, tpos = torch.from_numpy(pv), torch.from_numpy(pos)
-        with torch.no_grad():
-            t_torch = timed(lambda tpv=tpv, tpos=tpos: hf(pixel_values=tpv, image_position_ids=tpos), repeat)
         mpv, mpos = mx.array(pv), mx.array(pos)
-        t_mlx = timed(lambda mpv=mpv, mpos=mpos: mx.eval(ours(mpv, mpos)), repeat)
-        rows.append({"case": f"vision embedder, {tokens} soft tokens", "mlx s": t_mlx, "torch s": t_torch,
-                     "mlx / torch": t_mlx / t_torch})
+        with torch.no_grad():
+            times = paired({"mlx": lambda mpv=mpv, mpos=mpos: mx.eval(ours(mpv, mpos)),
+                            "torch": lambda tpv=tpv, tpos=tpos: hf(pixel_values=tpv, image_position_ids=tpos)},
+                           repeat)
+        rows.append(ratio_row(f"vision embedder, {tokens} soft tokens", times))
     return rows
 
 
@@ -224,13 +249,13 @@ def bench_layers(repeat: int) -> list[dict]:
             masks = Gemma4UnifiedForConditionalGeneration.create_masks_for_generate(
                 cfg, x, None, None, pos, torch.zeros((1, length), dtype=torch.long))
             pe = rotary(x, pos, kind)
-            with torch.no_grad():
-                t_torch = timed(lambda x=x, pe=pe, m=masks[kind], pos=pos, hf=hf: hf(
-                    x, shared_kv_states={}, position_embeddings=pe, attention_mask=m, position_ids=pos), repeat)
             mx_x, mx_mask = mx.array(x.numpy()), mx.array(bool_mask(masks[kind], length).numpy())
-            t_mlx = timed(lambda a=mx_x, m=mx_mask, ours=ours: mx.eval(ours(a, m, None, 0, None)[0]), repeat)
-            rows.append({"case": f"decoder layer {i} ({kind}), {length} tokens, fp32", "mlx s": t_mlx,
-                         "torch s": t_torch, "mlx / torch": t_mlx / t_torch})
+            with torch.no_grad():
+                times = paired({
+                    "mlx": lambda a=mx_x, m=mx_mask, ours=ours: mx.eval(ours(a, m, None, 0, None)[0]),
+                    "torch": lambda x=x, pe=pe, m=masks[kind], pos=pos, hf=hf: hf(
+                        x, shared_kv_states={}, position_embeddings=pe, attention_mask=m, position_ids=pos)}, repeat)
+            rows.append(ratio_row(f"decoder layer {i} ({kind}), {length} tokens, fp32", times))
         del hf, ours
     return rows
 

@@ -11,6 +11,11 @@ _STREAMS: list[mx.Stream] = []
 HALVES_MIN = 1 << 20  # elements: below this, splitting costs more than it saves
 
 
+def _splits(x: mx.array, axis: int) -> bool:
+    """Does splitting ``x`` in two along ``axis`` pay? (CPU, at least HALVES_MIN values, two slices.)"""
+    return x.size >= HALVES_MIN and x.ndim > 0 and x.shape[axis] >= 2 and mx.default_device() == mx.cpu
+
+
 def halves(fn, *xs: mx.array, axis: int) -> mx.array:
     """``fn(*xs)`` computed as two halves along ``axis``, on two CPU streams (so on two cores).
 
@@ -19,15 +24,49 @@ def halves(fn, *xs: mx.array, axis: int) -> mx.array:
     (measured on 2 cores: tanh 16 ns and exp 13 ns per value; gelu-tanh over 1127 x 15360 values 0.46 s,
     0.28 s in halves). Matmuls stay whole: BLAS already uses every core. The halves are computed by the
     same kernels, so the values are the same. Small inputs, and GPU streams, run ``fn(*xs)`` as it is.
+    The halves are joined by one copy (``mx.concatenate``, one thread): a chain of such steps between
+    two matmuls can keep its rows apart instead (:func:`split_rows`, :func:`on_streams`).
     """
-    n = xs[0].shape[axis]
-    if xs[0].size < HALVES_MIN or n < 2 or mx.default_device() != mx.cpu:
+    if not _splits(xs[0], axis):
         return fn(*xs)
-    mid = n // 2
+    mid = xs[0].shape[axis] // 2
     first = fn(*(mx.split(x, [mid], axis=axis)[0] for x in xs))
     with mx.stream(cpu_streams()[1]):
         second = fn(*(mx.split(x, [mid], axis=axis)[1] for x in xs))
     return mx.concatenate([first, second], axis=axis)
+
+
+def split_rows(x: mx.array) -> list[mx.array]:
+    """``x`` as two halves of its rows (axis -2) for :func:`on_streams`, or ``[x]`` when halves would not pay.
+
+    Rows kept apart through several row-wise steps skip the join of every :func:`halves` (a full copy
+    on one thread, ~2 ms per 1120 x 3840 fp32): a matmul runs on each half in turn, whole-row work on
+    both halves at once, and :func:`join_rows` joins them once at the end.
+    """
+    if not _splits(x, -2):
+        return [x]
+    return mx.split(x, [x.shape[-2] // 2], axis=-2)
+
+
+def split_like(x: mx.array, parts: list[mx.array]) -> list[mx.array]:
+    """``x`` (rows on axis -2, e.g. position ids) split where :func:`split_rows` split ``parts``."""
+    return [x] if len(parts) == 1 else mx.split(x, [parts[0].shape[-2]], axis=-2)
+
+
+def on_streams(fn, *parts: list[mx.array]) -> list[mx.array]:
+    """``fn`` on each row part (with its row-aligned companions): part *i* on CPU stream *i*."""
+    if len(parts[0]) == 1:
+        return [fn(*(p[0] for p in parts))]
+    out = []
+    for stream, args in zip(cpu_streams(), zip(*parts, strict=True), strict=True):
+        with mx.stream(stream):
+            out.append(fn(*args))
+    return out
+
+
+def join_rows(parts: list[mx.array]) -> mx.array:
+    """The inverse of :func:`split_rows`."""
+    return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=-2)
 
 
 def over_rows(fn, x: mx.array) -> mx.array:
@@ -47,23 +86,24 @@ def _blocked_mean(x: mx.array) -> mx.array:
 
     MLX's CPU reduction adds an fp32 row sequentially: over a 6912-wide patch row that loses
     ~1e-5 relative (measured: sum 3469.506 vs exact 3469.553), enough to move a LayerNorm output
-    by 3e-3. Summing blocks first keeps every partial sum small (pairwise-like error growth).
+    by 3e-3. Summing blocks first keeps every partial sum small (pairwise-like error growth). (The block
+    sums as a BLAS matrix-vector product were tried: faster by ~1 % of the vision embedder, but 2-3x
+    further from HF in the decoder's RMSNorms, where the committed baselines caught it.)
     """
     n = x.shape[-1]
     block = 64
     while n % block:
         block //= 2
-    # (..., n) -> (..., n // block, block)
     return x.reshape(*x.shape[:-1], n // block, block).sum(-1).sum(-1, keepdims=True) / n
 
 
 def layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    """:func:`_layer_norm`, :func:`over_rows`."""
-    return over_rows(lambda rows: _layer_norm(rows, weight, bias, eps), x)
+    """:func:`layer_norm_rows`, :func:`over_rows`."""
+    return over_rows(lambda rows: layer_norm_rows(rows, weight, bias, eps), x)
 
 
-def _layer_norm(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
-    """torch.nn.LayerNorm (biased variance), accurate in fp32 on long rows.
+def layer_norm_rows(x: mx.array, weight: mx.array, bias: mx.array, eps: float) -> mx.array:
+    """torch.nn.LayerNorm (biased variance), accurate in fp32 on long rows; on the current stream.
 
     Shifted two-pass: subtracting the row's first element makes constant rows exactly zero
     (a solid-colour patch collapses to ``bias`` exactly, as in torch) and keeps sums small.
@@ -96,10 +136,11 @@ def rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     ``weight=None`` is the weightless norm (v_norm, the multimodal pre-projection norm). Computed in
     :func:`over_rows`.
     """
-    return over_rows(lambda rows: _rms_norm(rows, weight, eps), x)
+    return over_rows(lambda rows: rms_norm_rows(rows, weight, eps), x)
 
 
-def _rms_norm(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+def rms_norm_rows(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
+    """:func:`rms_norm` on the current stream."""
     dtype = x.dtype
     x = x.astype(mx.float32)
     y = x * mx.rsqrt(_blocked_mean(x * x) + eps)

@@ -63,10 +63,41 @@ def test_halves_is_bit_identical_to_the_whole_computation():
         cases = [
             (lambda a, b: nn.gelu_approx(a) * b, (x, up), -2),
             (lambda a: mx.softmax(a, axis=-1), (x,), 1 if len(shape) == 4 else -2),
-            (lambda a, w=w: base._rms_norm(a, w, 1e-6), (x,), -2),
-            (lambda a, w=w: base._layer_norm(a, w, w, 1e-5), (x,), -2),
+            (lambda a, w=w: base.rms_norm_rows(a, w, 1e-6), (x,), -2),
+            (lambda a, w=w: base.layer_norm_rows(a, w, w, 1e-5), (x,), -2),
         ]
         for fn, args, axis in cases:
             whole, split = fn(*args), base.halves(fn, *args, axis=axis)
             assert np.array_equal(np.array(whole), np.array(split)), (shape, axis)
     assert x.size < base.HALVES_MIN  # the last shape ran whole; the first (1.15M values) in halves
+
+
+def test_vision_embedder_in_row_halves_gives_the_unsplit_bits(model_dir, monkeypatch):
+    """The vision embedder keeps its rows in two halves between matmuls (rmlx.base.split_rows): with
+    every step split (threshold 2 values) the soft tokens and every tapped stage equal the unsplit run's,
+    for one image (valid rows lead: a view) and for two images of different sizes (padding inside: a gather)."""
+    from rmlx import base
+    from rmlx.image import preprocess_batch
+    from rmlx.load import load_model
+    from rmlx.tap import tapping
+
+    embedder = load_model(model_dir).vision_embedder
+    rng = np.random.default_rng(5)
+    wide, tall = (rng.integers(0, 256, s).astype(np.uint8) for s in [(96, 240, 3), (144, 96, 3)])
+    for images in ([wide], [wide, tall]):
+        pixel_values, positions = preprocess_batch(images, 70)
+        runs = []
+        for threshold in (1 << 40, 2):
+            monkeypatch.setattr(base, "HALVES_MIN", threshold)
+            captured = {}
+            with tapping(lambda name, x, got=captured: got.setdefault(name, np.array(x)) is not None and x):
+                soft = np.array(embedder(mx.array(pixel_values), mx.array(positions)))
+            runs.append((soft, captured, len(base.split_rows(mx.array(pixel_values)))))
+        (whole, whole_stages, one), (split, split_stages, two) = runs
+        assert (one, two) == (1, 2)
+        assert whole.shape[1] == (positions[..., 0] != -1).sum() and np.array_equal(whole, split)
+        assert whole_stages.keys() == split_stages.keys() and len(whole_stages) == 7
+        for name, value in whole_stages.items():
+            assert np.array_equal(value, split_stages[name]), name
+        monkeypatch.setattr(base, "HALVES_MIN", 2)
+        assert np.array_equal(np.array(embedder(mx.array(pixel_values), mx.array(positions))), whole)  # no handler
