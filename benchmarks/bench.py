@@ -50,14 +50,15 @@ def timed(fn, repeat: int) -> float:
 
 
 def paired(fns: dict, repeat: int) -> dict[str, list[float]]:
-    """Times of each of ``fns`` over ``repeat`` rounds, interleaved: every round runs each once (the order
-    reversed every other round), so drift of the machine (another process, the page cache, the clock)
-    falls on all of them alike rather than on whichever ran last. One warm-up call each first."""
-    for fn in fns.values():
-        fn()
+    """Times of each of ``fns`` over ``repeat`` rounds, interleaved: every round runs each in turn (the
+    order reversed every other round), so drift of the machine (another process, the page cache, the
+    clock) falls on all of them alike rather than on whichever ran last. Each turn is one untimed call,
+    then one timed: the untimed call absorbs the switch from another library (NumPy's OpenBLAS threads
+    spin on for a while after a call; measured: MLX's GEMM 16 % slower right after NumPy's)."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for r in range(repeat):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            fns[name]()
             t = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - t)

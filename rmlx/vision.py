@@ -11,7 +11,16 @@ import mlx.nn as nn
 import numpy as np
 
 from rmlx import faults
-from rmlx.base import LayerNorm, join_rows, layer_norm_rows, on_streams, rms_norm_rows, split_like, split_rows
+from rmlx.base import (
+    LayerNorm,
+    join_rows,
+    layer_norm,
+    layer_norm_rows,
+    on_streams,
+    rms_norm_rows,
+    split_like,
+    split_rows,
+)
 from rmlx.config import VisionConfig
 from rmlx.errors import InputError
 from rmlx.tap import active as tap_active
@@ -59,8 +68,8 @@ class VisionEmbedder(nn.Module):
         x = pixel_values.astype(self.patch_ln1.weight.dtype)  # bf16 models see bf16 pixels (catalog §2 step 0)
         ln1 = self.patch_ln1
         eps1 = 1e-6 if faults.active("patch-ln1-eps") else ln1.eps
-        h = join_rows(on_streams(lambda r: layer_norm_rows(r, ln1.weight, ln1.bias, eps1), split_rows(x)))
-        h = tap("vision.patch_dense", self.patch_dense(tap("vision.patch_ln1", h)))
+        h = tap("vision.patch_ln1", layer_norm(x, ln1.weight, ln1.bias, eps1))
+        h = tap("vision.patch_dense", self.patch_dense(h))
         h = _tap("vision.patch_ln2", on_streams(_rows(self.patch_ln2), split_rows(h)))
         h = _tap("vision.pos_embed", on_streams(lambda r, p: r + self.position_embedding(p), h,
                                                 split_like(position_ids, h)))
@@ -78,6 +87,7 @@ class VisionEmbedder(nn.Module):
 
 
 def _rows(norm: LayerNorm):
+    """``norm`` as a function of one row part (for :func:`on_streams`)."""
     return lambda r: layer_norm_rows(r, norm.weight, norm.bias, norm.eps)
 
 
