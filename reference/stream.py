@@ -253,22 +253,21 @@ class HFStreamRunner(HFRunner):
         self.load_seconds = 0.0  # spent reading and casting decoder layers (waiting for a prefetch, if any)
         self._buffers: dict[str, torch.Tensor] = {}  # the last decoder layer's tensors, reused by the next
         self._reader = ThreadPoolExecutor(max_workers=1)
-        self._pending: tuple[str, Future] | None = None  # (layer prefix, its read in flight)
+        self._pending: Future | None = None  # a prefetch in flight
 
     def prefetch(self, i: int) -> None:
         """Start bringing decoder layer ``i``'s bytes into the page cache on a background thread
         (:meth:`Weights.warm`); HF's pre-hook for the layer waits for it, then casts from memory. For a
         caller with other work meanwhile: the thread mostly waits on the disk, so it overlaps the
         candidate's compute without taking its cores (the cast stays in HF's time)."""
-        prefix = f"model.language_model.layers.{i}."
-        self._pending = (prefix, self._reader.submit(self.weights.warm, prefix))
+        self._pending = self._reader.submit(self.weights.warm, f"model.language_model.layers.{i}.")
 
     def _materialize(self, prefix: str):
         def pre(module, args):
             t0 = time.perf_counter()
             pending, self._pending = self._pending, None
             if pending is not None:
-                pending[1].result()  # this layer's prefetch (raises what it raised), or a stray one's
+                pending.result()  # this layer's prefetch (raises what it raised), or a stray one's
             load_module(module, prefix, self.weights, self._buffers)
             self.layer_reads += 1
             self.load_seconds += time.perf_counter() - t0
