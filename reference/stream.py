@@ -95,33 +95,37 @@ class Weights:
                 start, end = info["data_offsets"]
                 self.spans[name] = (data_start + start, end - start)
 
+    def _spans(self, prefix: str) -> Iterator[tuple[int, int, int]]:
+        """(open file descriptor, byte offset, length) of every tensor under ``prefix``, each file
+        opened once (closed when the iteration ends)."""
+        by_file: dict[Path, list[tuple[int, int]]] = {}
+        for name, (f, _) in self.where.items():
+            if name.startswith(prefix):
+                by_file.setdefault(f, []).append(self.spans[name])
+        for f, spans in by_file.items():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                for offset, length in spans:
+                    yield fd, offset, length
+            finally:
+                os.close(fd)
+
     def evict(self, prefix: str) -> None:
         """Tell the kernel the bytes of every tensor under ``prefix`` are no longer needed
         (``posix_fadvise`` DONTNEED): a streamed run reads each layer once, and page cache it leaves
         behind would have to be reclaimed later (kswapd, on the CPUs the forwards use)."""
         if not hasattr(os, "posix_fadvise"):
             return
-        for name, (f, _) in self.where.items():
-            if name.startswith(prefix):
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, *self.spans[name], os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+        for fd, offset, length in self._spans(prefix):
+            os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
     def warm(self, prefix: str, chunk: int = 8 << 20) -> None:
         """Bring the bytes of every tensor under ``prefix`` into the page cache: ``os.preadv`` into one
         reused buffer (a kernel copy, no page faults, no cast), so a later :meth:`read` finds them."""
-        buf = bytearray(chunk)
-        for name, (f, _) in self.where.items():
-            if name.startswith(prefix):
-                offset, length = self.spans[name]
-                fd = os.open(f, os.O_RDONLY)
-                try:
-                    for at in range(offset, offset + length, chunk):
-                        os.preadv(fd, [memoryview(buf)[:min(chunk, offset + length - at)]], at)
-                finally:
-                    os.close(fd)
+        buf = memoryview(bytearray(chunk))
+        for fd, offset, length in self._spans(prefix):
+            for at in range(offset, offset + length, chunk):
+                os.preadv(fd, [buf[:min(chunk, offset + length - at)]], at)
 
     def read(self, names: list[str], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Whole tensors, cast to the run dtype. ``into``: tensors of the run dtype, by name, to cast into

@@ -30,10 +30,7 @@ def halves(fn, *xs: mx.array, axis: int) -> mx.array:
     if not _splits(xs[0], axis):
         return fn(*xs)
     mid = xs[0].shape[axis] // 2
-    first = fn(*(mx.split(x, [mid], axis=axis)[0] for x in xs))
-    with mx.stream(cpu_streams()[1]):
-        second = fn(*(mx.split(x, [mid], axis=axis)[1] for x in xs))
-    return mx.concatenate([first, second], axis=axis)
+    return mx.concatenate(on_streams(fn, *(mx.split(x, [mid], axis=axis) for x in xs)), axis=axis)
 
 
 def split_rows(x: mx.array) -> list[mx.array]:
