@@ -14,8 +14,8 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from rmlx import faults
-from rmlx.base import RMSNorm, RoPE, halves, rms_norm
+from rmlx import fastmath, faults
+from rmlx.base import RMSNorm, RoPE, cpu_streams, halves, rms_norm
 from rmlx.config import LayerSpec, TextConfig
 from rmlx.tap import layer_stages, tap
 
@@ -40,27 +40,50 @@ class KVCache:
         return keys, values
 
 
+SCORES_BLOCK = 1 << 18  # attention scores per block on the CPU (1 MiB in fp32): a block's softmax stays in L2
+
+
 def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> mx.array:
-    """q (B, H, L, d), k/v (B, kv, T, d), mask (B, L, T) bool -> (B, H, L, d). Scale 1.0 (QK-norm).
+    """q (B, H, L, d), k/v (B, kv, T, d), mask (B, L, T) bool -> (B, L, H*d). Scale 1.0 (QK-norm).
 
     Rounds where HF's eager attention rounds: the scores are a matmul in the activation dtype, the
     softmax runs in fp32 and is cast back, then probabilities @ V. In bf16 this matters: a fused kernel
     that keeps fp32 scores differs from HF by ~0.1 at the layer outputs of the tiny fixtures.
+
+    On the CPU, long sequences go in blocks of one head and ``SCORES_BLOCK // T`` query rows, on two
+    streams in turn: each block's scores, softmax and probabilities @ V run while its scores are in
+    cache (the whole (H, L, T) array at 1127 tokens is 81 MB; each pass over it costs a trip to memory).
+    Every row sees all its keys, so the blocks compute exactly what the whole array would.
     """
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # GQA: query head h uses kv head h // groups
-        k = mx.repeat(k, groups, axis=1)
-        v = mx.repeat(v, groups, axis=1)
-    scores = q @ k.transpose(0, 1, 3, 2)  # (B, H, L, T)
+    b, heads, length, _ = q.shape
+    groups = heads // k.shape[1]
+    bias = None if mask is None else mx.where(mask, mx.array(0.0), mx.array(-mx.inf))[:, None]  # (B, 1, L, T)
+    if mx.default_device() != mx.cpu or heads * length * k.shape[2] < 2 * SCORES_BLOCK:
+        if groups > 1:  # GQA: query head h uses kv head h // groups
+            k = mx.repeat(k, groups, axis=1)
+            v = mx.repeat(v, groups, axis=1)
+        out = _attend(q, k, v, bias)  # (B, H, L, d)
+        return out.transpose(0, 2, 1, 3).reshape(b, length, -1)
+    rows = max(1, SCORES_BLOCK // k.shape[2])
+    streams = cpu_streams()
+    out = []
+    for h in range(heads):
+        kh, vh = k[:, h // groups], v[:, h // groups]  # (B, T, d)
+        for start in range(0, length, rows):
+            with mx.stream(streams[len(out) % 2]):
+                out.append(_attend(q[:, h, start:start + rows], kh, vh,
+                                   None if bias is None else bias[:, 0, start:start + rows]))
+    per_head = len(out) // heads
+    return mx.concatenate([mx.concatenate(out[i:i + per_head], axis=1) for i in range(0, len(out), per_head)],
+                          axis=-1)
+
+
+def _attend(q: mx.array, k: mx.array, v: mx.array, bias: mx.array | None) -> mx.array:
+    """softmax(q k^T + bias) v over the last two axes; ``bias`` 0 / -inf (fp32)."""
+    scores = q @ k.swapaxes(-1, -2)
     if faults.active("attn-scale-rsqrt"):  # the planted bug: the usual 1/sqrt(d), which QK-norm models drop
         scores = scores * mx.array(q.shape[-1] ** -0.5, scores.dtype)
-
-    def softmax(s: mx.array) -> mx.array:  # (B, heads, L, T), a share of the heads
-        if mask is not None:
-            s = mx.where(mask[:, None], s, mx.array(-mx.inf, s.dtype))
-        return mx.softmax(s.astype(mx.float32), axis=-1).astype(q.dtype)
-
-    return halves(softmax, scores, axis=1) @ v
+    return fastmath.softmax(scores.astype(mx.float32), bias).astype(q.dtype) @ v
 
 
 class Attention(nn.Module):
@@ -98,8 +121,7 @@ class Attention(nn.Module):
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, L, kv, d) -> (B, kv, L, d)
             if cache is not None:
                 keys, values = cache.update(keys, values)
-        out = attention(q.transpose(0, 2, 1, 3), keys, values, mask)  # (B, L, H, d) -> (B, H, L, d)
-        out = out.transpose(0, 2, 1, 3).reshape(b, length, -1)  # (B, H, L, d) -> (B, L, H*d)
+        out = attention(q.transpose(0, 2, 1, 3), keys, values, mask)  # (B, L, H, d) -> (B, H, L, d) -> (B, L, H*d)
         return tap(names["attn.out"], self.o_proj(out)), (keys, values)
 
 
@@ -111,10 +133,12 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        act = nn.gelu if faults.active("mlp-gelu-exact") else nn.gelu_approx
-
         def gated(gate: mx.array, up: mx.array) -> mx.array:
-            return act(gate.astype(mx.float32)).astype(x.dtype) * up  # torch evaluates gelu in fp32
+            if faults.active("mlp-gelu-exact"):
+                return nn.gelu(gate.astype(mx.float32)).astype(x.dtype) * up
+            if gate.dtype == mx.float32:
+                return fastmath.gelu_tanh(gate, up)
+            return fastmath.gelu_tanh(gate.astype(mx.float32)).astype(x.dtype) * up  # torch: gelu in fp32
 
         return self.down_proj(halves(gated, self.gate_proj(x), self.up_proj(x), axis=-2))
 
