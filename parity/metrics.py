@@ -84,33 +84,37 @@ def fmt_g(v) -> str:
     return v if isinstance(v, str) else ("nan" if v is None else f"{v:.3g}")
 
 
-def _ordered_bits(x: np.ndarray, dtype: str) -> np.ndarray:
-    """Map floats to integers whose difference is the ULP distance in ``dtype`` (sign-magnitude bits,
-    the magnitude negated for negative values: -0.0 and +0.0 are one point). Kept in the float's own
-    width: a negated magnitude always fits; ``max_ulp`` subtracts in int64."""
+def _bits(x: np.ndarray, dtype: str) -> np.ndarray:
+    """x rounded to ``dtype``, its bits as signed integers of the same width (a view when x is in it)."""
     if dtype == "bfloat16":
-        bits = x.astype(ml_dtypes.bfloat16).view(np.int16)
-    elif dtype == "float16":
-        bits = x.astype(np.float16).view(np.int16)
-    elif dtype == "float64":
-        bits = x.astype(np.float64).view(np.int64)
-    else:
-        bits = x.astype(np.float32, copy=False).view(np.int32)
-    # negative (sign s = -1): magnitude bits flipped, minus s: -(bits & magnitude mask); positive: bits
-    sign = bits >> (8 * bits.itemsize - 1)
-    out = sign & np.iinfo(bits.dtype).max
-    out ^= bits
-    out -= sign
-    return out
+        return x.astype(ml_dtypes.bfloat16).view(np.int16)
+    if dtype == "float16":
+        return x.astype(np.float16).view(np.int16)
+    if dtype == "float64":
+        return x.astype(np.float64, copy=False).view(np.int64)
+    return x.astype(np.float32, copy=False).view(np.int32)
 
 
 def max_ulp(actual: np.ndarray, expected: np.ndarray, dtype: str) -> int:
+    """The largest distance in ULPs of ``dtype`` between paired values (-0.0 and +0.0 are one point).
+
+    Floats are sign and magnitude: of two values of one sign the bit patterns differ by their distance
+    (the sign bit cancels), so one integer subtraction covers them; of opposite signs, the distance is
+    the sum of the two magnitudes (the rare pairs are gathered for it)."""
     if actual.size == 0:
         return 0
     if not np.issubdtype(expected.dtype, np.floating):
         return int(np.abs(actual.astype(np.int64) - expected.astype(np.int64)).max())
-    d = np.subtract(_ordered_bits(actual, dtype), _ordered_bits(expected, dtype), dtype=np.int64)
-    return int(max(d.max(), -d.min()))
+    ba, be = _bits(actual, dtype).reshape(-1), _bits(expected, dtype).reshape(-1)
+    d = np.subtract(ba, be, dtype=np.int64)
+    if np.bitwise_xor(ba, be).min() >= 0:  # no sign differs
+        return int(max(d.max(), -d.min()))
+    opposite = np.bitwise_xor(ba, be) < 0
+    magnitude = np.iinfo(ba.dtype).max
+    # unsigned: across the sign, float64 distances pass 2^63
+    cross = (ba[opposite] & magnitude).astype(np.uint64) + (be[opposite] & magnitude).astype(np.uint64)
+    same = d[~opposite]
+    return max(int(cross.max()), int(same.max(initial=0)), -int(same.min(initial=0)))
 
 
 def _nonfinite(actual: np.ndarray, expected: np.ndarray) -> str | None:
@@ -205,6 +209,9 @@ class _Accumulator:
         self.rel = (-1.0, 0)
         self.sum_abs = self.err2 = self.ref2 = self.act2 = self.dot = 0.0
         self.need_atol = self.need_rtol = 0.0
+        size = min(CHUNK, self.n)  # float64 scratch for add(), reused from chunk to chunk
+        self.scratch = [np.empty(size, np.float64) for _ in range(4)]
+        self.mask = np.empty(size, bool)
 
     def merge(self, other: _Accumulator) -> None:
         """Fold in the statistics of a later part of the array."""
@@ -220,42 +227,42 @@ class _Accumulator:
         self.need_rtol = max(self.need_rtol, other.need_rtol)
 
     def add(self, actual: np.ndarray, expected: np.ndarray, offset: int) -> None:
-        # One pass per statistic where it can be had (NumPy cannot fuse): ~12 ns per value in all.
-        a, e = actual.astype(np.float64), expected.astype(np.float64)
-        tol = self.tol
-        diff = a - e
+        # One pass per statistic where it can be had (NumPy cannot fuse), into the scratch arrays
+        # (fresh temporaries cost page faults)
+        tol, n = self.tol, actual.size
+        a, e, diff, work = (buf[:n] for buf in self.scratch)
+        np.copyto(a, actual, casting="unsafe")
+        np.copyto(e, expected, casting="unsafe")
+        # einsum's own loop, not BLAS: a BLAS dot on a worker thread opens an OpenMP team per call
+        self.ref2 += float(np.einsum("i,i->", e, e))
+        self.act2 += float(np.einsum("i,i->", a, a))
+        self.dot += float(np.einsum("i,i->", a, e))
+        np.subtract(a, e, out=diff)
         np.abs(diff, out=diff)
-        mag = np.abs(e)
-        slack = np.multiply(mag, tol.rtol)  # |e| * rtol; allowed = atol + slack
-        need = np.subtract(diff, slack)
-        self.need_atol = max(self.need_atol, float(need.max()))
+        self.err2 += float(np.einsum("i,i->", diff, diff))
+        self.sum_abs += float(diff.sum())
+        mag = np.abs(e, out=e)
+        slack = np.multiply(mag, tol.rtol, out=a)  # |e| * rtol; allowed = atol + slack
+        self.need_atol = max(self.need_atol, float(np.subtract(diff, slack, out=work).max()))
         slack += tol.atol
-        self.mismatched += int(np.count_nonzero(diff > slack))
+        self.mismatched += int(np.count_nonzero(np.greater(diff, slack, out=self.mask[:n])))
         i = int(diff.argmax())
-        unequal = diff[i] > 0
-        if diff[i] > self.abs[0]:
-            self.abs = (float(diff[i]), offset + i)
+        top_diff = float(diff[i])
+        if top_diff > self.abs[0]:
+            self.abs = (top_diff, offset + i)
         with np.errstate(divide="ignore", invalid="ignore"):
             # relative error: 0/0 (equal zeros) is NaN here, which fmax skips: it counts as 0
-            rel = np.divide(diff, mag, out=need)
+            rel = np.divide(diff, mag, out=work)
             top = float(np.fmax.reduce(rel))
             top = 0.0 if math.isnan(top) else top
             if top > self.rel[0]:  # the first index of the maximum (0 when it is 0: every value is 0 or 0/0)
                 self.rel = (top, offset + (int(np.argmax(rel == top)) if top > 0 else 0))
-            # rtol needed at this atol: (|a-e| - atol) / |e| where |a-e| > atol; elsewhere <= 0 or NaN
-            np.subtract(diff, tol.atol, out=rel)
-            rel /= mag
-            need_rtol = float(np.fmax.reduce(rel))
-            if need_rtol > self.need_rtol:
-                self.need_rtol = need_rtol
-        self.sum_abs += float(diff.sum())
-        # einsum's own loop, not BLAS: a BLAS dot on a worker thread opens an OpenMP team per call
-        self.err2 += float(np.einsum("i,i->", diff, diff))
-        self.ref2 += float(np.einsum("i,i->", e, e))
-        self.act2 += float(np.einsum("i,i->", a, a))
-        self.dot += float(np.einsum("i,i->", a, e))
-        self.diffs[offset:offset + diff.size] = diff
-        if unequal:  # else every pair is equal: 0 ULPs (-0.0 and +0.0 are one point)
+            if top_diff > tol.atol:  # rtol needed at this atol: (|a-e| - atol) / |e| where |a-e| > atol
+                np.subtract(diff, tol.atol, out=rel)  # (elsewhere <= 0 or NaN, which cannot raise it)
+                rel /= mag
+                self.need_rtol = max(self.need_rtol, float(np.fmax.reduce(rel)))
+        self.diffs[offset:offset + n] = diff
+        if top_diff > 0:  # else every pair is equal: 0 ULPs (-0.0 and +0.0 are one point)
             self.ulp = max(self.ulp, max_ulp(actual, expected, self.dtype))
 
     def result(self, stage: str, shape: tuple[int, ...]) -> StageDiff:

@@ -70,6 +70,22 @@ def test_ulp_distance_float32_and_bfloat16():
     assert max_ulp(np.array([1.0 + 2**-7]), np.array([1.0]), "float32") == 2**16
 
 
+@given(pair=st.integers(1, 64).flatmap(lambda n: st.tuples(*[nps.arrays(
+    np.float32, n, elements=st.floats(width=32, allow_nan=False, allow_infinity=False))] * 2)),
+    dtype=st.sampled_from(["float32", "bfloat16", "float64"]))
+def test_ulp_distance_is_the_steps_between_on_the_number_line(pair, dtype):
+    """Oracle: each float's signed position on the number line (-0.0 and +0.0 the same point), the
+    distance their difference -- what max_ulp computes without that mapping (by the sign bits)."""
+    a, e = pair
+    cast = {"float32": np.float32, "float64": np.float64, "bfloat16": ml_dtypes.bfloat16}[dtype]
+    ints = {"float32": np.int32, "float64": np.int64, "bfloat16": np.int16}[dtype]
+
+    def position(x):  # Python ints: across the sign, float64 distances pass 2^63
+        return [-(b & np.iinfo(ints).max) if b < 0 else b for b in x.astype(cast).view(ints).tolist()]
+
+    assert max_ulp(a, e, dtype) == max(abs(p - q) for p, q in zip(position(a), position(e), strict=True))
+
+
 def test_cosine_and_nmse():
     e = np.array([1.0, 2.0, 3.0])
     d = compare("s", e * 1.001, e, Tol(0, 0))
