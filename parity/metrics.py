@@ -148,8 +148,9 @@ def compare(stage: str, actual: np.ndarray, expected: np.ndarray, tol: Tol, dtyp
 
     def run(group: list[int]) -> _Accumulator:
         acc = _Accumulator(tol, dtype, diffs)
+        scratch = _Scratch(min(CHUNK, n))  # one per unit of work, freed with it (not held until the merge)
         for start in group:
-            acc.add(flat_a[start:start + CHUNK], flat_e[start:start + CHUNK], start)
+            acc.add(flat_a[start:start + CHUNK], flat_e[start:start + CHUNK], start, scratch)
         return acc
 
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite values are reported below, not warned
@@ -172,6 +173,9 @@ CHUNK = 1 << 17  # elements per step. Float64 temporaries of 1 MiB stay in the m
 # chunks make NumPy calls so short that two workers serialise on the GIL (measured: no speed-up at 2^16)
 
 
+PERCENTILE_BLOCK = 1 << 22  # values per step of percentile()'s count and gather
+
+
 def percentile(x: np.ndarray, q: float) -> float:
     """``np.percentile(x, q)`` (linear interpolation) of a flat array: the same number for float32 (within
     1e-15 relative for float64). Found by selecting among the values above a threshold taken from a
@@ -187,14 +191,24 @@ def percentile(x: np.ndarray, q: float) -> float:
     hi = min(lo + 1, n - 1)
     sample = np.sort(x[:: n >> 14])
     threshold = sample[max(int(len(sample) * (frac - 0.01)), 0)]  # one point below: ~1 % of the values above it
-    below = int(np.count_nonzero(x < threshold))
+    blocks = [x[i:i + PERCENTILE_BLOCK] for i in range(0, n, PERCENTILE_BLOCK)]  # boolean temporaries: not n bytes
+    below = sum(int(np.count_nonzero(b < threshold)) for b in blocks)
     if below > lo:
         return float(np.percentile(x, q))
-    top = np.partition(x[x >= threshold], (lo - below, hi - below))
+    top = np.partition(np.concatenate([b[b >= threshold] for b in blocks]), (lo - below, hi - below))
     a, b = top[lo - below], top[hi - below]
     gamma = pos - lo
     diff_b_a = b - a  # in the array's dtype, then the float64 weight: NumPy's _lerp
     return float(b - diff_b_a * (1 - gamma) if gamma >= 0.5 else a + diff_b_a * gamma)
+
+
+class _Scratch:
+    """float64 work arrays for :meth:`_Accumulator.add`, reused from chunk to chunk (fresh temporaries
+    cost page faults)."""
+
+    def __init__(self, size: int):
+        self.floats = [np.empty(size, np.float64) for _ in range(4)]
+        self.mask = np.empty(size, bool)
 
 
 class _Accumulator:
@@ -209,9 +223,6 @@ class _Accumulator:
         self.rel = (-1.0, 0)
         self.sum_abs = self.err2 = self.ref2 = self.act2 = self.dot = 0.0
         self.need_atol = self.need_rtol = 0.0
-        size = min(CHUNK, self.n)  # float64 scratch for add(), reused from chunk to chunk
-        self.scratch = [np.empty(size, np.float64) for _ in range(4)]
-        self.mask = np.empty(size, bool)
 
     def merge(self, other: _Accumulator) -> None:
         """Fold in the statistics of a later part of the array."""
@@ -226,11 +237,10 @@ class _Accumulator:
         self.need_atol = max(self.need_atol, other.need_atol)
         self.need_rtol = max(self.need_rtol, other.need_rtol)
 
-    def add(self, actual: np.ndarray, expected: np.ndarray, offset: int) -> None:
+    def add(self, actual: np.ndarray, expected: np.ndarray, offset: int, scratch: _Scratch) -> None:
         # One pass per statistic where it can be had (NumPy cannot fuse), into the scratch arrays
-        # (fresh temporaries cost page faults)
         tol, n = self.tol, actual.size
-        a, e, diff, work = (buf[:n] for buf in self.scratch)
+        a, e, diff, work = (buf[:n] for buf in scratch.floats)
         np.copyto(a, actual, casting="unsafe")
         np.copyto(e, expected, casting="unsafe")
         # einsum's own loop, not BLAS: a BLAS dot on a worker thread opens an OpenMP team per call
@@ -245,7 +255,7 @@ class _Accumulator:
         slack = np.multiply(mag, tol.rtol, out=a)  # |e| * rtol; allowed = atol + slack
         self.need_atol = max(self.need_atol, float(np.subtract(diff, slack, out=work).max()))
         slack += tol.atol
-        self.mismatched += int(np.count_nonzero(np.greater(diff, slack, out=self.mask[:n])))
+        self.mismatched += int(np.count_nonzero(np.greater(diff, slack, out=scratch.mask[:n])))
         i = int(diff.argmax())
         top_diff = float(diff[i])
         if top_diff > self.abs[0]:

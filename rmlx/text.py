@@ -214,7 +214,7 @@ class TextModel(nn.Module):
         logits = self.embed_tokens.as_linear(h)
         cap = self.cfg.final_logit_softcapping
         if cap is not None and not faults.active("softcap-skipped"):
-            logits = halves(lambda x: mx.tanh(x / cap) * cap, logits, axis=-2)
+            logits = halves(lambda x: fastmath.softcap(x, cap), logits, axis=-2)
         return tap("logits", logits)
 
     def __call__(self, inputs_embeds: mx.array, masks: dict[str, mx.array] | None,

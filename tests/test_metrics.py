@@ -143,6 +143,7 @@ def test_chunked_compare_equals_the_whole_array_formulas(monkeypatch, workers, c
     import parity.metrics as metrics
 
     monkeypatch.setattr(metrics, "CHUNK", 1 << 12)  # 1M values: 256 chunks in 32 groups
+    monkeypatch.setattr(metrics, "PERCENTILE_BLOCK", 1 << 14)  # p99's count and gather in 64 blocks
     rng = np.random.default_rng(7)
     e = (rng.standard_normal((1024, 1024)) * 3).astype(np.float32)
     if case == "zeros":
