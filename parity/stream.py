@@ -21,7 +21,7 @@ Decode steps run the same way without captures. Teacher forcing works as in a re
 candidate's tap returns the reference's value, which is always captured first). At any moment the
 process holds the resident small modules, at most two decoder layers' tensors (HF's layer i goes
 back to ``meta`` before the candidate reads its own, but HF keeps that memory to cast layer i + 1
-into; the candidate's is dropped before HF reads layer i + 1), MLX's cache of freed buffers (up to
+into, until the last layer; the candidate's is dropped before HF reads layer i + 1), MLX's cache of freed buffers (up to
 ``LAYER_CACHE``, cleared before the logits), at most two layers' captures (one being compared), the
 logits, and -- with decode steps only -- both sides' KV caches (the prefill's keys and values of every
 layer).
@@ -161,6 +161,7 @@ class Lockstep:
             if i == self.text.cfg.num_hidden_layers - 1:  # the logits next: no layer buffers to keep
                 mx.set_cache_limit(self.cache_limit)
                 mx.clear_cache()
+                self.adapter.hf.drop_layer_buffers()
         return pre
 
     def _leave(self, module, args, output) -> None:

@@ -21,15 +21,18 @@ on computing with the clipped value, hence 1 apart from 2; MLX fuses an op only 
 are in the same kernel, hence 3 recomputes r rather than sharing it with 2; and MLX fuses at most 11
 ops deep, hence the polynomial in Estrin's scheme (4 deep, not Horner's 12).
 
-Three functions use it: :func:`gelu_tanh`, :func:`softmax`, :func:`softcap` (tanh via exp - 1 computed
-as expm1). :func:`enabled`: on the CPU on Linux, unless ``RMLX_NATIVE_MATH=1``. Otherwise every function
-here is MLX's own op (``nn.gelu_approx``, ``mx.softmax``, ``mx.tanh``): the same values up to rounding,
-and either is what the parity harness checks against the reference.
+:func:`enabled`: on the CPU on Linux, unless ``RMLX_NATIVE_MATH=1``. Otherwise every function here is
+MLX's own op (``nn.gelu_approx``, ``mx.softmax``): the same values up to rounding, and either is what
+the parity harness checks against the reference.
+
+Not here: the final soft-cap's tanh. tanh from exp(-2z) - 1 computed as expm1 (accurate near 0) was
+written and measured: on the 12B logits (1127 x 262144) no faster than ``mx.tanh``, per vocabulary
+chunk of 16384 columns either (0.167 s against 0.169 s): there every pass is a trip to memory into a
+freshly faulted buffer (~2 ns per value), and three kernels cost what tanh's slow arithmetic does.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import sys
@@ -39,8 +42,8 @@ import mlx.nn as nn
 
 _LOG2E = 1.4426950408889634
 _ROUND = 12582912.0  # 1.5 * 2**23: (y + _ROUND) - _ROUND is y rounded to an integer (|y| < 2**22)
-# 2^f on [-1/2, 1/2], Cephes (via MLX's simd::exp): constant term first
-_P = (1.0, 6.931472028550421e-1, 2.402264791363012e-1, 5.550332471162809e-2, 9.618437357674640e-3,
+# 2^f - 1 on [-1/2, 1/2], Cephes (via MLX's simd::exp): the coefficients of f, f^2, ..., f^6
+_P = (6.931472028550421e-1, 2.402264791363012e-1, 5.550332471162809e-2, 9.618437357674640e-3,
       1.339887440266574e-3, 1.535336188319500e-4)
 _GELU = -2 * math.sqrt(2 / math.pi) * _LOG2E  # gelu-tanh: 0.5 x (1 + tanh(u)) = x / (1 + 2^(_GELU * ...))
 
@@ -58,10 +61,11 @@ def _bits(y: mx.array) -> mx.array:
 
 
 def _pow2(y: mx.array, scale: mx.array) -> mx.array:
-    """2^y = 2^f * scale (Estrin's scheme). Traced inside a kernel."""
+    """2^y = 2^f * scale, f = y - round(y), ``scale`` = 2^round(y) (:func:`_bits`); the polynomial in
+    Estrin's scheme (4 ops deep). Traced inside a kernel."""
     f = y - ((y + _ROUND) - _ROUND)
     f2 = f * f
-    return scale * ((_P[0] + _P[1] * f + f2 * (_P[2] + _P[3] * f)) + (f2 * f2) * ((_P[4] + _P[5] * f) + f2 * _P[6]))
+    return scale * ((1.0 + _P[0] * f + f2 * (_P[1] + _P[2] * f)) + (f2 * f2) * ((_P[3] + _P[4] * f) + f2 * _P[5]))
 
 
 def _scale(bits: mx.array) -> mx.array:
@@ -118,38 +122,3 @@ def softmax(x: mx.array, bias: mx.array | None = None) -> mx.array:
     bits = _bits(y)
     e = _exp(y, _scale(bits))
     return e / e.sum(-1, keepdims=True)
-
-
-@functools.cache
-def _softcap_kernels(cap: float):
-    """The first and last kernels of :func:`softcap` for one cap, a constant in them (as an array
-    argument it would make MLX emit its strided kernel, not the contiguous one)."""
-
-    @mx.compile
-    def exponent(x: mx.array) -> mx.array:
-        # y = -2 z log2(e), z = x / cap as HF divides; |y| <= 64: tanh is +/-1 in fp32 from |z| ~ 9 (|y| ~ 26)
-        return mx.clip((x / cap) * (-2 * _LOG2E), -64.0, 64.0)
-
-    @mx.compile
-    def finish(y: mx.array, scale: mx.array) -> mx.array:
-        # em1 = exp(-2z) - 1 = (2^r - 1) + 2^r (2^f - 1), with 2^f - 1 by the polynomial without its
-        # constant term: no cancellation near z = 0. tanh z = -em1 / (2 + em1), times cap.
-        f = y - ((y + _ROUND) - _ROUND)
-        f2 = f * f
-        q = (_P[1] * f + f2 * (_P[2] + _P[3] * f)) + (f2 * f2) * ((_P[4] + _P[5] * f) + f2 * _P[6])
-        em1 = (scale - 1.0) + scale * q
-        return (em1 * -cap) / (2.0 + em1)
-
-    return exponent, finish
-
-
-def softcap(x: mx.array, cap: float) -> mx.array:
-    """``tanh(x / cap) * cap`` (Gemma's final logit soft-cap). For fp32 ``x``, tanh from exp(-2z) - 1
-    computed without cancellation (as expm1), in the three kernels above; other dtypes: MLX's tanh."""
-    if not enabled() or x.dtype != mx.float32:
-        c = mx.array(cap, x.dtype)
-        return mx.tanh(x / c) * c
-    exponent, finish = _softcap_kernels(float(cap))
-    y = exponent(x)
-    return finish(y, _scale(_bits(y)))
-

@@ -209,13 +209,20 @@ class TextModel(nn.Module):
         return h
 
     def head(self, h: mx.array) -> mx.array:
-        """Final norm, tied lm_head (``embed_tokens.as_linear``), optional soft-cap: (B, L, H) -> (B, L, V)."""
+        """Final norm, tied lm_head (``embed_tokens.as_linear``), optional soft-cap: (B, L, H) -> (B, L, V).
+        A streamed model's embedding (``rmlx.stream.RowsEmbedding``, not an ``nn`` one) applies the
+        soft-cap to each vocabulary chunk of its product; otherwise it runs on row halves of the whole."""
         h = tap("text.norm", self.norm(h))
-        logits = self.embed_tokens.as_linear(h)
         cap = self.cfg.final_logit_softcapping
-        if cap is not None and not faults.active("softcap-skipped"):
-            logits = halves(lambda x: fastmath.softcap(x, cap), logits, axis=-2)
-        return tap("logits", logits)
+        if cap is None or faults.active("softcap-skipped"):
+            return tap("logits", self.embed_tokens.as_linear(h))
+
+        def softcap(x: mx.array) -> mx.array:
+            return mx.tanh(x / cap) * cap
+
+        if isinstance(self.embed_tokens, nn.Embedding | nn.QuantizedEmbedding):
+            return tap("logits", halves(softcap, self.embed_tokens.as_linear(h), axis=-2))
+        return tap("logits", self.embed_tokens.as_linear(h, softcap))
 
     def __call__(self, inputs_embeds: mx.array, masks: dict[str, mx.array] | None,
                  cache: list[KVCache | None] | None = None, offset: int = 0) -> mx.array:
