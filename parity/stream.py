@@ -21,10 +21,10 @@ Decode steps run the same way without captures. Teacher forcing works as in a re
 candidate's tap returns the reference's value, which is always captured first). At any moment the
 process holds the resident small modules, at most two decoder layers' tensors (HF's layer i goes
 back to ``meta`` before the candidate reads its own, but HF keeps that memory to cast layer i + 1
-into, until the last layer; the candidate's is dropped before HF reads layer i + 1), MLX's cache of freed buffers (up to
-``LAYER_CACHE``, cleared before the logits), at most two layers' captures (one being compared), the
-logits, and -- with decode steps only -- both sides' KV caches (the prefill's keys and values of every
-layer).
+into, until the last layer; the candidate's is dropped before HF reads layer i + 1), MLX's cache of
+freed buffers (up to ``LAYER_CACHE``, cleared before the logits), at most two layers' captures (one
+being compared), the logits, and -- with decode steps only -- both sides' KV caches (the prefill's
+keys and values of every layer).
 
 Not in a streamed run: HF's self-consistency forward (a second pass over the disk; recorded as
 null), the other policy's masks in the HTML report, ``--quantize`` and ``--dump``.

@@ -71,7 +71,7 @@ class RowsEmbedding(nn.Module):
 
     ``__call__(ids)`` = ``nn.Embedding`` on the rows the ids name; ``as_linear(h, post)`` =
     ``post(h @ W.T)`` computed chunk by chunk of ``VOCAB_CHUNK`` rows, ``post`` (the soft-cap) on each
-    chunk: on the whole 12B logits its temporaries and the join of its halves held 2.4 GiB more."""
+    chunk: on the whole 12B logits (1.2 GiB) it would add its temporaries and the join of its halves."""
 
     def __init__(self, tensor: TensorFile, dtype: mx.Dtype, chunk: int = VOCAB_CHUNK):
         super().__init__()
