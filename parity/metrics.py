@@ -107,9 +107,10 @@ def max_ulp(actual: np.ndarray, expected: np.ndarray, dtype: str) -> int:
         return int(np.abs(actual.astype(np.int64) - expected.astype(np.int64)).max())
     ba, be = _bits(actual, dtype).reshape(-1), _bits(expected, dtype).reshape(-1)
     d = np.subtract(ba, be, dtype=np.int64)
-    if np.bitwise_xor(ba, be).min() >= 0:  # no sign differs
+    signs = np.bitwise_xor(ba, be)  # negative where the signs differ
+    if signs.min() >= 0:
         return int(max(d.max(), -d.min()))
-    opposite = np.bitwise_xor(ba, be) < 0
+    opposite = signs < 0
     magnitude = np.iinfo(ba.dtype).max
     # unsigned: across the sign, float64 distances pass 2^63
     cross = (ba[opposite] & magnitude).astype(np.uint64) + (be[opposite] & magnitude).astype(np.uint64)

@@ -161,7 +161,6 @@ class Lockstep:
             if i == self.text.cfg.num_hidden_layers - 1:  # the logits next: no layer buffers to keep
                 mx.set_cache_limit(self.cache_limit)
                 mx.clear_cache()
-                self.adapter.hf.drop_layer_buffers()
         return pre
 
     def _leave(self, module, args, output) -> None:

@@ -248,14 +248,15 @@ class HFStreamRunner(HFRunner):
                 load_module(module.norm, "model.language_model.norm.", self.weights)
             elif module is not None:
                 load_module(module, f"model.{path}.", self.weights)
+        self._buffers: dict[str, torch.Tensor] = {}  # the last decoder layer's tensors, reused by the next
         for i, layer in enumerate(text.layers):
             layer.register_forward_pre_hook(self._materialize(f"model.language_model.layers.{i}."))
             layer.register_forward_hook(_release)
+        text.layers[-1].register_forward_hook(self._drop_buffers)
         self.model, self.config = model, model.config
         self.layer_reads = 0
         self.capture_seconds = 0.0
         self.load_seconds = 0.0  # spent reading and casting decoder layers (waiting for a prefetch, if any)
-        self._buffers: dict[str, torch.Tensor] = {}  # the last decoder layer's tensors, reused by the next
         self._reader = ThreadPoolExecutor(max_workers=1)
         self._pending: Future | None = None  # a prefetch in flight
 
@@ -266,9 +267,9 @@ class HFStreamRunner(HFRunner):
         candidate's compute without taking its cores (the cast stays in HF's time)."""
         self._pending = self._reader.submit(self.weights.warm, f"model.language_model.layers.{i}.")
 
-    def drop_layer_buffers(self) -> None:
-        """Free the last decoder layer's tensors kept to read the next into (0.9 GiB in fp32 at the 12B
-        shapes): after the last layer, until the next forward reads one afresh."""
+    def _drop_buffers(self, module, args, output) -> None:
+        """After the last decoder layer: free the tensors kept to read the next layer into (0.9 GiB in
+        fp32 at the 12B shapes), until the next forward reads one afresh."""
         self._buffers.clear()
 
     def _materialize(self, prefix: str):

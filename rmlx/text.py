@@ -65,17 +65,18 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> m
         out = _attend(q, k, v, bias)  # (B, H, L, d)
         return out.transpose(0, 2, 1, 3).reshape(b, length, -1)
     rows = max(1, SCORES_BLOCK // k.shape[2])
+    starts = range(0, length, rows)
     streams = cpu_streams()
-    out = []
+    per_head = []  # (B, L, d) each, in head order: joined on the last axis they are (B, L, H*d)
     for h in range(heads):
         kh, vh = k[:, h // groups], v[:, h // groups]  # (B, T, d)
-        for start in range(0, length, rows):
-            with mx.stream(streams[len(out) % 2]):
-                out.append(_attend(q[:, h, start:start + rows], kh, vh,
-                                   None if bias is None else bias[:, 0, start:start + rows]))
-    per_head = len(out) // heads
-    return mx.concatenate([mx.concatenate(out[i:i + per_head], axis=1) for i in range(0, len(out), per_head)],
-                          axis=-1)
+        blocks = []
+        for j, start in enumerate(starts):
+            with mx.stream(streams[(h * len(starts) + j) % 2]):
+                blocks.append(_attend(q[:, h, start:start + rows], kh, vh,
+                                      None if bias is None else bias[:, 0, start:start + rows]))
+        per_head.append(mx.concatenate(blocks, axis=1))
+    return mx.concatenate(per_head, axis=-1)
 
 
 def _attend(q: mx.array, k: mx.array, v: mx.array, bias: mx.array | None) -> mx.array:
