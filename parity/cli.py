@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--attn-implementation", choices=("eager", "sdpa"), default="eager",
                    help="HF attention implementation (default eager)")
     r.add_argument("--inject", action="append", default=[], metavar="NAME",
-                   help="plant a defect from rmlx.faults.CATALOG (repeatable; see 'rmlx-parity faults')")
+                   help="plant a defect from the family's catalog (repeatable; see 'rmlx-parity faults')")
     r.add_argument("--mask-policy", choices=("official", "hf-forward"), default="official",
                    help="attention-mask policy of both sides (default official; see DESIGN.md)")
     r.add_argument("--candidate-mask-policy", choices=("official", "hf-forward"), default=None,
@@ -157,7 +157,7 @@ def _settings(args):
 
     return Settings(mode=args.mode, dtype=args.dtype, max_soft_tokens=args.max_soft_tokens,
                     stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
-                    inject=tuple(args.inject), oracle=not args.no_oracle, mask_policy=args.mask_policy,
+                    inject=tuple(args.inject) + _env_inject(), oracle=not args.no_oracle, mask_policy=args.mask_policy,
                     candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
                     quantize=args.quantize, shard=args.shard, stream=args.stream,
                     threads=args.threads)
@@ -220,12 +220,16 @@ def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, markd
             f.write(markdown or report.to_markdown(rec))
 
 
+def _env_inject() -> tuple[str, ...]:
+    """Defects named in ``$RMLX_INJECT`` (comma-separated): planted in every run, as ``--inject`` would."""
+    return tuple(n.strip() for n in os.environ.get("RMLX_INJECT", "").split(",") if n.strip())
+
+
 def _no_injected_faults(what: str) -> None:
-    from rmlx import faults
     from rmlx.errors import InputError
 
-    if faults.enabled():
-        raise InputError(f"RMLX_INJECT={','.join(sorted(faults.enabled()))} is set: {what} needs the port as it "
+    if _env_inject():
+        raise InputError(f"RMLX_INJECT={','.join(sorted(_env_inject()))} is set: {what} needs the port as it "
                          "is; unset it")
 
 
@@ -304,7 +308,7 @@ def cmd_stages(args) -> int:
 
 
 def cmd_faults(args) -> int:
-    from rmlx.faults import CATALOG
+    from parity.adapters.gemma4_unified.defects import CATALOG
 
     for f in CATALOG.values():
         print(f"{f.name:<24} -> {f.stage:<26} {f.imitates}")
@@ -367,8 +371,9 @@ def cmd_fixtures(args) -> int:
 
 # the modules each command imports before it starts (the port and harness for the gating commands)
 _NEEDS = {"run": ("parity.runner",), "gate": ("parity.gate", "parity.runner"), "selftest": ("parity.selftest",),
-          "compare": ("parity.compare",), "stages": ("parity.stages",), "faults": ("rmlx.faults",),
-          "convert": ("rmlx.load",), "fixtures": ("reference.fixtures",)}
+          "compare": ("parity.compare",), "stages": ("parity.stages",),
+          "faults": ("parity.adapters.gemma4_unified.defects",), "convert": ("rmlx.load",),
+          "fixtures": ("reference.fixtures",)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios, supports
+from parity.adapters.gemma4_unified.defects import CATALOG
+from parity.defects import check, planted
 from parity.metrics import StageDiff, _json_float, compare, compare_all, first_divergence, logits_agreement
 from parity.stages import decode_stage, order_key, select
 from parity.stream import StreamAdapter, run_case_streamed
 from parity.tolerances import tolerance
 from parity.viz import case_viz
 from rmlx import blas as rmlx_blas
-from rmlx import faults
 from rmlx.base import MASK_POLICIES
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
@@ -114,7 +115,7 @@ def validate(settings: Settings) -> None:
     if settings.decode_steps < 0:
         raise InputError(f"--decode-steps must be >= 0, got {settings.decode_steps}")
     check_max_soft_tokens(settings.max_soft_tokens)
-    faults.check(*settings.inject)
+    check(CATALOG, settings.inject)
     if settings.threads < 1:
         raise InputError(f"--threads must be >= 1, got {settings.threads}")
     if settings.stream and settings.quantize is not None:
@@ -148,7 +149,7 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
     plan = plan_cases(models, scenarios, settings.shard)
     paths = sorted({p for _, s in plan for p in s.images})
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
-    with faults.inject(*settings.inject):  # a fault may act at load time (e.g. k-eq-v-ignored)
+    with planted(check(CATALOG, settings.inject)):  # planted before loading: some act at load time
         make, run = (StreamAdapter, run_case_streamed) if settings.stream else (Gemma4UnifiedAdapter, run_case)
         adapters = {m: make(m, settings.dtype, settings.attn_implementation, settings.quantize, settings.threads)
                     for m in dict.fromkeys(m for m, _ in plan)}
@@ -281,7 +282,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         "versions": versions(),
         "settings": {"mode": settings.mode, "dtype": settings.dtype, "max_soft_tokens": settings.max_soft_tokens,
                      "stages": list(settings.stages), "attn_implementation": settings.attn_implementation,
-                     "inject": sorted(set(settings.inject) | faults.enabled()), "mask_policy": settings.mask_policy,
+                     "inject": sorted(set(settings.inject)), "mask_policy": settings.mask_policy,
                      "candidate_mask_policy": settings.candidate_policy,
                      "decode_steps": settings.decode_steps, "quantize": settings.quantize,
                      "shard": None if settings.shard is None else "{}/{}".format(*settings.shard),

@@ -1,6 +1,6 @@
 """``rmlx-parity selftest``: the harness measures itself against the catalog of planted defects.
 
-Every defect of ``rmlx.faults.CATALOG`` is switched on in turn and run in both modes on the
+Every defect of the family's defect catalog is switched on in turn and run in both modes on the
 self-test cases; the harness must (a) fail the run -- *detection* -- and (b) in teacher-forced mode
 name the defect's declared stage as the first divergence of every failing case -- *localisation*.
 The clean port runs first in both modes and must pass: a false alarm fails the self-test too.
@@ -20,8 +20,9 @@ from functools import partial
 from pathlib import Path
 
 from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios
+from parity.adapters.gemma4_unified.defects import CATALOG, expected_stage
+from parity.defects import check, matches, planted
 from parity.runner import MODES, CaseResult, Settings, divergence, run_case, versions
-from rmlx import faults
 from rmlx.errors import InputError
 from rmlx.image import load_image
 from rmlx.load import load_model
@@ -49,7 +50,7 @@ class Outcome:
 
     @property
     def _load_defect(self) -> bool:
-        f = faults.CATALOG.get(self.fault)
+        f = CATALOG.get(self.fault)
         return f is not None and f.stage == "load"
 
     @property
@@ -58,15 +59,15 @@ class Outcome:
 
     @property
     def localised(self) -> bool:
-        if self.fault not in faults.CATALOG or not self.detected:
+        if self.fault not in CATALOG or not self.detected:
             return False
         if self._load_defect:
-            return faults.CATALOG[self.fault].load_error in self.error
+            return CATALOG[self.fault].load_error in self.error
         return bool(self.found) and not self.misplaced
 
     @property
     def ok(self) -> bool:
-        if self.fault not in faults.CATALOG:  # the clean port (of one setting group): passes, no crash
+        if self.fault not in CATALOG:  # the clean port (of one setting group): passes, no crash
             return not self.detected and not self.error
         return self.detected and (self.mode != "teacher" or self.localised)
 
@@ -146,7 +147,7 @@ def _outcome(name: str, area: str, mode: str, side: _Side, run: Callable[[], lis
     """Run one mode of one defect (or of the clean port) and judge every failing case against the
     defect's stage, resolved for that case's model and stages."""
     t = time.perf_counter()
-    fault = faults.CATALOG.get(name)
+    fault = CATALOG.get(name)
     try:
         results, error = run(), ""
     except InputError as e:  # the strict loader refused the checkpoint (or the port refused its input)
@@ -163,10 +164,10 @@ def _outcome(name: str, area: str, mode: str, side: _Side, run: Callable[[], lis
             found.append(stage)
         if fault is not None:
             a = side.adapters[r.model]
-            expected = faults.expected_stage(fault, a.args.text.layer_types, [s.name for s in a.stages(r.scenario)])
+            expected = expected_stage(fault, a.args.text.layer_types, [s.name for s in a.stages(r.scenario)])
             if expected not in resolved:
                 resolved.append(expected)
-            if not faults.matches(stage, expected):
+            if not matches(stage, expected):
                 misplaced.append({"case": r.name, "found": stage, "expected": expected})
     shown = ", ".join(resolved) if resolved else (fault.stage if fault else "pass")
     return Outcome(name, area, shown, mode, found, sum(not r.passed for r in results),
@@ -179,8 +180,7 @@ def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | No
     """Run the clean port and every named defect (default: the whole catalog) in ``modes``; return
     the self-test record (schema ``rmlx.selftest/1``)."""
     t0 = time.perf_counter()
-    chosen = faults.check(*names) if names else faults.CATALOG.keys()
-    picked = [f for n, f in faults.CATALOG.items() if n in chosen]  # catalog order
+    picked = check(CATALOG, names) if names else list(CATALOG.values())  # catalog order
     cases = scenarios(fixture_images)
     decoded = {p: load_image(p) for s in cases for p in s.images}
     base = Settings(dtype=dtype, decode_steps=decode_steps, oracle=False, max_soft_tokens=MAX_SOFT_TOKENS)
@@ -207,7 +207,7 @@ def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | No
             for mode in modes:
                 tick(f"{f.name} {mode}")
                 run = partial(_run, side, cases, decoded, replace(settings, mode=mode, inject=(f.name,)), reload=True)
-                with faults.inject(f.name):
+                with planted([f]):
                     try:
                         outcomes.append(_outcome(f.name, f.area, mode, side, run, dtype))
                     finally:
@@ -217,14 +217,14 @@ def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | No
 
 
 def _record(outcomes: list[Outcome], picked, modes, dtype, decode_steps, cases, models, wall) -> dict:
-    planted = [o for o in outcomes if o.fault in faults.CATALOG]
+    planted = [o for o in outcomes if o.fault in CATALOG]
     by_fault: dict[str, list[Outcome]] = {}
     for o in planted:
         by_fault.setdefault(o.fault, []).append(o)
     detected = [n for n, os in by_fault.items() if all(o.detected for o in os)]
     localised = [n for n, os in by_fault.items() if all(o.localised for o in os if o.mode == "teacher")
                  and any(o.mode == "teacher" for o in os)]
-    false_alarms = [o.to_dict() for o in outcomes if o.fault not in faults.CATALOG and o.detected]
+    false_alarms = [o.to_dict() for o in outcomes if o.fault not in CATALOG and o.detected]
     n = len(by_fault)
     return {
         "schema": SCHEMA,
@@ -246,7 +246,7 @@ def _record(outcomes: list[Outcome], picked, modes, dtype, decode_steps, cases, 
 
 def _refusal(error: str, fault: str) -> str:
     """A loader refusal in one cell: the tensor it names (the one the defect predicts, when it does)."""
-    f = faults.CATALOG.get(fault)
+    f = CATALOG.get(fault)
     if f is None or f.stage != "load":
         return f"error: {error[:80]}"
     named = re.findall(r"'([^']+)'", error)
@@ -262,7 +262,7 @@ def _table(rec: dict) -> list[tuple[str, ...]]:
                                            "detected": True, "localised": None, "ok": True})
         shown = list(o["found"]) or ([_refusal(o["error"], o["fault"])] if o["error"] else ["-"])
         shown += [f"(case {m['case']}: expected {m['expected']})" for m in o["misplaced"][:2]]
-        row["found"][o["mode"]] = ", ".join(shown) + ("" if o["fault"] in faults.CATALOG or not o["detected"]
+        row["found"][o["mode"]] = ", ".join(shown) + ("" if o["fault"] in CATALOG or not o["detected"]
                                                       else " (FALSE ALARM)")
         row["detected"] = row["detected"] and o["detected"]
         if o["mode"] == "teacher":
@@ -271,7 +271,7 @@ def _table(rec: dict) -> list[tuple[str, ...]]:
     modes = rec["settings"]["modes"]
     out = [("defect", "area", "expected stage", *(f"found ({m})" for m in modes), "detected", "localised", "ok")]
     for name, r in rows.items():
-        planted = name in faults.CATALOG
+        planted = name in CATALOG
         out.append((name, r["area"], r["expected"], *(r["found"].get(m, "-") for m in modes),
                     ("yes" if r["detected"] else "NO") if planted else ("ALARM" if r["detected"] else "no"),
                     "-" if not planted or r["localised"] is None else ("yes" if r["localised"] else "NO"),

@@ -5,8 +5,6 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from rmlx import faults
-
 _STREAMS: list[mx.Stream] = []
 HALVES_MIN = 1 << 20  # elements: below this, splitting costs more than it saves
 
@@ -143,8 +141,6 @@ def rms_norm_rows(x: mx.array, weight: mx.array | None, eps: float) -> mx.array:
     x = x.astype(mx.float32)
     y = x * mx.rsqrt(_blocked_mean(x * x) + eps)
     if weight is not None:
-        if faults.active("rmsnorm-one-plus-w"):
-            weight = 1 + weight
         y = y * weight.astype(mx.float32)
     return y.astype(dtype)
 
@@ -183,24 +179,7 @@ class RoPE:
         self.inv_freq = mx.where(i < self.n_rot, inv, 0.0) / float(rope.get("factor", 1.0))
 
     def __call__(self, x: mx.array, offset: int) -> mx.array:
-        if self.kind == "proportional" and faults.active("rope-partial-slice"):
-            # The planted bug: rotate a 2*n_rot slice as if it were the whole head -- pairs (i, i + n_rot),
-            # exponent over 2*n_rot -- which is what mx.fast.rope(dims=2*n_rot) does.
-            d_rot = 2 * self.n_rot
-            i = mx.arange(self.n_rot, dtype=mx.float32)
-            head = _rotate(x[..., :d_rot], 1.0 / (self.theta ** (2 * i / d_rot)), offset)
-            return mx.concatenate([head, x[..., d_rot:]], axis=-1)
-        if faults.active("rope-interleaved"):  # the planted bug: GPT-J pairs (2i, 2i+1), not (i, i + d/2)
-            return _rotate_interleaved(x, self.inv_freq, offset)
         return _rotate(x, self.inv_freq, offset)
-
-
-def _rotate_interleaved(x: mx.array, inv: mx.array, offset: int) -> mx.array:
-    pos = mx.arange(offset, offset + x.shape[1], dtype=mx.float32)
-    freqs = (pos[:, None] * inv[None, :])[None, :, None, :]  # (1, L, 1, d/2)
-    cos, sin = mx.cos(freqs).astype(x.dtype), mx.sin(freqs).astype(x.dtype)
-    even, odd = x[..., 0::2], x[..., 1::2]
-    return mx.stack([even * cos - odd * sin, even * sin + odd * cos], axis=-1).reshape(x.shape)
 
 
 def _rotate(x: mx.array, inv: mx.array, offset: int) -> mx.array:
@@ -216,8 +195,6 @@ def _rotate(x: mx.array, inv: mx.array, offset: int) -> mx.array:
 def block_ids(mm_token_type_ids: mx.array) -> mx.array:
     """Image/video blocks (catalog §4.1): each maximal run of type 1 or 2 gets an id 0, 1, ...; else -1."""
     vision = (mm_token_type_ids == 1) | (mm_token_type_ids == 2)
-    if faults.active("overlay-crosses-blocks"):
-        return mx.where(vision, 0, -1)  # every image one block
     prev = mx.concatenate([mx.zeros_like(vision[:, :1]), vision[:, :-1]], axis=1)
     starts = vision & ~prev
     return mx.where(vision, mx.cumsum(starts.astype(mx.int32), axis=1) - 1, -1)
@@ -240,11 +217,8 @@ def attention_masks(mm_token_type_ids: mx.array, sliding_window: int, policy: st
     k = mx.arange(length)[None, :]
     causal = (k <= q)[None]  # (1, L, L)
     window = (k > q - sliding_window)[None]
-    if faults.active("vision-causal"):
-        block = mx.zeros_like(causal)  # the motivating bug: no bidirectional overlay
-    else:
-        b = block_ids(mm_token_type_ids)
-        block = (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)  # (B, L, L)
+    b = block_ids(mm_token_type_ids)
+    block = (b[:, :, None] == b[:, None, :]) & (b[:, :, None] >= 0)  # (B, L, L)
     if policy == "official":
         return {"full_attention": mx.broadcast_to(causal, block.shape), "sliding_attention": (causal | block) & window}
     return {"full_attention": causal | block, "sliding_attention": (causal & window) | block}

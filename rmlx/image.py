@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from rmlx import faults
 from rmlx.config import SUPPORTED_SOFT_TOKENS
 from rmlx.errors import InputError
 from rmlx.resize import resize_bicubic_aa_uint8
@@ -103,8 +102,6 @@ def patchify(image01: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
     """(H, W, 3) -> patches (gh*gw, side*side*3) flattened HWC, raster order; positions (x, y)."""
     h, w, c = image01.shape
     gh, gw = h // side, w // side
-    if faults.active("bgr-patchify"):
-        image01 = image01[..., ::-1]
     # (gh*side, gw*side, C) -> (gh, side, gw, side, C) -> (gh, gw, side, side, C)
     cells = image01[: gh * side, : gw * side].reshape(gh, side, gw, side, c).transpose(0, 2, 1, 3, 4)
     patches = np.ascontiguousarray(cells.reshape(gh * gw, side * side * c))

@@ -10,7 +10,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from rmlx import faults
 from rmlx.base import attention_masks, rms_norm
 from rmlx.config import AudioConfig, ModelArgs
 from rmlx.errors import InputError
@@ -32,8 +31,6 @@ class AudioEmbedder(nn.Module):
     def __call__(self, frames: mx.array) -> mx.array:
         """(1, N, 640) -> (1, N, H)."""
         x = frames.astype(self.embedding_projection.weight.dtype)
-        if faults.active("audio-rmsnorm-skipped"):
-            return self.embedding_projection(x)
         return self.embedding_projection(rms_norm(x, None, self.eps))
 
 
@@ -67,12 +64,6 @@ def checkpoint_key(name: str) -> str:
         if name.startswith(target):
             return prefix + name[len(target):]
     return name
-
-
-def _swap_gate_up(name: str) -> str:
-    if ".mlp.gate_proj." in name:
-        return name.replace(".mlp.gate_proj.", ".mlp.up_proj.")
-    return name.replace(".mlp.up_proj.", ".mlp.gate_proj.")
 
 
 class Model(nn.Module):
@@ -157,8 +148,6 @@ class Model(nn.Module):
         if n_slots == 0:
             return h
         idx = np.flatnonzero(slots[0])
-        if faults.active("soft-token-scatter-shifted") and what == "image":
-            idx = np.minimum(idx + 1, h.shape[1] - 1)  # the planted bug: counted from <boi> inclusive, one slot late
         idx = mx.array(idx)
         h[:, idx] = soft.astype(h.dtype)  # (1, N, H) into the slots, in sequence order
         return h
@@ -182,8 +171,6 @@ class Model(nn.Module):
                     break
             else:
                 raise InputError(f"unexpected tensor '{key}': not part of a gemma4_unified checkpoint")
-            if faults.active("gate-up-swapped"):  # the planted bug: a fused gate_up split in the wrong order
-                name = _swap_gate_up(name)
             if name in out:
                 raise InputError(f"tensor given twice under two spellings: '{source[name]}' and '{key}'")
             out[name], source[name] = value, key

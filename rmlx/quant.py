@@ -13,7 +13,6 @@ import re
 import mlx.core as mx
 import mlx.nn as nn
 
-from rmlx import faults
 from rmlx.errors import InputError
 
 MODES = {"mxfp8": {"group_size": 32, "bits": 8}}
@@ -61,29 +60,7 @@ def quantize(model: nn.Module, mode: str, overrides: dict | None = None) -> dict
         return overrides.get(path) or True
 
     nn.quantize(model, mode=mode, class_predicate=predicate, **MODES[mode])
-    if any(faults.active(f) for f in ("mx-scale-exponent-off-by-one", "mx-scales-shifted-block", "mx-e5m2")):
-        for _, module in model.named_modules():
-            if isinstance(module, nn.QuantizedLinear):
-                if faults.active("mx-e5m2"):
-                    module.weight = _e5m2_words(module)
-                if faults.active("mx-scale-exponent-off-by-one"):  # E8M0 holds the exponent: +1 doubles
-                    module.scales = module.scales + 1
-                if faults.active("mx-scales-shifted-block"):  # block j decoded with the scale of block j-1
-                    module.scales = mx.concatenate([module.scales[:, :1], module.scales[:, :-1]], axis=1)
     return status
-
-
-def _e5m2_words(module: nn.QuantizedLinear) -> mx.array:
-    """The planted ``mx-e5m2`` bug: elements re-encoded as FP8 E5M2 bytes (which the E4M3 decoder then
-    misreads). E5M2 is the top byte of an IEEE half, so rounding the half to its top byte encodes it."""
-    deq = mx.dequantize(module.weight, module.scales, group_size=32, bits=8, mode="mxfp8", dtype=mx.float32)
-    out, k = deq.shape
-    scale = mx.power(2.0, module.scales.astype(mx.float32) - 127)  # E8M0, bias 127: (out, K/32)
-    elements = deq.reshape(out, k // 32, 32) / scale[..., None]  # (out, K) -> (out, K/32, 32)
-    bits = mx.view(elements.astype(mx.float16), mx.uint16).astype(mx.uint32)
-    byte = ((bits + 0x7F + ((bits >> 8) & 1)) >> 8) & 0xFF  # round half to even onto the top byte
-    byte = byte.reshape(out, k // 4, 4)  # (out, K/32, 32) -> (out, K/4, 4), little-endian in each word
-    return byte[..., 0] | (byte[..., 1] << 8) | (byte[..., 2] << 16) | (byte[..., 3] << 24)
 
 
 def dequantized_weights(model: nn.Module) -> dict[str, mx.array]:

@@ -14,7 +14,7 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from rmlx import fastmath, faults
+from rmlx import fastmath
 from rmlx.base import RMSNorm, RoPE, cpu_streams, halves, rms_norm
 from rmlx.config import LayerSpec, TextConfig
 from rmlx.tap import layer_stages, tap
@@ -26,6 +26,7 @@ class KVCache:
 
     def __init__(self, window: int | None = None):
         self.window = window
+        self.keep = None if window is None else window - 1  # keys kept after a step; the next query is the W-th
         self.keys: mx.array | None = None
         self.values: mx.array | None = None
 
@@ -34,8 +35,7 @@ class KVCache:
         if self.keys is not None:
             keys = mx.concatenate([self.keys, keys], axis=2)  # (B, kv, T + L, d)
             values = mx.concatenate([self.values, values], axis=2)
-        keep = None if self.window is None else self.window - (0 if faults.active("sliding-cache-off-by-one") else 1)
-        start = 0 if keep is None else max(keys.shape[2] - keep, 0)
+        start = 0 if self.keep is None else max(keys.shape[2] - self.keep, 0)
         self.keys, self.values = keys[:, :, start:], values[:, :, start:]
         return keys, values
 
@@ -82,8 +82,6 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> m
 def _attend(q: mx.array, k: mx.array, v: mx.array, bias: mx.array | None) -> mx.array:
     """softmax(q k^T + bias) v over the last two axes; ``bias`` 0 / -inf (fp32)."""
     scores = q @ k.swapaxes(-1, -2)
-    if faults.active("attn-scale-rsqrt"):  # the planted bug: the usual 1/sqrt(d), which QK-norm models drop
-        scores = scores * mx.array(q.shape[-1] ** -0.5, scores.dtype)
     return fastmath.softmax(scores.astype(mx.float32), bias).astype(q.dtype) @ v
 
 
@@ -99,7 +97,7 @@ class Attention(nn.Module):
         if not spec.kv_shared:  # "reuse" layers take K and V from an earlier layer of their type
             self.k_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=False)
             self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
-            if not spec.k_eq_v or faults.active("k-eq-v-ignored"):
+            if not spec.k_eq_v:
                 self.v_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=False)
         self.eps = cfg.rms_norm_eps
         self.rope = RoPE(d, cfg.rope_parameters[spec.layer_type])
@@ -118,12 +116,16 @@ class Attention(nn.Module):
             k = self.k_proj(x).reshape(b, length, -1, d)  # (B, L, kv*d) -> (B, L, kv, d)
             v = self.v_proj(x).reshape(b, length, -1, d) if "v_proj" in self else k  # k_eq_v: raw K
             k = tap(names["attn.k"], self.rope(self.k_norm(k), offset))
-            v = tap(names["attn.v"], v if faults.active("v-norm-skipped") else rms_norm(v, None, self.eps))
+            v = tap(names["attn.v"], self.v_norm(v))
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # (B, L, kv, d) -> (B, kv, L, d)
             if cache is not None:
                 keys, values = cache.update(keys, values)
         out = attention(q.transpose(0, 2, 1, 3), keys, values, mask)  # (B, L, H, d) -> (B, H, L, d) -> (B, L, H*d)
         return tap(names["attn.out"], self.o_proj(out)), (keys, values)
+
+    def v_norm(self, v: mx.array) -> mx.array:
+        """HF's ``v_norm``: RMSNorm without a weight."""
+        return rms_norm(v, None, self.eps)
 
 
 class MLP(nn.Module):
@@ -135,8 +137,6 @@ class MLP(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         def gated(gate: mx.array, up: mx.array) -> mx.array:
-            if faults.active("mlp-gelu-exact"):
-                return nn.gelu(gate.astype(mx.float32)).astype(x.dtype) * up
             if gate.dtype == mx.float32:
                 return fastmath.gelu_tanh(gate, up)
             return fastmath.gelu_tanh(gate.astype(mx.float32)).astype(x.dtype) * up  # torch: gelu in fp32
@@ -165,8 +165,6 @@ class DecoderLayer(nn.Module):
         x = x + self.post_attention_layernorm(h)
         h = tap(n["mlp.out"], self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.post_feedforward_layernorm(h)
-        if faults.active("layer-scalar-ignored"):
-            return tap(n["out"], x), kv
         return tap(n["out"], x * self.layer_scalar.astype(x.dtype)), kv
 
 
@@ -187,8 +185,6 @@ class TextModel(nn.Module):
 
     def embed(self, input_ids: mx.array) -> mx.array:
         """E[ids] * sqrt(H), the scale rounded to the weight dtype first (catalog §3.1)."""
-        if faults.active("embed-scale-missing"):
-            return self.embed_tokens(input_ids)
         e = self.embed_tokens(input_ids)
         return e * mx.array(math.sqrt(self.cfg.hidden_size), dtype=e.dtype)
 
@@ -215,7 +211,7 @@ class TextModel(nn.Module):
         soft-cap to each vocabulary chunk of its product; otherwise it runs on row halves of the whole."""
         h = tap("text.norm", self.norm(h))
         cap = self.cfg.final_logit_softcapping
-        if cap is None or faults.active("softcap-skipped"):
+        if cap is None:
             return tap("logits", self.embed_tokens.as_linear(h))
 
         def softcap(x: mx.array) -> mx.array:

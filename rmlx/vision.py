@@ -10,11 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from rmlx import faults
 from rmlx.base import (
     LayerNorm,
     join_rows,
-    layer_norm,
     layer_norm_rows,
     on_streams,
     rms_norm_rows,
@@ -47,8 +45,6 @@ class VisionEmbedder(nn.Module):
         cx = mx.maximum(position_ids[..., 0], 0)
         cy = mx.maximum(position_ids[..., 1], 0)
         valid = (position_ids != -1).astype(self.pos_embedding.dtype)[..., None]  # (B, P, 2, 1)
-        if faults.active("posemb-xy-swap"):
-            cx, cy = cy, cx
         ex = mx.take(self.pos_embedding[:, 0, :], cx, axis=0)  # (B, P, mm)
         ey = mx.take(self.pos_embedding[:, 1, :], cy, axis=0)
         return ex * valid[..., 0, :] + ey * valid[..., 1, :]
@@ -66,9 +62,7 @@ class VisionEmbedder(nn.Module):
             raise InputError(f"position id {int(pos_np.max())} is outside the position table "
                              f"(mm_posemb_size={self.cfg.mm_posemb_size})")
         x = pixel_values.astype(self.patch_ln1.weight.dtype)  # bf16 models see bf16 pixels (catalog §2 step 0)
-        ln1 = self.patch_ln1
-        eps1 = 1e-6 if faults.active("patch-ln1-eps") else ln1.eps
-        h = tap("vision.patch_ln1", layer_norm(x, ln1.weight, ln1.bias, eps1))
+        h = tap("vision.patch_ln1", self.patch_ln1(x))
         h = tap("vision.patch_dense", self.patch_dense(h))
         h = _tap("vision.patch_ln2", on_streams(_rows(self.patch_ln2), split_rows(h)))
         h = _tap("vision.pos_embed", on_streams(lambda r, p: r + self.position_embedding(p), h,

@@ -1,16 +1,19 @@
-"""The fault switches: the CLI flag, the environment variable, the context manager; a loader defect
+"""Planting defects: the CLI flag, the environment variable, the patches; a loader defect
 refused with the tensor named; a candidate-only mask policy named at the mask. Every catalogued
 defect, in both modes, is tests/test_selftest.py."""
 
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
 import pytest
 
+from parity.adapters.gemma4_unified.defects import CATALOG, expected_stage
 from parity.cli import main
-from rmlx import faults
+from parity.defects import check, matches, planted
+from rmlx import base, text
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
 from tests.conftest import MODELS
@@ -32,31 +35,44 @@ def test_every_defect_through_the_cli_flag(tmp_path):
         for case in rec["cases"]:
             model = next(m for m in MODELS if m.name == case["model"])
             assert case["first_divergence"]["stage"] == f"layers.{first_full_layer(model)}.attn.q"
-    assert faults.enabled() == frozenset()  # switched off again after the run
+    assert base._rotate.__name__ == "_rotate"  # unplanted again after the run
 
 
-def test_faults_switch_is_scoped_and_validated():
-    with faults.inject("softcap-skipped", "vision-causal"):
-        assert faults.active("softcap-skipped") and faults.active("vision-causal")
-        with faults.inject("mx-e5m2"):
-            assert faults.enabled() == {"softcap-skipped", "vision-causal", "mx-e5m2"}
-        assert not faults.active("mx-e5m2")
-    assert faults.enabled() == frozenset()
-    with pytest.raises(InputError, match="unknown fault"):
-        with faults.inject("no-such-bug"):
-            pass
+def test_planted_defects_are_scoped_and_validated():
+    """A defect patches the port only inside its block; nested plants stack and unwind."""
+    block_ids, head, rotate = base.block_ids, text.TextModel.head, base._rotate
+    with planted(check(CATALOG, ["softcap-skipped", "vision-causal"])):
+        assert base.block_ids is not block_ids and text.TextModel.head is not head
+        with planted(check(CATALOG, ["rope-interleaved"])):
+            assert base._rotate is not rotate
+        assert base._rotate is rotate
+    assert base.block_ids is block_ids and text.TextModel.head is head
+    with pytest.raises(InputError, match="unknown defect"):
+        check(CATALOG, ["no-such-bug"])
+
+
+def test_the_port_ships_clean():
+    """No fault switch in the code users run: no module of rmlx names a defect or reads RMLX_INJECT."""
+    import rmlx
+
+    root = pathlib.Path(rmlx.__file__).parent
+    for path in root.rglob("*.py"):
+        source = path.read_text()
+        assert "RMLX_INJECT" not in source and "faults" not in source, path
+        for name in CATALOG:
+            assert f'"{name}"' not in source, (path, name)
 
 
 def test_fault_stages_resolve_per_case():
-    mx, rope = faults.CATALOG["mx-e5m2"], faults.CATALOG["rope-partial-slice"]
+    mx, rope = CATALOG["mx-e5m2"], CATALOG["rope-partial-slice"]
     layer_types = ["sliding_attention", "sliding_attention", "full_attention"]
-    assert faults.expected_stage(mx, layer_types, ["text.embed_tokens", "layers.0.attn.o_proj.weight",
+    assert expected_stage(mx, layer_types, ["text.embed_tokens", "layers.0.attn.o_proj.weight",
                                                    "layers.0.attn.q"]) == "layers.0.attn.o_proj.weight"
-    assert faults.expected_stage(mx, layer_types, ["image.pixel_values", "vision.patch_dense.weight",
+    assert expected_stage(mx, layer_types, ["image.pixel_values", "vision.patch_dense.weight",
                                                    "layers.0.attn.q_proj.weight"]) == "vision.patch_dense.weight"
-    assert faults.expected_stage(rope, layer_types, []) == "layers.2.attn.q"
-    assert faults.matches("logits@decode.2", faults.CATALOG["sliding-cache-off-by-one"].stage)
-    assert not faults.matches("logits", faults.CATALOG["sliding-cache-off-by-one"].stage)
+    assert expected_stage(rope, layer_types, []) == "layers.2.attn.q"
+    assert matches("logits@decode.2", CATALOG["sliding-cache-off-by-one"].stage)
+    assert not matches("logits", CATALOG["sliding-cache-off-by-one"].stage)
 
 
 def test_k_eq_v_ignored_fails_at_load_naming_the_tensor(tmp_path, capsys):

@@ -8,8 +8,9 @@ import json
 import pytest
 
 from parity import gate
+from parity.adapters.gemma4_unified.defects import CATALOG, expected_stage
 from parity.cli import main
-from rmlx import faults
+from parity.defects import matches
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
 from tests.conftest import FIXTURES, MODELS
@@ -45,7 +46,7 @@ ELSEWHERE = ("overlay-crosses-blocks", "audio-rmsnorm-skipped", "k-eq-v-ignored"
              "mx-scales-shifted-block", "mx-e5m2")
 
 
-@pytest.mark.parametrize("name", [*FAST, *[pytest.param(n, marks=pytest.mark.slow) for n in faults.CATALOG
+@pytest.mark.parametrize("name", [*FAST, *[pytest.param(n, marks=pytest.mark.slow) for n in CATALOG
                                            if n not in FAST + ELSEWHERE]])
 def test_gate_fails_on_a_planted_defect_naming_its_stage(name, tmp_path, capsys):
     code = main(["gate", "--baseline", str(BASELINES / "float32-free.json"), *ONE_CASE, "--inject", name,
@@ -56,8 +57,8 @@ def test_gate_fails_on_a_planted_defect_naming_its_stage(name, tmp_path, capsys)
     assert code == 1 and not rec["gate"]["passed"]
     case = rec["cases"][0]
     a = ModelArgs.from_file(TINY / "config.json")
-    expected = faults.expected_stage(faults.CATALOG[name], a.text.layer_types, [s["name"] for s in case["stages"]])
-    assert faults.matches(first, expected), (first, expected)
+    expected = expected_stage(CATALOG[name], a.text.layer_types, [s["name"] for s in case["stages"]])
+    assert matches(first, expected), (first, expected)
     assert f"First regression: {first} in case tiny/image/gradient" in out
 
 

@@ -10,8 +10,10 @@ from transformers.models.gemma4_unified.image_processing_gemma4_unified import (
     get_aspect_ratio_preserving_size,
 )
 
+from parity.adapters.gemma4_unified.defects import CATALOG
+from parity.defects import check, planted
 from reference.hf import HFRunner
-from rmlx import faults
+from rmlx import image as rimage
 from rmlx.errors import InputError
 from rmlx.image import load_image, patchify, preprocess, target_size, to_rgb
 from tests.conftest import IMAGES
@@ -85,12 +87,11 @@ def test_patchify_channel_order_and_coverage(gh, gw, seed):
 def test_bgr_fault_swaps_channels():
     img = np.zeros((48, 48, 3), np.float32)
     img[..., 0] = 1.0
-    with faults.inject("bgr-patchify"):
-        patches, _ = patchify(img, 48)
+    with planted(check(CATALOG, ["bgr-patchify"])):
+        patches, _ = rimage.patchify(img, 48)
     assert patches.reshape(-1, 3)[:, 2].min() == 1.0 and patches.reshape(-1, 3)[:, 0].max() == 0.0
 
 
 def test_fault_names_are_checked():
-    with pytest.raises(InputError, match="unknown fault"):
-        with faults.inject("no-such-fault"):
-            pass
+    with pytest.raises(InputError, match="unknown defect"):
+        check(CATALOG, ["no-such-fault"])

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 CASES = [
-    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.faults, rmlx.tap, rmlx.quant, rmlx.text, "
+    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.tap, rmlx.quant, rmlx.text, "
      "rmlx.stream",
      ["torch", "transformers", "parity", "reference"]),
     ("reference, reference.hf, reference.numpy_ops, reference.fixtures, reference.mxfp8, reference.synthetic, "

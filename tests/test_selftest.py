@@ -8,9 +8,9 @@ from dataclasses import replace
 import pytest
 
 from parity import tolerances
+from parity.adapters.gemma4_unified import defects
 from parity.cli import main
 from parity.metrics import Tol
-from rmlx import faults
 from tests.conftest import MODELS
 
 TINY = next(m for m in MODELS if m.name == "tiny")
@@ -27,9 +27,9 @@ def selftest(tmp_path_factory):
 
 
 def test_catalog_is_wide_enough():
-    assert len(faults.CATALOG) >= 20
-    assert {f.area for f in faults.CATALOG.values()} >= AREAS
-    for f in faults.CATALOG.values():
+    assert len(defects.CATALOG) >= 20
+    assert {f.area for f in defects.CATALOG.values()} >= AREAS
+    for f in defects.CATALOG.values():
         assert f.imitates and f.stage and f.name == f.name.strip()
 
 
@@ -38,14 +38,14 @@ def test_selftest_catches_and_localises_every_defect(selftest):
     assert code == 0, [o for o in rec["outcomes"] if not o["ok"]]
     assert rec["passed"] and rec["detection_score"] == 1.0 and rec["localisation_score"] == 1.0
     assert rec["false_alarms"] == [] and rec["escaped"] == [] and rec["mislocalised"] == []
-    assert rec["faults"] == len(faults.CATALOG)
-    planted = {(o["fault"], o["mode"]) for o in rec["outcomes"] if o["fault"] in faults.CATALOG}
-    assert planted == {(n, m) for n in faults.CATALOG for m in ("teacher", "free")}
+    assert rec["faults"] == len(defects.CATALOG)
+    planted = {(o["fault"], o["mode"]) for o in rec["outcomes"] if o["fault"] in defects.CATALOG}
+    assert planted == {(n, m) for n in defects.CATALOG for m in ("teacher", "free")}
     for o in rec["outcomes"]:  # teacher-forced: every failing case first fails at the stage its model implies
-        if o["fault"] in faults.CATALOG and o["mode"] == "teacher":
+        if o["fault"] in defects.CATALOG and o["mode"] == "teacher":
             assert o["localised"] and o["misplaced"] == [], o
-            assert o["found"] or faults.CATALOG[o["fault"]].stage == "load", o
-    clean = [o for o in rec["outcomes"] if o["fault"] not in faults.CATALOG]
+            assert o["found"] or defects.CATALOG[o["fault"]].stage == "load", o
+    clean = [o for o in rec["outcomes"] if o["fault"] not in defects.CATALOG]
     assert {o["mode"] for o in clean} == {"teacher", "free"} and len(clean) == 4  # plain and quantized
     assert all(o["cases"] > 0 and o["failed_cases"] == 0 for o in clean)
 
@@ -54,7 +54,7 @@ def test_selftest_report_has_the_table(selftest):
     _, rec, out = selftest
     md = (out / "rep" / "selftest.md").read_text()
     assert "| defect | area | expected stage | found (teacher) | found (free) | detected | localised | ok |" in md
-    for name in faults.CATALOG:
+    for name in defects.CATALOG:
         assert f"| {name} |" in md
     assert "detection 100%, localisation 100%, false alarms 0" in md
     assert json.loads((out / "rep" / "selftest.json").read_text())["outcomes"] == rec["outcomes"]
@@ -62,8 +62,8 @@ def test_selftest_report_has_the_table(selftest):
 
 def test_selftest_fails_on_a_mislocalised_defect(monkeypatch, tmp_path, capsys):
     """Declare the wrong stage for a defect: the self-test must say it was not localised (exit 1)."""
-    f = faults.CATALOG["rope-interleaved"]
-    monkeypatch.setitem(faults.CATALOG, f.name, replace(f, stage="layers.1.attn.q"))
+    f = defects.CATALOG["rope-interleaved"]
+    monkeypatch.setitem(defects.CATALOG, f.name, replace(f, stage="layers.1.attn.q"))
     code = main(["selftest", "--fault", f.name, "--mode", "teacher", "--model", str(TINY),
                  "--report-dir", str(tmp_path / "rep"), "--json", str(tmp_path / "s.json")])
     rec = json.loads((tmp_path / "s.json").read_text())
@@ -96,8 +96,8 @@ def test_selftest_fails_on_a_false_alarm(monkeypatch, tmp_path):
 
 
 def test_injected_environment_is_refused(monkeypatch, tmp_path, capsys):
-    with faults.inject("softcap-skipped"):  # as RMLX_INJECT would leave it
-        assert main(["selftest", "--report-dir", str(tmp_path / "rep")]) == 2
+    monkeypatch.setenv("RMLX_INJECT", "softcap-skipped")
+    assert main(["selftest", "--report-dir", str(tmp_path / "rep")]) == 2
     assert "RMLX_INJECT=softcap-skipped is set" in capsys.readouterr().err
 
 

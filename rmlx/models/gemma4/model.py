@@ -1,0 +1,204 @@
+"""Gemma 4 (``model_type: "gemma4"``, HF ``Gemma4ForConditionalGeneration``): SigLIP-style vision tower,
+multimodal embedder, and the unified text decoder ``rmlx.text.TextModel`` (reused, not copied).
+
+Checkpoint keys -> module paths: ``model.vision_tower.*`` -> ``vision_tower.*``, ``model.embed_vision.*``
+-> ``embed_vision.*``, ``model.language_model.*`` -> ``language_model.*``; ``lm_head.weight`` is the tied
+token embedding. Anything else is an error naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from rmlx.base import attention_masks, rms_norm
+from rmlx.errors import InputError
+from rmlx.models.gemma4.config import ModelArgs
+from rmlx.models.gemma4.vision import VisionModel
+from rmlx.tap import tap
+from rmlx.text import KVCache, TextModel
+
+DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+
+_PREFIXES = (  # (checkpoint prefix, module path)
+    ("model.vision_tower.", "vision_tower."),
+    ("model.embed_vision.", "embed_vision."),
+    ("model.language_model.", "language_model."),
+)
+
+
+class MultimodalEmbedder(nn.Module):
+    """HF ``Gemma4MultimodalEmbedder``: RMSNorm without a weight (eps of the vision config), then a
+    bias-free Linear into the text width."""
+
+    def __init__(self, in_dims: int, hidden_size: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.embedding_projection = nn.Linear(in_dims, hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.embedding_projection(rms_norm(x, None, self.eps))
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.language_model = TextModel(args.text)
+        if args.vision is not None:
+            self.vision_tower = VisionModel(args.vision)
+            self.embed_vision = MultimodalEmbedder(args.vision.hidden_size, args.text.hidden_size,
+                                                   args.vision.rms_norm_eps)
+
+    def token_types(self, input_ids: np.ndarray) -> np.ndarray:
+        """The processor's mm_token_type_ids: 1 image token, 2 video, 3 audio, 0 otherwise (boi/eoi are text)."""
+        a = self.args
+        return np.select([input_ids == a.image_token_id, input_ids == a.video_token_id,
+                          input_ids == a.audio_token_id], [1, 2, 3], 0).astype(np.int64)
+
+    def image_features(self, pixel_values: np.ndarray, image_position_ids: np.ndarray) -> mx.array:
+        """HF ``get_image_features``, the per-image pieces concatenated: soft tokens (1, N, text hidden)."""
+        if "vision_tower" not in self:
+            raise InputError("the checkpoint has no vision_config, but the case has an image")
+        return tap("vision.soft_tokens", self.embed_vision(self.vision_tower(pixel_values, image_position_ids)))
+
+    def __call__(self, input_ids: np.ndarray, mm_token_type_ids: np.ndarray | None = None,
+                 pixel_values: np.ndarray | None = None, image_position_ids: np.ndarray | None = None,
+                 cache: list[KVCache | None] | None = None, offset: int = 0) -> mx.array:
+        """Prefill (offset 0) or one decode step (offset > 0, one token, with ``cache``) -> logits (1, L, V)."""
+        h, masks = self.embed_inputs(input_ids, mm_token_type_ids, pixel_values, image_position_ids, cache, offset)
+        return self.language_model(h, masks, cache, offset)
+
+    def embed_inputs(self, input_ids: np.ndarray, mm_token_type_ids: np.ndarray | None = None,
+                     pixel_values: np.ndarray | None = None, image_position_ids: np.ndarray | None = None,
+                     cache: list[KVCache | None] | None = None, offset: int = 0
+                     ) -> tuple[mx.array, dict[str, mx.array] | None]:
+        """(inputs_embeds (1, L, H), masks by layer type; None on a decode step).
+
+        As ``Gemma4Model.forward``: image/video/audio slots embed the pad token; the image soft tokens
+        go into the ``image_token_id`` slots in order (a count mismatch is an error); masks follow
+        ``create_masks_for_vision_model`` (full: causal; sliding: (causal | same image block) & window)
+        when ``use_bidirectional_attention`` is "vision", else causal and causal & window.
+        ``mm_token_type_ids`` None: derived from the ids, as the processor does. (HF given None builds
+        plain causal masks; pass the processor's ids to both.)
+        """
+        a = self.args
+        ids = np.asarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != 1:
+            raise InputError(f"input_ids must have shape (1, L), got {ids.shape}")
+        types = self.token_types(ids) if mm_token_type_ids is None else np.asarray(mm_token_type_ids, np.int64)
+        if types.shape != ids.shape:
+            raise InputError(f"mm_token_type_ids has shape {types.shape}, input_ids {ids.shape}")
+        if (ids == a.video_token_id).any() or (types == 2).any():
+            raise InputError("video tokens are not supported by rmlx yet")
+        if (ids == a.audio_token_id).any():
+            raise InputError("audio tokens are not supported: the gemma4 audio tower is not ported")
+        multimodal = (ids == a.image_token_id) | (ids == a.video_token_id) | (ids == a.audio_token_id)
+        text_ids = np.where(multimodal, a.text.pad_token_id, ids)
+        h = tap("text.embed_tokens", self.language_model.embed(mx.array(text_ids)))
+        slots = ids == a.image_token_id
+        if offset == 0:  # a decode step embeds a generated soft-token id as the pad token, as HF does
+            soft = None if pixel_values is None else self.image_features(pixel_values, image_position_ids)
+            h = _scatter(h, slots, soft)
+        h = tap("text.inputs_embeds", h)
+        if offset == 0:
+            overlay = types if a.text.use_bidirectional_attention == "vision" else np.zeros_like(types)
+            masks = attention_masks(mx.array(overlay), a.text.sliding_window, "official")
+            masks = {"full_attention": tap("mask.full_attention", masks["full_attention"]),
+                     "sliding_attention": tap("mask.sliding_attention", masks["sliding_attention"])}
+        elif ids.shape[1] == 1 and cache is not None:
+            masks = None  # a text token after the prompt sees every cached key (the cache holds the window)
+        else:
+            raise InputError("a decode step takes exactly one token and a cache")
+        return h, masks
+
+    def make_cache(self) -> list[KVCache | None]:
+        return self.language_model.make_cache()
+
+    def sanitize(self, weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, str]]:
+        """Checkpoint keys -> module paths. Returns the renamed weights and {module path: checkpoint key}."""
+        out: dict[str, mx.array] = {}
+        source: dict[str, str] = {}
+        for key, value in weights.items():
+            if key == "lm_head.weight":
+                if not self.args.tie_word_embeddings:
+                    raise InputError("lm_head.weight: untied output embeddings are not supported "
+                                     "(config tie_word_embeddings is false)")
+                continue  # tied: the token embedding serves as the output projection
+            for prefix, target in _PREFIXES:
+                if key.startswith(prefix):
+                    name = target + key[len(prefix):]
+                    break
+            else:
+                raise InputError(f"unexpected tensor '{key}': not part of a gemma4 (text + vision) checkpoint")
+            out[name], source[name] = value, key
+        return out, source
+
+
+def _scatter(h: mx.array, slots: np.ndarray, soft: mx.array | None) -> mx.array:
+    """HF's ``masked_scatter``: soft tokens (1, N, H) into the image slots of h (1, L, H), in sequence order."""
+    n_slots = int(slots.sum())
+    n_soft = 0 if soft is None else soft.shape[1]
+    if n_slots != n_soft:
+        raise InputError(f"image soft tokens and image token slots do not match: {n_soft} soft tokens, "
+                         f"{n_slots} slots")
+    if n_slots == 0:
+        return h
+    h[:, mx.array(np.flatnonzero(slots[0]))] = soft.astype(h.dtype)
+    return h
+
+
+def checkpoint_key(name: str) -> str:
+    """A module path -> the checkpoint key (for error messages)."""
+    for prefix, target in _PREFIXES:
+        if name.startswith(target):
+            return prefix + name[len(target):]
+    return name
+
+
+def load_model(model_dir: str | Path, dtype: str = "float32") -> Model:
+    """Load a gemma4 checkpoint directory (config.json + model.safetensors) into a ``Model`` in ``dtype``.
+
+    Strict: a missing, unexpected or mis-shaped tensor is an ``InputError`` naming the key.
+    """
+    from safetensors import SafetensorError
+    from safetensors.mlx import load_file
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InputError(f"{path}: checkpoint directory not found")
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    args = ModelArgs.from_file(path / "config.json")
+    model = Model(args)
+    file = path / "model.safetensors"
+    if not file.is_file():
+        raise InputError(f"{path}: no model.safetensors (sharded and pickle checkpoints are not supported here)")
+    try:
+        raw = load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise InputError(f"{file}: cannot read safetensors data ({e})") from None
+    weights, source = model.sanitize(raw)
+    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
+    if missing:
+        raise InputError(f"{file}: checkpoint is missing tensor '{checkpoint_key(missing[0])}' "
+                         f"(expected shape {expected[missing[0]]}; {len(missing)} missing in all: "
+                         f"{[checkpoint_key(k) for k in missing[:8]]})")
+    if unexpected:
+        raise InputError(f"{file}: unexpected tensor '{source[unexpected[0]]}' ({len(unexpected)} in all: "
+                         f"{[source[k] for k in unexpected[:8]]})")
+    for k in sorted(expected):
+        if tuple(weights[k].shape) != expected[k]:
+            raise InputError(f"{file}: tensor '{source[k]}' has shape {tuple(weights[k].shape)}, "
+                             f"the config implies {expected[k]}")
+    target = DTYPES[dtype]
+    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
