@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = _Parser(add_help=False)  # the options of a run, shared by run and gate
     r.add_argument("--model", action="append", type=Path, metavar="DIR",
-                   help="a gemma4_unified checkpoint directory (repeatable; default: every fixture model)")
+                   help="a checkpoint directory; its config.json model_type picks the model family "
+                        "(repeatable; default: every fixture model)")
     r.add_argument("--image", action="append", type=Path, metavar="PATH",
                    help="an image file (repeatable; default: the fixture battery)")
     r.add_argument("--case", action="append", metavar="GLOB",
@@ -144,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "checkpoint of the real shapes (--shape)")
     f.add_argument("--out", type=Path, default=None, help="default: the repository's fixtures/ (required with --shape)")
     f.add_argument("--shape", choices=("12b", "mini"), default=None,
-                   help="write a sharded HF checkpoint of Gemma 4 unified 12B shapes (or 'mini': the same structure "
-                        "at toy sizes) with random weights, one shard in memory at a time")
+                   help="write a sharded HF checkpoint of the first family's real 12B shapes (or 'mini': the "
+                        "same structure at toy sizes) with random weights, one shard in memory at a time")
     f.add_argument("--layers", type=int, default=None, metavar="N", help="with --shape: decoder layers (12b: 48)")
     f.add_argument("--weights-dtype", choices=("bfloat16", "float32"), default="bfloat16",
                    help="with --shape: the stored dtype (default bfloat16)")
@@ -186,7 +187,7 @@ def _run(args) -> tuple[dict, Path, dict | None]:
     images = args.image or default_images()
     if not models or not images:
         raise Untestable(f"no fixture models or images under {fixtures_dir()}")
-    scenarios = default_scenarios(images, None if args.image else fixtures_dir() / "images")
+    scenarios = default_scenarios(images, None if args.image else fixtures_dir() / "images", models)
     if args.case:
         scenarios = [s for s in scenarios if any(fnmatch.fnmatchcase(s.name, g) for g in args.case)]
         if not scenarios:
@@ -294,24 +295,24 @@ def cmd_selftest(args) -> int:
 
 
 def cmd_stages(args) -> int:
-    from parity.stages import select, stages_for
-    from rmlx.config import ModelArgs
+    from parity.adapter import family_of
+    from parity.stages import select
 
     model = args.model or (default_models() or [None])[0]
     if model is None:
         print(f"rmlx-parity: cannot test: no fixture model under {fixtures_dir()}", file=sys.stderr)
         return EXIT_UNTESTABLE
-    cfg = ModelArgs.from_file(Path(model) / "config.json")
-    for s in select(args.stages, stages_for(cfg.text, cfg.vision is not None, cfg.audio is not None)):
+    for s in select(args.stages, family_of(model).stage_table(model)):
         print(f"{s.name:<26} {s.tol:<11} {s.what}")
     return EXIT_PASS
 
 
 def cmd_faults(args) -> int:
-    from parity.adapters.gemma4_unified.defects import CATALOG
+    from parity.adapter import families
 
-    for f in CATALOG.values():
-        print(f"{f.name:<24} -> {f.stage:<26} {f.imitates}")
+    for kind, fam in families().items():
+        for f in fam.defects.values():
+            print(f"{kind:<15} {f.name:<28} -> {f.stage:<26} {f.imitates}")
     return EXIT_PASS
 
 
@@ -348,7 +349,7 @@ def cmd_fixtures(args) -> int:
     from rmlx.errors import InputError
 
     if args.shape is not None:
-        from reference import synthetic
+        import reference.synthetic as synthetic
 
         if args.out is None:
             raise InputError("--shape needs --out DIR (a new folder)")
@@ -372,7 +373,7 @@ def cmd_fixtures(args) -> int:
 # the modules each command imports before it starts (the port and harness for the gating commands)
 _NEEDS = {"run": ("parity.runner",), "gate": ("parity.gate", "parity.runner"), "selftest": ("parity.selftest",),
           "compare": ("parity.compare",), "stages": ("parity.stages",),
-          "faults": ("parity.adapters.gemma4_unified.defects",), "convert": ("rmlx.load",),
+          "faults": ("parity.adapter",), "convert": ("rmlx.load",),
           "fixtures": ("reference.fixtures",)}
 
 

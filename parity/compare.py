@@ -27,7 +27,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from parity.adapters.gemma4_unified import Scenario
+from parity.adapter import Scenario
 from parity.metrics import StageDiff, compare_all, logits_agreement
 from parity.runner import CaseResult, Settings, record
 from parity.stages import classify, order_key

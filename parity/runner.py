@@ -15,22 +15,19 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios, supports
-from parity.adapters.gemma4_unified.defects import CATALOG
-from parity.defects import check, planted
+from parity.adapter import Adapter, Family, Scenario, families, family_of
+from parity.defects import Defect, check, planted
 from parity.metrics import StageDiff, _json_float, compare, compare_all, first_divergence, logits_agreement
 from parity.stages import decode_stage, order_key, select
-from parity.stream import StreamAdapter, run_case_streamed
 from parity.tolerances import tolerance
 from parity.viz import case_viz
 from rmlx import blas as rmlx_blas
-from rmlx.base import MASK_POLICIES
-from rmlx.config import ModelArgs
 from rmlx.errors import InputError
-from rmlx.image import check_max_soft_tokens, load_image
+from rmlx.image import load_image
 
 SCHEMA = "rmlx.parity/2"
 MODES = ("free", "teacher")
+MASK_POLICIES = ("official", "hf-forward")  # DESIGN.md: the attention-mask policies a family may follow
 
 
 @dataclass(frozen=True)
@@ -94,16 +91,27 @@ def versions() -> dict[str, str]:
             "blas": "{blas} ({why})".format(**rmlx_blas.in_use())}
 
 
-def default_scenarios(images: list[Path], fixture_images: Path | None) -> list[Scenario]:
-    """One single-image case per image, plus the decoder's special cases on the fixture battery."""
-    scenarios, seen = [], {}
-    for p in images:  # a repeated file name in another folder gets a suffix: case names stay unique
-        s = image_scenario(p)
-        seen[s.name] = seen.get(s.name, 0) + 1
-        scenarios.append(s if seen[s.name] == 1 else Scenario(f"{s.name}-{seen[s.name]}", s.parts))
-    if fixture_images is not None:
-        scenarios += list(special_scenarios(fixture_images))
-    return scenarios
+def default_scenarios(images: list[Path], fixture_images: Path | None, models: list[Path] | None = None
+                      ) -> list[Scenario]:
+    """The scenarios of the families of ``models`` (every registered family when None), each family's
+    in its own order, a scenario two families share (same name, same prompt) once. Each model then runs
+    the ones its family supports (:func:`plan_cases`)."""
+    fams = list(families().values()) if models is None else list({id(f): f for f in map(family_of, models)}.values())
+    out: dict[str, Scenario] = {}
+    for fam in fams:
+        for s in fam.scenarios(images, fixture_images):
+            if s.name in out and out[s.name] != s:
+                raise InputError(f"scenario '{s.name}' means two different prompts in two families")
+            out.setdefault(s.name, s)
+    return list(out.values())
+
+
+def run_defects(models: list[Path], names: tuple[str, ...]) -> list[Defect]:
+    """The named defects from the catalogs of the models' families (an unknown name: ``InputError``)."""
+    catalog: dict[str, Defect] = {}
+    for fam in {id(f): f for f in map(family_of, models)}.values():
+        catalog.update(fam.defects)
+    return check(catalog, names)
 
 
 def validate(settings: Settings) -> None:
@@ -114,8 +122,6 @@ def validate(settings: Settings) -> None:
             raise InputError(f"mask policy {policy!r} is not one of {MASK_POLICIES}")
     if settings.decode_steps < 0:
         raise InputError(f"--decode-steps must be >= 0, got {settings.decode_steps}")
-    check_max_soft_tokens(settings.max_soft_tokens)
-    check(CATALOG, settings.inject)
     if settings.threads < 1:
         raise InputError(f"--threads must be >= 1, got {settings.threads}")
     if settings.stream and settings.quantize is not None:
@@ -126,8 +132,8 @@ def plan_cases(models: list[Path], scenarios: list[Scenario], shard: tuple[int, 
                ) -> list[tuple[Path, Scenario]]:
     """Every (model, scenario) the models support, in a fixed order (models as given, then scenarios);
     ``shard=(K, N)`` keeps cases K-1, K-1+N, K-1+2N, ...: N shards that together run every case once."""
-    args = {m: ModelArgs.from_file(Path(m) / "config.json") for m in models}
-    plan = [(m, s) for m in models for s in scenarios if supports(args[m], s)]
+    fams = {m: family_of(m) for m in models}
+    plan = [(m, s) for m in models for s in scenarios if fams[m].supports(m, s)]
     if not plan:
         raise InputError("no case to run: the checkpoint(s) have no vision_config / audio_config for the "
                          "requested scenarios")
@@ -149,14 +155,16 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
     plan = plan_cases(models, scenarios, settings.shard)
     paths = sorted({p for _, s in plan for p in s.images})
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
-    with planted(check(CATALOG, settings.inject)):  # planted before loading: some act at load time
-        make, run = (StreamAdapter, run_case_streamed) if settings.stream else (Gemma4UnifiedAdapter, run_case)
-        adapters = {m: make(m, settings.dtype, settings.attn_implementation, settings.quantize, settings.threads)
-                    for m in dict.fromkeys(m for m, _ in plan)}
+    for fam in {id(f): f for f in map(family_of, models)}.values():
+        fam.check_settings(settings)
+    with planted(run_defects(models, settings.inject)):  # planted before loading: some act at load time
+        fams: dict[Path, Family] = {m: family_of(m) for m in dict.fromkeys(m for m, _ in plan)}
+        adapters = {m: (f.load_streamed if settings.stream else f.load)(m, settings) for m, f in fams.items()}
         results: list[CaseResult] = []
         for m, scenario in plan:
             if progress:
                 progress(len(results), len(plan), f"{m.name}/{scenario.name}")
+            run = fams[m].run_streamed if settings.stream else run_case
             result = run(adapters[m], m, scenario, decoded, settings)
             if not keep_captures:
                 result.reference = result.candidate = None
@@ -166,36 +174,36 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
     return results
 
 
-def run_case(adapter: Gemma4UnifiedAdapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
+def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
              settings: Settings) -> CaseResult:
     t0 = time.perf_counter()
     all_stages = adapter.stages(scenario)
     stages = select(list(settings.stages), all_stages)
     tols = [(s.name, tolerance(s.tol, settings.dtype, settings.mode)) for s in stages]
-    inputs, pre = adapter.inputs(scenario, decoded, settings.max_soft_tokens)
+    inputs, pre = adapter.inputs(scenario, decoded, settings)
     other_masks: dict[str, np.ndarray] = {}  # the reference's masks under the other policy
-    ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings.mask_policy,
+    ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings,
                                                             settings.decode_steps, other_masks=other_masks)
-    cand, cand_steps = adapter.candidate(
-        scenario, inputs, decoded, settings.max_soft_tokens, settings.candidate_policy,
-        tokens, teacher=ref if settings.mode == "teacher" else None)
+    cand, cand_steps = adapter.candidate(scenario, inputs, decoded, settings, tokens,
+                                         teacher=ref if settings.mode == "teacher" else None)
     diffs = compare_all(cand, ref, tols, settings.dtype)
     decode = decode_entries(cand_steps, ref_steps, tokens, settings.dtype)
     cost = None
-    if adapter.hf_float is not None:  # the cost of quantization: candidate vs the unquantized model
-        flt, *_ = adapter.reference(scenario, inputs, pre, settings.mask_policy, 0, unquantized=True)
+    if getattr(adapter, "hf_float", None) is not None:  # the cost of quantization: vs the unquantized model
+        flt, *_ = adapter.reference(scenario, inputs, pre, settings, 0, unquantized=True)
         cost = {"stages": {s.name: compare(s.name, cand[s.name], flt[s.name], tols[i][1], settings.dtype).nmse_db
                            for i, s in enumerate(stages) if s.name in flt and s.name in cand},
                 "logits": logits_agreement(cand["logits"], flt["logits"]) if "logits" in flt else {},
                 "quantized_modules": sorted(adapter.quantized),
                 "left_unquantized": {p: s for p, s in adapter.candidate_model.quant_status.items()
                                      if s != "quantized"}}
-    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings.max_soft_tokens), ref, cand, dict(tols)
+    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), ref, cand, dict(tols)
                             ) if settings.oracle else {}
-    n_soft = int((inputs["input.mm_token_type_ids"] == 1).sum())
+    types = inputs.get("input.mm_token_type_ids")
+    n_soft = 0 if types is None else int((types == 1).sum())
     agreement = logits_agreement(cand["logits"], ref["logits"], per_position=True) if "logits" in cand else {}
     kl = agreement.pop("kl", None)
-    viz = case_viz(cand, ref, other_masks, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,
+    viz = case_viz(cand, ref, other_masks, settings.mask_policy, types, kl,
                    [d.stage for d in diffs])
     return CaseResult(
         name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,

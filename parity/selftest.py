@@ -1,6 +1,6 @@
 """``rmlx-parity selftest``: the harness measures itself against the catalog of planted defects.
 
-Every defect of the family's defect catalog is switched on in turn and run in both modes on the
+Every defect of each model family's catalog (``Family.defects``) is planted in turn and run in both modes on the
 self-test cases; the harness must (a) fail the run -- *detection* -- and (b) in teacher-forced mode
 name the defect's declared stage as the first divergence of every failing case -- *localisation*.
 The clean port runs first in both modes and must pass: a false alarm fails the self-test too.
@@ -19,25 +19,19 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
-from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario, image_scenario, special_scenarios
-from parity.adapters.gemma4_unified.defects import CATALOG, expected_stage
-from parity.defects import check, matches, planted
+from parity.adapter import Adapter, Family, Scenario, family_of
+from parity.defects import Defect, check, matches, planted
 from parity.runner import MODES, CaseResult, Settings, divergence, run_case, versions
 from rmlx.errors import InputError
 from rmlx.image import load_image
-from rmlx.load import load_model
 
 SCHEMA = "rmlx.selftest/1"
-# Small, and together they exercise every defect: an image, two images (block structure), image +
-# audio, and a text-only prompt longer than every sliding window (the decode steps reach the cache).
-CASES = ("image/gradient", "two-images", "image-and-audio", "text-only")
 CLEAN = "(none)"
-MAX_SOFT_TOKENS = 70  # the smallest budget: every image still spans several sliding windows of the fixtures
 
 
 @dataclass
 class Outcome:
-    fault: str  # CLEAN for the run without a defect
+    fault: str  # CLEAN (+ the setting group) for the run without a defect
     area: str
     expected: str
     mode: str
@@ -47,27 +41,24 @@ class Outcome:
     error: str = ""  # the run was refused or crashed: the loader's refusal is the detection of a "load" defect
     misplaced: list[dict] = field(default_factory=list)  # failing cases whose first stage is not the expected one
     seconds: float = 0.0
-
-    @property
-    def _load_defect(self) -> bool:
-        f = CATALOG.get(self.fault)
-        return f is not None and f.stage == "load"
+    planted: bool = True  # False: the clean port
+    load_error: str | None = None  # a "load" defect: the tensor the loader's refusal must name
 
     @property
     def detected(self) -> bool:
-        return self.failed_cases > 0 or (self._load_defect and bool(self.error))
+        return self.failed_cases > 0 or (self.load_error is not None and bool(self.error))
 
     @property
     def localised(self) -> bool:
-        if self.fault not in CATALOG or not self.detected:
+        if not self.planted or not self.detected:
             return False
-        if self._load_defect:
-            return CATALOG[self.fault].load_error in self.error
+        if self.load_error is not None:
+            return self.load_error in self.error
         return bool(self.found) and not self.misplaced
 
     @property
     def ok(self) -> bool:
-        if self.fault not in CATALOG:  # the clean port (of one setting group): passes, no crash
+        if not self.planted:  # the clean port (of one setting group): passes, no crash
             return not self.detected and not self.error
         return self.detected and (self.mode != "teacher" or self.localised)
 
@@ -75,32 +66,24 @@ class Outcome:
         return {"fault": self.fault, "area": self.area, "expected": self.expected, "mode": self.mode,
                 "found": self.found, "failed_cases": self.failed_cases, "cases": self.cases,
                 "detected": self.detected, "localised": self.localised, "ok": self.ok, "error": self.error,
-                "misplaced": self.misplaced, "seconds": round(self.seconds, 3)}
-
-
-def scenarios(fixture_images: Path) -> list[Scenario]:
-    every = [image_scenario(p) for p in sorted(fixture_images.glob("*.png"))] + list(special_scenarios(fixture_images))
-    picked = [s for s in every if s.name in CASES]
-    missing = sorted(set(CASES) - {s.name for s in picked})
-    if missing:
-        raise InputError(f"{fixture_images}: the self-test cases {missing} need images that are not there")
-    return picked
+                "misplaced": self.misplaced, "seconds": round(self.seconds, 3), "planted": self.planted,
+                "load_error": self.load_error}
 
 
 class _Side:
-    """The adapters of one setting group (plain or quantized), with each case's reference kept."""
+    """The adapters of one family's setting group (plain or quantized), with each case's reference kept."""
 
-    def __init__(self, models: list[Path], dtype: str, quantize: str | None):
-        self.adapters = {m: Gemma4UnifiedAdapter(m, dtype, "eager", quantize) for m in models}
+    def __init__(self, family: Family, models: list[Path], settings: Settings):
+        self.family = family
+        self.adapters: dict[Path, Adapter] = {m: family.load(m, settings) for m in models}
         self.clean = {m: a.candidate_model for m, a in self.adapters.items()}
-        self.quantize, self.dtype = quantize, dtype
         for a in self.adapters.values():
             a.reference = _memoized(a.reference)
 
     def reload_candidates(self) -> None:
-        """Load every candidate again, under whatever defect is switched on now."""
-        for m, a in self.adapters.items():
-            a.candidate_model = load_model(m, self.dtype, self.quantize)
+        """Load every candidate again, under whatever defect is planted now."""
+        for a in self.adapters.values():
+            a.candidate_model = a.load_candidate()
 
     def restore(self) -> None:
         for m, a in self.adapters.items():
@@ -112,12 +95,13 @@ def _memoized(reference):
     Keyword out-parameters (dicts the reference fills, e.g. ``other_masks``) are kept and refilled."""
     kept: dict = {}
 
-    def call(scenario, inputs, pre, policy, decode_steps, unquantized=False, **out: dict):
-        key = (scenario, policy, decode_steps, unquantized, inputs["input.input_ids"].tobytes(), tuple(sorted(out)))
+    def call(scenario, inputs, pre, settings, decode_steps, unquantized=False, **out: dict):
+        key = (scenario, settings.mask_policy, settings.dtype, decode_steps, unquantized,
+               inputs["input.input_ids"].tobytes(), tuple(sorted(out)))
         if key not in kept:
             filled = {k: {} for k in out}
-            kept[key] = (reference(scenario, inputs, pre, policy, decode_steps, unquantized=unquantized, **filled),
-                         filled)
+            kept[key] = (reference(scenario, inputs, pre, settings, decode_steps, unquantized=unquantized,
+                                   **filled), filled)
         result, filled = kept[key]
         for k, target in out.items():
             target.update(filled[k])
@@ -129,7 +113,7 @@ def _memoized(reference):
 def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settings, reload: bool = False
          ) -> list[CaseResult]:
     """Every supported case on every model; ``reload``: load the candidates again first, under whatever
-    defect is on (some act at load time: the loader, the codec)."""
+    defect is planted (some act at load time: the loader, the codec)."""
     if reload:
         side.reload_candidates()
     results = []
@@ -142,12 +126,11 @@ def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settin
     return results
 
 
-def _outcome(name: str, area: str, mode: str, side: _Side, run: Callable[[], list[CaseResult]], dtype: str
-             ) -> Outcome:
+def _outcome(name: str, defect: Defect | None, mode: str, side: _Side, run: Callable[[], list[CaseResult]],
+             dtype: str) -> Outcome:
     """Run one mode of one defect (or of the clean port) and judge every failing case against the
     defect's stage, resolved for that case's model and stages."""
     t = time.perf_counter()
-    fault = CATALOG.get(name)
     try:
         results, error = run(), ""
     except InputError as e:  # the strict loader refused the checkpoint (or the port refused its input)
@@ -162,77 +145,91 @@ def _outcome(name: str, area: str, mode: str, side: _Side, run: Callable[[], lis
         stage = div[0].stage
         if stage not in found:
             found.append(stage)
-        if fault is not None:
-            a = side.adapters[r.model]
-            expected = expected_stage(fault, a.args.text.layer_types, [s.name for s in a.stages(r.scenario)])
+        if defect is not None and defect.stage != "load":
+            expected = side.family.expected_stage(defect, side.adapters[r.model], r.scenario)
             if expected not in resolved:
                 resolved.append(expected)
             if not matches(stage, expected):
                 misplaced.append({"case": r.name, "found": stage, "expected": expected})
-    shown = ", ".join(resolved) if resolved else (fault.stage if fault else "pass")
-    return Outcome(name, area, shown, mode, found, sum(not r.passed for r in results),
-                   len(results), error, misplaced, time.perf_counter() - t)
+    shown = ", ".join(resolved) if resolved else (defect.stage if defect else "pass")
+    return Outcome(name, defect.area if defect else "-", shown, mode, found, sum(not r.passed for r in results),
+                   len(results), error, misplaced, time.perf_counter() - t, defect is not None,
+                   defect.load_error if defect is not None and defect.stage == "load" else None)
 
 
 def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | None = None,
                  modes: tuple[str, ...] = MODES, dtype: str = "float32", decode_steps: int = 2,
                  progress: Callable[[int, int, str], None] | None = None) -> dict:
-    """Run the clean port and every named defect (default: the whole catalog) in ``modes``; return
-    the self-test record (schema ``rmlx.selftest/1``)."""
+    """Run the clean port and every named defect (default: every defect of every model's family) in
+    ``modes`` on the family's self-test cases; return the self-test record (schema ``rmlx.selftest/1``)."""
     t0 = time.perf_counter()
-    picked = check(CATALOG, names) if names else list(CATALOG.values())  # catalog order
-    cases = scenarios(fixture_images)
-    decoded = {p: load_image(p) for s in cases for p in s.images}
-    base = Settings(dtype=dtype, decode_steps=decode_steps, oracle=False, max_soft_tokens=MAX_SOFT_TOKENS)
-    groups: dict[tuple, list] = {}
-    for f in picked:
-        groups.setdefault(f.settings, []).append(f)
-    groups.setdefault((), [])  # the clean run of the plain setting always runs
-    total = sum((1 + len(fs)) * len(modes) for fs in groups.values())
+    by_family: dict[str, tuple[Family, list[Path]]] = {}
+    for m in models:
+        fam = family_of(m)
+        by_family.setdefault(fam.model_type, (fam, []))[1].append(m)
+    catalog = {n: d for fam, _ in by_family.values() for n, d in fam.defects.items()}
+    chosen = {d.name for d in check(catalog, names)} if names else set(catalog)
+    plan = []  # (family, models, cases, settings of the group, label, defects of the group)
+    all_cases: list[str] = []
+    for fam, fam_models in by_family.values():
+        picked = [d for n, d in fam.defects.items() if n in chosen]  # catalog order
+        if names and not picked:
+            continue
+        cases = fam.selftest_scenarios(fixture_images)
+        all_cases += [s.name for s in cases if s.name not in all_cases]
+        base = Settings(dtype=dtype, decode_steps=decode_steps, oracle=False, **dict(fam.selftest_settings))
+        groups: dict[tuple, list[Defect]] = {(): []}  # the clean run of the plain setting always runs
+        for d in picked:
+            groups.setdefault(d.settings, []).append(d)
+        for extra, group in sorted(groups.items(), key=lambda kv: len(kv[0])):
+            label = ", ".join(f"{k}={v}" for k, v in extra)
+            plan.append((fam, fam_models, cases, replace(base, **dict(extra)), label, group))
+    decoded = {p: load_image(p) for _, _, cases, *_ in plan for s in cases for p in s.images}
+    total = sum((1 + len(group)) * len(modes) for *_, group in plan)
     outcomes: list[Outcome] = []
 
     def tick(label: str) -> None:
         if progress:
             progress(len(outcomes), total, label)
 
-    for extra, group in sorted(groups.items(), key=lambda kv: len(kv[0])):
-        settings = replace(base, **dict(extra))
-        side = _Side(models, dtype, settings.quantize)
-        label = ", ".join(f"{k}={v}" for k, v in extra)
+    for fam, fam_models, cases, settings, label, group in plan:
+        side = _Side(fam, fam_models, settings)
+        tag = ", ".join(x for x in (fam.model_type if len(plan) > 1 else "", label) if x)
         for mode in modes:  # no false alarm: the clean port passes in every mode of every setting
-            tick(f"clean {mode} {label}")
+            tick(f"clean {mode} {tag}")
             clean = partial(_run, side, cases, decoded, replace(settings, mode=mode))
-            outcomes.append(_outcome(CLEAN + (f" [{label}]" if label else ""), "-", mode, side, clean, dtype))
-        for f in group:
+            outcomes.append(_outcome(CLEAN + (f" [{tag}]" if tag else ""), None, mode, side, clean, dtype))
+        for d in group:
             for mode in modes:
-                tick(f"{f.name} {mode}")
-                run = partial(_run, side, cases, decoded, replace(settings, mode=mode, inject=(f.name,)), reload=True)
-                with planted([f]):
+                tick(f"{d.name} {mode}")
+                run = partial(_run, side, cases, decoded, replace(settings, mode=mode, inject=(d.name,)), reload=True)
+                with planted([d]):
                     try:
-                        outcomes.append(_outcome(f.name, f.area, mode, side, run, dtype))
+                        outcomes.append(_outcome(d.name, d, mode, side, run, dtype))
                     finally:
                         side.restore()
     tick("done")
-    return _record(outcomes, picked, modes, dtype, decode_steps, cases, models, time.perf_counter() - t0)
+    n_defects = sum(len(group) for *_, group in plan)
+    return _record(outcomes, n_defects, modes, dtype, decode_steps, all_cases, models, time.perf_counter() - t0)
 
 
-def _record(outcomes: list[Outcome], picked, modes, dtype, decode_steps, cases, models, wall) -> dict:
-    planted = [o for o in outcomes if o.fault in CATALOG]
+def _record(outcomes: list[Outcome], n_defects: int, modes, dtype, decode_steps, cases, models, wall) -> dict:
+    planted_ = [o for o in outcomes if o.planted]
     by_fault: dict[str, list[Outcome]] = {}
-    for o in planted:
+    for o in planted_:
         by_fault.setdefault(o.fault, []).append(o)
     detected = [n for n, os in by_fault.items() if all(o.detected for o in os)]
     localised = [n for n, os in by_fault.items() if all(o.localised for o in os if o.mode == "teacher")
                  and any(o.mode == "teacher" for o in os)]
-    false_alarms = [o.to_dict() for o in outcomes if o.fault not in CATALOG and o.detected]
+    false_alarms = [o.to_dict() for o in outcomes if not o.planted and o.detected]
     n = len(by_fault)
     return {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
         "settings": {"dtype": dtype, "modes": list(modes), "decode_steps": decode_steps,
-                     "cases": [s.name for s in cases], "models": [m.name for m in models]},
-        "faults": len(picked),
+                     "cases": list(cases), "models": [m.name for m in models]},
+        "faults": n_defects,
         "detection_score": len(detected) / n if n else None,
         "localisation_score": (len(localised) / n if n else None) if "teacher" in modes else None,
         "escaped": sorted(set(by_fault) - set(detected)),
@@ -244,13 +241,12 @@ def _record(outcomes: list[Outcome], picked, modes, dtype, decode_steps, cases, 
     }
 
 
-def _refusal(error: str, fault: str) -> str:
+def _refusal(error: str, load_error: str | None) -> str:
     """A loader refusal in one cell: the tensor it names (the one the defect predicts, when it does)."""
-    f = CATALOG.get(fault)
-    if f is None or f.stage != "load":
+    if load_error is None:
         return f"error: {error[:80]}"
     named = re.findall(r"'([^']+)'", error)
-    hit = next((n for n in named if f is not None and f.load_error and f.load_error in n), named[0] if named else "")
+    hit = next((n for n in named if load_error and load_error in n), named[0] if named else "")
     return f"load refused ({hit})" if hit else "load refused"
 
 
@@ -260,9 +256,10 @@ def _table(rec: dict) -> list[tuple[str, ...]]:
     for o in rec["outcomes"]:
         row = rows.setdefault(o["fault"], {"area": o["area"], "expected": o["expected"], "found": {},
                                            "detected": True, "localised": None, "ok": True})
-        shown = list(o["found"]) or ([_refusal(o["error"], o["fault"])] if o["error"] else ["-"])
+        shown = list(o["found"]) or ([_refusal(o["error"], o["load_error"])] if o["error"] else ["-"])
         shown += [f"(case {m['case']}: expected {m['expected']})" for m in o["misplaced"][:2]]
-        row["found"][o["mode"]] = ", ".join(shown) + ("" if o["fault"] in CATALOG or not o["detected"]
+        row["planted"] = o["planted"]
+        row["found"][o["mode"]] = ", ".join(shown) + ("" if o["planted"] or not o["detected"]
                                                       else " (FALSE ALARM)")
         row["detected"] = row["detected"] and o["detected"]
         if o["mode"] == "teacher":
@@ -271,7 +268,7 @@ def _table(rec: dict) -> list[tuple[str, ...]]:
     modes = rec["settings"]["modes"]
     out = [("defect", "area", "expected stage", *(f"found ({m})" for m in modes), "detected", "localised", "ok")]
     for name, r in rows.items():
-        planted = name in CATALOG
+        planted = r["planted"]
         out.append((name, r["area"], r["expected"], *(r["found"].get(m, "-") for m in modes),
                     ("yes" if r["detected"] else "NO") if planted else ("ALARM" if r["detected"] else "no"),
                     "-" if not planted or r["localised"] is None else ("yes" if r["localised"] else "NO"),

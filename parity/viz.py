@@ -113,9 +113,10 @@ def patch_error(cand: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -
     return out
 
 
-def _runs(types: np.ndarray) -> list[list[int]]:
+def _runs(types: np.ndarray | None) -> list[list[int]]:
+    """The prompt's token types as run-length [type, count] pairs ([] when the family has none)."""
     runs: list[list[int]] = []
-    for t in types.reshape(-1).tolist():
+    for t in ([] if types is None else types.reshape(-1).tolist()):
         if runs and runs[-1][0] == t:
             runs[-1][1] += 1
         else:

@@ -2,4 +2,4 @@
 
 
 class InputError(ValueError):
-    """Bad user input: the message names the file, key, shape or value at fault."""
+    """Bad user input: the message names the file, key, shape or value that is wrong."""

@@ -15,8 +15,9 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
+from parity.adapters.gemma4_unified.stages import _LINEARS, stages_for
 from parity.cli import main
-from parity.stages import _LINEARS, classify, order_key, stages_for
+from parity.stages import classify, order_key
 from parity.tolerances import tolerance
 from rmlx.config import ModelArgs
 from tests.conftest import MODELS

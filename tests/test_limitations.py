@@ -12,8 +12,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from parity.adapters.gemma4_unified.stages import VISION
 from parity.capture import Recorder
-from parity.stages import VISION, hook_points
+from parity.stages import hook_points
 from rmlx.image import load_image, preprocess
 from rmlx.tap import tapping
 from tests.conftest import FIXTURES

@@ -12,8 +12,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from parity.adapters.gemma4_unified import special_scenarios
+from parity.adapters.gemma4_unified.stages import stages_for
 from parity.cli import main
-from parity.stages import stages_for
 from parity.tolerances import tolerance
 from rmlx.config import ModelArgs
 from tests.conftest import FIXTURES, IMAGES, MODELS

@@ -6,7 +6,9 @@ from pathlib import Path
 import pytest
 
 from parity.adapters.gemma4_unified import special_scenarios
-from parity.stages import VISION, hook_points, select, stages_for
+from parity.adapters.gemma4_unified.stages import VISION, stages_for
+from parity.runner import Settings
+from parity.stages import hook_points, select
 from rmlx.config import ModelArgs
 from rmlx.image import load_image
 from rmlx.tap import LAYER_POINTS
@@ -16,7 +18,7 @@ SCENARIOS = {s.name: s for s in special_scenarios(FIXTURES / "images")}
 
 
 def test_layer_points_are_the_table_order():
-    from parity.stages import _LAYER
+    from parity.adapters.gemma4_unified.stages import _LAYER
 
     assert tuple(_LAYER) == LAYER_POINTS
 
@@ -34,9 +36,10 @@ def test_every_stage_resolves_on_both_sides(model, adapters, scenario):
     for path, _ in hook_points(stages).values():
         adapter.hf.model.get_submodule(path)  # raises AttributeError when HF renames a module
     decoded = {p: load_image(p) for p in sc.images}
-    inputs, pre = adapter.inputs(sc, decoded, 70)
-    ref, *_ = adapter.reference(sc, inputs, pre, "official", 0)
-    cand, _ = adapter.candidate(sc, inputs, decoded, 70, "official", [])
+    settings = Settings(max_soft_tokens=70)
+    inputs, pre = adapter.inputs(sc, decoded, settings)
+    ref, *_ = adapter.reference(sc, inputs, pre, settings, 0)
+    cand, _ = adapter.candidate(sc, inputs, decoded, settings, [])
     names = [s.name for s in stages]
     assert sorted(ref) == sorted(names), f"reference: missing {sorted(set(names) - set(ref))}"
     assert sorted(cand) == sorted(names), f"candidate: missing {sorted(set(names) - set(cand))}"

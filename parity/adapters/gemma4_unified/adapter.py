@@ -6,15 +6,16 @@ battery gives one single-image scenario per image; ``SCENARIOS`` adds the decode
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
+from parity.adapter import Scenario
+from parity.adapters.gemma4_unified.stages import stages_for
 from parity.capture import Capture, Recorder, to_numpy
-from parity.stages import Stage, hook_points, stages_for
+from parity.stages import Stage, hook_points
 from reference import numpy_ops
 from reference.hf import HFRunner
 from rmlx import image as rimage
@@ -25,22 +26,6 @@ from rmlx.quant import dequantized_name
 from rmlx.tap import tapping
 
 AUDIO_FRAME = 640  # samples per audio soft token (16 kHz / 25 fps)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """``parts``: ("text", (ids...)), ("image", Path) or ("audio", n_frames), in prompt order."""
-
-    name: str
-    parts: tuple[tuple[str, object], ...]
-
-    @property
-    def images(self) -> list[Path]:
-        return [p for kind, p in self.parts if kind == "image"]
-
-    @property
-    def has_audio(self) -> bool:
-        return any(kind == "audio" for kind, _ in self.parts)
 
 
 def hf_module(path: str) -> str:
@@ -95,7 +80,8 @@ class Gemma4UnifiedAdapter:
         if ModelArgs.from_file(self.model_dir / "config.json").quantization:
             raise InputError(f"{self.model_dir}: an MLX-quantized checkpoint has no HF reference; run the "
                              "unquantized checkpoint with --quantize instead")
-        self.candidate_model = load_model(self.model_dir, dtype, quantize)  # strict: bad checkpoints fail here
+        self.quantize = quantize
+        self.candidate_model = self.load_candidate()  # strict: bad checkpoints fail here
         self.args = self.candidate_model.args
         self.hf = HFRunner(self.model_dir, dtype, attn_implementation, threads)
         self.hf_float = None
@@ -109,6 +95,10 @@ class Gemma4UnifiedAdapter:
             self.reference_weights = self.hf.quantize_dequantize(modules, mxfp8.encode, mxfp8.decode)
         self.quantized = frozenset(self.reference_weights)
 
+    def load_candidate(self):
+        """The port's model of this checkpoint, loaded afresh (under whatever defect is planted now)."""
+        return load_model(self.model_dir, self.dtype, self.quantize)
+
     @cached_property
     def oracle_weights(self) -> dict[str, np.ndarray]:
         return numpy_ops.load_vision_weights(self.model_dir)
@@ -119,10 +109,11 @@ class Gemma4UnifiedAdapter:
     def stages(self, scenario: Scenario) -> tuple[Stage, ...]:
         return stages_for(self.args.text, bool(scenario.images), scenario.has_audio, self.quantized)
 
-    def inputs(self, scenario: Scenario, decoded: dict[Path, np.ndarray], max_soft_tokens: int
+    def inputs(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings
                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """(case inputs, the reference's preprocessing). The prompt is built from the reference's
         soft-token counts; both sides get the same ids and the same decoded images."""
+        max_soft_tokens = settings.max_soft_tokens
         pre = self.hf.preprocess([decoded[p] for p in scenario.images], max_soft_tokens) if scenario.images else {}
         a = self.args
         if scenario.images and int(pre["image_position_ids"].max()) >= a.vision.mm_posemb_size:
@@ -149,7 +140,7 @@ class Gemma4UnifiedAdapter:
         return inputs, pre
 
     def reference(self, scenario: Scenario, inputs: dict[str, np.ndarray], pre: dict[str, np.ndarray],
-                  policy: str, decode_steps: int, unquantized: bool = False, other_masks: Capture | None = None
+                  settings, decode_steps: int, unquantized: bool = False, other_masks: Capture | None = None
                   ) -> tuple[Capture, list[np.ndarray], list[int], float]:
         """HF's capture of the case. ``unquantized=True``: the unquantized model of a quantized run.
         ``other_masks``: filled with the ``mask.*`` stages under the other policy (``HFRunner.forward``)."""
@@ -160,7 +151,7 @@ class Gemma4UnifiedAdapter:
             feed["pixel_values"], feed["image_position_ids"] = pre["pixel_values"], pre["image_position_ids"]
         if "input.audio_frames" in inputs:
             feed["audio_frames"] = inputs["input.audio_frames"]
-        cap, steps, tokens, consistency = runner.forward(feed, policy, hook_points(stages), decode_steps,
+        cap, steps, tokens, consistency = runner.forward(feed, settings.mask_policy, hook_points(stages), decode_steps,
                                                          other_masks)
         if not unquantized:
             cap.update(self.reference_weights)
@@ -172,7 +163,7 @@ class Gemma4UnifiedAdapter:
         return cap, steps, tokens, consistency
 
     def candidate(self, scenario: Scenario, inputs: dict[str, np.ndarray], decoded: dict[Path, np.ndarray],
-                  max_soft_tokens: int, policy: str, tokens: list[int], teacher: Capture | None = None
+                  settings, tokens: list[int], teacher: Capture | None = None
                   ) -> tuple[Capture, list[np.ndarray]]:
         """Prefill under the tap recorder (teacher-forced when ``teacher`` is given), then one decode
         step per reference token, with the candidate's own cache."""
@@ -183,9 +174,9 @@ class Gemma4UnifiedAdapter:
             pixel_values = position_ids = None
             if scenario.images:
                 pixel_values, position_ids = rimage.preprocess_batch(
-                    [decoded[p] for p in scenario.images], max_soft_tokens)
+                    [decoded[p] for p in scenario.images], settings.max_soft_tokens)
             logits = model(inputs["input.input_ids"], None, pixel_values,
-                           position_ids, inputs.get("input.audio_frames"), policy, cache, 0)
+                           position_ids, inputs.get("input.audio_frames"), settings.candidate_policy, cache, 0)
             mx.eval(logits)
         steps = []
         length = inputs["input.input_ids"].shape[1]
@@ -194,11 +185,12 @@ class Gemma4UnifiedAdapter:
             steps.append(to_numpy(logits))
         return recorder.capture, steps
 
-    def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], max_soft_tokens: int) -> Capture:
+    def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
         """Float64 preprocessing and vision embedder (the decoder's oracle comes with its own issue)."""
         if not scenario.images:
             return {}
         parts = []
+        max_soft_tokens = settings.max_soft_tokens
         for p in scenario.images:
             image = decoded[p]
             th, tw = numpy_ops.soft_token_grid(image.shape[0], image.shape[1], max_soft_tokens)

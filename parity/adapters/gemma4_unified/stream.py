@@ -41,10 +41,12 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter, Scenario
+from parity.adapter import Scenario
+from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter
+from parity.adapters.gemma4_unified.stages import MASK_KINDS
 from parity.capture import Capture, Recorder, to_numpy
 from parity.metrics import StageDiff, compare, logits_agreement, missing
-from parity.stages import MASK_KINDS, hook_points, select
+from parity.stages import hook_points, select
 from parity.tolerances import tolerance
 from parity.viz import case_viz, ref_max_abs
 from reference.hf import bool_mask
@@ -240,7 +242,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     all_stages = adapter.stages(scenario)
     stages = select(list(settings.stages), all_stages)
     tols = {s.name: tolerance(s.tol, settings.dtype, settings.mode) for s in stages}
-    inputs, pre = adapter.inputs(scenario, decoded, settings.max_soft_tokens)
+    inputs, pre = adapter.inputs(scenario, decoded, settings)
     names = [s.name for s in all_stages]
     lock = Lockstep(adapter, scenario, inputs, pre, decoded, settings, names, tols)
     # text.inputs_embeds and the masks are read when HF enters its language model (Lockstep._prefix)
@@ -277,7 +279,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     # a stage never settled is one a side did not capture (settle pops the captures it compares)
     diffs = [lock.diffs[s.name] if s.name in lock.diffs  # (a StageDiff is falsy when it fails: no `or`)
              else missing(s.name, tols[s.name], settings.dtype, lock.recorder.capture, lock.ref) for s in stages]
-    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings.max_soft_tokens), lock.kept_ref,
+    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), lock.kept_ref,
                             lock.kept_cand, tols) if settings.oracle else {}
     viz = case_viz(lock.kept_cand, lock.kept_ref, {}, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,
                    [d.stage for d in diffs], lock.ref_max)
