@@ -18,7 +18,7 @@ from typing import Any
 from rmlx.config import TextConfig
 from rmlx.errors import InputError
 
-# HF Gemma4TextConfig defaults that differ from what rmlx.config.TextConfig.from_dict assumes for a
+# HF Gemma4TextConfig default values that differ from what rmlx.config.TextConfig.from_dict assumes for a
 # missing key (it follows gemma4_unified): a gemma4 config.json without them must mean HF's value.
 _TEXT_DEFAULTS = {"sliding_window": 512, "use_bidirectional_attention": None}
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
@@ -109,9 +109,13 @@ class VisionConfig:
                              f"of num_key_value_heads={self.num_key_value_heads}")
         if self.hidden_activation not in _ACTIVATIONS:
             raise InputError(f"vision_config: unsupported hidden_activation '{self.hidden_activation}'")
-        if self.patch_size < 1 or self.pooling_kernel_size < 1:
-            raise InputError(f"vision_config: patch_size={self.patch_size} and pooling_kernel_size="
-                             f"{self.pooling_kernel_size} must be positive")
+        if self.patch_size < 1:
+            raise InputError(f"vision_config: patch_size={self.patch_size} must be positive")
+        if self.pooling_kernel_size < 2:
+            # HF 5.24 skips the pooling at k = 1 and then keeps the rows its *padding* mask marks (the
+            # pooler returns padding_positions where the caller expects True = valid): no reference to match
+            raise InputError(f"vision_config: pooling_kernel_size={self.pooling_kernel_size} is not supported "
+                             "(HF's pooler drops the valid patches at 1); need >= 2")
 
     @property
     def patch_dim(self) -> int:  # one flattened patch: patch_size^2 pixels x 3 channels (HWC)

@@ -68,14 +68,17 @@ class Model(nn.Module):
 
     def __call__(self, input_ids: np.ndarray, mm_token_type_ids: np.ndarray | None = None,
                  pixel_values: np.ndarray | None = None, image_position_ids: np.ndarray | None = None,
-                 cache: list[KVCache | None] | None = None, offset: int = 0) -> mx.array:
-        """Prefill (offset 0) or one decode step (offset > 0, one token, with ``cache``) -> logits (1, L, V)."""
-        h, masks = self.embed_inputs(input_ids, mm_token_type_ids, pixel_values, image_position_ids, cache, offset)
+                 cache: list[KVCache | None] | None = None, offset: int = 0, policy: str = "official") -> mx.array:
+        """Prefill (offset 0) or one decode step (offset > 0, one token, with ``cache``) -> logits (1, L, V).
+        ``policy``: the attention-mask policy of the prefill (``rmlx.base.attention_masks``; HF's gemma4
+        forward builds ``official``)."""
+        h, masks = self.embed_inputs(input_ids, mm_token_type_ids, pixel_values, image_position_ids, cache, offset,
+                                     policy)
         return self.language_model(h, masks, cache, offset)
 
     def embed_inputs(self, input_ids: np.ndarray, mm_token_type_ids: np.ndarray | None = None,
                      pixel_values: np.ndarray | None = None, image_position_ids: np.ndarray | None = None,
-                     cache: list[KVCache | None] | None = None, offset: int = 0
+                     cache: list[KVCache | None] | None = None, offset: int = 0, policy: str = "official"
                      ) -> tuple[mx.array, dict[str, mx.array] | None]:
         """(inputs_embeds (1, L, H), masks by layer type; None on a decode step).
 
@@ -107,7 +110,7 @@ class Model(nn.Module):
         h = tap("text.inputs_embeds", h)
         if offset == 0:
             overlay = types if a.text.use_bidirectional_attention == "vision" else np.zeros_like(types)
-            masks = attention_masks(mx.array(overlay), a.text.sliding_window, "official")
+            masks = attention_masks(mx.array(overlay), a.text.sliding_window, policy)
             masks = {"full_attention": tap("mask.full_attention", masks["full_attention"]),
                      "sliding_attention": tap("mask.sliding_attention", masks["sliding_attention"])}
         elif ids.shape[1] == 1 and cache is not None:

@@ -243,19 +243,26 @@ class VisionModel(nn.Module):
         h = self.patch_embedder(mx.array(pixel_values), positions, padding)
         h = self.encoder(h, positions, ~padding)
 
-        # Pooler: zero the padding rows, average k x k cells (a one-hot matmul, as HF), scale in fp32.
         dtype = h.dtype
-        h = mx.where(padding[..., None], mx.array(0.0, dtype), h)
-        weights = pooling_weights(pos_np, k, length)  # (B, P, length)
-        if p != length:
-            h = (mx.array(weights).transpose(0, 2, 1) @ h.astype(mx.float32)).astype(dtype)  # (B, length, D)
-            valid = (weights != 0).any(axis=1)  # (B, length): cells that received a patch
-        else:  # k = 1: no pooling, HF keeps its padding mask
-            valid = ~padding_np
-        h = tap("vision.pooled", h.astype(mx.float32) * mx.array(math.sqrt(cfg.hidden_size), mx.float32))
+        h, valid = self.pool(h, padding, pos_np, length)
+        h = tap("vision.pooled", h)
 
         keep = np.flatnonzero(valid.reshape(-1))  # HF: hidden_states[pooler_mask], (b, cell) order
         h = h.reshape(-1, h.shape[-1])[mx.array(keep)][None]  # (B*length, D) -> (1, N, D)
-        if cfg.standardize:  # in fp32: the bias subtraction cancels large values
-            h = tap("vision.standardized", (h - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32))
+        if cfg.standardize:
+            return tap("vision.standardized", self.standardize(h).astype(dtype))
         return h.astype(dtype)
+
+    def pool(self, h: mx.array, padding: mx.array, pos_np: np.ndarray, length: int) -> tuple[mx.array, np.ndarray]:
+        """HF ``Gemma4VisionPooler``: zero the padding rows, average k x k cells (a one-hot matmul, as HF),
+        scale by sqrt(hidden) in fp32. Returns (pooled (B, length, D) fp32, valid cells (B, length) bool)."""
+        dtype = h.dtype
+        h = mx.where(padding[..., None], mx.array(0.0, dtype), h)
+        weights = pooling_weights(pos_np, self.cfg.pooling_kernel_size, length)  # (B, P, length); P != length
+        h = (mx.array(weights).transpose(0, 2, 1) @ h.astype(mx.float32)).astype(dtype)  # (B, length, D)
+        valid = (weights != 0).any(axis=1)  # (B, length): cells that received a patch
+        return h.astype(mx.float32) * mx.array(math.sqrt(self.cfg.hidden_size), mx.float32), valid
+
+    def standardize(self, h: mx.array) -> mx.array:
+        """(x - std_bias) * std_scale, in fp32 (the bias subtraction cancels large values); the caller casts."""
+        return (h - self.std_bias.astype(mx.float32)) * self.std_scale.astype(mx.float32)
