@@ -180,19 +180,25 @@ def _check_outputs(args, *folders: Path | None) -> None:
 def _run(args) -> tuple[dict, Path, dict | None]:
     """Run the cases the options name: (record, report folder, dumps); nothing written yet."""
     from parity import report
-    from parity.runner import default_scenarios, record, run_cases
+    from parity.runner import default_scenarios, record, run_cases, runnable
     from rmlx.errors import InputError
 
+    settings = _settings(args)
     models = args.model or default_models()
     images = args.image or default_images()
     if not models or not images:
         raise Untestable(f"no fixture models or images under {fixtures_dir()}")
+    if not args.model:  # the embedded default: fixture models whose family cannot run these settings sit out
+        models, skipped = runnable(models, settings)
+        for m, why in skipped.items():
+            print(f"rmlx-parity: note: {m.name} skipped: {why}", file=sys.stderr)
+        if not models:
+            raise InputError("no fixture model's family can run these settings")
     scenarios = default_scenarios(images, None if args.image else fixtures_dir() / "images", models)
     if args.case:
         scenarios = [s for s in scenarios if any(fnmatch.fnmatchcase(s.name, g) for g in args.case)]
         if not scenarios:
             raise InputError(f"--case {' '.join(args.case)} matches no scenario")
-    settings = _settings(args)
     report_dir = args.report_dir or Path("reports") / args.run_id
     _check_outputs(args, report_dir, args.dump)
     t0 = time.perf_counter()

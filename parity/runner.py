@@ -114,6 +114,19 @@ def run_defects(models: list[Path], names: tuple[str, ...]) -> list[Defect]:
     return check(catalog, names)
 
 
+def runnable(models: list[Path], settings: Settings) -> tuple[list[Path], dict[Path, str]]:
+    """(the models whose family can run ``settings``, {model: why not} for the others)."""
+    kept, skipped = [], {}
+    for m in models:
+        try:
+            family_of(m).check_settings(settings)
+        except InputError as e:
+            skipped[m] = str(e)
+        else:
+            kept.append(m)
+    return kept, skipped
+
+
 def validate(settings: Settings) -> None:
     if settings.mode not in MODES:
         raise InputError(f"mode={settings.mode!r} is not one of {MODES}")

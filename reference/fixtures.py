@@ -1,4 +1,5 @@
-"""Generate the committed fixtures: tiny Gemma 4 unified checkpoints and the image battery.
+"""Generate the committed fixtures: tiny Gemma 4 unified checkpoints, a tiny Gemma 4 (SigLIP vision)
+checkpoint (``reference/gemma4/fixtures.py``) and the image battery.
 
 Checkpoints are written by transformers' own ``save_pretrained`` (so the on-disk key layout is the
 real one), after every parameter is re-randomised so that no convention passes by accident: norm
@@ -53,6 +54,13 @@ MODELS: dict[str, dict] = {
                     mm_posemb_size=1120),
         audio=None,
     ),
+}
+
+# Gemma 4 with the SigLIP-style vision tower (model_type "gemma4"): name -> (seed, overrides of
+# reference.gemma4.fixtures.tiny_config). The position table covers every image of the battery at every
+# supported budget (the 40x400 panorama at max_soft_tokens 1120 reaches patch column 315).
+GEMMA4_MODELS: dict[str, tuple[int, dict]] = {
+    "gemma4-tiny": (0, {"vision": {"position_embedding_size": 320}}),
 }
 
 _NORM_SUFFIXES = ("layernorm.weight", "q_norm.weight", "k_norm.weight", "norm.weight",
@@ -195,6 +203,14 @@ def generate(out: str | Path) -> dict:
             for f in sorted((tmp / "models" / name).iterdir()):
                 manifest["files"][f"models/{name}/{f.name}"] = {
                     "sha256": _sha256(f), "how": f"save_pretrained of build_model('{name}'), seed {spec['seed']}"}
+        from reference.gemma4.fixtures import make_tiny_checkpoint
+
+        for name, (seed, overrides) in GEMMA4_MODELS.items():
+            make_tiny_checkpoint(tmp / "models" / name, seed=seed, **overrides)
+            for f in sorted((tmp / "models" / name).iterdir()):
+                manifest["files"][f"models/{name}/{f.name}"] = {
+                    "sha256": _sha256(f), "how": f"reference.gemma4.fixtures.make_tiny_checkpoint, seed {seed}, "
+                                                 f"overrides {overrides}"}
         (tmp / "images").mkdir()
         for fname, (how, make) in IMAGES.items():
             path = tmp / "images" / fname

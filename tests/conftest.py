@@ -22,7 +22,18 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.ge
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
-MODELS = sorted(p for p in (FIXTURES / "models").iterdir() if (p / "config.json").is_file())
+ALL_MODELS = sorted(p for p in (FIXTURES / "models").iterdir() if (p / "config.json").is_file())
+
+
+def _model_type(p: Path) -> str:
+    return json.loads((p / "config.json").read_text()).get("model_type", "")
+
+
+# the gemma4_unified fixture models (what most tests mean by "every fixture model"), and the gemma4 ones
+MODELS = [p for p in ALL_MODELS if _model_type(p) == "gemma4_unified"]
+GEMMA4_MODELS = [p for p in ALL_MODELS if _model_type(p) == "gemma4"]
+
+
 IMAGES = sorted((FIXTURES / "images").glob("*.png"))
 
 

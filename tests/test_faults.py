@@ -17,11 +17,11 @@ from parity.defects import check, matches, planted
 from rmlx import base, text
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
-from tests.conftest import MODELS
+from tests.conftest import ALL_MODELS, MODELS
 
 
 def first_full_layer(model) -> int:
-    return ModelArgs.from_file(model / "config.json").text.layer_types.index("full_attention")
+    return json.loads((model / "config.json").read_text())["text_config"]["layer_types"].index("full_attention")
 
 
 def test_every_defect_through_the_cli_flag(tmp_path):
@@ -34,7 +34,7 @@ def test_every_defect_through_the_cli_flag(tmp_path):
         rec = json.loads((tmp_path / f"{mode}.json").read_text())
         assert rec["settings"]["inject"] == ["rope-partial-slice"]
         for case in rec["cases"]:
-            model = next(m for m in MODELS if m.name == case["model"])
+            model = next(m for m in ALL_MODELS if m.name == case["model"])  # the shared decoder: both families
             assert case["first_divergence"]["stage"] == f"layers.{first_full_layer(model)}.attn.q"
     assert base._rotate.__name__ == "_rotate"  # unplanted again after the run
 

@@ -11,21 +11,34 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from parity.adapters.gemma4 import FAMILY as GEMMA4_FAMILY
 from parity.adapters.gemma4_unified import special_scenarios
 from parity.adapters.gemma4_unified.stages import stages_for
 from parity.cli import main
 from parity.tolerances import tolerance
 from rmlx.config import ModelArgs
-from tests.conftest import FIXTURES, IMAGES, MODELS
+from tests.conftest import FIXTURES, GEMMA4_MODELS, IMAGES, MODELS
 
 STAGE_FIELDS = {"name", "passed", "max_abs", "max_abs_index", "max_rel", "mismatched", "numel", "max_ulp",
                 "cosine", "nmse_db", "tolerance", "min_tolerance"}
 ARGS = {m.name: ModelArgs.from_file(m / "config.json") for m in MODELS}
 
 
+GEMMA4 = {m.name for m in GEMMA4_MODELS}  # the gemma4 (SigLIP vision) fixture models: no audio tower
+
+
 def expected_cases() -> int:
     specials = special_scenarios(FIXTURES / "images")
-    return sum(len(IMAGES) + sum(1 for s in specials if not s.has_audio or ARGS[m.name].audio) for m in MODELS)
+    return (sum(len(IMAGES) + sum(1 for s in specials if not s.has_audio or ARGS[m.name].audio) for m in MODELS)
+            + sum(len(IMAGES) + sum(1 for s in specials if not s.has_audio) for _ in GEMMA4_MODELS))
+
+
+def want_stages(case: dict) -> list[str]:
+    if case["model"] in GEMMA4:
+        model = next(m for m in GEMMA4_MODELS if m.name == case["model"])
+        table = GEMMA4_FAMILY.stage_table(model)
+        return [s.name for s in table if case["image_sizes"] or not s.name.startswith(("image.", "vision."))]
+    return [s.name for s in stages_for(ARGS[case["model"]].text, bool(case["image_sizes"]), case["audio"])]
 
 
 RUNS = [("float32", "free", "official"), ("float32", "teacher", "official"), ("bfloat16", "free", "official"),
@@ -55,9 +68,7 @@ def test_record_schema(default_run):
     for case in rec["cases"]:
         assert {"name", "model", "image", "dtype", "mode", "stages", "mask_policy",
                 "reference_self_consistency", "logits", "decode"} <= set(case)
-        cfg = ARGS[case["model"]]
-        want = stages_for(cfg.text, bool(case["image_sizes"]), case["audio"])
-        assert [s["name"] for s in case["stages"]] == [s.name for s in want]
+        assert [s["name"] for s in case["stages"]] == want_stages(case)
         for st in case["stages"]:
             assert STAGE_FIELDS <= set(st), STAGE_FIELDS - set(st)
         assert [d["step"] for d in case["decode"]] == [1, 2, 3, 4]
@@ -96,9 +107,17 @@ def test_logits_agree_on_the_next_token(default_run):
 
 def test_policies_differ_in_the_reference_itself(default_run):
     """Reference self-consistency: under `official`, HF's own forward differs on image cases (the
-    two policies disagree whenever an image block is longer than the window); never on text only."""
+    two policies disagree whenever an image block is longer than the window); never on text only.
+    gemma4 (SigLIP vision) the other way round: HF's own gemma4 forward builds `official`."""
     _, rec, _ = default_run
-    sc = {c["name"]: c["reference_self_consistency"]["max_abs_logits"] for c in rec["cases"]}
+    every = {c["name"]: c["reference_self_consistency"]["max_abs_logits"] for c in rec["cases"]}
+    g4 = {k: v for k, v in every.items() if k.split("/", 1)[0] in GEMMA4}
+    sc = {k: v for k, v in every.items() if k not in g4}
+    if rec["settings"]["mask_policy"] == "official":
+        assert set(g4.values()) <= {0.0}
+    else:
+        assert all(v == 0.0 for k, v in g4.items() if k.endswith("/text-only"))
+        assert all(v > 0.1 for k, v in g4.items() if k.endswith(("/two-images", "/long-image-block")))
     if rec["settings"]["mask_policy"] == "hf-forward":
         assert set(sc.values()) == {0.0}
         return

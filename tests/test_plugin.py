@@ -74,7 +74,7 @@ def test_entry_point_autoloads_in_a_fresh_project(pytester):
 
 def test_fixtures_are_the_embedded_default(rmlx_fixtures_dir, rmlx_models, rmlx_battery):
     assert rmlx_fixtures_dir == ROOT / "fixtures"
-    assert [m.name for m in rmlx_models] == ["tiny", "tiny-variant"]
+    assert [m.name for m in rmlx_models] == ["gemma4-tiny", "tiny", "tiny-variant"]
     assert all((m / "model.safetensors").is_file() for m in rmlx_models)
     assert len(rmlx_battery) == 17 and (ROOT / "fixtures/images/gradient.png") in rmlx_battery
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in rmlx_battery)

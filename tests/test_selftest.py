@@ -8,12 +8,14 @@ from dataclasses import replace
 import pytest
 
 from parity import tolerances
+from parity.adapter import defect_catalog, families
 from parity.adapters.gemma4_unified import defects
 from parity.cli import main
 from parity.metrics import Tol
 from tests.conftest import MODELS
 
 TINY = next(m for m in MODELS if m.name == "tiny")
+EVERY = defect_catalog()  # the defects of every registered family (the self-test plants each)
 
 AREAS = {"preprocessing", "embedder", "masks", "rope", "attention", "mlp", "norms", "residual", "logits", "loader",
          "audio", "quantization"}
@@ -29,7 +31,8 @@ def selftest(tmp_path_factory):
 def test_catalog_is_wide_enough():
     assert len(defects.CATALOG) >= 20
     assert {f.area for f in defects.CATALOG.values()} >= AREAS
-    for f in defects.CATALOG.values():
+    assert len(families()["gemma4"].defects) >= 6  # the SigLIP control path
+    for f in EVERY.values():
         assert f.imitates and f.stage and f.name == f.name.strip()
 
 
@@ -38,15 +41,16 @@ def test_selftest_catches_and_localises_every_defect(selftest):
     assert code == 0, [o for o in rec["outcomes"] if not o["ok"]]
     assert rec["passed"] and rec["detection_score"] == 1.0 and rec["localisation_score"] == 1.0
     assert rec["false_alarms"] == [] and rec["escaped"] == [] and rec["mislocalised"] == []
-    assert rec["faults"] == len(defects.CATALOG)
-    planted = {(o["fault"], o["mode"]) for o in rec["outcomes"] if o["fault"] in defects.CATALOG}
-    assert planted == {(n, m) for n in defects.CATALOG for m in ("teacher", "free")}
+    assert rec["faults"] == len(EVERY)
+    planted = {(o["fault"], o["mode"]) for o in rec["outcomes"] if o["fault"] in EVERY}
+    assert planted == {(n, m) for n in EVERY for m in ("teacher", "free")}
     for o in rec["outcomes"]:  # teacher-forced: every failing case first fails at the stage its model implies
-        if o["fault"] in defects.CATALOG and o["mode"] == "teacher":
+        if o["fault"] in EVERY and o["mode"] == "teacher":
             assert o["localised"] and o["misplaced"] == [], o
-            assert o["found"] or defects.CATALOG[o["fault"]].stage == "load", o
-    clean = [o for o in rec["outcomes"] if o["fault"] not in defects.CATALOG]
-    assert {o["mode"] for o in clean} == {"teacher", "free"} and len(clean) == 4  # plain and quantized
+            assert o["found"] or EVERY[o["fault"]].stage == "load", o
+    clean = [o for o in rec["outcomes"] if o["fault"] not in EVERY]
+    assert {o["mode"] for o in clean} == {"teacher", "free"}
+    assert len(clean) == 6  # both modes: unified plain and quantized, gemma4 plain
     assert all(o["cases"] > 0 and o["failed_cases"] == 0 for o in clean)
 
 
@@ -54,7 +58,7 @@ def test_selftest_report_has_the_table(selftest):
     _, rec, out = selftest
     md = (out / "rep" / "selftest.md").read_text()
     assert "| defect | area | expected stage | found (teacher) | found (free) | detected | localised | ok |" in md
-    for name in defects.CATALOG:
+    for name in EVERY:
         assert f"| {name} |" in md
     assert "detection 100%, localisation 100%, false alarms 0" in md
     assert json.loads((out / "rep" / "selftest.json").read_text())["outcomes"] == rec["outcomes"]

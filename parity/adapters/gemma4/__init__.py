@@ -1,0 +1,89 @@
+"""Gemma 4 with the SigLIP-style vision tower (``model_type: gemma4``, HF ``Gemma4ForConditionalGeneration``).
+
+``FAMILY`` is what the core sees (``parity.adapter.Family``), registered through the entry-point group
+``rmlx.parity.families`` (``gemma4 = "parity.adapters.gemma4:FAMILY"``). The stage table is
+``stages.py``, the defect catalog ``defects.py``, the per-checkpoint adapter ``adapter.py``. Scenarios
+are the unified family's; the ones with audio are not supported (no audio tower is ported). Both mask
+policies run: ``official`` is HF's own gemma4 forward, ``hf-forward`` is forced on the reference
+through the per-layer-type mask dict (``reference.gemma4.hf.Runner.masks``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from parity.adapter import Adapter, Scenario
+from parity.adapters.gemma4 import defects, stages
+from parity.adapters.gemma4.adapter import Gemma4Adapter, supports
+from parity.adapters.gemma4_unified import unique_image_scenarios
+from parity.adapters.gemma4_unified.adapter import special_scenarios
+from parity.defects import Defect
+from parity.stages import Stage
+from rmlx.errors import InputError
+from rmlx.image import check_max_soft_tokens
+from rmlx.models.gemma4.config import ModelArgs
+
+# an image (padding rows at the self-test budget), two images of different sizes, and text only (no
+# vision defect may fire there: the false-alarm check)
+SELFTEST_CASES = ("image/gradient", "two-images", "text-only")
+
+__all__ = ["FAMILY", "Gemma4Adapter", "Gemma4Family"]
+
+
+class Gemma4Family:
+    model_type = "gemma4"
+    defects: dict[str, Defect] = defects.CATALOG
+    selftest_settings = {"max_soft_tokens": 70}
+    selftest_cases = SELFTEST_CASES
+
+    def args(self, model_dir: Path) -> ModelArgs:
+        return ModelArgs.from_file(Path(model_dir) / "config.json")
+
+    def check_settings(self, settings) -> None:
+        check_max_soft_tokens(settings.max_soft_tokens)
+        if settings.quantize is not None:
+            raise InputError(f"--quantize {settings.quantize}: the gemma4 family has no quantized run yet")
+        if settings.stream:
+            raise InputError("--stream: the gemma4 family has no layer-by-layer driver yet")
+
+    def load(self, model_dir: Path, settings) -> Adapter:
+        return Gemma4Adapter(model_dir, settings.dtype, settings.attn_implementation, settings.threads)
+
+    def load_streamed(self, model_dir: Path, settings) -> Adapter:
+        raise InputError(f"{model_dir}: the gemma4 family has no layer-by-layer driver (--stream)")
+
+    def run_streamed(self, adapter, model: Path, scenario: Scenario, decoded: dict, settings):
+        raise InputError(f"{model}: the gemma4 family has no layer-by-layer driver (--stream)")
+
+    def scenarios(self, images: list[Path], fixture_images: Path | None) -> list[Scenario]:
+        specials = list(special_scenarios(fixture_images)) if fixture_images is not None else []
+        return unique_image_scenarios(images) + specials
+
+    def selftest_scenarios(self, fixture_images: Path) -> list[Scenario]:
+        every = self.scenarios(sorted(fixture_images.glob("*.png")), fixture_images)
+        picked = [s for s in every if s.name in self.selftest_cases]
+        missing = sorted(set(self.selftest_cases) - {s.name for s in picked})
+        if missing:
+            raise InputError(f"{fixture_images}: the self-test cases {missing} need images that are not there")
+        return picked
+
+    def supports(self, model_dir: Path, scenario: Scenario) -> bool:
+        return supports(self.args(model_dir), scenario)
+
+    def stage_table(self, model_dir: Path) -> tuple[Stage, ...]:
+        a = self.args(model_dir)
+        v = a.vision
+        return stages.stages_for(a.text, None if v is None else v.num_hidden_layers,
+                                 v is not None and v.standardize, v is not None)
+
+    def classify(self, name: str) -> Stage | None:
+        return stages.classify(name)
+
+    def order_key(self, name: str) -> tuple | None:
+        return stages.order_key(name)
+
+    def expected_stage(self, defect: Defect, adapter, scenario: Scenario) -> str:
+        return defects.expected_stage(defect)
+
+
+FAMILY = Gemma4Family()
