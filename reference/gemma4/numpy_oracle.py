@@ -28,6 +28,28 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pad: np.ndarray, rows: int = 512) -> np.ndarray:
+    """softmax(q k^T) v, scale 1.0, padding keys masked: q (B, P, H, d), k/v (B, P, KV, d) -> (B, P, H, d).
+
+    A masked key's weight is exactly 0, so each image attends over its valid keys only; the scores go
+    in blocks of ``rows`` query rows of one head (a few MB each, computed in place)."""
+    b, p, heads, d = q.shape
+    groups = heads // k.shape[2]
+    out = np.empty_like(q)
+    for bi in range(b):
+        keep = ~pad[bi]
+        kb, vb = k[bi, keep], v[bi, keep]  # (Pv, KV, d)
+        for h in range(heads):
+            kt, vh = kb[:, h // groups].T, vb[:, h // groups]  # (d, Pv), (Pv, d)
+            for start in range(0, p, rows):
+                s = q[bi, start:start + rows, h] @ kt  # (rows, Pv)
+                s -= s.max(-1, keepdims=True)
+                np.exp(s, out=s)
+                s /= s.sum(-1, keepdims=True)
+                out[bi, start:start + rows, h] = s @ vh
+    return out
+
+
 def vision(model_dir: str | Path, pixel_values: np.ndarray, position_ids: np.ndarray) -> dict[str, np.ndarray]:
     """pixel_values (B, P, p*p*3), position_ids (B, P, 2) -> {stage name: float64 array}."""
     from safetensors.numpy import load_file
@@ -75,7 +97,6 @@ def vision(model_dir: str | Path, pixel_values: np.ndarray, position_ids: np.nda
             parts.append(z[..., s] * cos[..., s] + _rotate_half(z[..., s]) * sin[..., s])
         return np.concatenate(parts, -1)
 
-    bias = np.where(pad, -np.inf, 0.0)[:, None, None, :]  # (B, 1, 1, P): padding keys masked
     for i in range(v["num_hidden_layers"]):
         lp = f"{vt}encoder.layers.{i}."
         a = _rms(h, w[lp + "input_layernorm.weight"], eps)
@@ -87,11 +108,7 @@ def vision(model_dir: str | Path, pixel_values: np.ndarray, position_ids: np.nda
         val = _rms(val, None, eps)
         out[f"vision.layers.{i}.attn.q"], out[f"vision.layers.{i}.attn.k"] = q, k
         out[f"vision.layers.{i}.attn.v"] = val
-        kr = np.repeat(k, heads // kv, axis=2).transpose(0, 2, 3, 1)  # (B, H, d, P)
-        vr = np.repeat(val, heads // kv, axis=2).transpose(0, 2, 1, 3)  # (B, H, P, d)
-        s = q.transpose(0, 2, 1, 3) @ kr + bias  # scale 1.0
-        s = np.exp(s - s.max(-1, keepdims=True))
-        o = ((s / s.sum(-1, keepdims=True)) @ vr).transpose(0, 2, 1, 3).reshape(b, p, heads * d)
+        o = _attention(q, k, val, pad).reshape(b, p, heads * d)
         o = linear(lp + "self_attn.o_proj.", o)
         out[f"vision.layers.{i}.attn.out"] = o
         h = h + _rms(o, w[lp + "post_attention_layernorm.weight"], eps)
