@@ -12,6 +12,7 @@ import struct
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from rmlx import quant
@@ -100,12 +101,15 @@ def load_raw_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def check_weights(model: Model, weights: dict[str, mx.array], source: dict[str, str]) -> None:
+def check_weights(model: nn.Module, weights: dict[str, mx.array], source: dict[str, str],
+                  key_of=checkpoint_key) -> None:
+    """Every parameter of ``model`` given once with its shape, nothing else; ``key_of``: a module path ->
+    its checkpoint key, for the message."""
     expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
     missing = sorted(expected.keys() - weights.keys())
     unexpected = sorted(weights.keys() - expected.keys())
     if missing:
-        names = [checkpoint_key(k) for k in missing]
+        names = [key_of(k) for k in missing]
         raise InputError(f"checkpoint is missing tensor(s): {names[:8]}{' ...' if len(names) > 8 else ''} "
                          f"({len(names)} in all; expected shape {expected[missing[0]]} for '{names[0]}')")
     if unexpected:
@@ -114,6 +118,18 @@ def check_weights(model: Model, weights: dict[str, mx.array], source: dict[str, 
         got = tuple(weights[k].shape)
         if got != expected[k]:
             raise InputError(f"tensor '{source[k]}' has shape {got}, the config implies {expected[k]}")
+
+
+def load_checkpoint(model: nn.Module, path: Path, dtype: str, key_of=checkpoint_key) -> None:
+    """Read a checkpoint directory's safetensors (one file or an index of shards, validated) into
+    ``model`` in ``dtype``, strictly: ``model.sanitize`` renames, :func:`check_weights` checks."""
+    if dtype not in DTYPES:
+        raise InputError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
+    weights, source = model.sanitize(load_raw_weights(path))
+    check_weights(model, weights, source, key_of)
+    target = DTYPES[dtype]
+    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
+    model.load_weights(list(weights.items()), strict=True)
 
 
 def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = None) -> Model:
@@ -135,11 +151,7 @@ def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = 
         if quantize is not None:
             raise InputError(f"{path}: the checkpoint is already quantized; drop --quantize")
         model.quant_status = _quantize_as_stored(model, args.quantization, path)
-    weights, source = model.sanitize(load_raw_weights(path))
-    check_weights(model, weights, source)
-    target = DTYPES[dtype]
-    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
+    load_checkpoint(model, path, dtype)
     if quantize is not None:
         model.quant_status = quant.quantize(model, quantize)
     mx.eval(model.parameters())

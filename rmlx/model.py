@@ -66,6 +66,45 @@ def checkpoint_key(name: str) -> str:
     return name
 
 
+def scatter(h: mx.array, slots: np.ndarray, soft: mx.array | None, what: str) -> mx.array:
+    """HF's ``masked_scatter``: soft tokens (1, N, H) into the ``what`` slots of h (1, L, H), in sequence
+    order; a count mismatch is an error, never a silent wrap-around."""
+    n_slots = int(slots.sum())
+    n_soft = 0 if soft is None else soft.shape[1]
+    if n_slots != n_soft:
+        raise InputError(f"{what} soft tokens and {what} token slots do not match: "
+                         f"{n_soft} soft tokens, {n_slots} slots")
+    if n_slots == 0:
+        return h
+    h[:, mx.array(np.flatnonzero(slots[0]))] = soft.astype(h.dtype)  # (1, N, H) into the slots, in order
+    return h
+
+
+def rename_keys(weights: dict[str, mx.array], prefixes: tuple[tuple[str, str], ...], tied: bool, family: str
+                ) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """Checkpoint keys -> module paths by ``prefixes`` ((checkpoint prefix, module path), most specific
+    first). Returns the renamed weights and {module path: checkpoint key}. A tied ``lm_head.weight`` is
+    dropped (the token embedding serves); an unknown key, or one given twice, is an error naming it."""
+    out: dict[str, mx.array] = {}
+    source: dict[str, str] = {}
+    for key, value in weights.items():
+        if key == "lm_head.weight":
+            if not tied:
+                raise InputError("lm_head.weight: untied output embeddings are not supported "
+                                 "(config tie_word_embeddings is false)")
+            continue
+        for prefix, target in prefixes:
+            if key.startswith(prefix):
+                name = target + key[len(prefix):]
+                break
+        else:
+            raise InputError(f"unexpected tensor '{key}': not part of a {family} checkpoint")
+        if name in out:
+            raise InputError(f"tensor given twice under two spellings: '{source[name]}' and '{key}'")
+        out[name], source[name] = value, key
+    return out, source
+
+
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -138,40 +177,12 @@ class Model(nn.Module):
             raise InputError("the checkpoint has no vision_config, but the case has an image")
         return self.vision_embedder(mx.array(pixel_values), mx.array(image_position_ids))
 
-    @staticmethod
-    def _scatter(h: mx.array, slots: np.ndarray, soft: mx.array | None, what: str) -> mx.array:
-        n_slots = int(slots.sum())
-        n_soft = 0 if soft is None else soft.shape[1]
-        if n_slots != n_soft:
-            raise InputError(f"{what} soft tokens and {what} token slots do not match: "
-                             f"{n_soft} soft tokens, {n_slots} slots")
-        if n_slots == 0:
-            return h
-        idx = np.flatnonzero(slots[0])
-        idx = mx.array(idx)
-        h[:, idx] = soft.astype(h.dtype)  # (1, N, H) into the slots, in sequence order
-        return h
+    _scatter = staticmethod(scatter)  # one seam for the soft tokens of every kind
 
     def make_cache(self) -> list[KVCache | None]:
         return self.language_model.make_cache()
 
     def sanitize(self, weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, str]]:
         """Checkpoint keys -> module paths. Returns the renamed weights and {module path: checkpoint key}."""
-        out: dict[str, mx.array] = {}
-        source: dict[str, str] = {}
-        for key, value in weights.items():
-            if key == "lm_head.weight":
-                if not self.args.tie_word_embeddings:
-                    raise InputError("lm_head.weight: untied output embeddings are not supported "
-                                     "(config tie_word_embeddings is false)")
-                continue  # tied: the token embedding serves as the output projection
-            for prefix, target in _PREFIXES:
-                if key.startswith(prefix):
-                    name = target + key[len(prefix):]
-                    break
-            else:
-                raise InputError(f"unexpected tensor '{key}': not part of a gemma4_unified checkpoint")
-            if name in out:
-                raise InputError(f"tensor given twice under two spellings: '{source[name]}' and '{key}'")
-            out[name], source[name] = value, key
-        return out, source
+        return rename_keys(weights, _PREFIXES, self.args.tie_word_embeddings, "gemma4_unified")
+

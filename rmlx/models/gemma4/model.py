@@ -13,16 +13,15 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten
 
 from rmlx.base import attention_masks, rms_norm
 from rmlx.errors import InputError
+from rmlx.load import load_checkpoint
+from rmlx.model import rename_keys, scatter
 from rmlx.models.gemma4.config import ModelArgs
 from rmlx.models.gemma4.vision import VisionModel
 from rmlx.tap import tap
 from rmlx.text import KVCache, TextModel
-
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 _PREFIXES = (  # (checkpoint prefix, module path)
     ("model.vision_tower.", "vision_tower."),
@@ -106,7 +105,7 @@ class Model(nn.Module):
         slots = ids == a.image_token_id
         if offset == 0:  # a decode step embeds a generated soft-token id as the pad token, as HF does
             soft = None if pixel_values is None else self.image_features(pixel_values, image_position_ids)
-            h = _scatter(h, slots, soft)
+            h = scatter(h, slots, soft, "image")
         h = tap("text.inputs_embeds", h)
         if offset == 0:
             overlay = types if a.text.use_bidirectional_attention == "vision" else np.zeros_like(types)
@@ -124,35 +123,7 @@ class Model(nn.Module):
 
     def sanitize(self, weights: dict[str, mx.array]) -> tuple[dict[str, mx.array], dict[str, str]]:
         """Checkpoint keys -> module paths. Returns the renamed weights and {module path: checkpoint key}."""
-        out: dict[str, mx.array] = {}
-        source: dict[str, str] = {}
-        for key, value in weights.items():
-            if key == "lm_head.weight":
-                if not self.args.tie_word_embeddings:
-                    raise InputError("lm_head.weight: untied output embeddings are not supported "
-                                     "(config tie_word_embeddings is false)")
-                continue  # tied: the token embedding serves as the output projection
-            for prefix, target in _PREFIXES:
-                if key.startswith(prefix):
-                    name = target + key[len(prefix):]
-                    break
-            else:
-                raise InputError(f"unexpected tensor '{key}': not part of a gemma4 (text + vision) checkpoint")
-            out[name], source[name] = value, key
-        return out, source
-
-
-def _scatter(h: mx.array, slots: np.ndarray, soft: mx.array | None) -> mx.array:
-    """HF's ``masked_scatter``: soft tokens (1, N, H) into the image slots of h (1, L, H), in sequence order."""
-    n_slots = int(slots.sum())
-    n_soft = 0 if soft is None else soft.shape[1]
-    if n_slots != n_soft:
-        raise InputError(f"image soft tokens and image token slots do not match: {n_soft} soft tokens, "
-                         f"{n_slots} slots")
-    if n_slots == 0:
-        return h
-    h[:, mx.array(np.flatnonzero(slots[0]))] = soft.astype(h.dtype)
-    return h
+        return rename_keys(weights, _PREFIXES, self.args.tie_word_embeddings, "gemma4 (text + vision)")
 
 
 def checkpoint_key(name: str) -> str:
@@ -164,44 +135,15 @@ def checkpoint_key(name: str) -> str:
 
 
 def load_model(model_dir: str | Path, dtype: str = "float32") -> Model:
-    """Load a gemma4 checkpoint directory (config.json + model.safetensors) into a ``Model`` in ``dtype``.
-
-    Strict: a missing, unexpected or mis-shaped tensor is an ``InputError`` naming the key.
+    """Load a gemma4 checkpoint directory (config.json + safetensors, one file or shards) into a ``Model``
+    in ``dtype``. Strict (``rmlx.load.load_checkpoint``): a missing, unexpected or mis-shaped tensor is an
+    ``InputError`` naming the key.
     """
-    from safetensors import SafetensorError
-    from safetensors.mlx import load_file
 
     path = Path(model_dir)
     if not path.is_dir():
         raise InputError(f"{path}: checkpoint directory not found")
-    if dtype not in DTYPES:
-        raise InputError(f"dtype={dtype!r} is not one of {sorted(DTYPES)}")
-    args = ModelArgs.from_file(path / "config.json")
-    model = Model(args)
-    file = path / "model.safetensors"
-    if not file.is_file():
-        raise InputError(f"{path}: no model.safetensors (sharded and pickle checkpoints are not supported here)")
-    try:
-        raw = load_file(str(file))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise InputError(f"{file}: cannot read safetensors data ({e})") from None
-    weights, source = model.sanitize(raw)
-    expected = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
-    missing = sorted(expected.keys() - weights.keys())
-    unexpected = sorted(weights.keys() - expected.keys())
-    if missing:
-        raise InputError(f"{file}: checkpoint is missing tensor '{checkpoint_key(missing[0])}' "
-                         f"(expected shape {expected[missing[0]]}; {len(missing)} missing in all: "
-                         f"{[checkpoint_key(k) for k in missing[:8]]})")
-    if unexpected:
-        raise InputError(f"{file}: unexpected tensor '{source[unexpected[0]]}' ({len(unexpected)} in all: "
-                         f"{[source[k] for k in unexpected[:8]]})")
-    for k in sorted(expected):
-        if tuple(weights[k].shape) != expected[k]:
-            raise InputError(f"{file}: tensor '{source[k]}' has shape {tuple(weights[k].shape)}, "
-                             f"the config implies {expected[k]}")
-    target = DTYPES[dtype]
-    weights = {k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in weights.items()}
-    model.load_weights(list(weights.items()), strict=True)
+    model = Model(ModelArgs.from_file(path / "config.json"))
+    load_checkpoint(model, path, dtype, checkpoint_key)
     mx.eval(model.parameters())
     return model
