@@ -7,11 +7,14 @@ it); keys HF gives a default to take HF's default (catalog §5).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rmlx.errors import InputError
+
+T = TypeVar("T")
 
 SUPPORTED_SOFT_TOKENS = (70, 140, 280, 560, 1120)
 
@@ -235,18 +238,24 @@ class ModelArgs:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelArgs:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: config file not found")
-        try:
-            d = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise InputError(f"{path}: expected a JSON object at the top level")
-        try:
-            return cls.from_dict(d, str(path))
-        except InputError:
-            raise
-        except (TypeError, ValueError, AttributeError, KeyError) as e:
-            raise InputError(f"{path}: malformed value ({type(e).__name__}: {e})") from None
+        return read_config(path, cls.from_dict)
+
+
+def read_config(path: str | Path, build: Callable[[dict, str], T]) -> T:
+    """``build(config dict, where)`` of a ``config.json``; an unreadable file or a malformed value is an
+    ``InputError`` that names the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: config file not found")
+    try:
+        d = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise InputError(f"{path}: expected a JSON object at the top level")
+    try:
+        return build(d, str(path))
+    except InputError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError) as e:
+        raise InputError(f"{path}: malformed value ({type(e).__name__}: {e})") from None

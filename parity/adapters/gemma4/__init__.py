@@ -15,8 +15,7 @@ from pathlib import Path
 from parity.adapter import Adapter, Scenario
 from parity.adapters.gemma4 import defects, stages
 from parity.adapters.gemma4.adapter import Gemma4Adapter, supports
-from parity.adapters.gemma4_unified import unique_image_scenarios
-from parity.adapters.gemma4_unified.adapter import special_scenarios
+from parity.adapters.gemma4_unified import Gemma4UnifiedFamily
 from parity.defects import Defect
 from parity.stages import Stage
 from rmlx.errors import InputError
@@ -30,7 +29,9 @@ SELFTEST_CASES = ("image/gradient", "two-images", "text-only")
 __all__ = ["FAMILY", "Gemma4Adapter", "Gemma4Family"]
 
 
-class Gemma4Family:
+class Gemma4Family(Gemma4UnifiedFamily):
+    """The unified family's scenarios and self-test selection; its own port, stages and defects."""
+
     model_type = "gemma4"
     defects: dict[str, Defect] = defects.CATALOG
     selftest_settings = {"max_soft_tokens": 70}
@@ -54,18 +55,6 @@ class Gemma4Family:
 
     def run_streamed(self, adapter, model: Path, scenario: Scenario, decoded: dict, settings):
         raise InputError(f"{model}: the gemma4 family has no layer-by-layer driver (--stream)")
-
-    def scenarios(self, images: list[Path], fixture_images: Path | None) -> list[Scenario]:
-        specials = list(special_scenarios(fixture_images)) if fixture_images is not None else []
-        return unique_image_scenarios(images) + specials
-
-    def selftest_scenarios(self, fixture_images: Path) -> list[Scenario]:
-        every = self.scenarios(sorted(fixture_images.glob("*.png")), fixture_images)
-        picked = [s for s in every if s.name in self.selftest_cases]
-        missing = sorted(set(self.selftest_cases) - {s.name for s in picked})
-        if missing:
-            raise InputError(f"{fixture_images}: the self-test cases {missing} need images that are not there")
-        return picked
 
     def supports(self, model_dir: Path, scenario: Scenario) -> bool:
         return supports(self.args(model_dir), scenario)

@@ -10,12 +10,11 @@ compute (per-layer input embeddings, MoE blocks, fully bidirectional attention, 
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rmlx.config import TextConfig
+from rmlx.config import TextConfig, read_config
 from rmlx.errors import InputError
 
 # HF Gemma4TextConfig default values that differ from what rmlx.config.TextConfig.from_dict assumes for a
@@ -155,18 +154,4 @@ class ModelArgs:
 
     @classmethod
     def from_file(cls, path: str | Path) -> ModelArgs:
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: config file not found")
-        try:
-            d = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise InputError(f"{path}: expected a JSON object at the top level")
-        try:
-            return cls.from_dict(d, str(path))
-        except InputError:
-            raise
-        except (TypeError, ValueError, AttributeError, KeyError) as e:
-            raise InputError(f"{path}: malformed value ({type(e).__name__}: {e})") from None
+        return read_config(path, cls.from_dict)
