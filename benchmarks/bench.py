@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -309,14 +308,11 @@ SECTIONS = {"gemm": bench_gemm, "vision": bench_vision, "masks": bench_masks, "h
 def environment() -> dict:
     import mlx.core as mx
     import torch
-    import transformers
 
-    from rmlx import blas
+    from parity.runner import versions
 
-    return {"transformers": transformers.__version__, "torch": torch.__version__, "mlx": mx.__version__,
-            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
-            "mlx device": str(mx.default_device()), "mlx blas": "{blas} ({why})".format(**blas.in_use())}
+    return {**versions(), "cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
+            "mlx device": str(mx.default_device())}
 
 
 def to_markdown(result: dict) -> str:

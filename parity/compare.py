@@ -19,7 +19,6 @@ A side is a file, or a folder: ``DIR/<side>.safetensors`` (one case), or ``DIR/<
 
 from __future__ import annotations
 
-import fnmatch
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import numpy as np
 from parity.adapter import Scenario
 from parity.metrics import StageDiff, compare_all, logits_agreement
 from parity.runner import CaseResult, Settings, record
-from parity.stages import classify, order_key
+from parity.stages import classify, matches_any, order_key
 from parity.tolerances import EXACT, tolerance
 from rmlx.errors import InputError
 from rmlx.load import read_safetensors_header
@@ -125,7 +124,7 @@ def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patter
     t0 = time.perf_counter()
     names = ref.stages.keys() | cand.stages.keys()
     if patterns:
-        names = {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+        names = {n for n in names if matches_any(n, patterns)}
         if not names:
             raise InputError(f"--stages {' '.join(patterns)} matches no stage of {ref.path} or {cand.path}. "
                              "Note: run 'rmlx-parity stages' to list the stage names")

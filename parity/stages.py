@@ -20,11 +20,16 @@ class Stage:
     what: str = ""
 
 
+def matches_any(name: str, patterns) -> bool:
+    """The one stage selector: does ``name`` match any glob of ``patterns`` (``fnmatch``, case-sensitive)?"""
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def select(patterns: list[str] | None, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:
     """Stages whose name matches any glob in ``patterns`` (all when None), in forward order."""
     if not patterns:
         return stages
-    picked = tuple(s for s in stages if any(fnmatch.fnmatchcase(s.name, p) for p in patterns))
+    picked = tuple(s for s in stages if matches_any(s.name, patterns))
     if not picked:
         raise InputError(f"--stages {' '.join(patterns)} matches no stage. "
                          "Note: run 'rmlx-parity stages' to list the stage names")

@@ -60,7 +60,7 @@ MODELS: dict[str, dict] = {
 # reference.gemma4.fixtures.tiny_config). The position table covers every image of the battery at every
 # supported budget (the 40x400 panorama at max_soft_tokens 1120 reaches patch column 315).
 GEMMA4_MODELS: dict[str, tuple[int, dict]] = {
-    "gemma4-tiny": (0, {"vision": {"position_embedding_size": 320}}),
+    "gemma4-tiny": (0, {"vision": {"position_embedding_size": 320, "pooling_kernel_size": 2}}),
 }
 
 _NORM_SUFFIXES = ("layernorm.weight", "q_norm.weight", "k_norm.weight", "norm.weight",

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
+from reference.hf import bool_mask, to_numpy
+
 VT = "model.vision_tower"
 LM = "model.language_model"
 
@@ -77,19 +79,6 @@ def stages(config, image: bool) -> dict[str, tuple[str, str]]:
     out["text.norm"] = (f"{LM}.norm", "output")
     out["logits"] = ("lm_head", "result")
     return out
-
-
-def to_numpy(t: torch.Tensor) -> np.ndarray:
-    t = t.detach()
-    return (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy().copy()
-
-
-def bool_mask(m: torch.Tensor | None, length: int) -> torch.Tensor:
-    """A layer's ``attention_mask`` as boolean (B, Lq, Lk): float masks read as ``== 0``; None is causal."""
-    if m is None:
-        m = torch.ones((1, 1, length, length), dtype=torch.bool).tril()
-    m = m[:, 0]
-    return m if m.dtype == torch.bool else m == 0
 
 
 def _first(output):
