@@ -309,7 +309,7 @@ def cmd_stages(args) -> int:
         print(f"rmlx-parity: cannot test: no fixture model under {fixtures_dir()}", file=sys.stderr)
         return EXIT_UNTESTABLE
     for s in select(args.stages, family_of(model).stage_table(model)):
-        print(f"{s.name:<26} {s.tol:<11} {s.what}")
+        print(f"{s.name:<26} {s.tol:<11} {s.port:<52} {s.what}")
     return EXIT_PASS
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from rmlx.errors import InputError
 
@@ -18,6 +18,12 @@ class Stage:
     hf: str  # where the reference reads it: a module path or processor key
     read: str  # how the reference reads it (output, input, kwarg:NAME, mask, rope, processor, result, ...)
     what: str = ""
+    port: str = ""  # where the port taps it: "module:Qualified.name" (``rmlx-parity stages`` shows it)
+
+
+def with_ports(stages: tuple[Stage, ...], ports: dict[str, str]) -> tuple[Stage, ...]:
+    """``stages`` with ``port`` set from ``ports`` (keyed by stage name)."""
+    return tuple(replace(s, port=ports.get(s.name, s.port)) for s in stages)
 
 
 def matches_any(name: str, patterns) -> bool:

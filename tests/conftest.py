@@ -81,3 +81,14 @@ def adapters():
         return cache[key]
 
     return get
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n``, set in pyproject's addopts) with ``--dist loadgroup``: every test that
+    reads a session's default runs lands on one worker, so each default run is computed once; the
+    module-scoped self-test and quantized runs likewise stay whole. The other tests spread freely."""
+    for item in items:
+        if "default_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("default-runs"))
+        elif item.module.__name__.rsplit(".", 1)[-1] in ("test_selftest", "test_quant", "test_html", "test_junit"):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -68,3 +68,25 @@ def test_select_globs():
 
 def test_fixture_paths_exist():
     assert all(Path(p).is_file() for s in SCENARIOS.values() for p in s.images)
+
+
+def test_every_stage_points_at_the_code_that_taps_it():
+    """One hop from the stage table to the port: each stage's ``port`` names a function or method of
+    rmlx that exists and whose source taps that stage (the literal name, or its layer template)."""
+    import importlib
+    import inspect
+
+    from parity.adapter import family_of
+    from tests.conftest import ALL_MODELS
+
+    for model in ALL_MODELS:
+        for s in family_of(model).stage_table(model):
+            module, _, qualname = s.port.partition(":")
+            assert module.startswith("rmlx") and qualname, (model.name, s.name, s.port)
+            obj = importlib.import_module(module)
+            for part in qualname.split("."):
+                obj = getattr(obj, part)
+            source = inspect.getsource(inspect.getmodule(obj))
+            tail = s.name.split(".", 3)[-1] if s.name.startswith("vision.layers.") else s.name.split(".", 2)[-1]
+            said = {s.name, tail, s.name.removeprefix("mask.")}  # the name, its layer point, its mask kind
+            assert any(f'"{n}"' in source for n in said), (s.name, s.port)

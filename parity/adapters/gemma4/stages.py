@@ -18,11 +18,33 @@ from __future__ import annotations
 import re
 
 from parity.adapters.gemma4_unified import stages as unified
-from parity.stages import Stage
+from parity.stages import Stage, with_ports
 from rmlx.config import TextConfig
 
+# Where rmlx computes each vision stage (its ``tap`` call), one hop from this table to the code; the text
+# stages point into the shared decoder (``parity.adapters.gemma4_unified.stages.PORTS``).
+PORTS = {
+    "image.pixel_values": "rmlx.models.gemma4.image:preprocess_batch",
+    "image.position_ids": "rmlx.models.gemma4.image:preprocess_batch",
+    "vision.patch_embed": "rmlx.models.gemma4.vision:PatchEmbedder.__call__",
+    "vision.pos_embed": "rmlx.models.gemma4.vision:PatchEmbedder.__call__",
+    "vision.layers.{i}.attn.q": "rmlx.models.gemma4.vision:VisionAttention.__call__",
+    "vision.layers.{i}.attn.k": "rmlx.models.gemma4.vision:VisionAttention.__call__",
+    "vision.layers.{i}.attn.v": "rmlx.models.gemma4.vision:VisionAttention.__call__",
+    "vision.layers.{i}.attn.out": "rmlx.models.gemma4.vision:VisionAttention.__call__",
+    "vision.layers.{i}.mlp.out": "rmlx.models.gemma4.vision:VisionEncoderLayer.__call__",
+    "vision.layers.{i}.out": "rmlx.models.gemma4.vision:VisionEncoderLayer.__call__",
+    "vision.pooled": "rmlx.models.gemma4.vision:VisionModel.pool",
+    "vision.standardized": "rmlx.models.gemma4.vision:VisionModel.standardize",
+    "vision.soft_tokens": "rmlx.models.gemma4.model:Model.image_features",
+    "text.embed_tokens": "rmlx.models.gemma4.model:Model.embed_inputs",
+    "text.inputs_embeds": "rmlx.models.gemma4.model:Model.embed_inputs",
+    "mask.full_attention": "rmlx.models.gemma4.model:Model.embed_inputs",
+    "mask.sliding_attention": "rmlx.models.gemma4.model:Model.embed_inputs",
+}
+
 _VT = "model.vision_tower"
-HEAD: tuple[Stage, ...] = (
+HEAD: tuple[Stage, ...] = with_ports((
     Stage("image.pixel_values", "exact", "pixel_values", "processor",
           "p x p x 3 HWC patches in [0, 1], raster order, padded with zero rows to max_soft_tokens * k^2"),
     Stage("image.position_ids", "exact", "image_position_ids", "processor",
@@ -31,15 +53,15 @@ HEAD: tuple[Stage, ...] = (
           "input_proj(2 (x - 0.5)), no bias"),
     Stage("vision.pos_embed", "posemb", f"{_VT}.patch_embedder", "output",
           "patch embedding + table[0][x] + table[1][y] (0 on padding rows)"),
-)
-TAIL: tuple[Stage, ...] = (
+), PORTS)
+TAIL: tuple[Stage, ...] = with_ports((
     Stage("vision.pooled", "residual", f"{_VT}.pooler", "output",
           "padding zeroed, k x k cells averaged by position, * sqrt(hidden): (B, max_soft_tokens, D)"),
     Stage("vision.standardized", "residual", _VT, "output_batched",
           "empty cells dropped, (x - std_bias) * std_scale: (1, N, D)"),
     Stage("vision.soft_tokens", "projection", "model.embed_vision", "output_batched",
           "weightless RMSNorm, Linear(D -> hidden): (1, N, hidden)"),
-)
+), PORTS)
 _LAYER = {  # point -> (tolerance class, module under the encoder layer, read, what)
     "attn.q": ("attention", "self_attn.q_norm", "rope2d", "q after q_norm and axial 2-D RoPE, (B, P, heads, d)"),
     "attn.k": ("attention", "self_attn.k_norm", "rope2d", "k after k_norm and axial 2-D RoPE, (B, P, kv, d)"),
@@ -53,7 +75,7 @@ _LAYER = {  # point -> (tolerance class, module under the encoder layer, read, w
 def vision_layer_stage(i: int, point: str) -> Stage:
     tol, sub, read, what = _LAYER[point]
     return Stage(f"vision.layers.{i}.{point}", tol, f"{_VT}.encoder.layers.{i}" + (f".{sub}" if sub else ""),
-                 read, what)
+                 read, what, PORTS["vision.layers.{i}." + point])
 
 
 def vision_stages(layers: int, standardize: bool) -> tuple[Stage, ...]:
@@ -66,7 +88,7 @@ def stages_for(text: TextConfig, vision_layers: int | None, standardize: bool, i
     """The stages of one case in forward order: the vision path (when the case has an image), then the
     text decoder's (the unified table: embeddings, masks, layers, norm, logits, dequantized weights)."""
     vision = vision_stages(vision_layers, standardize) if image and vision_layers is not None else ()
-    return vision + unified.stages_for(text, False, False, quantized)
+    return vision + with_ports(unified.stages_for(text, False, False, quantized), PORTS)
 
 
 # Stage names without a model config (dumps of other ports): the vision names here, the rest unified.
@@ -90,7 +112,8 @@ def classify(name: str) -> Stage | None:
         return vision_layer_stage(int(m[1]), m[2]) if m[2] in _LAYER else None
     if name.startswith(("vision.", "audio.")):
         return None  # the unified vision/audio names are not stages of this family
-    return unified.classify(name)
+    stage = unified.classify(name)
+    return None if stage is None else with_ports((stage,), PORTS)[0]
 
 
 def order_key(name: str) -> tuple | None:

@@ -60,6 +60,15 @@ def supports(args: ModelArgs, scenario: Scenario) -> bool:
     return (not scenario.images or args.vision is not None) and (not scenario.has_audio or args.audio is not None)
 
 
+def image_stages(cap: Capture, pre: dict[str, np.ndarray]) -> None:
+    """The reference's image stages that are no module's output: the processor's arrays, and the soft
+    tokens with the padding rows dropped and the images concatenated, (1, N, H), as HF scatters them."""
+    cap["image.pixel_values"], cap["image.position_ids"] = pre["pixel_values"], pre["image_position_ids"]
+    valid = (pre["image_position_ids"] != -1).all(-1).reshape(-1)
+    proj = cap["vision.soft_tokens"]
+    cap["vision.soft_tokens"] = proj.reshape(-1, proj.shape[-1])[valid][None]  # (B, P, H) -> (1, N, H)
+
+
 def audio_frames(n: int, seed: int = 0) -> np.ndarray:
     """Deterministic raw audio: n frames of 640 samples of a two-tone signal, (1, n, 640) float32."""
     t = np.arange(n * AUDIO_FRAME) / 16000.0
@@ -156,10 +165,7 @@ class Gemma4UnifiedAdapter:
         if not unquantized:
             cap.update(self.reference_weights)
         if scenario.images:
-            cap["image.pixel_values"], cap["image.position_ids"] = pre["pixel_values"], pre["image_position_ids"]
-            valid = (pre["image_position_ids"] != -1).all(-1).reshape(-1)
-            proj = cap["vision.soft_tokens"]
-            cap["vision.soft_tokens"] = proj.reshape(-1, proj.shape[-1])[valid][None]  # drop padding rows
+            image_stages(cap, pre)
         return cap, steps, tokens, consistency
 
     def candidate(self, scenario: Scenario, inputs: dict[str, np.ndarray], decoded: dict[Path, np.ndarray],

@@ -14,11 +14,38 @@ from __future__ import annotations
 
 import re
 
-from parity.stages import Stage
+from parity.stages import Stage, with_ports
 from rmlx.config import TextConfig
 
+# Where rmlx computes each stage (its ``tap`` call), one hop from this table to the code.
+PORTS = {
+    "image.pixel_values": "rmlx.image:preprocess_batch",
+    "image.position_ids": "rmlx.image:preprocess_batch",
+    "vision.patch_ln1": "rmlx.vision:VisionEmbedder.__call__",
+    "vision.patch_dense": "rmlx.vision:VisionEmbedder.__call__",
+    "vision.patch_ln2": "rmlx.vision:VisionEmbedder.__call__",
+    "vision.pos_embed": "rmlx.vision:VisionEmbedder.position_embedding",
+    "vision.pos_norm": "rmlx.vision:VisionEmbedder.__call__",
+    "vision.mm_prenorm": "rmlx.vision:VisionEmbedder.__call__",
+    "vision.soft_tokens": "rmlx.vision:VisionEmbedder.__call__",
+    "audio.soft_tokens": "rmlx.model:AudioEmbedder.__call__",
+    "text.embed_tokens": "rmlx.model:Model.embed_inputs",
+    "text.inputs_embeds": "rmlx.model:Model.embed_inputs",
+    "mask.full_attention": "rmlx.model:Model.embed_inputs",
+    "mask.sliding_attention": "rmlx.model:Model.embed_inputs",
+    "layers.{i}.input_layernorm": "rmlx.text:DecoderLayer.__call__",
+    "layers.{i}.attn.q": "rmlx.text:Attention.__call__",
+    "layers.{i}.attn.k": "rmlx.text:Attention.__call__",
+    "layers.{i}.attn.v": "rmlx.text:Attention.v_norm",
+    "layers.{i}.attn.out": "rmlx.text:attention",
+    "layers.{i}.mlp.out": "rmlx.text:MLP.__call__",
+    "layers.{i}.out": "rmlx.text:DecoderLayer.__call__",
+    "text.norm": "rmlx.text:TextModel.head",
+    "logits": "rmlx.text:TextModel.head",
+}
+
 _VE = "model.embed_vision"
-VISION: tuple[Stage, ...] = (
+VISION: tuple[Stage, ...] = with_ports((
     Stage("image.pixel_values", "exact", "pixel_values", "processor",
           "48x48x3 HWC patches in raster order, padded with zero rows to max_soft_tokens"),
     Stage("image.position_ids", "exact", "image_position_ids", "processor",
@@ -33,11 +60,11 @@ VISION: tuple[Stage, ...] = (
           "RMSNorm without weight, eps 1e-6"),
     Stage("vision.soft_tokens", "projection", f"{_VE}.multimodal_embedder.embedding_projection", "output",
           "Linear(mm -> hidden), padding rows dropped, images concatenated: (1, N, hidden)"),
-)
-AUDIO: tuple[Stage, ...] = (
+), PORTS)
+AUDIO: tuple[Stage, ...] = with_ports((
     Stage("audio.soft_tokens", "projection", "model.embed_audio", "output",
           "raw 640-sample frames -> RMSNorm (no weight) -> Linear: (1, N, hidden)"),
-)
+), PORTS)
 
 _LM = "model.language_model"
 _LAYER = {  # point -> (tolerance class, module under the layer, read, what)
@@ -54,7 +81,7 @@ _LAYER = {  # point -> (tolerance class, module under the layer, read, what)
 def _layer_stage(i: int, point: str) -> Stage:
     tol, sub, read, what = _LAYER[point]
     path = f"{_LM}.layers.{i}" + (f".{sub}" if sub else "")
-    return Stage(f"layers.{i}.{point}", tol, path, read, what)
+    return Stage(f"layers.{i}.{point}", tol, path, read, what, PORTS["layers.{i}." + point])
 
 
 def layer_stages(cfg: TextConfig, i: int) -> tuple[Stage, ...]:
@@ -64,22 +91,22 @@ def layer_stages(cfg: TextConfig, i: int) -> tuple[Stage, ...]:
                  if not (spec.kv_shared and point in ("attn.k", "attn.v")))
 
 
-TEXT_HEAD: tuple[Stage, ...] = (
+TEXT_HEAD: tuple[Stage, ...] = with_ports((
     Stage("text.embed_tokens", "embedding", f"{_LM}.embed_tokens", "output", "E[ids] * sqrt(hidden)"),
     Stage("text.inputs_embeds", "embedding", _LM, "kwarg:inputs_embeds",
           "token embeddings with the soft tokens scattered into their slots"),
-)
+), PORTS)
 MASK_KINDS = ("full_attention", "sliding_attention")  # forward order: the policies differ at full first
-TEXT_TAIL: tuple[Stage, ...] = (
+TEXT_TAIL: tuple[Stage, ...] = with_ports((
     Stage("text.norm", "norm", f"{_LM}.norm", "output", "final RMSNorm"),
     Stage("logits", "logits", "lm_head", "result", "tied lm_head, after the optional soft-cap"),
-)
+), PORTS)
 
 
 def mask_stage(kind: str, first: int | None) -> Stage:
     """``mask.{kind}``, read at the first layer of that kind (None: unknown, e.g. from a dump)."""
     return Stage(f"mask.{kind}", "mask", f"{_LM}.layers.{first}" if first is not None else f"{_LM}.layers", "mask",
-                 "boolean (B, L, L), True = may attend")
+                 "boolean (B, L, L), True = may attend", PORTS[f"mask.{kind}"])
 
 
 def text_stages(cfg: TextConfig) -> tuple[Stage, ...]:
@@ -95,7 +122,8 @@ _LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gat
 def weight_stage(name: str) -> Stage:
     """The dequantized weight of a quantized linear (``vision.patch_dense.weight``,
     ``layers.3.attn.q_proj.weight``): the reference encodes HF's weight with its own MX codec."""
-    return Stage(name, "qweight", name, "quantized", "dequantized MXFP8 weight (out, in)")
+    return Stage(name, "qweight", name, "quantized", "dequantized MXFP8 weight (out, in)",
+                 "rmlx.quant:dequantized_weights")
 
 
 def stages_for(cfg: TextConfig, image: bool, audio: bool, quantized: frozenset[str] = frozenset()

@@ -42,7 +42,7 @@ import mlx.core as mx
 import numpy as np
 
 from parity.adapter import Scenario
-from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter
+from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter, image_stages
 from parity.adapters.gemma4_unified.stages import MASK_KINDS
 from parity.capture import Capture, Recorder, to_numpy
 from parity.metrics import StageDiff, compare, logits_agreement, missing
@@ -183,11 +183,7 @@ class Lockstep:
     def _reference_prefix(self, kwargs) -> None:
         ref = self.ref
         if self.scenario.images:
-            ref["image.pixel_values"] = self.pre["pixel_values"]
-            ref["image.position_ids"] = self.pre["image_position_ids"]
-            valid = (self.pre["image_position_ids"] != -1).all(-1).reshape(-1)
-            proj = ref["vision.soft_tokens"]
-            ref["vision.soft_tokens"] = proj.reshape(-1, proj.shape[-1])[valid][None]  # drop padding rows
+            image_stages(ref, self.pre)
         ref["text.inputs_embeds"] = torch_to_numpy(kwargs["inputs_embeds"])
         masks = kwargs["attention_mask"]  # {layer type: mask}, as every layer of that type receives it
         for kind in MASK_KINDS:
