@@ -83,6 +83,7 @@ def adapters():
     return get
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
 def pytest_collection_modifyitems(config, items):
     """Under pytest-xdist (``-n``, set in pyproject's addopts) with ``--dist loadgroup``: every test that
     reads a session's default runs lands on one worker, so each default run is computed once; the
