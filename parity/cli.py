@@ -7,7 +7,6 @@ nothing written), 125 this revision cannot be tested (for ``git bisect run``).
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import importlib
 import os
 import sys
@@ -181,6 +180,7 @@ def _run(args) -> tuple[dict, Path, dict | None]:
     """Run the cases the options name: (record, report folder, dumps); nothing written yet."""
     from parity import report
     from parity.runner import default_scenarios, record, run_cases, runnable
+    from parity.stages import matches_any
     from rmlx.errors import InputError
 
     settings = _settings(args)
@@ -196,7 +196,7 @@ def _run(args) -> tuple[dict, Path, dict | None]:
             raise InputError("no fixture model's family can run these settings")
     scenarios = default_scenarios(images, None if args.image else fixtures_dir() / "images", models)
     if args.case:
-        scenarios = [s for s in scenarios if any(fnmatch.fnmatchcase(s.name, g) for g in args.case)]
+        scenarios = [s for s in scenarios if matches_any(s.name, args.case)]
         if not scenarios:
             raise InputError(f"--case {' '.join(args.case)} matches no scenario")
     report_dir = args.report_dir or Path("reports") / args.run_id

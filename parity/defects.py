@@ -9,13 +9,13 @@ switch: the code users run is the code that is measured clean.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 from unittest import mock
 
+from parity.stages import matches_any
 from rmlx.errors import InputError
 
 
@@ -68,4 +68,4 @@ def planted(defects: Iterable[Defect]) -> Iterator[None]:
 
 def matches(stage: str, expected: str) -> bool:
     """Is ``stage`` the stage a defect declares (a resolved ``Defect.stage``, possibly a glob)?"""
-    return fnmatch.fnmatchcase(stage, expected)
+    return matches_any(stage, [expected])

@@ -20,7 +20,6 @@ divergent stage in forward order, then torch ``assert_close``'s mismatch block f
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import sys
@@ -185,14 +184,18 @@ def _as_tol(value: Any, key: str) -> Tol:
 
 
 def _explicit_tol(name: str, overrides: dict[str, Tol]) -> Tol | None:
+    from parity.stages import matches_any
+
     if name in overrides:
         return overrides[name]
-    return next((t for k, t in overrides.items() if _GLOB.search(k) and fnmatch.fnmatchcase(name, k)), None)
+    return next((t for k, t in overrides.items() if _GLOB.search(k) and matches_any(name, [k])), None)
 
 
 def _select(patterns: list[str] | None, candidate: Mapping, reference: Mapping) -> list[str]:
     """Names to compare, before ordering: every non-input name on either side (None), or the names and
     glob matches of ``patterns`` (an exact name is kept even when missing: it then fails as missing)."""
+    from parity.stages import matches_any
+
     keys = list(dict.fromkeys([*reference, *candidate]))
     if patterns is None:
         return [k for k in keys if not k.startswith(INPUT_PREFIX)]
@@ -201,7 +204,7 @@ def _select(patterns: list[str] | None, candidate: Mapping, reference: Mapping) 
         if not isinstance(p, str):
             raise TypeError(f"stages must be names or globs, got {p!r}")
         if _GLOB.search(p):
-            hits = [k for k in keys if fnmatch.fnmatchcase(k, p)]
+            hits = [k for k in keys if matches_any(k, [p])]
             if not hits:
                 raise ValueError(f"stages pattern '{p}' matches no stage of either capture. "
                                  "Note: run 'rmlx-parity stages' to list the stage names")

@@ -133,12 +133,16 @@ def to_markdown(rec: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def text_table(rows: list[tuple[str, ...]]) -> list[str]:
+    """The one terminal table: columns padded to their widest cell, a rule under the header row."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return lines
+
+
 def to_terminal(rec: dict) -> str:
-    rows = [_COLS] + _rows(rec)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_COLS))]
-    table = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    table.insert(1, "  ".join("-" * w for w in widths))
-    out = _headline(rec) + [""] + table
+    out = _headline(rec) + [""] + text_table([_COLS] + _rows(rec))
     failed = [c for c in rec["cases"] if not c["passed"]]
     if failed:
         out += ["", f"failed cases ({len(failed)}): " + ", ".join(c["name"] for c in failed[:12])

@@ -212,19 +212,26 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
                                      if s != "quantized"}}
     oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), ref, cand, dict(tols)
                             ) if settings.oracle else {}
-    types = inputs.get("input.mm_token_type_ids")
-    n_soft = 0 if types is None else int((types == 1).sum())
     agreement = logits_agreement(cand["logits"], ref["logits"], per_position=True) if "logits" in cand else {}
-    kl = agreement.pop("kl", None)
-    viz = case_viz(cand, ref, other_masks, settings.mask_policy, types, kl,
-                   [d.stage for d in diffs])
+    viz = case_viz(cand, ref, other_masks, settings.mask_policy, inputs.get("input.mm_token_type_ids"),
+                   agreement.pop("kl", None), [d.stage for d in diffs])
+    return case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz, oracle,
+                       time.perf_counter() - t0, self_consistency=consistency, quantization_cost=cost,
+                       reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
+
+
+def case_result(model: Path, scenario: Scenario, settings: Settings, decoded: dict[Path, np.ndarray],
+                inputs: dict[str, np.ndarray], all_stages, diffs: list[StageDiff], decode: list[dict],
+                agreement: dict, viz: dict, oracle: dict, seconds: float, **driver) -> CaseResult:
+    """A case's result, whichever driver ran it (resident here, a family's layer-by-layer one):
+    ``driver`` holds what only that driver has (captures, self-consistency, stream timings)."""
+    types = inputs.get("input.mm_token_type_ids")
     return CaseResult(
         name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,
-        decode=decode, logits=agreement, viz=viz,
-        self_consistency=consistency, oracle=oracle, quantization_cost=cost, seconds=time.perf_counter() - t0,
-        image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images], n_soft_tokens=n_soft,
-        classes={s.name: s.tol for s in all_stages},
-        reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
+        decode=decode, logits=agreement, viz=viz, oracle=oracle, seconds=seconds,
+        image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images],
+        n_soft_tokens=0 if types is None else int((types == 1).sum()),
+        classes={s.name: s.tol for s in all_stages}, **driver)
 
 
 def decode_entries(cand_steps: list[np.ndarray], ref_steps: list[np.ndarray], tokens: list[int], dtype: str

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from parity.adapter import Adapter, Family, Scenario, family_of
 from parity.defects import Defect, check, matches, planted
+from parity.report import text_table
 from parity.runner import MODES, CaseResult, Settings, divergence, run_case, versions
 from rmlx.errors import InputError
 from rmlx.image import load_image
@@ -284,10 +285,7 @@ def _summary(rec: dict) -> str:
 
 
 def to_terminal(rec: dict) -> str:
-    rows = _table(rec)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = text_table(_table(rec))
     extra = []
     if rec["escaped"]:
         extra.append(f"escaped: {', '.join(rec['escaped'])}")

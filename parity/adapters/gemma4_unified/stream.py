@@ -232,7 +232,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     ``stream``: layer reads, the process's peak RSS, and where the time went. ``*_forward_s`` is each
     model's own time, reading its weights included (``*_load_s`` of it); ``capture_s`` (copying stage
     values out), ``compare_s`` (metrics, oracle, viz) and ``setup_s`` (inputs, hooks) are the harness's."""
-    from parity.runner import CaseResult, decode_entries, oracle_columns
+    from parity.runner import case_result, decode_entries, oracle_columns
 
     t0 = time.perf_counter()
     all_stages = adapter.stages(scenario)
@@ -291,9 +291,5 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
               "compare_s": round(lock.seconds["compare"] + after, 3),
               "setup_s": round(seconds - t_forward - after, 3),
               "layer_reads": adapter.hf.layer_reads - reads0, "peak_rss_gib": round(peak_rss_gib(), 3)}
-    return CaseResult(
-        name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,
-        decode=decode, logits=agreement, viz=viz, self_consistency=None, oracle=oracle, quantization_cost=None,
-        seconds=seconds, image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images],
-        n_soft_tokens=int((inputs["input.mm_token_type_ids"] == 1).sum()),
-        classes={s.name: s.tol for s in all_stages}, stream=stream)
+    return case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz, oracle,
+                       seconds, self_consistency=None, stream=stream)
