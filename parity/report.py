@@ -10,6 +10,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -211,38 +213,19 @@ def check_free(folder: Path) -> None:
         folder.rmdir()
 
 
-def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dict[str, np.ndarray]]] | None = None,
-                     dump_dir: Path | None = None) -> None:
-    """Write report.json + report.md into ``report_dir`` (and dumps into ``dump_dir``), all or nothing:
-    everything goes to a temporary sibling folder first, then is renamed into place."""
-    from safetensors.numpy import save_file
-
-    from parity import html, junit
-
+@contextmanager
+def publishing(*finals: Path) -> Iterator[list[Path]]:
+    """The one way a run publishes folders: yields a temporary sibling folder for each of ``finals``;
+    when the block ends without an error, every destination is checked still free and each temporary
+    folder is renamed into place. Whatever happens, no temporary folder is left behind."""
     staged: list[tuple[Path, Path]] = []  # (temporary folder, final folder)
-
-    def stage(final: Path) -> Path:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-        tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the result is an ordinary folder
-        staged.append((tmp, final))
-        return tmp
-
     try:
-        tmp = stage(report_dir)
-        (tmp / "report.json").write_text(json_text(rec))
-        (tmp / "report.md").write_text(to_markdown(rec))
-        (tmp / "report.html").write_text(html.to_html(rec))
-        (tmp / "junit.xml").write_text(junit.to_junit(rec))
-        if dumps is not None and dump_dir is not None:
-            tmp = stage(dump_dir)
-            meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": rec["settings"]["dtype"]}
-            for case_name, sides in dumps.items():
-                folder = tmp / case_name.replace("/", "__")
-                folder.mkdir(parents=True)
-                for side, capture in sides.items():
-                    arrays = {k: np.ascontiguousarray(v) for k, v in capture.items()}
-                    save_file(arrays, str(folder / f"{side}.safetensors"), metadata=meta | {"side": side})
+        for final in finals:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+            tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the result is an ordinary folder
+            staged.append((tmp, final))
+        yield [tmp for tmp, _ in staged]
         for _, final in staged:  # every destination is still free before the first one is taken
             check_free(final)
         for tmp, final in staged:
@@ -252,15 +235,33 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dict[str, np.ndarray]]] | None = None,
+                     dump_dir: Path | None = None) -> None:
+    """Write report.json, report.md, report.html and junit.xml into ``report_dir`` (and dumps into
+    ``dump_dir``), all or nothing (:func:`publishing`)."""
+    from safetensors.numpy import save_file
+
+    from parity import html, junit
+
+    with_dumps = dumps is not None and dump_dir is not None
+    with publishing(report_dir, *([dump_dir] if with_dumps else [])) as folders:
+        tmp = folders[0]
+        (tmp / "report.json").write_text(json_text(rec))
+        (tmp / "report.md").write_text(to_markdown(rec))
+        (tmp / "report.html").write_text(html.to_html(rec))
+        (tmp / "junit.xml").write_text(junit.to_junit(rec))
+        if with_dumps:
+            meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": rec["settings"]["dtype"]}
+            for case_name, sides in dumps.items():
+                folder = folders[1] / case_name.replace("/", "__")
+                folder.mkdir(parents=True)
+                for side, capture in sides.items():
+                    arrays = {k: np.ascontiguousarray(v) for k, v in capture.items()}
+                    save_file(arrays, str(folder / f"{side}.safetensors"), metadata=meta | {"side": side})
+
+
 def write_files(folder: Path, files: dict[str, str]) -> None:
-    """Write ``{name: text}`` into a new ``folder``, all or nothing (a temporary sibling renamed into place)."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the result is an ordinary folder
-    try:
+    """Write ``{name: text}`` into a new ``folder``, all or nothing (:func:`publishing`)."""
+    with publishing(folder) as (tmp,):
         for name, text in files.items():
             (tmp / name).write_text(text)
-        check_free(folder)
-        os.replace(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
