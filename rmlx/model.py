@@ -80,6 +80,21 @@ def scatter(h: mx.array, slots: np.ndarray, soft: mx.array | None, what: str) ->
     return h
 
 
+def decoder_masks(types: np.ndarray, cfg, policy: str, offset: int, length: int, cached: bool
+                  ) -> dict[str, mx.array] | None:
+    """The decoder's masks by layer type, tapped: built on the prefill (``offset`` 0) from the token types
+    (the image blocks overlay when ``use_bidirectional_attention`` is "vision"); None on a decode step,
+    where a text token after the prompt sees every cached key (the rotating cache holds the window)."""
+    if offset == 0:
+        overlay = types if cfg.use_bidirectional_attention == "vision" else np.zeros_like(types)
+        masks = attention_masks(mx.array(overlay), cfg.sliding_window, policy)
+        return {"full_attention": tap("mask.full_attention", masks["full_attention"]),
+                "sliding_attention": tap("mask.sliding_attention", masks["sliding_attention"])}
+    if length == 1 and cached:
+        return None
+    raise InputError("a decode step takes exactly one token and a cache")
+
+
 def rename_keys(weights: dict[str, mx.array], prefixes: tuple[tuple[str, str], ...], tied: bool, family: str
                 ) -> tuple[dict[str, mx.array], dict[str, str]]:
     """Checkpoint keys -> module paths by ``prefixes`` ((checkpoint prefix, module path), most specific
@@ -159,16 +174,7 @@ class Model(nn.Module):
                                                           self.embed_audio(mx.array(audio_frames)))
             h = self._scatter(h, types == 3, audio, "audio")
         h = tap("text.inputs_embeds", h)
-        if offset == 0:
-            overlay = types if a.text.use_bidirectional_attention == "vision" else np.zeros_like(types)
-            masks = attention_masks(mx.array(overlay), a.text.sliding_window, mask_policy)
-            masks = {"full_attention": tap("mask.full_attention", masks["full_attention"]),
-                     "sliding_attention": tap("mask.sliding_attention", masks["sliding_attention"])}
-        elif ids.shape[1] == 1 and cache is not None:
-            masks = None  # a text token after the prompt sees every cached key (the cache holds the window)
-        else:
-            raise InputError("a decode step takes exactly one token and a cache")
-        return h, masks
+        return h, decoder_masks(types, a.text, mask_policy, offset, ids.shape[1], cache is not None)
 
     def _image_tokens(self, pixel_values, image_position_ids) -> mx.array | None:
         if pixel_values is None:

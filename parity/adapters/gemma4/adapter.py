@@ -14,7 +14,8 @@ import numpy as np
 
 from parity.adapter import Scenario
 from parity.adapters.gemma4.stages import stages_for
-from parity.capture import Capture, Recorder, to_numpy
+from parity.adapters.gemma4_unified.adapter import decode_steps
+from parity.capture import Capture, Recorder
 from parity.stages import Stage, hook_points
 from reference.gemma4 import hf as ghf
 from rmlx.errors import InputError
@@ -118,12 +119,7 @@ class Gemma4Adapter:
             logits = model(inputs["input.input_ids"], None, pixel_values, position_ids, cache, 0,
                            settings.candidate_policy)
             mx.eval(logits)
-        steps = []
-        length = inputs["input.input_ids"].shape[1]
-        for s, token in enumerate(tokens):
-            logits = model(np.array([[token]]), None, cache=cache, offset=length + s)
-            steps.append(to_numpy(logits))
-        return recorder.capture, steps
+        return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 
     def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
         """Float64 vision path (``reference/gemma4/numpy_oracle.py``) on the reference's preprocessed pixels

@@ -39,8 +39,8 @@ PORTS = {
     "vision.soft_tokens": "rmlx.models.gemma4.model:Model.image_features",
     "text.embed_tokens": "rmlx.models.gemma4.model:Model.embed_inputs",
     "text.inputs_embeds": "rmlx.models.gemma4.model:Model.embed_inputs",
-    "mask.full_attention": "rmlx.models.gemma4.model:Model.embed_inputs",
-    "mask.sliding_attention": "rmlx.models.gemma4.model:Model.embed_inputs",
+    "mask.full_attention": "rmlx.model:decoder_masks",
+    "mask.sliding_attention": "rmlx.model:decoder_masks",
 }
 
 _VT = "model.vision_tower"

@@ -60,6 +60,13 @@ def supports(args: ModelArgs, scenario: Scenario) -> bool:
     return (not scenario.images or args.vision is not None) and (not scenario.has_audio or args.audio is not None)
 
 
+def decode_steps(model, cache, length: int, tokens: list[int]) -> list[np.ndarray]:
+    """The candidate's logits at each greedy decode step after a prefill of ``length`` tokens, one
+    reference token at a time, with the model's own KV cache."""
+    return [to_numpy(model(np.array([[token]]), None, cache=cache, offset=length + s))
+            for s, token in enumerate(tokens)]
+
+
 def image_stages(cap: Capture, pre: dict[str, np.ndarray]) -> None:
     """The reference's image stages that are no module's output: the processor's arrays, and the soft
     tokens with the padding rows dropped and the images concatenated, (1, N, H), as HF scatters them."""
@@ -184,12 +191,7 @@ class Gemma4UnifiedAdapter:
             logits = model(inputs["input.input_ids"], None, pixel_values,
                            position_ids, inputs.get("input.audio_frames"), settings.candidate_policy, cache, 0)
             mx.eval(logits)
-        steps = []
-        length = inputs["input.input_ids"].shape[1]
-        for s, token in enumerate(tokens):
-            logits = model(np.array([[token]]), None, cache=cache, offset=length + s)
-            steps.append(to_numpy(logits))
-        return recorder.capture, steps
+        return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 
     def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
         """Float64 preprocessing and vision embedder (the decoder's oracle comes with its own issue)."""

@@ -14,10 +14,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from rmlx.base import attention_masks, rms_norm
+from rmlx.base import rms_norm
 from rmlx.errors import InputError
 from rmlx.load import load_checkpoint
-from rmlx.model import rename_keys, scatter
+from rmlx.model import decoder_masks, rename_keys, scatter
 from rmlx.models.gemma4.config import ModelArgs
 from rmlx.models.gemma4.vision import VisionModel
 from rmlx.tap import tap
@@ -107,16 +107,7 @@ class Model(nn.Module):
             soft = None if pixel_values is None else self.image_features(pixel_values, image_position_ids)
             h = scatter(h, slots, soft, "image")
         h = tap("text.inputs_embeds", h)
-        if offset == 0:
-            overlay = types if a.text.use_bidirectional_attention == "vision" else np.zeros_like(types)
-            masks = attention_masks(mx.array(overlay), a.text.sliding_window, policy)
-            masks = {"full_attention": tap("mask.full_attention", masks["full_attention"]),
-                     "sliding_attention": tap("mask.sliding_attention", masks["sliding_attention"])}
-        elif ids.shape[1] == 1 and cache is not None:
-            masks = None  # a text token after the prompt sees every cached key (the cache holds the window)
-        else:
-            raise InputError("a decode step takes exactly one token and a cache")
-        return h, masks
+        return h, decoder_masks(types, a.text, policy, offset, ids.shape[1], cache is not None)
 
     def make_cache(self) -> list[KVCache | None]:
         return self.language_model.make_cache()
