@@ -21,7 +21,12 @@ def test_layer_norm_matches_float64(data):
     b = (0.1 * rng.standard_normal(n)).astype(np.float32)
     got = np.array(layer_norm(mx.array(x), mx.array(w), mx.array(b), 1e-5))
     want = numpy_ops.layer_norm(x, w, b, 1e-5)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-5)
+    # fp32 error grows with the normalised magnitude: a near-constant row with one outlier normalises to
+    # ~77 (a falsifying example of the dev profile), where 4e-5 is 5e-7 of the row's scale
+    scale = np.maximum(1.0, np.abs(want).max(-1, keepdims=True))
+    excess = np.abs(got - want) - (2e-5 * scale + 1e-5 * np.abs(want))
+    worst = np.unravel_index(np.argmax(excess), excess.shape)
+    assert (excess <= 0).all(), f"{got[worst]} vs {want[worst]} at {worst} (row scale {scale[worst[0], 0]:.3g})"
 
 
 def test_layer_norm_constant_rows_give_the_bias_exactly():
