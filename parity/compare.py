@@ -26,7 +26,6 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from parity.adapter import Scenario
 from parity.metrics import StageDiff, compare_all, logits_agreement
 from parity.runner import CaseResult, Settings, record
 from parity.stages import classify, matches_any, order_key
@@ -150,9 +149,8 @@ def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patter
             logits = logits_agreement(a, e)
     types = ref.inputs.get("input.mm_token_type_ids", cand.inputs.get("input.mm_token_type_ids"))
     model, _, scenario = name.partition("/")
-    audio = (("audio", int(ref.stages["audio.soft_tokens"].shape[1])),) if "audio.soft_tokens" in ref.stages else ()
-    result = CaseResult(
-        name=name, model=Path(model if scenario else ""), scenario=Scenario(scenario or model, audio),
+    result = CaseResult(  # no scenario: a dump carries its inputs, not the prompt they were built from
+        name=name, model=Path(model if scenario else ""), scenario=None,
         settings=Settings(mode=mode, dtype=dtype), diffs=diffs, logits=logits,
         n_soft_tokens=0 if types is None else int((types == 1).sum()),
         classes={n: ("unknown" if s is None else s.tol) for n, s in classes.items()},

@@ -520,7 +520,8 @@ def _case(c: dict, slug: str) -> str:
     lg = c.get("logits") or {}
     facts = [("model", c.get("model")), ("scenario", c.get("scenario")),
              ("images", ", ".join("×".join(map(str, s)) for s in c.get("image_sizes") or []) or "none"),
-             ("soft tokens", c.get("n_soft_tokens")), ("audio", "yes" if c.get("audio") else "no"),
+             ("soft tokens", c.get("n_soft_tokens")),
+             ("audio", {True: "yes", False: "no"}.get(c.get("audio"), "unknown")),
              ("mask policy", c.get("mask_policy") + ("" if c.get("candidate_mask_policy") == c.get("mask_policy")
                                                      else f" (candidate {c.get('candidate_mask_policy')})")),
              ("top-1 agreement", f"{lg.get('top1_agreement', 0):.1%}"),

@@ -56,7 +56,7 @@ class Settings:
 class CaseResult:
     name: str
     model: Path
-    scenario: Scenario
+    scenario: Scenario | None  # None: compared from dumps, which carry the inputs, not the prompt
     settings: Settings
     diffs: list[StageDiff]
     decode: list[dict] = field(default_factory=list)
@@ -286,9 +286,11 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                 entry["oracle"] = r.oracle[d.stage]
             stages.append(entry)
         cases.append({
-            "name": r.name, "model": r.model.name, "model_dir": str(r.model), "scenario": r.scenario.name,
-            "image": ", ".join(str(p) for p in r.scenario.images) or None, "image_sizes": r.image_sizes,
-            "audio": r.scenario.has_audio, "max_soft_tokens": settings.max_soft_tokens,
+            "name": r.name, "model": r.model.name, "model_dir": str(r.model),
+            "scenario": r.scenario.name if r.scenario else r.name.partition("/")[2] or r.name,
+            "image": ", ".join(str(p) for p in r.scenario.images) or None if r.scenario else None,
+            "image_sizes": r.image_sizes, "audio": r.scenario.has_audio if r.scenario else None,
+            "max_soft_tokens": settings.max_soft_tokens,
             "n_soft_tokens": r.n_soft_tokens, "dtype": settings.dtype, "mode": settings.mode,
             "mask_policy": settings.mask_policy,
             "candidate_mask_policy": settings.candidate_policy,
