@@ -19,7 +19,6 @@ from parity.adapters.gemma4_unified import Gemma4UnifiedFamily
 from parity.defects import Defect
 from parity.stages import Stage
 from rmlx.errors import InputError
-from rmlx.image import check_max_soft_tokens
 from rmlx.models.gemma4.config import ModelArgs
 
 # an image (padding rows at the self-test budget), two images of different sizes, and text only (no
@@ -41,7 +40,7 @@ class Gemma4Family(Gemma4UnifiedFamily):
         return ModelArgs.from_file(Path(model_dir) / "config.json")
 
     def check_settings(self, settings) -> None:
-        check_max_soft_tokens(settings.max_soft_tokens)
+        super().check_settings(settings)
         if settings.quantize is not None:
             raise InputError(f"--quantize {settings.quantize}: the gemma4 family has no quantized run yet")
         if settings.stream:

@@ -14,7 +14,7 @@ import numpy as np
 
 from parity.adapter import Scenario
 from parity.adapters.gemma4.stages import stages_for
-from parity.adapters.gemma4_unified.adapter import decode_steps
+from parity.adapters.gemma4_unified.adapter import decode_steps, prompt_ids
 from parity.capture import Capture, Recorder
 from parity.stages import Stage, hook_points
 from reference.gemma4 import hf as ghf
@@ -73,17 +73,10 @@ class Gemma4Adapter:
         """(case inputs, the reference's preprocessing). The prompt is built from the reference's soft-token
         counts: each image becomes <boi> <image> * n <eoi>; both sides get the same ids."""
         pre = self._pre(scenario, decoded, settings.max_soft_tokens)
-        counts = iter(int(n) for n in pre.get("num_soft_tokens_per_image", []))
-        a = self.args
-        ids: list[int] = []
-        for kind, value in scenario.parts:
-            if kind == "text":
-                ids += list(value)
-            elif kind == "image":
-                ids += [a.boi_token_id] + [a.image_token_id] * next(counts) + [a.eoi_token_id]
-            else:
-                raise InputError(f"scenario '{scenario.name}': a '{kind}' part is not supported by the gemma4 port")
-        input_ids = np.array([ids], np.int64)
+        unsupported = sorted({kind for kind, _ in scenario.parts} - {"text", "image"})
+        if unsupported:
+            raise InputError(f"scenario '{scenario.name}': {unsupported} parts are not supported by the gemma4 port")
+        input_ids = np.array([prompt_ids(scenario, self.args, pre.get("num_soft_tokens_per_image", []))], np.int64)
         # the reference types the tokens; the candidate types them itself (Model.token_types)
         return {"input.input_ids": input_ids, "input.mm_token_type_ids": self.hf.token_types(input_ids)}, pre
 

@@ -60,6 +60,22 @@ def supports(args: ModelArgs, scenario: Scenario) -> bool:
     return (not scenario.images or args.vision is not None) and (not scenario.has_audio or args.audio is not None)
 
 
+def prompt_ids(scenario: Scenario, args, image_counts) -> list[int]:
+    """The prompt's token ids: text parts as given, each image <boi> <image> * n <eoi> with n from
+    ``image_counts`` (the reference's soft-token count per image, in order), each audio part
+    <boa> <audio> * frames <eoa>."""
+    counts = iter(int(n) for n in image_counts)
+    ids: list[int] = []
+    for kind, value in scenario.parts:
+        if kind == "text":
+            ids += list(value)
+        elif kind == "image":
+            ids += [args.boi_token_id] + [args.image_token_id] * next(counts) + [args.eoi_token_id]
+        else:
+            ids += [args.boa_token_id] + [args.audio_token_id] * int(value) + [args.eoa_token_index]
+    return ids
+
+
 def decode_steps(model, cache, length: int, tokens: list[int]) -> list[np.ndarray]:
     """The candidate's logits at each greedy decode step after a prefill of ``length`` tokens, one
     reference token at a time, with the model's own KV cache."""
@@ -136,18 +152,9 @@ class Gemma4UnifiedAdapter:
             raise InputError(f"{', '.join(map(str, scenario.images))}: position id "
                              f"{int(pre['image_position_ids'].max())} is outside the position table "
                              f"(mm_posemb_size={a.vision.mm_posemb_size}); use a smaller --max-soft-tokens")
-        counts = iter(int(n) for n in pre.get("num_soft_tokens_per_image", []))
-        ids: list[int] = []
-        frames = None
-        for kind, value in scenario.parts:
-            if kind == "text":
-                ids += list(value)
-            elif kind == "image":
-                ids += [a.boi_token_id] + [a.image_token_id] * next(counts) + [a.eoi_token_id]
-            else:
-                ids += [a.boa_token_id] + [a.audio_token_id] * int(value) + [a.eoa_token_index]
-                frames = audio_frames(int(value))
-        input_ids = np.array([ids], np.int64)
+        input_ids = np.array([prompt_ids(scenario, a, pre.get("num_soft_tokens_per_image", []))], np.int64)
+        audio = [int(n) for kind, n in scenario.parts if kind == "audio"]
+        frames = audio_frames(audio[-1]) if audio else None
         # the reference types the tokens; the candidate types them itself (Model.__call__), so a typing
         # defect in the port shows up at its masks and scattered inputs
         inputs = {"input.input_ids": input_ids, "input.mm_token_type_ids": self.hf.token_types(input_ids)}
