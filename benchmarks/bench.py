@@ -195,7 +195,7 @@ def bench_harness(repeat: int) -> list[dict]:
         rec = record(results, Settings(), time.perf_counter() - t0, "bench")
         t_report = time.perf_counter()
         report.to_markdown(rec)
-        from parity import html, junit
+        from parity.report import html, junit
         html.to_html(rec)
         junit.to_junit(rec)
         report_s = time.perf_counter() - t_report

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 import time
@@ -323,9 +324,13 @@ def cmd_faults(args) -> int:
 
 
 def cmd_convert(args) -> int:
+    from parity import report
+    from parity.atomic import staged
     from rmlx.load import save_quantized
 
-    status = save_quantized(args.src, args.dst, args.quantize)
+    report.check_free(args.dst)
+    with staged(args.dst, before_rename=report.check_free) as (tmp,):
+        status = save_quantized(args.src, tmp, args.quantize)
     done = sum(s == "quantized" for s in status.values())
     print(f"wrote {args.dst}: {done} of {len(status)} quantizable linears in {args.quantize}")
     for path, s in status.items():
@@ -349,9 +354,33 @@ def cmd_compare(args) -> int:
     return EXIT_PASS if rec["passed"] else EXIT_FAIL
 
 
+FIXTURE_PARTS = ("models", "images")
+
+
+def check_ours(out: Path) -> None:
+    """``fixtures --out DIR`` replaces DIR's models/, images/ and MANIFEST.json only when DIR has none
+    of them or its MANIFEST.json was written by this command: nothing else is ever replaced."""
+    from reference.fixtures import MANIFEST
+    from rmlx.errors import InputError
+
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: is not a folder")
+    present = [p for p in (*FIXTURE_PARTS, MANIFEST) if (out / p).exists() or (out / p).is_symlink()]
+    if not present:
+        return
+    try:
+        ours = str(json.loads((out / MANIFEST).read_text()).get("generator", "")).startswith("rmlx-parity fixtures")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        ours = False
+    if not ours:
+        raise InputError(f"{out}: holds {', '.join(present)} but no {MANIFEST} written by `rmlx-parity fixtures`; "
+                         "refusing to replace them (choose a new or empty folder)")
+
+
 def cmd_fixtures(args) -> int:
     from parity import report
-    from reference.fixtures import generate
+    from parity.atomic import scratch, staged
+    from reference.fixtures import MANIFEST, generate
     from rmlx.errors import InputError
 
     if args.shape is not None:
@@ -363,7 +392,8 @@ def cmd_fixtures(args) -> int:
             raise InputError(f"--layers must be >= 1, got {args.layers}")
         report.check_free(args.out)
         t0 = time.perf_counter()
-        index = synthetic.write(args.out, args.shape, args.layers, args.weights_dtype, progress=report.Progress())
+        with staged(args.out, before_rename=report.check_free) as (tmp,):
+            index = synthetic.write(tmp, args.shape, args.layers, args.weights_dtype, progress=report.Progress())
         shards = len(set(index["weight_map"].values()))
         print(f"wrote {args.out}: {args.shape}-shaped, {len(index['weight_map'])} tensors, "
               f"{index['metadata']['total_size'] / 2**30:.2f} GiB in {shards} shards, {time.perf_counter() - t0:.1f} s")
@@ -371,7 +401,13 @@ def cmd_fixtures(args) -> int:
     if args.layers is not None:
         raise InputError("--layers needs --shape")
     out = args.out or fixtures_dir()
-    manifest = generate(out)
+    check_ours(out)
+    with scratch(out, "fixtures") as tmp:
+        manifest = generate(tmp)
+        for part in (*FIXTURE_PARTS, MANIFEST):  # each old part moves into tmp (removed with it), the new one in
+            if (out / part).exists() or (out / part).is_symlink():
+                os.replace(out / part, tmp / f"old-{part}")
+            os.replace(tmp / part, out / part)
     print(f"wrote {len(manifest['files'])} files under {out} (see {out / 'MANIFEST.json'})")
     return EXIT_PASS
 

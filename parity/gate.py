@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from parity.metrics import _json_float, fmt_g
+from parity.metrics import _json_float, fmt
 from parity.stages import decode_stage, order_key
 from rmlx.errors import InputError
 
@@ -171,14 +171,14 @@ def summary(result: dict) -> str:
                  + ("" if result["parity_passed"] else "; the run itself fails parity"))
     if regs:
         first = regs[0]
-        lines.append(f"First regression: {first['stage']} in case {first['case']}: max_abs {fmt_g(first['max_abs'])} > "
+        lines.append(f"First regression: {first['stage']} in case {first['case']}: max_abs {fmt(first['max_abs'])} > "
                      f"allowed {first['allowed']:.3g} (baseline {first['baseline']:.3g})")
-        lines += [f"  {r['case']} {r['stage']}: {fmt_g(r['max_abs'])} > {r['allowed']:.3g} "
+        lines += [f"  {r['case']} {r['stage']}: {fmt(r['max_abs'])} > {r['allowed']:.3g} "
                   f"(baseline {r['baseline']:.3g})" for r in regs[1:8]]
         if len(regs) > 8:
             lines.append(f"  ... {len(regs) - 8} more")
     else:
-        lines += [f"  closest: {e['case']} {e['stage']}: {fmt_g(e['max_abs'])} of allowed {e['allowed']:.3g}"
+        lines += [f"  closest: {e['case']} {e['stage']}: {fmt(e['max_abs'])} of allowed {e['allowed']:.3g}"
                   for e in result["closest"][:3]]
     if result["not_run"]:
         lines.append(f"baseline cases not run: {len(result['not_run'])}")

@@ -79,9 +79,10 @@ def _json_float(v):
     return v
 
 
-def fmt_g(v) -> str:
-    """A record number in ``.3g``: strings ("inf", "missing") as they are, null (NaN) as "nan"."""
-    return v if isinstance(v, str) else ("nan" if v is None else f"{v:.3g}")
+def fmt(v, spec: str = ".3g", null: str = "nan") -> str:
+    """The one number formatter of reports: a record number in ``spec``; strings ("inf", "missing")
+    as they are; null as ``null`` ("nan" for a NaN the record stored as null, "exact" for an nmse_db)."""
+    return v if isinstance(v, str) else (null if v is None else format(v, spec))
 
 
 def _bits(x: np.ndarray, dtype: str) -> np.ndarray:

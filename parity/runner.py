@@ -18,9 +18,9 @@ import numpy as np
 from parity.adapter import Adapter, Family, Scenario, families, family_of
 from parity.defects import Defect, check, planted
 from parity.metrics import StageDiff, _json_float, compare, compare_all, first_divergence, logits_agreement
+from parity.report.viz import case_viz
 from parity.stages import decode_stage, order_key, select
 from parity.tolerances import tolerance
-from parity.viz import case_viz
 from rmlx import blas as rmlx_blas
 from rmlx.errors import InputError
 from rmlx.image import load_image
@@ -68,7 +68,7 @@ class CaseResult:
     image_sizes: list = field(default_factory=list)
     n_soft_tokens: int = 0
     classes: dict[str, str] = field(default_factory=dict)
-    viz: dict = field(default_factory=dict)  # parity.viz.case_viz: what the HTML report draws
+    viz: dict = field(default_factory=dict)  # parity.report.viz.case_viz: what the HTML report draws
     stream: dict | None = None  # a streamed case: timings, layer reads, peak RSS (parity.stream)
     reference: dict[str, np.ndarray] | None = None
     candidate: dict[str, np.ndarray] | None = None

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -188,40 +185,32 @@ def _sha256(path: Path) -> str:
 
 
 def generate(out: str | Path) -> dict:
-    """Write models/, images/ and MANIFEST.json under ``out``, atomically (temp dir, then swap)."""
+    """Write models/, images/ and MANIFEST.json into the folder ``out`` (created if missing).
+    ``rmlx-parity fixtures`` writes into a temporary folder and swaps the parts in (``parity.cli``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fixtures-", dir=out))
-    try:
-        manifest = {"generator": "rmlx-parity fixtures (reference/fixtures.py)",
-                    "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
-                                 "numpy": np.__version__, "pillow": Image.__version__},
-                    "files": {}}
-        for name, spec in MODELS.items():
-            model = build_model(name)
-            model.save_pretrained(tmp / "models" / name)
-            for f in sorted((tmp / "models" / name).iterdir()):
-                manifest["files"][f"models/{name}/{f.name}"] = {
-                    "sha256": _sha256(f), "how": f"save_pretrained of build_model('{name}'), seed {spec['seed']}"}
-        from reference.gemma4.fixtures import make_tiny_checkpoint
+    manifest = {"generator": "rmlx-parity fixtures (reference/fixtures.py)",
+                "versions": {"transformers": transformers.__version__, "torch": torch.__version__,
+                             "numpy": np.__version__, "pillow": Image.__version__},
+                "files": {}}
+    for name, spec in MODELS.items():
+        model = build_model(name)
+        model.save_pretrained(out / "models" / name)
+        for f in sorted((out / "models" / name).iterdir()):
+            manifest["files"][f"models/{name}/{f.name}"] = {
+                "sha256": _sha256(f), "how": f"save_pretrained of build_model('{name}'), seed {spec['seed']}"}
+    from reference.gemma4.fixtures import make_tiny_checkpoint
 
-        for name, (seed, overrides) in GEMMA4_MODELS.items():
-            make_tiny_checkpoint(tmp / "models" / name, seed=seed, **overrides)
-            for f in sorted((tmp / "models" / name).iterdir()):
-                manifest["files"][f"models/{name}/{f.name}"] = {
-                    "sha256": _sha256(f), "how": f"reference.gemma4.fixtures.make_tiny_checkpoint, seed {seed}, "
-                                                 f"overrides {overrides}"}
-        (tmp / "images").mkdir()
-        for fname, (how, make) in IMAGES.items():
-            path = tmp / "images" / fname
-            make().save(path, format="PNG", optimize=False, compress_level=9)
-            manifest["files"][f"images/{fname}"] = {"sha256": _sha256(path), "how": how}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        for part in ("models", "images", MANIFEST):
-            dst = out / part
-            if dst.is_dir():
-                shutil.rmtree(dst)
-            os.replace(tmp / part, dst)
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    for name, (seed, overrides) in GEMMA4_MODELS.items():
+        make_tiny_checkpoint(out / "models" / name, seed=seed, **overrides)
+        for f in sorted((out / "models" / name).iterdir()):
+            manifest["files"][f"models/{name}/{f.name}"] = {
+                "sha256": _sha256(f), "how": f"reference.gemma4.fixtures.make_tiny_checkpoint, seed {seed}, "
+                                             f"overrides {overrides}"}
+    (out / "images").mkdir()
+    for fname, (how, make) in IMAGES.items():
+        path = out / "images" / fname
+        make().save(path, format="PNG", optimize=False, compress_level=9)
+        manifest["files"][f"images/{fname}"] = {"sha256": _sha256(path), "how": how}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest

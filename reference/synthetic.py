@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import ml_dtypes
@@ -111,7 +108,8 @@ def values(name: str, shape: tuple[int, ...], dtype, seed: int = 0) -> np.ndarra
 
 def write(out: Path, shape: str = "12b", layers: int | None = None, dtype: str = "bfloat16",
           shard_bytes: int = 2 << 30, seed: int = 0, progress=None) -> dict:
-    """Write the checkpoint into ``out`` (a new folder), atomically: a temporary sibling renamed into place.
+    """Write the checkpoint into the folder ``out`` (created if missing; it must be empty).
+    ``rmlx-parity fixtures --shape`` writes into a temporary folder renamed into place (``parity.atomic``).
     Returns the index (``weight_map`` and ``metadata.total_size``)."""
     if shape not in SHAPES:
         raise ValueError(f"--shape {shape!r}: known shapes are {sorted(SHAPES)}")
@@ -133,28 +131,18 @@ def write(out: Path, shape: str = "12b", layers: int | None = None, dtype: str =
             size = 0
         plan[-1].append((name, shp))
         size += nbytes
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(plan):
-            file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-            arrays = {name: values(name, shp, np_dtype, seed) for name, shp in shard}
-            save_file(arrays, str(tmp / file), metadata={"format": "pt"})
-            total += sum(a.nbytes for a in arrays.values())
-            weight_map.update({name: file for name in arrays})
-            del arrays
-            if progress:
-                progress(i + 1, len(plan), file)
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        (tmp / "config.json").write_text(cfg.to_json_string())
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.chmod(0o755)
-        if out.is_dir():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(plan):
+        file = f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+        arrays = {name: values(name, shp, np_dtype, seed) for name, shp in shard}
+        save_file(arrays, str(out / file), metadata={"format": "pt"})
+        total += sum(a.nbytes for a in arrays.values())
+        weight_map.update({name: file for name in arrays})
+        del arrays
+        if progress:
+            progress(i + 1, len(plan), file)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (out / "config.json").write_text(cfg.to_json_string())
     return index

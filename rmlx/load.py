@@ -7,7 +7,6 @@ checkpoint (``pytorch_model.bin``) is refused, never unpickled.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -158,48 +157,32 @@ def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = 
     return model
 
 
-def umask() -> int:
-    """The process umask (read once; os.umask can only be read by setting it)."""
-    global _UMASK
-    if _UMASK is None:
-        _UMASK = os.umask(0)
-        os.umask(_UMASK)
-    return _UMASK
-
-
-_UMASK: int | None = None
 
 
 def save_quantized(src: str | Path, dst: str | Path, mode: str) -> dict[str, str]:
-    """``rmlx-parity convert``: write an MLX-style quantized copy of checkpoint ``src`` to ``dst``,
-    atomically (a temporary sibling folder renamed into place); ``dst`` must not exist yet.
+    """``rmlx-parity convert``: write an MLX-style quantized copy of checkpoint ``src`` into the folder
+    ``dst`` (created if missing; it must be empty). ``rmlx-parity convert`` writes into a temporary
+    folder and renames it into place (``parity.atomic``).
 
     Tensors keep the on-disk HF key spelling (``<module>.weight`` uint32 words + ``<module>.scales``);
     ``config.json`` gains "quantization" with ``False`` for every module left unquantized.
     """
     import shutil
-    import tempfile
 
     src, dst = Path(src), Path(dst)
-    if dst.exists():
-        raise InputError(f"{dst}: already exists; choose a new folder")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise InputError(f"{dst}: already exists and is not empty; choose a new folder")
     model = load_model(src, "float32", quantize=mode)
     config = json.loads((src / "config.json").read_text())
     skipped = {checkpoint_key(p + ".weight")[: -len(".weight")]: False
                for p, s in model.quant_status.items() if s != "quantized"}
     config["quantization"] = {**quant.MODES[mode], "mode": mode, **skipped}
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the result is an ordinary folder
-    try:
-        weights = {checkpoint_key(k): v for k, v in tree_flatten(model.parameters())}
-        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if (src / "generation_config.json").is_file():
-            shutil.copy(src / "generation_config.json", tmp / "generation_config.json")
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    dst.mkdir(parents=True, exist_ok=True)
+    weights = {checkpoint_key(k): v for k, v in tree_flatten(model.parameters())}
+    mx.save_safetensors(str(dst / "model.safetensors"), weights, metadata={"format": "mlx"})
+    (dst / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if (src / "generation_config.json").is_file():
+        shutil.copy(src / "generation_config.json", dst / "generation_config.json")
     return model.quant_status
 
 

@@ -21,7 +21,7 @@ ALLOWED = {
     "rmlx.errors": "the one error type for bad input",
     "rmlx.blas": "which BLAS computed the candidate, for the versions record",
     "rmlx.image": "image decoding (Pillow, validated): shared by every family with images",
-    "rmlx.load": "the validated safetensors reader and the umask, shared plumbing",
+    "rmlx.load": "the validated safetensors reader, shared plumbing",
     "reference.fixtures": "`rmlx-parity fixtures` regenerates the committed fixtures",
     "reference.synthetic": "`rmlx-parity fixtures --shape` writes real-size synthetic checkpoints",
 }

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 
 from parity.cli import main
-from parity.html import to_html
-from parity.viz import pack_array, pack_bool, unpack_array, unpack_bool
+from parity.report.html import to_html
+from parity.report.viz import pack_array, pack_bool, unpack_array, unpack_bool
 from tests.conftest import FIXTURES, ROOT
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from parity.cli import main
-from parity.junit import to_junit
+from parity.report.junit import to_junit
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "tiny"
 

@@ -46,9 +46,9 @@ from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter, image_s
 from parity.adapters.gemma4_unified.stages import MASK_KINDS
 from parity.capture import Capture, Recorder, to_numpy
 from parity.metrics import StageDiff, compare, logits_agreement, missing
+from parity.report.viz import case_viz, ref_max_abs
 from parity.stages import hook_points, select
 from parity.tolerances import tolerance
-from parity.viz import case_viz, ref_max_abs
 from reference.hf import bool_mask
 from reference.hf import to_numpy as torch_to_numpy
 from reference.stream import HFStreamRunner

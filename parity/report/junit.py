@@ -21,7 +21,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from parity.metrics import fmt_g
+from parity.metrics import fmt
 from parity.stages import decode_stage
 
 _NOT_XML = re.compile("[^\u0009\u000a\u000d\u0020-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
@@ -50,9 +50,9 @@ def stage_message(st: dict) -> str:
     return (f"{head}\n\n"
             f"Mismatched elements: {st['mismatched']} / {st['numel']} "
             f"({100 * st['mismatched'] / max(st['numel'], 1):.1f}%)\n"
-            f"Greatest absolute difference: {fmt_g(st['max_abs'])} at index {_index(st['max_abs_index'])} "
+            f"Greatest absolute difference: {fmt(st['max_abs'])} at index {_index(st['max_abs_index'])} "
             f"(up to {t['atol']:g} allowed)\n"
-            f"Greatest relative difference: {fmt_g(st['max_rel'])} at index {_index(st['max_rel_index'])} "
+            f"Greatest relative difference: {fmt(st['max_rel'])} at index {_index(st['max_rel_index'])} "
             f"(up to {t['rtol']:g} allowed)")
 
 
@@ -60,15 +60,15 @@ def _stage_summary(st: dict) -> str:
     if st.get("error"):
         return f"{st['name']}: {st['error'].splitlines()[0]}"
     t = st["tolerance"]
-    return (f"{st['name']}: {st['mismatched']} / {st['numel']} elements mismatched, max abs {fmt_g(st['max_abs'])} "
+    return (f"{st['name']}: {st['mismatched']} / {st['numel']} elements mismatched, max abs {fmt(st['max_abs'])} "
             f"(atol {t['atol']:g}, rtol {t['rtol']:g})")
 
 
 def _decode_message(d: dict) -> str:
-    extra = ", ".join(f"{k} {fmt_g(d[k])}" for k in ("top1_agreement", "kl_mean", "kl_max") if k in d)
+    extra = ", ".join(f"{k} {fmt(d[k])}" for k in ("top1_agreement", "kl_mean", "kl_max") if k in d)
     return (f"Decode step {d['step']} logits are not close!\n\n"
             f"Mismatched elements: {d['mismatched']}\n"
-            f"Greatest absolute difference: {fmt_g(d['max_abs'])}\n"
+            f"Greatest absolute difference: {fmt(d['max_abs'])}\n"
             f"Token fed to both sides: {d['token']}" + (f"; {extra}" if extra else ""))
 
 
@@ -111,7 +111,7 @@ def _case_suite(rec: dict, case: dict, index: int) -> ET.Element:
     for d in case.get("decode", []):
         name = decode_stage(d["step"])
         tests.append((name, None, None) if d["passed"] else
-                     (name, f"{name}: max abs {fmt_g(d['max_abs'])}", _decode_message(d)))
+                     (name, f"{name}: max abs {fmt(d['max_abs'])}", _decode_message(d)))
     failures = sum(m is not None for _, m, _ in tests)
     seconds = float(case.get("seconds") or 0.0)
     suite = ET.Element("testsuite", {

@@ -20,7 +20,7 @@ from html import escape
 import numpy as np
 from PIL import Image
 
-from parity.viz import VISION_STAGES, unpack_array, unpack_bool
+from parity.report.viz import VISION_STAGES, unpack_array, unpack_bool
 
 PASS, FAIL, MUTED, INK, GRID = "#1a7f37", "#cf222e", "#8c959f", "#1f2328", "#d8dee4"
 # HF's mm_token_type_ids: 0 text (boi/eoi too), 1 image, 2 video, 3 audio
@@ -692,7 +692,7 @@ schema <code>{_e(rec["schema"])}</code></div>
 <span class="muted">{len(cases) - n_pass} failing, {n_pass} passing</span></div>
 {_case_index(rec, slugs)}
 {body}
-<footer>Rendered from the JSON record ({_e(rec["schema"])}) by parity/html.py; self-contained: no network.</footer>
+<footer>Rendered from the JSON record ({_e(rec["schema"])}) by parity/report/html.py (no network).</footer>
 </main>
 <script>{JS}</script>
 </body>

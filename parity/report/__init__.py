@@ -6,25 +6,17 @@ The JSON record is the source of truth; nothing here computes a metric.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from rmlx.load import umask
+from parity.atomic import staged, write_text
+from parity.metrics import fmt
 
 
-def _fmt(v, spec=".2e") -> str:
-    if v is None:
-        return "exact"
-    if isinstance(v, str):
-        return v
-    return format(v, spec)
+def _fmt(v, spec: str = ".2e") -> str:
+    return fmt(v, spec, null="exact")
 
 
 def _db(stages: dict, name: str) -> str:
@@ -191,48 +183,21 @@ def json_text(rec: dict) -> str:
 
 
 def write_json_atomic(path: Path, rec: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; a report is an ordinary file
-        with os.fdopen(fd, "w") as f:
-            f.write(json_text(rec))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, json_text(rec))
 
 
 def check_free(folder: Path) -> None:
     """Reports and dumps go to a new (or empty) folder; an existing one is never overwritten."""
     from rmlx.errors import InputError
 
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+    if folder.is_symlink() or folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise InputError(f"{folder}: already exists and is not empty; choose a new folder")
-    if folder.is_dir():
-        folder.rmdir()
 
 
-@contextmanager
-def publishing(*finals: Path) -> Iterator[list[Path]]:
-    """The one way a run publishes folders: yields a temporary sibling folder for each of ``finals``;
-    when the block ends without an error, every destination is checked still free and each temporary
-    folder is renamed into place. Whatever happens, no temporary folder is left behind."""
-    staged: list[tuple[Path, Path]] = []  # (temporary folder, final folder)
-    try:
-        for final in finals:
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-            tmp.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the result is an ordinary folder
-            staged.append((tmp, final))
-        yield [tmp for tmp, _ in staged]
-        for _, final in staged:  # every destination is still free before the first one is taken
-            check_free(final)
-        for tmp, final in staged:
-            os.replace(tmp, final)
-    finally:
-        for tmp, _ in staged:
-            shutil.rmtree(tmp, ignore_errors=True)
+def publishing(*finals: Path):
+    """The one way a run publishes folders (:func:`rmlx.atomic.staged`): a temporary sibling folder
+    for each of ``finals``, renamed into place at the end once every destination is checked free."""
+    return staged(*finals, before_rename=check_free)
 
 
 def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dict[str, np.ndarray]]] | None = None,
@@ -241,7 +206,7 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
     ``dump_dir``), all or nothing (:func:`publishing`)."""
     from safetensors.numpy import save_file
 
-    from parity import html, junit
+    from parity.report import html, junit
 
     with_dumps = dumps is not None and dump_dir is not None
     with publishing(report_dir, *([dump_dir] if with_dumps else [])) as folders:

@@ -1,6 +1,6 @@
 """The data behind the HTML report's pictures, in compact JSON encodings. Pure NumPy.
 
-Two encodings, each with its inverse (the runner packs, ``parity.html`` unpacks):
+Two encodings, each with its inverse (the runner packs, ``parity.report.html`` unpacks):
 
 - a numeric array: ``{"dtype": "float16"|"float32"|"int16", "shape": [...], "b64": base64 of the
   little-endian bytes}`` (``pack_array`` / ``unpack_array``), optionally with ``"scale"``: the

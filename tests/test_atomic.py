@@ -1,0 +1,67 @@
+"""parity.atomic: outputs appear whole or not at all; a killed writer's leftovers are swept."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from parity.atomic import scratch, staged, sweep, write_text
+from parity.cli import main
+
+
+def test_a_failed_block_publishes_nothing_and_leaves_nothing(tmp_path):
+    with pytest.raises(RuntimeError), staged(tmp_path / "a", tmp_path / "b") as (a, b):
+        (a / "x").write_text("1")
+        (b / "y").write_text("2")
+        raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_refused_destination_publishes_none_of_them(tmp_path):
+    def refuse(final):
+        if final.name == "b":
+            raise ValueError(f"{final}: taken")
+
+    with pytest.raises(ValueError, match="taken"), staged(tmp_path / "a", tmp_path / "b",
+                                                         before_rename=refuse) as (a, b):
+        (a / "x").write_text("1")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_text_replaces_whole_with_ordinary_permissions(tmp_path):
+    path = tmp_path / "sub" / "r.json"
+    write_text(path, "one")
+    write_text(path, b"two")
+    assert path.read_text() == "two" and [p.name for p in path.parent.iterdir()] == ["r.json"]
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+def test_a_killed_writers_leftovers_are_swept_and_a_live_ones_kept(tmp_path):
+    code = ("import os, sys; from pathlib import Path; from parity.atomic import staged\n"
+            "with staged(Path(sys.argv[1]) / 'report') as (t,):\n"
+            "    (t / 'half').write_text('x'); os._exit(9)\n")  # dies mid-write: no cleanup runs
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == 9
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".report.rmlx-")
+    with scratch(tmp_path, "mine") as live:
+        assert sweep(tmp_path) == [] and live.exists()  # our own temporary folder is never swept
+        assert not (tmp_path / left[0]).exists()  # the dead writer's went when scratch() swept
+
+
+def test_fixtures_refuses_a_folder_it_did_not_write(tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "precious").write_text("keep me")
+    assert main(["fixtures", "--out", str(tmp_path)]) == 2
+    assert "refusing to replace" in capsys.readouterr().err
+    assert (tmp_path / "models" / "precious").read_text() == "keep me"
+    (tmp_path / "MANIFEST.json").write_text(json.dumps({"generator": "someone else"}))
+    assert main(["fixtures", "--out", str(tmp_path)]) == 2
+    assert (tmp_path / "models" / "precious").read_text() == "keep me"
