@@ -8,6 +8,8 @@ the reference's input to that stage (its error is then its own).
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -32,6 +34,21 @@ def like(value: np.ndarray, x: Any) -> Any:
     return np.asarray(value).astype(x.dtype)
 
 
+_WATCHERS: list[list] = []
+
+
+@contextmanager
+def watching() -> Iterator[list]:
+    """Collect every :class:`Recorder` made inside the block (the runner reads the candidate's partial
+    capture from it when the candidate raises)."""
+    seen: list = []
+    _WATCHERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _WATCHERS.remove(seen)
+
+
 class Recorder:
     """A ``tap`` handler. With ``reference`` set it teacher-forces: records the candidate's value,
     returns the reference's (when the shapes agree; otherwise the candidate's own, and the
@@ -40,6 +57,8 @@ class Recorder:
     def __init__(self, reference: Capture | None = None):
         self.capture: Capture = {}
         self.reference = reference
+        for seen in _WATCHERS:
+            seen.append(self)
         self.seconds = 0.0  # spent copying captures out (a harness cost, not the model's)
 
     def __call__(self, name: str, x: Any) -> Any:

@@ -248,6 +248,15 @@ def cmd_run(args) -> int:
     _publish(rec, report_dir, args, dumps)
     print(report.to_terminal(rec))
     print(f"\nreport: {report_dir / 'report.md'}" + (f"; dumps: {args.dump}" if args.dump else ""))
+    return _exit(rec)
+
+
+def _exit(rec: dict) -> int:
+    """0 pass, 1 the port fails (a crash of the port included), 125 the reference or harness raised."""
+    if rec.get("untestable"):
+        print(f"rmlx-parity: cannot test: the reference or the harness raised in {len(rec['untestable'])} "
+              f"case(s), first {rec['untestable'][0]} (see its error in the report)", file=sys.stderr)
+        return EXIT_UNTESTABLE
     return EXIT_PASS if rec["passed"] else EXIT_FAIL
 
 

@@ -340,22 +340,32 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5, per_position: bool = False,
                      workers: int = 1) -> dict:
-    """Next-token agreement over every position of (..., V) logits: top-1 agreement (fraction),
-    KL(reference || candidate) of the softmax distributions (mean and max over positions, nats),
-    and the mean top-k overlap (fraction of the reference's top k found in the candidate's).
-    ``per_position``: also ``"kl"``, the KL at every position as a float64 array (not JSON).
-    Positions are taken a few at a time (float64 softmax temporaries stay small at any vocabulary),
-    on ``workers`` threads; the result does not depend on their number."""
+    """Next-token agreement over every position of (..., V) logits, the statistics of llama.cpp's
+    ``perplexity --kl-divergence`` (:func:`logit_statistics`). ``per_position``: also ``"positions_data"``,
+    the per-position arrays (not JSON) that :func:`logit_statistics` pools over a run, and ``"kl"``.
+    Positions are taken a few at a time (float64 softmax temporaries stay small at any vocabulary), on
+    ``workers`` threads; the result does not depend on their number. A position where either side has a
+    NaN or Inf counts as a top-1 disagreement with infinite KL (``nonfinite_positions``)."""
     a = actual.reshape(-1, actual.shape[-1])
     e = expected.reshape(-1, expected.shape[-1])
     k = min(k, e.shape[-1])
     rows = max(1, (CHUNK * 4) // max(e.shape[-1], 1))
 
     def block(start: int):
-        ca, ce = a[start:start + rows], e[start:start + rows]
+        ca, ce = a[start:start + rows].astype(np.float64), e[start:start + rows].astype(np.float64)
+        bad = ~(np.isfinite(ca).all(-1) & np.isfinite(ce).all(-1))
+        ca[bad], ce[bad] = 0.0, 0.0  # placeholders: their statistics are set below
         la, le = _log_softmax(ca), _log_softmax(ce)
-        overlap = [len(set(x) & set(y)) / k for x, y in zip(_topk(ca, k), _topk(ce, k), strict=True)]
-        return (np.exp(le) * (le - la)).sum(-1), overlap, ca.argmax(-1) == ce.argmax(-1)
+        kl = (np.exp(le) * (le - la)).sum(-1)
+        overlap = np.array([len(set(x) & set(y)) / k for x, y in zip(_topk(ca, k), _topk(ce, k), strict=True)])
+        r = np.arange(len(ce))
+        top, cand_top = ce.argmax(-1), ca.argmax(-1)
+        same = top == cand_top
+        dp = np.exp(la[r, top]) - np.exp(le[r, top])  # the candidate's probability of the reference's token
+        margin = le[r, top] - le[r, cand_top]  # how far the reference prefers its token over the candidate's
+        err = np.abs(ca - ce)
+        kl[bad], same[bad], overlap[bad], dp[bad], margin[bad] = np.inf, False, 0.0, np.nan, np.inf
+        return kl, overlap, same, dp, margin, np.where(bad, np.inf, err.max(-1))
 
     starts = range(0, e.shape[0], rows)
     if workers > 1 and len(starts) > 1:
@@ -363,9 +373,51 @@ def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5, per_p
             parts = list(pool.map(block, starts))
     else:
         parts = [block(s) for s in starts]
-    kl = np.concatenate([p[0] for p in parts])
-    overlap = [x for p in parts for x in p[1]]
-    top1 = np.concatenate([p[2] for p in parts])
-    out = {"top1_agreement": float(top1.mean()), "kl_mean": float(kl.mean()),
-           "kl_max": float(kl.max()), f"top{k}_overlap": float(np.mean(overlap)), "positions": int(e.shape[0])}
-    return (out | {"kl": kl}) if per_position else out
+    data = {key: np.concatenate([p[i] for p in parts])
+            for i, key in enumerate(("kl", "overlap", "same", "dp", "margin", "err"))}
+    out = logit_statistics(data, k)
+    if per_position:
+        out["kl"] = data["kl"]
+        out["positions_data"] = data
+    return out
+
+
+def _pct(x: np.ndarray, q: float) -> float:
+    return float(np.percentile(x, q)) if x.size else math.nan
+
+
+def logit_statistics(data: Mapping[str, np.ndarray], k: int = 5) -> dict:
+    """Summary statistics of per-position logit agreement (``data`` from :func:`logits_agreement`,
+    one case's or several concatenated):
+
+    - ``top1_agreement`` ("same top p") and its standard error;
+    - KL(reference || candidate) in nats: mean and its standard error, median, p90, p99, p99.9, max;
+    - Δp, the candidate's minus the reference's probability of the reference's top token: mean, p1,
+      p99, max |Δp|;
+    - the mean top-k overlap;
+    - near-tie-aware top-1: ``top1_flips`` positions where the argmax differs, of which
+      ``top1_flips_decisive`` at a reference log-prob margin above ``tie_margin``, twice the 99th
+      percentile of the per-position max |Δlogit| (a logit error of the typical size flips no wider
+      margin). A near-tie flip is noise; a decisive one is a defect.
+    """
+    kl, same, dp = data["kl"], data["same"], data["dp"]
+    n = int(kl.size)
+    finite = np.isfinite(kl)
+    fk, fdp = kl[finite], dp[np.isfinite(dp)]
+    p = float(same.mean()) if n else math.nan
+    err = data["err"][np.isfinite(data["err"])]
+    tie = 2 * _pct(err, 99) if err.size else 0.0
+    flips = ~same
+    decisive = flips & (data["margin"] > tie)
+    return {
+        "positions": n, "nonfinite_positions": int(n - finite.sum()),
+        "top1_agreement": p, "top1_agreement_se": math.sqrt(p * (1 - p) / n) if n else math.nan,
+        "top1_flips": int(flips.sum()), "top1_flips_decisive": int(decisive.sum()), "tie_margin": tie,
+        "kl_mean": float(kl.mean()) if n else math.nan,
+        "kl_se": float(fk.std(ddof=1) / math.sqrt(fk.size)) if fk.size > 1 else 0.0,
+        "kl_median": _pct(fk, 50), "kl_p90": _pct(fk, 90), "kl_p99": _pct(fk, 99), "kl_p999": _pct(fk, 99.9),
+        "kl_max": float(kl.max()) if n else math.nan,
+        "dp_mean": float(fdp.mean()) if fdp.size else math.nan, "dp_p1": _pct(fdp, 1), "dp_p99": _pct(fdp, 99),
+        "dp_max_abs": float(np.abs(fdp).max()) if fdp.size else math.nan,
+        f"top{k}_overlap": float(data["overlap"].mean()) if n else math.nan,
+    }

@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,17 @@ from pathlib import Path
 import numpy as np
 
 from parity.adapter import Adapter, Family, Scenario, families, family_of
+from parity.capture import watching
 from parity.defects import Defect, check, planted
-from parity.metrics import StageDiff, _json_float, compare, compare_all, first_divergence, logits_agreement
+from parity.metrics import (
+    StageDiff,
+    _json_float,
+    compare,
+    compare_all,
+    first_divergence,
+    logit_statistics,
+    logits_agreement,
+)
 from parity.report.viz import case_viz
 from parity.stages import decode_stage, order_key, select
 from parity.tolerances import tolerance
@@ -72,10 +82,17 @@ class CaseResult:
     stream: dict | None = None  # a streamed case: timings, layer reads, peak RSS (parity.stream)
     reference: dict[str, np.ndarray] | None = None
     candidate: dict[str, np.ndarray] | None = None
+    error: dict | None = None  # the case raised (:func:`case_error`): which side, where, at which stage
+    positions: dict[str, np.ndarray] | None = None  # per-position logit agreement (pooled over the run)
 
     @property
     def passed(self) -> bool:
-        return all(d.passed for d in self.diffs) and all(s["passed"] for s in self.decode)
+        return self.error is None and all(d.passed for d in self.diffs) and all(s["passed"] for s in self.decode)
+
+    @property
+    def untestable(self) -> bool:
+        """The reference or the harness raised: nothing is known of the port (exit 125)."""
+        return self.error is not None and self.error["side"] != "candidate"
 
 
 def versions() -> dict[str, str]:
@@ -172,13 +189,29 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
         fam.check_settings(settings)
     with planted(run_defects(models, settings.inject)):  # planted before loading: some act at load time
         fams: dict[Path, Family] = {m: family_of(m) for m in dict.fromkeys(m for m, _ in plan)}
-        adapters = {m: (f.load_streamed if settings.stream else f.load)(m, settings) for m, f in fams.items()}
+        adapters: dict[Path, Adapter] = {}
+        load_errors: dict[Path, tuple[BaseException, str]] = {}
+        for m, f in fams.items():
+            try:
+                adapters[m] = (f.load_streamed if settings.stream else f.load)(m, settings)
+            except InputError:
+                raise  # the checkpoint is bad input (exit 2), for either side
+            except Exception as e:  # a crash while loading: the port's (a verdict) or the reference's (125)
+                load_errors[m] = (e, "candidate" if _in_packages(e, candidate_packages(f)) else "reference")
         results: list[CaseResult] = []
         for m, scenario in plan:
             if progress:
                 progress(len(results), len(plan), f"{m.name}/{scenario.name}")
             run = fams[m].run_streamed if settings.stream else run_case
-            result = run(adapters[m], m, scenario, decoded, settings)
+            if m in load_errors:
+                e, side = load_errors[m]
+                results.append(error_result(_TableOnly(fams[m], m), m, scenario, decoded, settings, e, side, {}))
+                continue
+            try:
+                result = run(adapters[m], m, scenario, decoded, settings)
+            except Exception as e:  # a driver that cannot tell the sides apart: the traceback does
+                side = "candidate" if _in_packages(e, candidate_packages(fams[m])) else "harness"
+                result = error_result(adapters[m], m, scenario, decoded, settings, e, side, {})
             if not keep_captures:
                 result.reference = result.candidate = None
             results.append(result)
@@ -195,10 +228,19 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
     tols = [(s.name, tolerance(s.tol, settings.dtype, settings.mode)) for s in stages]
     inputs, pre = adapter.inputs(scenario, decoded, settings)
     other_masks: dict[str, np.ndarray] = {}  # the reference's masks under the other policy
-    ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings,
-                                                            settings.decode_steps, other_masks=other_masks)
-    cand, cand_steps = adapter.candidate(scenario, inputs, decoded, settings, tokens,
-                                         teacher=ref if settings.mode == "teacher" else None)
+    try:
+        ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings,
+                                                                settings.decode_steps, other_masks=other_masks)
+    except Exception as e:
+        return error_result(adapter, model, scenario, decoded, settings, e, "reference", {}, inputs, t0)
+    with watching() as recorders:  # the candidate's partial capture, should it raise
+        try:
+            cand, cand_steps = adapter.candidate(scenario, inputs, decoded, settings, tokens,
+                                                 teacher=ref if settings.mode == "teacher" else None)
+        except Exception as e:  # the port raised (its own validation of a valid input included): a verdict
+            partial = recorders[-1].capture if recorders else {}
+            return error_result(adapter, model, scenario, decoded, settings, e, "candidate", partial, inputs, t0,
+                                reference=ref)
     diffs = compare_all(cand, ref, tols, settings.dtype)
     decode = decode_entries(cand_steps, ref_steps, tokens, settings.dtype)
     cost = None
@@ -212,7 +254,8 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
                                      if s != "quantized"}}
     oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), ref, cand, dict(tols)
                             ) if settings.oracle else {}
-    agreement = logits_agreement(cand["logits"], ref["logits"], per_position=True) if "logits" in cand else {}
+    agreement = (logits_agreement(cand["logits"], ref["logits"], per_position=True)
+                 if "logits" in cand and "logits" in ref else {})
     viz = case_viz(cand, ref, other_masks, settings.mask_policy, inputs.get("input.mm_token_type_ids"),
                    agreement.pop("kl", None), [d.stage for d in diffs])
     return case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz, oracle,
@@ -226,6 +269,8 @@ def case_result(model: Path, scenario: Scenario, settings: Settings, decoded: di
     """A case's result, whichever driver ran it (resident here, a family's layer-by-layer one):
     ``driver`` holds what only that driver has (captures, self-consistency, stream timings)."""
     types = inputs.get("input.mm_token_type_ids")
+    agreement = dict(agreement)
+    driver.setdefault("positions", agreement.pop("positions_data", None))
     return CaseResult(
         name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,
         decode=decode, logits=agreement, viz=viz, oracle=oracle, seconds=seconds,
@@ -234,16 +279,106 @@ def case_result(model: Path, scenario: Scenario, settings: Settings, decoded: di
         classes={s.name: s.tol for s in all_stages}, **driver)
 
 
+class _TableOnly:
+    """The stages of a checkpoint whose adapter could not be loaded (for its error results)."""
+
+    def __init__(self, family: Family, model: Path):
+        self.family, self.model = family, model
+
+    def stages(self, scenario: Scenario):
+        return self.family.stage_table(self.model)
+
+
+def candidate_packages(family) -> tuple[str, ...]:
+    """The packages whose code is the candidate's (a family may say; the port of this repository by default)."""
+    return tuple(getattr(family, "candidate_packages", ("rmlx",)))
+
+
+def _in_packages(exc: BaseException, packages: tuple[str, ...]) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if any(name == p or name.startswith(p + ".") for p in packages):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def case_error(exc: BaseException, side: str, stage: str | None, last: str | None) -> dict:
+    """The record's ``error`` of a case: the exception, the innermost frame, the stage being computed
+    and the last stage the candidate captured before it."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else None
+    return {"side": side, "type": type(exc).__name__, "message": str(exc)[:2000], "where": where,
+            "stage": stage, "last_stage": last,
+            "traceback": "".join(traceback.format_exception(exc))[-6000:]}
+
+
+def error_result(adapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray], settings: Settings,
+                 exc: BaseException, side: str, partial: dict[str, np.ndarray], inputs: dict | None = None,
+                 t0: float | None = None, reference: dict[str, np.ndarray] | None = None) -> CaseResult:
+    """The result of a case that raised. The candidate's stages captured before it raised are compared
+    as usual; the stage it was computing fails with the exception; later stages fail as not reached.
+    A reference or harness error fails every stage as not run (the case is untestable)."""
+    try:
+        all_stages = list(adapter.stages(scenario))
+    except Exception:
+        all_stages = []
+    stages = select(list(settings.stages), all_stages) if all_stages else []
+    tols = {s.name: tolerance(s.tol, settings.dtype, settings.mode) for s in stages}
+    names = [s.name for s in all_stages]
+    captured = [n for n in names if n in partial]
+    crashed_at = next((n for n in names if n not in partial), decode_stage(1)) if side == "candidate" else None
+    err = case_error(exc, side, crashed_at, captured[-1] if captured else None)
+    what = f"{err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}"
+    selected = {s.name for s in stages}
+    diffs = []
+    for s in all_stages:  # the selected stages, and the one the candidate crashed in whether selected or not
+        if s.name not in selected and s.name != crashed_at:
+            continue
+        tol = tols.get(s.name) or tolerance(s.tol, settings.dtype, settings.mode)
+        if side == "candidate" and s.name in partial and reference is not None and s.name in reference:
+            diffs.append(compare(s.name, partial[s.name], reference[s.name], tol, settings.dtype))
+        elif s.name == crashed_at:
+            diffs.append(StageDiff(s.name, False, tol, settings.dtype, (), error=(
+                f"The candidate raised {what} while computing this stage (at {err['where']}; the last stage "
+                f"it captured: {err['last_stage'] or 'none'})")))
+        else:
+            why = (f"not reached: the candidate raised at {crashed_at}" if side == "candidate"
+                   else f"not run: the {side} raised {what}")
+            diffs.append(StageDiff(s.name, False, tol, settings.dtype, (), error=why[0].upper() + why[1:]))
+    if crashed_at == decode_stage(1):  # the prefill completed: a decode step raised
+        diffs.append(StageDiff(crashed_at, False, tolerance("logits", settings.dtype), settings.dtype, (),
+                               error=f"The candidate raised {what} in a decode step (at {err['where']})"))
+    seconds = 0.0 if t0 is None else time.perf_counter() - t0
+    return case_result(model, scenario, settings, decoded, inputs or {}, all_stages, diffs, [], {}, {}, {},
+                       seconds, self_consistency=None, error=err)
+
+
 def decode_entries(cand_steps: list[np.ndarray], ref_steps: list[np.ndarray], tokens: list[int], dtype: str
                    ) -> list[dict]:
-    """The record's ``decode`` list: each greedy step's logits compared, with their agreement."""
+    """The record's ``decode`` list: each greedy step's logits compared, with their agreement, the
+    candidate's own greedy token and, where it differs from the reference's, whether that was a near
+    tie (:func:`parity.metrics.logit_statistics`)."""
     tol = tolerance("logits", dtype)
     out = []
     for step, (a, e, token) in enumerate(zip(cand_steps, ref_steps, tokens, strict=True)):
         d = compare("logits", a, e, tol, dtype)
-        out.append({"step": step + 1, "token": token, "passed": d.passed, "max_abs": d.max_abs,
-                    "mismatched": d.mismatched, **logits_agreement(a, e)})
+        lg = logits_agreement(a, e)
+        flat = a.reshape(-1, a.shape[-1])[-1]
+        own = int(np.argmax(flat)) if np.isfinite(flat).all() else None
+        out.append({"step": step + 1, "token": token, "candidate_token": own, "passed": d.passed,
+                    "max_abs": d.max_abs, "mismatched": d.mismatched,
+                    "near_tie": None if own == token else lg["top1_flips_decisive"] == 0, **lg})
     return out
+
+
+def greedy_agreement(decode: list[dict]) -> dict:
+    """Greedy decoding on both sides: the steps run, the first whose tokens differ, and whether that
+    difference was a near tie (noise) or decisive (a defect)."""
+    first = next((d for d in decode if d.get("candidate_token") != d["token"]), None)
+    return {"steps": len(decode), "first_difference": None if first is None else first["step"],
+            "near_tie": None if first is None else first["near_tie"]}
 
 
 def oracle_columns(orc: dict[str, np.ndarray], ref: dict[str, np.ndarray], cand: dict[str, np.ndarray],
@@ -259,6 +394,9 @@ def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, tuple] | None:
     for every case, so cases with different stage lists compare). A case whose prefill stages all pass
     but whose decode step N fails diverges at ``logits@decode.N`` (after every prefill stage)."""
     fd = first_divergence(r.diffs)
+    if fd is None and r.error is not None:  # raised at a stage that no selected stage shows
+        name = r.error.get("stage") or decode_stage(1)
+        fd = StageDiff(name, False, tolerance("logits", dtype), dtype, (), error=r.error["message"])
     if fd is not None:
         return fd, order_key(fd.stage)
     step = next((s for s in r.decode if not s["passed"]), None)
@@ -267,6 +405,14 @@ def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, tuple] | None:
     name = decode_stage(step["step"])
     return StageDiff(name, False, tolerance("logits", dtype), dtype, (),
                      error=f"decode step {step['step']}: max |delta logits| {step['max_abs']:.3g}"), order_key(name)
+
+
+def run_logit_statistics(results: list[CaseResult]) -> dict:
+    """The logit statistics of every prefill position of every case, pooled."""
+    parts = [r.positions for r in results if r.positions]
+    if not parts:
+        return {}
+    return logit_statistics({k: np.concatenate([p[k] for p in parts]) for k in parts[0]})
 
 
 def record(results: list[CaseResult], settings: Settings, wall_time_s: float, run_id: str,
@@ -281,7 +427,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         stages = []
         for d in r.diffs:
             entry = d.to_dict()
-            entry["class"] = r.classes[d.stage]
+            entry["class"] = r.classes.get(d.stage, "logits")
             if d.stage in r.oracle:
                 entry["oracle"] = r.oracle[d.stage]
             stages.append(entry)
@@ -298,9 +444,11 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                                            "what": "max |logits(policy) - logits(HF's own forward)|"},
             "passed": r.passed,
             "first_divergence": None if fd is None else {"stage": fd.stage, "message": fd.message()},
-            "logits": r.logits, "decode": r.decode, "quantization_cost": r.quantization_cost,
+            "logits": r.logits, "decode": r.decode, "greedy": greedy_agreement(r.decode),
+            "quantization_cost": r.quantization_cost,
             "seconds": round(r.seconds, 3), "stages": stages, "viz": r.viz,
             **({} if r.stream is None else {"stream": r.stream}),
+            **({} if r.error is None else {"error": r.error}),
         })
         if div is not None and (first is None or div[1] < first[2]):
             first = (r, *div)
@@ -318,6 +466,8 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                      "shard": None if settings.shard is None else "{}/{}".format(*settings.shard),
                      "stream": settings.stream, "threads": settings.threads},
         "passed": all(r.passed for r in results),
+        "untestable": [r.name for r in results if r.untestable],
+        "logits": run_logit_statistics(results),
         "first_divergence": None if first is None else {
             "case": first[0].name, "stage": first[1].stage, "max_abs": first[1].max_abs,
             "tolerance": {"rtol": first[1].tolerance.rtol, "atol": first[1].tolerance.atol},

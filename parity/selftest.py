@@ -138,6 +138,11 @@ def _outcome(name: str, defect: Defect | None, mode: str, side: _Side, run: Call
         results, error = [], str(e)
     except Exception as e:  # the port crashed: not a detection, and the self-test goes on
         results, error = [], f"{type(e).__name__}: {e}"
+    broken = [r for r in results if r.untestable]  # the reference or harness raised: not a detection
+    if broken:
+        error = error or "; ".join(f"{r.name}: {r.error['side']} raised {r.error['type']}: {r.error['message']}"
+                                   for r in broken)
+        results = [r for r in results if not r.untestable]
     found, misplaced, resolved = [], [], []
     for r in results:
         div = divergence(r, dtype)

@@ -30,11 +30,12 @@ def stage_summary(rec: dict) -> list[dict]:
         for st in case["stages"]:
             row = rows.setdefault(st["name"], {
                 "stage": st["name"], "class": st["class"], "tolerance": st["tolerance"], "cases": 0, "passed": 0,
-                "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "oracle_ref": None})
+                "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "oracle_ref": None, "measured": 0})
             row["cases"] += 1
             row["passed"] += bool(st["passed"])
-            if st.get("error"):
+            if st.get("error"):  # missing, raised, not reached, a shape mismatch: no numbers to show
                 continue
+            row["measured"] += 1
             row["max_abs"] = max(row["max_abs"], st["max_abs"])
             row["max_ulp"] = max(row["max_ulp"], st["max_ulp"])
             row["cosine"] = min(row["cosine"], st["cosine"])
@@ -69,6 +70,10 @@ _COLS = ("stage", "class", "rtol", "atol", "pass", "max_abs", "max_ulp", "min co
 def _rows(rec: dict) -> list[tuple[str, ...]]:
     out = []
     for r in stage_summary(rec):
+        if not r["measured"]:  # no case produced numbers for it (missing, or the candidate raised)
+            out.append((r["stage"], r["class"], f"{r['tolerance']['rtol']:g}", f"{r['tolerance']['atol']:g}",
+                        f"{r['passed']}/{r['cases']}", "not measured", *("-",) * 5))
+            continue
         out.append((r["stage"], r["class"], f"{r['tolerance']['rtol']:g}", f"{r['tolerance']['atol']:g}",
                     f"{r['passed']}/{r['cases']}", _fmt(r["max_abs"]) if r["max_abs"] else "0",
                     str(r["max_ulp"]), f"{r['cosine']:.9f}",
