@@ -1,4 +1,5 @@
-"""nox sessions: tests (the default pytest run), slow (tests marked slow), lint (ruff), parity (the
+"""nox sessions: tests (the default pytest run), slow (tests marked slow), lint (ruff), coverage (which
+lines and branches of rmlx/ the default `rmlx-parity run` executes; docs/coverage.md), parity (the
 self-test, the gates against the committed baselines, and the embedded default in every policy, dtype
 and mode, and quantized), bench (benchmarks/bench.py: JSON + Markdown under reports/)."""
 
@@ -24,6 +25,16 @@ def slow(session):
 def lint(session):
     session.install("ruff")
     session.run("ruff", "check", "rmlx", "reference", "parity", "tests", "benchmarks", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def coverage(session):
+    session.install("-e", ".[dev]")
+    out = session.create_tmp()
+    session.run("coverage", "erase")
+    session.run("coverage", "run", "-m", "parity.cli", "run", "--report-dir", f"{out}/coverage-run", "--json",
+                f"{out}/coverage-run.json", silent=True)
+    session.run("coverage", "report")
 
 
 @nox.session(python=PYTHON)

@@ -209,6 +209,8 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
                 continue
             try:
                 result = run(adapters[m], m, scenario, decoded, settings)
+            except InputError:
+                raise  # the case's input is bad (an image this checkpoint cannot take, say): exit 2
             except Exception as e:  # a driver that cannot tell the sides apart: the traceback does
                 side = "candidate" if _in_packages(e, candidate_packages(fams[m])) else "harness"
                 result = error_result(adapters[m], m, scenario, decoded, settings, e, side, {})

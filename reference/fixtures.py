@@ -57,7 +57,7 @@ MODELS: dict[str, dict] = {
 # reference.gemma4.fixtures.tiny_config). The position table covers every image of the battery at every
 # supported budget (the 40x400 panorama at max_soft_tokens 1120 reaches patch column 315).
 GEMMA4_MODELS: dict[str, tuple[int, dict]] = {
-    "gemma4-tiny": (0, {"vision": {"position_embedding_size": 320, "pooling_kernel_size": 2}}),
+    "gemma4-tiny": (0, {"vision": {"position_embedding_size": 1024, "pooling_kernel_size": 2}}),
 }
 
 _NORM_SUFFIXES = ("layernorm.weight", "q_norm.weight", "k_norm.weight", "norm.weight",
@@ -137,6 +137,20 @@ def _scene(h: int, w: int) -> Image.Image:
     return Image.fromarray(rgb)
 
 
+def _photo(h: int, w: int) -> Image.Image:
+    """A smooth scene with texture (sky gradient, sinusoidal ripples, a disc, hard edges): larger than
+    every pixel budget, so the processor must downscale it (the antialiasing filter's widest taps)."""
+    y, x = np.mgrid[0:h, 0:w].astype(np.float64)
+    rgb = np.zeros((h, w, 3))
+    rgb[..., 0] = 40 + 150 * x / w + 30 * np.sin(x / 7.0) * np.cos(y / 11.0)
+    rgb[..., 1] = 60 + 120 * y / h + 25 * np.sin((x + y) / 13.0)
+    rgb[..., 2] = 200 - 120 * y / h
+    disc = (x - 0.6 * w) ** 2 + (y - 0.4 * h) ** 2 < (0.2 * min(h, w)) ** 2
+    rgb[disc] = (250, 210, 40)
+    rgb[int(0.75 * h):, : w // 3] = (20, 90, 30)
+    return Image.fromarray(np.clip(np.round(rgb), 0, 255).astype(np.uint8))
+
+
 def _rgba() -> Image.Image:
     y, x = np.mgrid[0:80, 0:80]
     a = (x * 255 // 79).astype(np.uint8)
@@ -174,6 +188,12 @@ IMAGES: dict[str, tuple[str, callable]] = {
     "panorama-40x400.png": ("40x400 quadrant scene (extreme aspect ratio)", lambda: _scene(40, 400)),
     "exact-672x960.png": ("672x960 quadrant scene: exactly 14x20 = 280 cells, not resized at "
                           "max_soft_tokens=280", lambda: _scene(672, 960)),
+    "photo-1100x1400.png": ("1100x1400 textured scene: over the 280-token pixel budget, downscaled",
+                            lambda: _photo(1100, 1400)),
+    "sliver-4x1200.png": ("4x1200 quadrant scene: resized height rounds to 0, so one row of cells "
+                          "(the processor's extreme-aspect branch)", lambda: _scene(4, 1200)),
+    "sliver-1200x4.png": ("1200x4 quadrant scene: resized width rounds to 0, so one column of cells",
+                          lambda: _scene(1200, 4)),
     "rgba-80x80.png": ("80x80 RGBA, green with alpha ramp 0..255 along x (composited on white)", _rgba),
     "grayscale-90x90.png": ("90x90 mode L diagonal ramp", _grayscale),
     "palette-64x96.png": ("64x96 mode P, four vertical bands red/green/blue/yellow", _palette),

@@ -161,7 +161,7 @@ class Model(nn.Module):
         if ids.ndim != 2 or ids.shape[0] != 1:
             raise InputError(f"input_ids must have shape (1, L), got {ids.shape}")
         types = self.token_types(ids) if mm_token_type_ids is None else np.asarray(mm_token_type_ids)
-        if (types == 2).any():
+        if offset == 0 and (types == 2).any():  # a decode step embeds a generated video id as pad, as HF does
             raise InputError("video tokens are not supported by rmlx yet")
         text_ids = np.where(types > 0, a.text.pad_token_id, ids)  # soft-token slots embed the pad token
         h = tap("text.embed_tokens", self.language_model.embed(mx.array(text_ids)))

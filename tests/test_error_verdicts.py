@@ -16,7 +16,7 @@ from tests.conftest import MODELS
 MODEL = MODELS[0]
 
 
-def _raise_in_layer_2_of_long_prompts(call):
+def _raise_in_layer_2_of_the_38_token_prompt(call):
     def layer(self, x, *args, **kwargs):
         if self.names["out"] == "layers.2.out" and x.shape[1] == 38:  # text-only: 38 tokens
             raise RuntimeError("planted: layer 2 cannot take this prompt")
@@ -32,7 +32,8 @@ def _run(tmp_path, *extra):
 
 
 def test_a_port_raising_in_layer_2_of_one_case_is_named_and_the_run_goes_on(tmp_path):
-    with mock.patch.object(text.DecoderLayer, "__call__", _raise_in_layer_2_of_long_prompts(text.DecoderLayer.__call__)):
+    broken = _raise_in_layer_2_of_the_38_token_prompt(text.DecoderLayer.__call__)
+    with mock.patch.object(text.DecoderLayer, "__call__", broken):
         code, rec = _run(tmp_path)
     assert code == 1
     cases = {c["scenario"]: c for c in rec["cases"]}

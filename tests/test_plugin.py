@@ -76,7 +76,8 @@ def test_fixtures_are_the_embedded_default(rmlx_fixtures_dir, rmlx_models, rmlx_
     assert rmlx_fixtures_dir == ROOT / "fixtures"
     assert [m.name for m in rmlx_models] == ["gemma4-tiny", "tiny", "tiny-variant"]
     assert all((m / "model.safetensors").is_file() for m in rmlx_models)
-    assert len(rmlx_battery) == 17 and (ROOT / "fixtures/images/gradient.png") in rmlx_battery
+    assert rmlx_battery == sorted((ROOT / "fixtures/images").glob("*.png"))
+    assert (ROOT / "fixtures/images/gradient.png") in rmlx_battery
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in rmlx_battery)
 
 
@@ -147,7 +148,8 @@ def test_rmlx_model_and_rmlx_image_parametrize_only_who_asks(pytester):
     result = pytester.runpytest("-p", "no:cacheprovider", "-v")
     models = [m.name for m in default_models()]
     n = len(models)
-    result.assert_outcomes(passed=n + 17 + n * 17 + 1 + 1, failed=1)  # models, images, both, own, untouched
+    k = len(list((ROOT / "fixtures" / "images").glob("*.png")))
+    result.assert_outcomes(passed=n + k + n * k + 1 + 1, failed=1)  # models, images, both, own, untouched
     result.stdout.fnmatch_lines(["*'rmlx_model' is parametrized at collection: request it as a test or fixture*"])
     result.stdout.fnmatch_lines(["*test_model?tiny? PASSED*", "*test_model?tiny-variant? PASSED*",
                                  "*test_image?gradient? PASSED*", "*test_own_values?mine? PASSED*",

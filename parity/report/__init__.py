@@ -30,7 +30,8 @@ def stage_summary(rec: dict) -> list[dict]:
         for st in case["stages"]:
             row = rows.setdefault(st["name"], {
                 "stage": st["name"], "class": st["class"], "tolerance": st["tolerance"], "cases": 0, "passed": 0,
-                "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "oracle_ref": None, "measured": 0})
+                "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "oracle_ref": None,
+                "measured": 0})
             row["cases"] += 1
             row["passed"] += bool(st["passed"])
             if st.get("error"):  # missing, raised, not reached, a shape mismatch: no numbers to show

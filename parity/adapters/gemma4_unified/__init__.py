@@ -25,7 +25,8 @@ from rmlx.image import check_max_soft_tokens
 
 # Small, and together they exercise every defect: an image, two images (block structure), image +
 # audio, and a text-only prompt longer than every sliding window (the decode steps reach the cache).
-SELFTEST_CASES = ("image/gradient", "two-images", "image-and-audio", "text-only")
+SELFTEST_CASES = ("image/gradient", "two-images", "image-and-audio", "text-only", "text-4", "text-9",
+                  "image/photo-1100x1400", "image/sliver-4x1200")
 
 
 def unique_image_scenarios(images: list[Path]) -> list[Scenario]:

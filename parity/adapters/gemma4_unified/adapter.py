@@ -39,12 +39,20 @@ def image_scenario(path: Path) -> Scenario:
     return Scenario(f"image/{path.stem}", (("text", (2, 10, 11)), ("image", path), ("text", (12, 13))))
 
 
+# Prompt lengths around the fixtures' sliding windows (8 and 12 tokens): shorter than, one under, equal
+# to and one over each, so that prefill and the decode steps (4 by default) read the rotating KV cache
+# before, at and after it wraps. The 38-token text-only prompt is longer than every window.
+WINDOW_LENGTHS = (4, 7, 8, 9, 11, 12, 13)
+
+
 def special_scenarios(images: Path) -> tuple[Scenario, ...]:
-    """The decoder's cases (issue 3): text only, two images, image at the very start / very end, an
-    image block longer than every sliding window (where the two policies differ), image + audio."""
+    """The decoder's cases: text only (one prompt longer than every window, and the ``WINDOW_LENGTHS``),
+    two images, image at the very start / very end, an image block longer than every sliding window
+    (where the two policies differ), image + audio."""
     grad, card, exact = images / "gradient.png", images / "white-card.png", images / "exact-672x960.png"
     return (
         Scenario("text-only", (("text", tuple(range(2, 40))),)),
+        *(Scenario(f"text-{n}", (("text", tuple(range(2, 2 + n))),)) for n in WINDOW_LENGTHS),
         Scenario("two-images", (("text", (2, 10)), ("image", grad), ("text", (11, 12, 13)), ("image", card),
                                 ("text", (14,)))),
         Scenario("image-at-start", (("image", grad), ("text", (10, 11, 12)))),

@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from parity.defects import Defect, patched, wrapped
-from rmlx import base, image, model, quant, text, vision
+from rmlx import base, image, model, quant, resize, text, vision
 from rmlx.tap import tap
 
 
@@ -139,6 +139,87 @@ def _sliding_cache_off_by_one():
     return wrapped(text.KVCache, "__init__", init)
 
 
+def _kv_cache_short_prompt():
+    def update(self, keys, values):
+        if self.keys is not None:
+            keys = mx.concatenate([self.keys, keys], axis=2)
+            values = mx.concatenate([self.values, values], axis=2)
+        start = 0 if self.keep is None else keys.shape[2] - self.keep  # no max(.., 0): negative before the wrap
+        self.keys, self.values = keys[:, :, start:], values[:, :, start:]
+        return keys, values
+    return patched((text.KVCache, "update", update))
+
+
+def _sliding_mask_off_by_one():
+    return wrapped(model, "attention_masks", lambda f: lambda types, window, policy: f(types, window + 1, policy))
+
+
+def _short_prompt_sliding_mask():
+    def masks(f):
+        def call(types, window, policy):
+            out = f(types, window, policy)
+            if types.shape[1] <= window:  # "no key is outside the window": the mask dropped, causality with it
+                out["sliding_attention"] = mx.ones_like(out["sliding_attention"])
+            return out
+        return call
+    return wrapped(model, "attention_masks", masks)
+
+
+def _decode_rope_offset_zero():
+    return wrapped(base.RoPE, "__call__", lambda f: lambda self, x, offset: f(self, x, 0))
+
+
+def _downscale_no_antialias():
+    def table(f):
+        def call(in_size, out_size):
+            if in_size <= out_size:
+                return f(in_size, out_size)
+            # the upscaling kernel at the downscaled centres: support 2 source pixels, not 2 * scale
+            scale = in_size / out_size
+            center = scale * (np.arange(out_size) + 0.5)
+            xmin = np.maximum((center - 2.0 + 0.5).astype(np.int64), 0)
+            xmax = np.minimum((center + 2.0 + 0.5).astype(np.int64), in_size)
+            taps = np.arange(5)
+            w = resize._cubic(taps[None, :] + xmin[:, None] - center[:, None] + 0.5)
+            w = np.where(taps[None, :] < np.clip(xmax - xmin, 0, 5)[:, None], w, 0.0)
+            w = w / w.sum(1, keepdims=True)
+            precision = 14
+            scaled = w * (1 << precision)
+            weights = np.trunc(np.where(scaled < 0, scaled - 0.5, scaled + 0.5)).astype(np.int32)
+            return np.minimum(xmin[:, None] + taps[None, :], in_size - 1), weights, precision
+        return call
+    return wrapped(resize, "_weight_table", table)
+
+
+def _resize_truncates():
+    def axis(image_, ax, out_size):
+        indices, weights, precision = resize._weight_table(image_.shape[ax], out_size)
+        shape = list(image_.shape)
+        shape[ax] = out_size
+        bcast = [1, 1, 1]
+        bcast[ax] = out_size
+        acc = np.zeros(shape, np.int32)  # no 2**(p - 1) rounding offset: every pixel truncated
+        for k in range(indices.shape[1]):
+            acc += np.take(image_, indices[:, k], axis=ax) * weights[:, k].reshape(bcast)
+        return np.clip(acc >> precision, 0, 255).astype(np.uint8)
+    return patched((resize, "_resample_axis", axis))
+
+
+def _aspect_clamp_missing():
+    def target(height, width, max_soft_tokens, patch_size=16, k=3):
+        target_px = max_soft_tokens * k * k * patch_size**2
+        factor = (target_px / (height * width)) ** 0.5
+        side = k * patch_size
+        th = int(factor * height / side) * side
+        tw = int(factor * width / side) * side
+        if th == 0:
+            th, tw = side, (width // height) * side  # not clamped to the longest side the budget allows
+        elif tw == 0:
+            tw, th = side, (height // width) * side
+        return th, tw
+    return patched((image, "target_size", target))
+
+
 def _gate_up_swapped():
     def swap(name: str) -> str:
         if ".mlp.gate_proj." in name:
@@ -248,6 +329,23 @@ CATALOG: dict[str, Defect] = {
         Defect("sliding-cache-off-by-one", "cache", "the rotating KV cache keeps W keys instead of W - 1, so a "
                "decode step sees W + 1 keys: only decoding with a cache shows it", "logits@decode.*",
                _sliding_cache_off_by_one),
+        Defect("kv-cache-short-prompt", "cache", "the rotating KV cache trimmed to its last W - 1 keys without "
+               "max(.., 0): a prompt shorter than the window loses its first keys (only short prompts show it)",
+               "logits@decode.1", _kv_cache_short_prompt),
+        Defect("sliding-mask-off-by-one", "masks", "sliding window admits W + 1 keys (k >= q - W, not k > q - W): "
+               "only prompts longer than the window show it", "mask.sliding_attention", _sliding_mask_off_by_one),
+        Defect("short-prompt-sliding-mask", "masks", "a prompt no longer than the window gets no sliding mask at "
+               "all (causality dropped with the window)", "mask.sliding_attention", _short_prompt_sliding_mask),
+        Defect("decode-rope-offset-zero", "rope", "decode steps rotate the new token at position 0, not at its "
+               "position after the prompt", "logits@decode.1", _decode_rope_offset_zero),
+        Defect("downscale-no-antialias", "preprocessing", "downscaling with the upscaling kernel (support 2 source "
+               "pixels, not 2 x scale): only images over the pixel budget show it", "image.pixel_values",
+               _downscale_no_antialias),
+        Defect("resize-truncates", "preprocessing", "the fixed-point resize drops its 2^(p-1) rounding offset: "
+               "every resized pixel truncated", "image.pixel_values", _resize_truncates),
+        Defect("aspect-clamp-missing", "preprocessing", "an extreme aspect ratio's long side not clamped to the "
+               "budget: the port refuses a 4x1200 image the reference takes", "image.pixel_values",
+               _aspect_clamp_missing),
         Defect("gate-up-swapped", "loader", "checkpoint gate_proj and up_proj loaded into each other's slots "
                "(a fused gate_up split in the wrong order): same shapes, so no shape check sees it",
                "layers.0.mlp.out", _gate_up_swapped),

@@ -95,10 +95,11 @@ class Model(nn.Module):
         types = self.token_types(ids) if mm_token_type_ids is None else np.asarray(mm_token_type_ids, np.int64)
         if types.shape != ids.shape:
             raise InputError(f"mm_token_type_ids has shape {types.shape}, input_ids {ids.shape}")
-        if (ids == a.video_token_id).any() or (types == 2).any():
-            raise InputError("video tokens are not supported by rmlx yet")
-        if (ids == a.audio_token_id).any():
-            raise InputError("audio tokens are not supported: the gemma4 audio tower is not ported")
+        if offset == 0:  # a decode step embeds a generated video or audio id as the pad token, as HF does
+            if (ids == a.video_token_id).any() or (types == 2).any():
+                raise InputError("video tokens are not supported by rmlx yet")
+            if (ids == a.audio_token_id).any():
+                raise InputError("audio tokens are not supported: the gemma4 audio tower is not ported")
         multimodal = (ids == a.image_token_id) | (ids == a.video_token_id) | (ids == a.audio_token_id)
         text_ids = np.where(multimodal, a.text.pad_token_id, ids)
         h = tap("text.embed_tokens", self.language_model.embed(mx.array(text_ids)))
