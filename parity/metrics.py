@@ -320,6 +320,28 @@ def first_divergence(diffs: Iterable[StageDiff]) -> StageDiff | None:
     return next((d for d in diffs if not d.passed), None)
 
 
+UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11, "float64": 2.0**-53}
+
+
+def oracle_distance(reference: np.ndarray, candidate: np.ndarray, oracle: np.ndarray, dtype: str = "float32"
+                    ) -> dict | None:
+    """Both sides' distance to the float64 oracle, as the largest absolute difference and as the RMS
+    difference, and ``ratio``: the candidate's RMS distance over the reference's, the reference's floored
+    at one unit roundoff of ``dtype`` times the oracle's RMS (a reference that rounds exactly to the
+    oracle does not make any candidate error infinitely worse). None: shapes differ or a value is not finite."""
+    r, c, o = (np.asarray(x, np.float64) for x in (reference, candidate, oracle))
+    if not (r.shape == c.shape == o.shape) or o.size == 0:
+        return None
+    if not (np.isfinite(r).all() and np.isfinite(c).all() and np.isfinite(o).all()):
+        return None
+    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
+    ref_rms, cand_rms = rms(r - o), rms(c - o)
+    floor = UNIT_ROUNDOFF.get(dtype, 2.0**-24) * rms(o)
+    return {"reference_max_abs": float(np.abs(r - o).max()), "candidate_max_abs": float(np.abs(c - o).max()),
+            "reference_rms": ref_rms, "candidate_rms": cand_rms, "floor": floor,
+            "ratio": cand_rms / max(ref_rms, floor) if max(ref_rms, floor) > 0 else (math.inf if cand_rms else 0.0)}
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = x.astype(np.float64)
     x = x - x.max(-1, keepdims=True)

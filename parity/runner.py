@@ -6,6 +6,7 @@ so bad input fails fast with exit 2 and nothing written.
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 import sys
 import time
@@ -27,10 +28,11 @@ from parity.metrics import (
     first_divergence,
     logit_statistics,
     logits_agreement,
+    oracle_distance,
 )
 from parity.report.viz import case_viz
 from parity.stages import decode_stage, order_key, select
-from parity.tolerances import tolerance
+from parity.tolerances import noise_ratio, tolerance
 from rmlx import blas as rmlx_blas
 from rmlx.errors import InputError
 from rmlx.image import load_image
@@ -254,8 +256,9 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
                 "quantized_modules": sorted(adapter.quantized),
                 "left_unquantized": {p: s for p, s in adapter.candidate_model.quant_status.items()
                                      if s != "quantized"}}
-    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), ref, cand, dict(tols)
+    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), ref, cand, dict(tols), settings.dtype
                             ) if settings.oracle else {}
+    diffs = noise_floor(diffs, oracle, {s.name: s.tol for s in stages}, settings.dtype)
     agreement = (logits_agreement(cand["logits"], ref["logits"], per_position=True)
                  if "logits" in cand and "logits" in ref else {})
     viz = case_viz(cand, ref, other_masks, settings.mask_policy, inputs.get("input.mm_token_type_ids"),
@@ -384,11 +387,37 @@ def greedy_agreement(decode: list[dict]) -> dict:
 
 
 def oracle_columns(orc: dict[str, np.ndarray], ref: dict[str, np.ndarray], cand: dict[str, np.ndarray],
-                   tols: dict) -> dict[str, dict]:
-    """Both sides' distance to the float64 oracle, for the stages all three have."""
-    return {name: {"reference_max_abs": compare(name, ref[name], orc[name], tol, "float64").max_abs,
-                   "candidate_max_abs": compare(name, cand[name], orc[name], tol, "float64").max_abs}
-            for name, tol in tols.items() if name in orc and name in ref and name in cand}
+                   tols: dict, dtype: str = "float32") -> dict[str, dict]:
+    """Both sides' distance to the float64 oracle (:func:`parity.metrics.oracle_distance`), for the
+    stages all three have."""
+    out = {}
+    for name in tols:
+        if name in orc and name in ref and name in cand and np.issubdtype(np.asarray(orc[name]).dtype, np.floating):
+            d = oracle_distance(ref[name], cand[name], orc[name], dtype)
+            if d is not None:
+                out[name] = d
+    return out
+
+
+def noise_floor(diffs: list[StageDiff], oracle: dict[str, dict], classes: dict[str, str], dtype: str
+                ) -> list[StageDiff]:
+    """Fail a stage whose candidate is more than its class's ratio times farther from the float64
+    oracle than the reference is (:data:`parity.tolerances.NOISE_RATIOS`), even within its absolute
+    tolerance: the bound is the reference's own rounding error, measured, not a worst case."""
+    out = []
+    for d in diffs:
+        o = oracle.get(d.stage)
+        k = noise_ratio(classes.get(d.stage, ""), dtype)
+        if o is not None and k is not None:
+            o["allowed_ratio"] = k
+            if d.passed and o["ratio"] > k:
+                d = dataclasses.replace(d, passed=False, error=(
+                    f"Farther from float64 than the reference: the candidate's RMS error {o['candidate_rms']:.3g} "
+                    f"is {o['ratio']:.1f}x the reference's {max(o['reference_rms'], o['floor']):.3g} (up to {k:g}x "
+                    f"allowed); max |delta| to the reference {d.max_abs:.3g} is within the absolute tolerance "
+                    f"{d.tolerance.atol:g}"))
+        out.append(d)
+    return out
 
 
 def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, tuple] | None:

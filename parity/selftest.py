@@ -80,6 +80,7 @@ class _Side:
         self.clean = {m: a.candidate_model for m, a in self.adapters.items()}
         for a in self.adapters.values():
             a.reference = _memoized(a.reference)
+            a.oracle = _memoized_oracle(a.oracle)
 
     def reload_candidates(self) -> None:
         """Load every candidate again, under whatever defect is planted now."""
@@ -89,6 +90,19 @@ class _Side:
     def restore(self) -> None:
         for m, a in self.adapters.items():
             a.candidate_model = self.clean[m]
+
+
+def _memoized_oracle(oracle):
+    """The adapter's float64 oracle keyed by its case: reference-side code, the same whatever is planted."""
+    kept: dict = {}
+
+    def call(scenario, decoded, settings):
+        key = (scenario, settings.mask_policy, settings.dtype, settings.max_soft_tokens)
+        if key not in kept:
+            kept[key] = oracle(scenario, decoded, settings)
+        return kept[key]
+
+    return call
 
 
 def _memoized(reference):
@@ -183,7 +197,7 @@ def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | No
             continue
         cases = fam.selftest_scenarios(fixture_images)
         all_cases += [s.name for s in cases if s.name not in all_cases]
-        base = Settings(dtype=dtype, decode_steps=decode_steps, oracle=False, **dict(fam.selftest_settings))
+        base = Settings(dtype=dtype, decode_steps=decode_steps, **dict(fam.selftest_settings))
         groups: dict[tuple, list[Defect]] = {(): []}  # the clean run of the plain setting always runs
         for d in picked:
             groups.setdefault(d.settings, []).append(d)

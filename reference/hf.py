@@ -18,8 +18,36 @@ import numpy as np
 import torch
 from PIL import Image
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "eager_float64")
+FLOAT64_ATTENTION = "eager_float64"
+
+
+def eager_float64(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    """transformers' eager attention with the softmax in the activations' dtype: its own eager upcasts
+    the softmax to float32 only, which in a float64 model would leave fp32 rounding in the float64
+    reference (``Gemma4UnifiedTextAttention`` and the SigLIP tower both dispatch through this name)."""
+    groups = getattr(module, "num_key_value_groups", 1)
+    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
+    weights = torch.matmul(query, k.transpose(2, 3)) * (module.head_dim ** -0.5 if scaling is None else scaling)
+    if softcap is not None:
+        weights = torch.tanh(weights / softcap) * softcap
+    if attention_mask is not None:  # transformers builds a boolean mask (True: attend) for a registered name
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, -torch.inf)
+        else:
+            weights = weights + attention_mask
+    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=query.dtype)
+    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
+
+
+def register_float64_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    AttentionInterface.register(FLOAT64_ATTENTION, eager_float64)
+    AttentionMaskInterface.register(FLOAT64_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # eager's masks
 Capture = dict[str, np.ndarray]
 
 
@@ -54,6 +82,8 @@ class HFRunner:
         hf_logging.disable_progress_bar()
         torch.set_num_threads(threads)
 
+        if attn_implementation == FLOAT64_ATTENTION:
+            register_float64_attention()
         if attn_implementation not in ATTN_IMPLEMENTATIONS:
             raise ValueError(f"attn_implementation={attn_implementation!r} is not one of {ATTN_IMPLEMENTATIONS}")
         self.model_dir = Path(model_dir)

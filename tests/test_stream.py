@@ -39,6 +39,8 @@ def test_streamed_record_equals_the_resident_record(tmp_path, default_runs, dtyp
         ref = by_name[case["name"]]
         assert [s["name"] for s in case["stages"]] == [s["name"] for s in ref["stages"]]
         for s, r in zip(case["stages"], ref["stages"], strict=True):
+            if "oracle" not in s:  # the decoder's float64 run is resident-only (parity/adapters/.../stream.py)
+                r = {k: v for k, v in r.items() if k != "oracle"}
             assert s == r, (case["name"], s["name"])
         for key in ("logits", "decode", "passed", "first_divergence"):
             assert case[key] == ref[key], (case["name"], key)

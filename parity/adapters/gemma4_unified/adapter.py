@@ -208,8 +208,35 @@ class Gemma4UnifiedAdapter:
             mx.eval(logits)
         return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 
+    @cached_property
+    def hf64(self) -> HFRunner:
+        """HF's model in float64, softmax included (``reference.hf.eager_float64``): the decoder's oracle."""
+        return HFRunner(self.model_dir, "float64", "eager_float64")
+
     def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
-        """Float64 preprocessing and vision embedder (the decoder's oracle comes with its own issue)."""
+        """Float64 values: the independent NumPy preprocessing and vision embedder, and for every other
+        stage HF's own model run in float64 on the same inputs (an fp32 candidate of an unquantized
+        checkpoint; a quantized one's target is the dequantized model, which has no float64 run)."""
+        float64_run = settings.dtype == "float32" and not self.quantized
+        cap = self._hf64_capture(scenario, decoded, settings) if float64_run else {}
+        cap.update(self._numpy_oracle(scenario, decoded, settings))
+        return cap
+
+    def _hf64_capture(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
+        inputs, pre = self.inputs(scenario, decoded, settings)
+        feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
+        if scenario.images:
+            feed["pixel_values"] = pre["pixel_values"].astype(np.float64)
+            feed["image_position_ids"] = pre["image_position_ids"]
+        if "input.audio_frames" in inputs:
+            feed["audio_frames"] = inputs["input.audio_frames"].astype(np.float64)
+        points = {k: v for k, v in hook_points(self.stages(scenario)).items() if v[1] != "mask"}
+        cap, *_ = self.hf64.forward(feed, settings.mask_policy, points, 0, consistency=False)
+        if scenario.images:
+            image_stages(cap, pre)
+        return {k: v for k, v in cap.items() if np.issubdtype(v.dtype, np.floating)}
+
+    def _numpy_oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
         if not scenario.images:
             return {}
         parts = []

@@ -220,6 +220,15 @@ def _aspect_clamp_missing():
     return patched((image, "target_size", target))
 
 
+def _decoder_norm_eps():
+    def init(f):
+        def __init__(self, cfg, i):
+            f(self, cfg, i)
+            self.input_layernorm.eps = 1e-5  # the PyTorch / Llama default, not the config's 1e-6
+        return __init__
+    return wrapped(text.DecoderLayer, "__init__", init)
+
+
 def _gate_up_swapped():
     def swap(name: str) -> str:
         if ".mlp.gate_proj." in name:
@@ -346,6 +355,9 @@ CATALOG: dict[str, Defect] = {
         Defect("aspect-clamp-missing", "preprocessing", "an extreme aspect ratio's long side not clamped to the "
                "budget: the port refuses a 4x1200 image the reference takes", "image.pixel_values",
                _aspect_clamp_missing),
+        Defect("decoder-norm-eps-1e-5", "norms", "the decoder's input RMSNorm built with eps 1e-5 (a common "
+               "default) instead of the config's 1e-6: a change at fp32 rounding scale, which only the float64 "
+               "noise floor sees free-running", "layers.0.input_layernorm", _decoder_norm_eps),
         Defect("gate-up-swapped", "loader", "checkpoint gate_proj and up_proj loaded into each other's slots "
                "(a fused gate_up split in the wrong order): same shapes, so no shape check sees it",
                "layers.0.mlp.out", _gate_up_swapped),

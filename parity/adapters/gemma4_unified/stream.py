@@ -27,7 +27,8 @@ being compared), the logits, and -- with decode steps only -- both sides' KV cac
 keys and values of every layer).
 
 Not in a streamed run: HF's self-consistency forward (a second pass over the disk; recorded as
-null), the other policy's masks in the HTML report, ``--quantize`` and ``--dump``.
+null), the float64 run of the decoder (a third model; the vision stages keep their NumPy oracle and
+its noise floor), the other policy's masks in the HTML report, ``--quantize`` and ``--dump``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,9 @@ class StreamAdapter(Gemma4UnifiedAdapter):
         self.hf_float = None
         self.reference_weights: Capture = {}
         self.quantized = frozenset()
+
+    def _hf64_capture(self, scenario, decoded, settings) -> Capture:
+        return {}  # no resident float64 model of a checkpoint streamed for its size (module docstring)
 
 
 class Lockstep:
@@ -232,7 +236,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     ``stream``: layer reads, the process's peak RSS, and where the time went. ``*_forward_s`` is each
     model's own time, reading its weights included (``*_load_s`` of it); ``capture_s`` (copying stage
     values out), ``compare_s`` (metrics, oracle, viz) and ``setup_s`` (inputs, hooks) are the harness's."""
-    from parity.runner import case_result, decode_entries, oracle_columns
+    from parity.runner import case_result, decode_entries, noise_floor, oracle_columns
 
     t0 = time.perf_counter()
     all_stages = adapter.stages(scenario)
@@ -276,7 +280,8 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     diffs = [lock.diffs[s.name] if s.name in lock.diffs  # (a StageDiff is falsy when it fails: no `or`)
              else missing(s.name, tols[s.name], settings.dtype, lock.recorder.capture, lock.ref) for s in stages]
     oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), lock.kept_ref,
-                            lock.kept_cand, tols) if settings.oracle else {}
+                            lock.kept_cand, tols, settings.dtype) if settings.oracle else {}
+    diffs = noise_floor(diffs, oracle, {s.name: s.tol for s in stages}, settings.dtype)
     viz = case_viz(lock.kept_cand, lock.kept_ref, {}, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,
                    [d.stage for d in diffs], lock.ref_max)
     after = time.perf_counter() - t1
