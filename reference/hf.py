@@ -160,6 +160,13 @@ class HFRunner:
             for h in handles:
                 h.remove()
 
+    def is_linear(self, path: str) -> bool:
+        """Is ``path`` a ``torch.nn.Linear`` of this model (a module the reference's codec can take)?"""
+        try:
+            return isinstance(self.model.get_submodule(path), torch.nn.Linear)
+        except AttributeError:
+            return False
+
     @torch.no_grad()
     def quantize_dequantize(self, modules: Mapping[str, str], encode, decode) -> Capture:
         """Replace the weight of each linear in ``modules`` = {module path: stage name} by

@@ -92,3 +92,29 @@ def test_non_finite_logits_fail_with_statistics_not_a_crash():
     assert out["top1_agreement"] <= 4 / 6
     assert out["kl_max"] == float("inf")
     assert mx.array(ref).shape == (6, 50)
+
+
+def test_a_candidate_quantizing_other_layers_gets_stage_verdicts(tmp_path):
+    """MLX's default nn.quantize predicate (embeddings and every linear with a multiple-of-32 input),
+    not ours: the reference dequantizes what it has a stage for, the rest shows at the stages it feeds."""
+    import mlx.nn as nn
+
+    from rmlx import quant
+
+    def quantize(model, mode, overrides=None):
+        status = {}
+
+        def every(path, module):
+            ok = hasattr(module, "to_quantized") and module.weight.shape[-1] % 32 == 0
+            if ok:
+                status[path] = "quantized"
+            return ok
+        nn.quantize(model, mode=mode, class_predicate=every, **quant.MODES[mode])
+        return status
+
+    with mock.patch.object(quant, "quantize", quantize):
+        code, rec = _run(tmp_path, "--quantize", "mxfp8")
+    assert code == 1 and not rec["untestable"]  # the port's verdict, not "cannot test"
+    for case in rec["cases"]:  # quantized embedding tables give garbage or make the port raise: both named
+        assert case["first_divergence"]["stage"].startswith(("vision.", "text.embed_tokens")), case["name"]
+        assert case.get("error") is None or case["error"]["side"] == "candidate"

@@ -31,7 +31,7 @@ def stage_summary(rec: dict) -> list[dict]:
             row = rows.setdefault(st["name"], {
                 "stage": st["name"], "class": st["class"], "tolerance": st["tolerance"], "cases": 0, "passed": 0,
                 "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "oracle_ref": None,
-                "measured": 0})
+                "measured": 0, "ratio": None, "allowed_ratio": None})
             row["cases"] += 1
             row["passed"] += bool(st["passed"])
             if st.get("error"):  # missing, raised, not reached, a shape mismatch: no numbers to show
@@ -45,6 +45,9 @@ def stage_summary(rec: dict) -> list[dict]:
             row["min_atol"] = max(row["min_atol"], st["min_tolerance"].get("atol", 0.0))
             if "oracle" in st:
                 row["oracle_ref"] = max(row["oracle_ref"] or 0.0, st["oracle"]["reference_max_abs"])
+                if "ratio" in st["oracle"]:
+                    row["ratio"] = max(row["ratio"] or 0.0, _num(st["oracle"]["ratio"]))
+                    row["allowed_ratio"] = st["oracle"].get("allowed_ratio")
     return list(rows.values())
 
 
@@ -65,7 +68,7 @@ def _headline(rec: dict) -> list[str]:
 
 
 _COLS = ("stage", "class", "rtol", "atol", "pass", "max_abs", "max_ulp", "min cosine", "worst NMSE dB",
-         "needs atol", "HF-vs-oracle")
+         "needs atol", "HF-vs-oracle", "f64 ratio")
 
 
 def _rows(rec: dict) -> list[tuple[str, ...]]:
@@ -73,15 +76,62 @@ def _rows(rec: dict) -> list[tuple[str, ...]]:
     for r in stage_summary(rec):
         if not r["measured"]:  # no case produced numbers for it (missing, or the candidate raised)
             out.append((r["stage"], r["class"], f"{r['tolerance']['rtol']:g}", f"{r['tolerance']['atol']:g}",
-                        f"{r['passed']}/{r['cases']}", "not measured", *("-",) * 5))
+                        f"{r['passed']}/{r['cases']}", "not measured", *("-",) * 6))
             continue
         out.append((r["stage"], r["class"], f"{r['tolerance']['rtol']:g}", f"{r['tolerance']['atol']:g}",
                     f"{r['passed']}/{r['cases']}", _fmt(r["max_abs"]) if r["max_abs"] else "0",
                     str(r["max_ulp"]), f"{r['cosine']:.9f}",
                     _fmt(r["nmse_db"], ".1f"),
                     _fmt(r["min_atol"]) if r["min_atol"] else "0",
-                    "-" if r["oracle_ref"] is None else (_fmt(r["oracle_ref"]) if r["oracle_ref"] else "0")))
+                    "-" if r["oracle_ref"] is None else (_fmt(r["oracle_ref"]) if r["oracle_ref"] else "0"),
+                    _ratio(r)))
     return out
+
+
+def _ratio(row: dict) -> str:
+    """The worst "candidate / reference distance to float64" of a stage, and the bound when there is one."""
+    if row["ratio"] is None:
+        return "-"
+    return f"{row['ratio']:.1f}" + (f" / {row['allowed_ratio']:g}" if row["allowed_ratio"] else "")
+
+
+LOGIT_ROWS = (  # (label, record keys): the statistics of parity.metrics.logit_statistics
+    ("same top token", ("top1_agreement", "top1_agreement_se")),
+    ("top-1 flips (decisive)", ("top1_flips", "top1_flips_decisive")),
+    ("KL mean", ("kl_mean", "kl_se")),
+    ("KL median / p90", ("kl_median", "kl_p90")),
+    ("KL p99 / p99.9", ("kl_p99", "kl_p999")),
+    ("KL max", ("kl_max",)),
+    ("Δp mean", ("dp_mean",)),
+    ("Δp p1 / p99", ("dp_p1", "dp_p99")),
+    ("max |Δp|", ("dp_max_abs",)),
+    ("top-5 overlap", ("top5_overlap",)),
+)
+
+
+def logit_lines(lg: dict) -> list[str]:
+    """The Markdown table of a run's pooled logit statistics (llama.cpp ``--kl-divergence`` style)."""
+    if not lg:
+        return []
+    rows = []
+    for label, keys in LOGIT_ROWS:
+        vals = [lg.get(k) for k in keys]
+        if vals[0] is None and keys[0] not in lg:
+            continue
+        if keys[0] == "top1_agreement":
+            cell = f"{vals[0]:.4%} ± {vals[1]:.4%}" if isinstance(vals[0], float) else str(vals[0])
+        elif keys[0] == "top1_flips":
+            cell = f"{vals[0]} ({vals[1]} decisive; near-tie margin {fmt(lg.get('tie_margin'))})"
+        elif keys[0] == "kl_mean":
+            cell = f"{fmt(vals[0])} ± {fmt(vals[1])}"
+        elif keys[0] == "top5_overlap":
+            cell = f"{vals[0]:.2%}" if isinstance(vals[0], float) else str(vals[0])
+        else:
+            cell = " / ".join(fmt(v) for v in vals)
+        rows.append(f"| {label} | {cell} |")
+    extra = f" ({lg['nonfinite_positions']} with NaN/Inf)" if lg.get("nonfinite_positions") else ""
+    return ["", f"## Logits: {lg['positions']} positions of every case{extra}", "",
+            "| statistic | value |", "|---|---|", *rows]
 
 
 def oracle_line(fd: dict) -> list[str]:
@@ -103,6 +153,7 @@ def to_markdown(rec: dict) -> str:
     lines += ["## Stages (worst over all cases)", "", "| " + " | ".join(_COLS) + " |",
               "|" + "---|" * len(_COLS)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(rec)]
+    lines += logit_lines(rec.get("logits") or {})
     lines += ["", "## Cases", "",
               "| case | images | soft tokens | passed | first divergence | top-1 | KL max | decode max abs "
               "| HF self-consistency | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]

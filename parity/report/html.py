@@ -477,8 +477,20 @@ def kl_plot(case: dict) -> str:
 # -------------------------------------------------------------------------------------- the page
 
 
+def _logit_table(rec: dict) -> str:
+    """The run's pooled logit statistics, as the Markdown report lists them."""
+    from parity.report import logit_lines  # report imports this module
+
+    rows = [line.strip("|").split(" | ") for line in logit_lines(rec.get("logits") or {}) if line.startswith("| ")]
+    if len(rows) < 2:
+        return ""
+    body = "".join(f"<tr><td>{_e(k.strip())}</td><td>{_e(v.strip())}</td></tr>" for k, v in rows[1:])
+    return (f'<details class="block" open><summary>Logits: {rec["logits"]["positions"]} positions of every case'
+            f'</summary><table class="grid"><tbody>{body}</tbody></table></details>')
+
+
 def _summary_table(rec: dict) -> str:
-    from parity.report import stage_summary  # report imports this module
+    from parity.report import _ratio, stage_summary  # report imports this module
 
     rows = []
     for r in stage_summary(rec):
@@ -489,9 +501,9 @@ def _summary_table(rec: dict) -> str:
                     f'<td class="st">{r["passed"]}/{r["cases"]}</td><td>{_num(r["max_abs"], ".2e")}</td>'
                     f'<td>{r["max_ulp"]}</td><td>{r["cosine"]:.9f}</td>'
                     f'<td>{"exact" if r["nmse_db"] is None else _e(_num(r["nmse_db"], ".1f"))}</td>'
-                    f'<td>{_num(r["min_atol"], ".2e")}</td><td>{oracle}</td></tr>')
+                    f'<td>{_num(r["min_atol"], ".2e")}</td><td>{oracle}</td><td>{_e(_ratio(r))}</td></tr>')
     head = ("stage", "class", "rtol", "atol", "pass", "max abs", "max ULP", "min cosine", "worst NMSE dB",
-            "needs atol", "HF vs oracle")
+            "needs atol", "HF vs oracle", "float64 ratio (rmlx / HF)")
     return (f'<table class="grid"><thead><tr>{"".join(f"<th>{_e(c)}</th>" for c in head)}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
 
@@ -687,6 +699,7 @@ schema <code>{_e(rec["schema"])}</code></div>
 <details class="block" open><summary>Stages (worst over all cases, forward order)</summary>
 <div class="scroll">{_summary_table(rec)}</div>
 </details>
+{_logit_table(rec)}
 <div class="toolbar"><h2>Cases</h2>
 <label><input type="checkbox" id="failing-only"> show failing cases only</label>
 <span class="muted">{len(cases) - n_pass} failing, {n_pass} passing</span></div>

@@ -126,12 +126,18 @@ class Gemma4UnifiedAdapter:
         self.hf = HFRunner(self.model_dir, dtype, attn_implementation, threads)
         self.hf_float = None
         self.reference_weights: Capture = {}
+        self.unmatched: list[str] = []
         quantized = [p for p, s in self.candidate_model.quant_status.items() if s == "quantized"]
         if quantized:
             from reference import mxfp8
 
             self.hf_float = HFRunner(self.model_dir, dtype, attn_implementation, threads)
-            modules = {hf_module(p): dequantized_name(p) for p in quantized}
+            # a candidate may quantize modules ours leaves alone (MLX's default predicate takes embeddings
+            # too): the reference dequantizes the linears it has a stage for and keeps the rest in full
+            # precision, so the stages they feed name the difference (``unmatched``), never a traceback
+            modules = {hf_module(p): dequantized_name(p) for p in quantized
+                       if dequantized_name(p) is not None and self.hf.is_linear(hf_module(p))}
+            self.unmatched = sorted(p for p in quantized if hf_module(p) not in modules)
             self.reference_weights = self.hf.quantize_dequantize(modules, mxfp8.encode, mxfp8.decode)
         self.quantized = frozenset(self.reference_weights)
 
