@@ -4,7 +4,7 @@ literally, in its adapter package (``parity/adapters/<family>/stages.py``)."""
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import re
 from dataclasses import dataclass, replace
 
@@ -26,9 +26,40 @@ def with_ports(stages: tuple[Stage, ...], ports: dict[str, str]) -> tuple[Stage,
     return tuple(replace(s, port=ports.get(s.name, s.port)) for s in stages)
 
 
+@functools.lru_cache(maxsize=1024)
+def _glob(pattern: str) -> re.Pattern:
+    """A selector glob as a regex over dotted names: ``*`` and ``?`` stay inside one dotted component,
+    ``**`` spans any number of them, ``[...]`` is a character class (as ``fnmatch``)."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append(r"[^.]*")
+        elif c == "?":
+            out.append(r"[^.]")
+        elif c == "[" and "]" in pattern[i + 1:]:
+            j = pattern.index("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            body = pattern[i + 1:j]
+            body = body.replace("\\", "\\\\")
+            out.append("[" + ("^" + body[1:] if body.startswith("!") else body) + "]")
+            i = j + 1
+            continue
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return re.compile("".join(out))
+
+
 def matches_any(name: str, patterns) -> bool:
-    """The one stage selector: does ``name`` match any glob of ``patterns`` (``fnmatch``, case-sensitive)?"""
-    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+    """The one selector of stages and cases (``--stages``, ``--case``, compare, gate, the pytest plugin):
+    does ``name`` match any glob of ``patterns``? Globs match whole dotted components: ``layers.*.out``
+    matches ``layers.12.out`` but not ``layers.0.attn.out``; ``layers.**.out`` matches both;
+    ``layers.1?.attn.*`` matches layers 10-19; ``vision.*`` every vision stage. Case-sensitive."""
+    return any(_glob(p).fullmatch(name) for p in patterns)
 
 
 def select(patterns: list[str] | None, stages: tuple[Stage, ...]) -> tuple[Stage, ...]:

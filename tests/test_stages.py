@@ -8,7 +8,7 @@ import pytest
 from parity.adapters.gemma4_unified import special_scenarios
 from parity.adapters.gemma4_unified.stages import VISION, stages_for
 from parity.runner import Settings
-from parity.stages import hook_points, select
+from parity.stages import hook_points, matches_any, select
 from rmlx.config import ModelArgs
 from rmlx.image import load_image
 from rmlx.tap import LAYER_POINTS
@@ -90,3 +90,19 @@ def test_every_stage_points_at_the_code_that_taps_it():
             tail = s.name.split(".", 3)[-1] if s.name.startswith("vision.layers.") else s.name.split(".", 2)[-1]
             said = {s.name, tail, s.name.removeprefix("mask.")}  # the name, its layer point, its mask kind
             assert any(f'"{n}"' in source for n in said), (s.name, s.port)
+
+
+@pytest.mark.parametrize("name,pattern,hit", [
+    ("layers.12.out", "layers.*.out", True),
+    ("layers.0.attn.out", "layers.*.out", False),  # '*' stays inside one dotted component
+    ("layers.0.attn.out", "layers.**.out", True),
+    ("layers.13.attn.q", "layers.1?.attn.*", True),
+    ("layers.3.attn.q", "layers.1?.attn.*", False),
+    ("layers.1.out", "layers.[0-2].out", True),
+    ("layers.5.out", "layers.[!0-2].out", True),
+    ("image/solid-green", "image/solid-*", True),
+    ("logits@decode.2", "logits@decode.*", True),
+    ("vision.patch_ln1", "vision", False),
+])
+def test_globs_match_whole_dotted_components(name, pattern, hit):
+    assert matches_any(name, [pattern]) is hit
