@@ -134,10 +134,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                     help="the dtype whose tolerances apply (auto: the dumps' 'dtype' metadata, else bfloat16 "
                          "when a dump stores bf16 tensors, else float32)")
-    cp.add_argument("--mode", choices=("free", "teacher"), default="free",
-                    help="which tolerance table: the dumps' run was free-running (default) or teacher-forced")
+    cp.add_argument("--mode", choices=("auto", "free", "teacher"), default="auto",
+                    help="which tolerance table: the dumps' run was free-running or teacher-forced (auto: the "
+                         "dumps' 'mode' metadata, else free)")
     cp.add_argument("--stages", action="append", metavar="GLOB",
-                    help="compare (and require) only matching stages (repeatable)")
+                    help="compare only matching stages (repeatable)")
+    cp.add_argument("--require-all", action="store_true",
+                    help="a stage in one dump only fails (default: it is listed apart, and the stages both "
+                         "dumps hold are compared)")
     cp.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON record here")
     cp.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
 
@@ -349,16 +353,24 @@ def cmd_convert(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from parity import report
-    from parity.compare import compare_paths, summary_lines
+    from parity import compare, report
 
     run_id = args.run_id
     report_dir = args.report_dir or Path("reports") / run_id
     _check_outputs(args, report_dir)
-    rec = compare_paths(args.ref, args.cand, args.dtype, args.mode, args.stages, run_id, argv=args.argv)
-    _publish(rec, report_dir, args)
-    print(report.to_terminal(rec))
-    print("\n" + "\n".join(summary_lines(rec)))
+    rec = compare.compare_paths(args.ref, args.cand, args.dtype, args.mode, args.stages, run_id, argv=args.argv,
+                                require_all=args.require_all)
+    files = compare.report_files(rec)
+    report.write_files(report_dir, files)
+    if args.json:
+        report.write_json_atomic(args.json, rec)
+    summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if summary:
+        with open(summary, "a") as f:
+            f.write(files["report.md"])
+    for warning in rec["compare"]["warnings"]:
+        print(f"rmlx-parity: warning: {warning}", file=sys.stderr)
+    print(compare.to_terminal(rec))
     print(f"\nreport: {report_dir / 'report.md'}")
     return EXIT_PASS if rec["passed"] else EXIT_FAIL
 

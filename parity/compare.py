@@ -1,17 +1,25 @@
 """``rmlx-parity compare``: two stage dumps, compared stage by stage with the run's tolerances.
 
 A dump is a safetensors file keyed by public stage names (``parity/stages.py``), batch axis kept,
-plus the case's inputs under ``input.*`` -- what ``rmlx-parity run --dump`` writes, and what a port
-in another language writes to be checked against HF. Nothing here runs a model.
+plus the case's inputs under ``input.*`` -- what ``rmlx-parity run --dump`` writes, and what another
+port writes to be checked against HF. Nothing here runs a model.
 
-- The tolerance class of a stage comes from its name (``stages.classify``); stages are compared in
-  forward order (``stages.order_key``) and the first failing one is the headline, as in a run.
-- A stage name outside the vocabulary, or a stage in one dump only, is a failed stage (listed, never
-  skipped); ``--stages GLOB`` narrows what is compared and required.
+- The stages both dumps hold are compared, in forward order (``stages.order_key``), with the
+  tolerance class their name gives (``stages.classify``); the first failing one is the headline.
+- A stage in one dump only is listed apart (missing in, or extra in, the candidate): never compared,
+  never the first divergence. ``--require-all`` makes each of them a failed stage instead.
+- A name outside the vocabulary held by both dumps is a failed stage (it has no tolerance);
+  ``--stages GLOB`` narrows what is compared and required. A case in one folder only fails.
 - ``input.*`` keys present in both dumps must be identical, or the dumps are of different inputs
   (bad input, exit 2); an input present in one dump only is listed.
 - bf16 and fp16 tensors are widened to float32 on load (exactly); ``dtype`` is the comparison dtype
   (tolerances, ULPs): given, or from the dumps' ``dtype`` metadata, or bf16 when a dump holds bf16.
+
+The safetensors metadata of a dump (strings) describes the run that wrote it. Read here: ``dtype``,
+``mode``, ``mask_policy`` (the policy that side followed), ``attn_implementation``, ``max_soft_tokens``
+and ``config_sha256`` (of the checkpoint's config.json); every key is shown. The record and the header
+show what the dumps say and nothing else: a setting no dump states is null. Dumps that state a
+different ``dtype``, ``mode`` or ``config_sha256`` get a warning, not an error.
 
 A side is a file, or a folder: ``DIR/<side>.safetensors`` (one case), or ``DIR/<case>/<side>.safetensors``
 (the ``run --dump`` layout) and ``DIR/<case>.safetensors``, cases paired by name.
@@ -19,6 +27,7 @@ A side is a file, or a folder: ``DIR/<side>.safetensors`` (one case), or ``DIR/<
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +44,8 @@ from rmlx.load import read_safetensors_header
 
 INPUT_PREFIX = "input."
 DTYPES = ("float32", "bfloat16")
+MODES = ("free", "teacher")
+WARN_IF_DIFFERENT = ("dtype", "mode", "config_sha256")
 SIDES = ("reference", "candidate")
 _WIDEN = {np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
 
@@ -89,6 +100,25 @@ def infer_dtype(ref: Dump, cand: Dump) -> str:
     return "float32"
 
 
+def infer_mode(ref: Dump, cand: Dump) -> str:
+    """The tolerance table: the reference's ``mode`` metadata, else the candidate's, else ``free``."""
+    for d in (ref, cand):
+        meta = d.metadata.get("mode")
+        if meta is not None:
+            if meta not in MODES:
+                raise InputError(f"{d.path}: metadata mode {meta!r} is not one of {MODES}; pass --mode")
+            return meta
+    return "free"
+
+
+def metadata_warnings(ref: Dump, cand: Dump) -> list[str]:
+    """A line for each of ``WARN_IF_DIFFERENT`` that both dumps state differently."""
+    return [f"the dumps' metadata disagree on {key}: {ref.metadata[key]!r} in {ref.path}, "
+            f"{cand.metadata[key]!r} in {cand.path}"
+            for key in WARN_IF_DIFFERENT
+            if key in ref.metadata and key in cand.metadata and ref.metadata[key] != cand.metadata[key]]
+
+
 def check_inputs(ref: Dump, cand: Dump) -> dict[str, list[str]]:
     """``input.*`` keys in both dumps must be equal (else ``InputError``); returns what was compared
     and what is in one dump only."""
@@ -118,8 +148,10 @@ def _unknown(name: str, ref: Dump, cand: Dump, dtype: str) -> StageDiff:
                            "Note: run 'rmlx-parity stages' for the public names, or leave it out with --stages")
 
 
-def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patterns: list[str]):
-    """One case -> (``runner.CaseResult``, the case's ``compare`` section)."""
+def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patterns: list[str],
+                 require_all: bool = False):
+    """One case -> (``runner.CaseResult``, the case's ``compare`` section). The stages of both dumps
+    are compared; with ``require_all`` a stage of one dump only is a failed stage too."""
     t0 = time.perf_counter()
     names = ref.stages.keys() | cand.stages.keys()
     if patterns:
@@ -127,18 +159,25 @@ def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patter
         if not names:
             raise InputError(f"--stages {' '.join(patterns)} matches no stage of {ref.path} or {cand.path}. "
                              "Note: run 'rmlx-parity stages' to list the stage names")
-    ordered = sorted(names, key=order_key)
-    classes = {n: classify(n) for n in ordered}
-    known = [(n, tolerance(s.tol, dtype, mode)) for n, s in classes.items() if s is not None]
+    both = {n for n in names if n in ref.stages and n in cand.stages}
+    if not both and not require_all:
+        raise InputError(f"{cand.path}: no stage in common with {ref.path} ({len(names & ref.stages.keys())} "
+                         f"stages in the reference, {len(names & cand.stages.keys())} in the candidate"
+                         + (f", matching --stages {' '.join(patterns)}" if patterns else "") + ")")
+    judged = sorted(names if require_all else both, key=order_key)
+    classes = {n: classify(n) for n in sorted(names, key=order_key)}
+    known = [(n, tolerance(classes[n].tol, dtype, mode)) for n in judged if classes[n] is not None]
     diffs = compare_all(cand.stages, ref.stages, known, dtype)
-    diffs += [_unknown(n, ref, cand, dtype) for n, s in classes.items() if s is None]  # they sort last
+    diffs += [_unknown(n, ref, cand, dtype) for n in judged if classes[n] is None]  # they sort last
     section = {
         "reference": str(ref.path), "candidate": str(cand.path),
+        "compared": sorted(both, key=order_key),
+        "missing_in_candidate": sorted((n for n in names if n not in cand.stages), key=order_key),
+        "extra_in_candidate": sorted((n for n in names if n not in ref.stages), key=order_key),
         "unknown": sorted(n for n, s in classes.items() if s is None),
-        "missing_in_candidate": sorted(n for n in names if n not in cand.stages),
-        "missing_in_reference": sorted(n for n in names if n not in ref.stages),
         "inputs": check_inputs(ref, cand),
         "metadata": {"reference": ref.metadata, "candidate": cand.metadata},
+        "warnings": metadata_warnings(ref, cand),
         "stored_dtypes": {"reference": sorted(set(ref.dtypes.values())),
                           "candidate": sorted(set(cand.dtypes.values()))},
     }
@@ -209,8 +248,9 @@ def pair(ref: Path, cand: Path | None) -> tuple[list[tuple[str, Path, Path]], di
                    "reference": [c.replace("__", "/") for c in sorted(cands.keys() - refs.keys())]}
 
 
-def compare_paths(ref: Path, cand: Path | None, dtype: str = "auto", mode: str = "free",
-                  patterns: list[str] | None = None, run_id: str = "", argv: list[str] | None = None) -> dict:
+def compare_paths(ref: Path, cand: Path | None, dtype: str = "auto", mode: str = "auto",
+                  patterns: list[str] | None = None, run_id: str = "", argv: list[str] | None = None,
+                  require_all: bool = False) -> dict:
     """Compare every paired case and return the record (``runner.record``'s schema plus ``compare``).
     Every file is read and every input checked before anything is returned: bad input raises."""
     t0 = time.perf_counter()
@@ -218,54 +258,154 @@ def compare_paths(ref: Path, cand: Path | None, dtype: str = "auto", mode: str =
     for _, r, c in pairs:  # every header first: a corrupt file fails before any work
         read_safetensors_header(r)
         read_safetensors_header(c)
-    results, sections, dtypes, soft, meta = [], {}, set(), set(), {}
+    results, sections, dtypes, modes, metas = [], {}, set(), set(), []
     for name, r, c in pairs:
         dr, dc = load_dump(r), load_dump(c)
-        meta = meta or dr.metadata
-        if "image.pixel_values" in dr.stages:  # padded to max_soft_tokens rows: (B, max_soft_tokens, 6912)
-            soft.add(int(dr.stages["image.pixel_values"].shape[-2]))
-        case_dtype = infer_dtype(dr, dc) if dtype == "auto" else dtype
-        dtypes.add(case_dtype)
-        if len(dtypes) > 1:
-            raise InputError(f"the cases' dumps are of different dtypes {sorted(dtypes)}; pass --dtype")
-        result, sections[name] = compare_case(name, dr, dc, case_dtype, mode, list(patterns or ()))
+        metas.append((dr.metadata, dc.metadata))
+        dtypes.add(infer_dtype(dr, dc) if dtype == "auto" else dtype)
+        modes.add(infer_mode(dr, dc) if mode == "auto" else mode)
+        for what, seen, flag in (("dtypes", dtypes, "--dtype"), ("modes", modes, "--mode")):
+            if len(seen) > 1:
+                raise InputError(f"the cases' dumps are of different {what} {sorted(seen)}; pass {flag}")
+        result, sections[name] = compare_case(name, dr, dc, next(iter(dtypes)), next(iter(modes)),
+                                              list(patterns or ()), require_all)
         results.append(result)
-    # what the dumps' run used, when their metadata says so; renderers need strings
-    policy = meta.get("mask_policy", "unknown")
-    settings = Settings(mode=mode, dtype=dtypes.pop(), max_soft_tokens=max(soft) if soft else None,
-                        stages=tuple(patterns or ()), attn_implementation=meta.get("attn_implementation", "unknown"),
-                        inject=(), oracle=False, mask_policy=policy,
-                        candidate_mask_policy=meta.get("candidate_mask_policy", policy), decode_steps=0)
+    meta = {side: _agreed([m[i] for m in metas]) for i, side in enumerate(SIDES)}
+    settings = Settings(mode=modes.pop(), dtype=dtypes.pop(), stages=tuple(patterns or ()), inject=(),
+                        oracle=False, decode_steps=0)
     rec = record(results, settings, time.perf_counter() - t0, run_id, argv=argv)
-    rec["settings"]["inject"] = []  # nothing runs here: faults switched on in this process are irrelevant
-    for case in rec["cases"]:
-        case["compare"] = sections[case["name"]]
-        case["model_dir"] = case["image"] = None
-        case["reference_self_consistency"] = {"max_abs_logits": None, "what": "not measured: compared from dumps"}
-    union = {k: sorted({n for s in sections.values() for n in s[k]})
-             for k in ("unknown", "missing_in_candidate", "missing_in_reference")}
-    rec["compare"] = {"reference": str(ref), "candidate": str(ref if cand is None else cand), **union,
+    # what the dumps' runs used, as their metadata says (null when no dump says)
+    rec["settings"] |= {"inject": [], **_stated(*meta.values())}
+    for case, (ref_meta, cand_meta) in zip(rec["cases"], metas, strict=True):
+        stated = _stated(ref_meta, cand_meta)
+        case |= {"compare": sections[case["name"]], "model_dir": None, "image": None,
+                 "max_soft_tokens": stated["max_soft_tokens"], "mask_policy": stated["mask_policy"],
+                 "candidate_mask_policy": stated["candidate_mask_policy"],
+                 "reference_self_consistency": {"max_abs_logits": None, "what": "not measured: compared from dumps"}}
+    union = {k: sorted({n for s in sections.values() for n in s[k]}, key=order_key)
+             for k in ("compared", "missing_in_candidate", "extra_in_candidate", "unknown")}
+    rec["compare"] = {"reference": str(ref), "candidate": str(ref if cand is None else cand),
+                      "require_all": require_all, **union,
                       "cases_missing_in_candidate": missing_cases["candidate"],
-                      "cases_missing_in_reference": missing_cases["reference"]}
+                      "cases_missing_in_reference": missing_cases["reference"],
+                      "metadata": meta,
+                      "warnings": list(dict.fromkeys(w for s in sections.values() for w in s["warnings"]))}
     if missing_cases["candidate"] or missing_cases["reference"]:
         rec["passed"] = False
     return rec
 
 
-def summary_lines(rec: dict) -> list[str]:
-    """What the terminal shows of the ``compare`` section: the two sides and every listed name."""
+def _agreed(metas: list[dict[str, str]]) -> dict[str, str]:
+    """The metadata every one of ``metas`` that states a key agrees on."""
+    out: dict[str, str] = {}
+    for key in sorted({k for m in metas for k in m}):
+        values = {m[key] for m in metas if key in m}
+        if len(values) == 1:
+            out[key] = values.pop()
+    return out
+
+
+def _stated(ref: dict[str, str], cand: dict[str, str]) -> dict:
+    """The run settings the dumps state (None where they do not): the reference's, else the candidate's;
+    the candidate's mask policy is the candidate dump's own."""
+    msp = ref.get("max_soft_tokens", cand.get("max_soft_tokens"))
+    return {"max_soft_tokens": int(msp) if msp is not None and msp.isdigit() else msp,
+            "mask_policy": ref.get("mask_policy"), "candidate_mask_policy": cand.get("mask_policy"),
+            "attn_implementation": ref.get("attn_implementation", cand.get("attn_implementation"))}
+
+
+def report_files(rec: dict) -> dict[str, str]:
+    """The report folder of a comparison: {file name: text}."""
+    from parity.report import html, json_text, junit
+
+    shown = copy.deepcopy(rec)  # the HTML page takes strings where the record has nulls
+    for entry in (shown["settings"], *shown["cases"]):
+        for key in ("max_soft_tokens", "mask_policy", "candidate_mask_policy", "attn_implementation"):
+            if key in entry and entry[key] is None:
+                entry[key] = "not recorded"
+    return {"report.json": json_text(rec), "report.md": to_markdown(rec), "report.html": html.to_html(shown),
+            "junit.xml": junit.to_junit(rec)}
+
+
+def headline(rec: dict) -> list[str]:
+    """The two header lines: the verdict with the settings the dumps state, then what was compared."""
+    s = rec["settings"]
+    n_pass = sum(c["passed"] for c in rec["cases"])
+    facts = [f"mode {s['mode']}", f"dtype {s['dtype']}"]
+    facts += [f"{label} {s[key]}" for key, label in (("max_soft_tokens", "max_soft_tokens"),
+                                                     ("mask_policy", "mask policy"),
+                                                     ("attn_implementation", "attention")) if s.get(key) is not None]
+    if s.get("candidate_mask_policy") not in (None, s.get("mask_policy")):
+        facts.append(f"candidate mask policy {s['candidate_mask_policy']}")
+    return [f"rmlx parity compare {'PASS' if rec['passed'] else 'FAIL'}: {n_pass}/{len(rec['cases'])} cases passed "
+            f"({', '.join(facts)})",
+            f"{stage_counts(rec)}; wall time {rec['wall_time_s']:.1f} s"]
+
+
+def stage_counts(rec: dict) -> str:
+    """How many stages were compared, and how many were in one dump only."""
     cmp = rec["compare"]
-    out = [f"compared: {cmp['reference']} (reference) vs {cmp['candidate']} (candidate)"]
-    for key, what in (("unknown", "unknown stage names"), ("missing_in_candidate", "stages missing in the candidate"),
-                      ("missing_in_reference", "stages missing in the reference"),
-                      ("cases_missing_in_candidate", "cases missing in the candidate"),
-                      ("cases_missing_in_reference", "cases missing in the reference")):
+    cases = f" over {len(rec['cases'])} cases" if len(rec["cases"]) > 1 else ""
+    return (f"{len(cmp['compared'])} stages compared (in both dumps){cases}, "
+            f"{len(cmp['missing_in_candidate'])} missing in the candidate, "
+            f"{len(cmp['extra_in_candidate'])} extra in the candidate"
+            + (" (--require-all: each fails)" if cmp["require_all"] and (cmp["missing_in_candidate"]
+                                                                       or cmp["extra_in_candidate"]) else ""))
+
+
+_LISTS = (("missing_in_candidate", "stages missing in the candidate"),
+          ("extra_in_candidate", "stages extra in the candidate"),
+          ("unknown", "unknown stage names"),
+          ("cases_missing_in_candidate", "cases missing in the candidate"),
+          ("cases_missing_in_reference", "cases missing in the reference"))
+
+
+def summary_lines(rec: dict) -> list[str]:
+    """What the terminal shows of the ``compare`` section under the table: the two sides, their
+    metadata and every name listed apart."""
+    cmp = rec["compare"]
+    out = [f"dumps: {cmp['reference']} (reference) vs {cmp['candidate']} (candidate)"]
+    for side in SIDES:
+        meta = cmp["metadata"][side]
+        out.append(f"{side} metadata: " + (", ".join(f"{k} {v}" for k, v in meta.items()) or "none"))
+    for key, what in _LISTS:
         if cmp[key]:
             out.append(f"{what} ({len(cmp[key])}): " + ", ".join(cmp[key]))
     for case in rec["cases"]:
         inputs = case["compare"]["inputs"]
-        one_side = [f"{k} only in the {side}" for side in ("reference", "candidate") for k in inputs[f"only_in_{side}"]]
+        one_side = [f"{k} only in the {side}" for side in SIDES for k in inputs[f"only_in_{side}"]]
         prefix = f"{case['name']}: " if len(rec["cases"]) > 1 else ""
         out.append(f"{prefix}inputs identical: {', '.join(inputs['compared']) or 'none in both dumps'}"
                    + (f"; {', '.join(one_side)}" if one_side else ""))
+    out += [f"warning: {w}" for w in cmp["warnings"]]
     return out
+
+
+def to_terminal(rec: dict) -> str:
+    """The run's terminal table under the comparison's own header, then the summary."""
+    from parity.report import to_terminal as run_terminal
+
+    body = run_terminal(rec).split("\n")[2:]  # the run's header states settings a dump may not
+    return "\n".join(headline(rec) + body + [""] + summary_lines(rec))
+
+
+def to_markdown(rec: dict) -> str:
+    """The run's Markdown report under the comparison's own header, with a section on the dumps."""
+    from parity.report import to_markdown as run_markdown
+
+    lines = run_markdown(rec).rstrip("\n").split("\n")
+    head = headline(rec)
+    lines[0], lines[2] = "# " + head[0], head[1]  # the run's header: "# verdict", "", versions
+    cmp = rec["compare"]
+    lines += ["", "## Dumps", "", f"Reference `{cmp['reference']}`, candidate `{cmp['candidate']}`.", "",
+              f"- {stage_counts(rec)}"]
+    lines += [f"- {what} ({len(cmp[key])}): " + ", ".join(f"`{n}`" for n in cmp[key])
+              for key, what in _LISTS if cmp[key]]
+    lines += [f"- **warning:** {w}" for w in cmp["warnings"]]
+    meta = cmp["metadata"]
+    if meta["reference"] or meta["candidate"]:
+        cell = lambda v: v.replace("|", "\\|")  # noqa: E731
+        lines += ["", "| metadata | reference | candidate |", "|---|---|---|"]
+        lines += [f"| {cell(k)} | {cell(meta['reference'].get(k, '-'))} | {cell(meta['candidate'].get(k, '-'))} |"
+                  for k in sorted(meta["reference"].keys() | meta["candidate"].keys())]
+    return "\n".join(lines) + "\n"

@@ -107,16 +107,27 @@ def test_own_dump_matches_the_run(dumped, tmp_path, capfd):
     rc, out, err, rec = compare(capfd, tmp_path, case_dir / "reference.safetensors", case_dir / "candidate.safetensors")
     assert rc == 0, err
     assert rec["schema"] == run["schema"] and rec["passed"] and rec["first_divergence"] is None
-    assert rec["settings"]["dtype"] == "float32" and rec["settings"]["max_soft_tokens"] == 280
+    assert rec["settings"]["dtype"] == "float32" and rec["settings"]["mode"] == "free"
+    # the run's dumps state no soft-token budget, mask policy or attention: the record says null, not a guess
+    assert [rec["settings"][k] for k in ("max_soft_tokens", "mask_policy", "candidate_mask_policy",
+                                         "attn_implementation")] == [None] * 4
+    assert "max_soft_tokens" not in out.splitlines()[0] and "mask policy" not in out.splitlines()[0]
     (case,) = rec["cases"]
     (run_case,) = run["cases"]
     assert case["name"] == CASE == run_case["name"]
     assert [(s["name"], s["class"], s["max_abs"], s["mismatched"], s["max_ulp"]) for s in case["stages"]] == [
         (s["name"], s["class"], s["max_abs"], s["mismatched"], s["max_ulp"]) for s in run_case["stages"]]
     assert case["logits"] == pytest.approx(run_case["logits"]) and case["n_soft_tokens"] == run_case["n_soft_tokens"]
-    assert rec["compare"] | {"reference": None, "candidate": None} == {
-        "reference": None, "candidate": None, "unknown": [], "missing_in_candidate": [], "missing_in_reference": [],
-        "cases_missing_in_candidate": [], "cases_missing_in_reference": []}
+    cmp = rec["compare"]
+    assert cmp["compared"] == [s["name"] for s in case["stages"]] and len(cmp["compared"]) == 43
+    assert {k: cmp[k] for k in ("missing_in_candidate", "extra_in_candidate", "unknown", "cases_missing_in_candidate",
+                                "cases_missing_in_reference", "warnings", "require_all")} == {
+        "missing_in_candidate": [], "extra_in_candidate": [], "unknown": [], "cases_missing_in_candidate": [],
+        "cases_missing_in_reference": [], "warnings": [], "require_all": False}
+    assert cmp["metadata"]["candidate"] | {"run_id": None} == {
+        "schema": run["schema"], "dtype": "float32", "side": "candidate", "run_id": None}
+    assert out.splitlines()[1].startswith("43 stages compared (in both dumps), 0 missing in the candidate, "
+                                          "0 extra in the candidate")
     assert case["compare"]["inputs"]["compared"] == ["input.input_ids", "input.mm_token_type_ids"]
     assert "inputs identical: input.input_ids, input.mm_token_type_ids" in out
     assert {"junit.xml", "report.json", "report.md"} <= {p.name for p in (tmp_path / "rep").iterdir()}
@@ -152,33 +163,104 @@ def test_a_perturbed_stage_is_named_first(dumped, tmp_path, capfd):
     assert next(s for s in rec["cases"][0]["stages"] if s["name"] == stage)["tolerance"]["atol"] == tight.atol
 
 
-def test_renamed_key_is_unknown_and_missing(dumped, tmp_path, capfd):
+def test_renamed_key_is_listed_apart(dumped, tmp_path, capfd):
     _, case_dir = dumped
     cand = edited(case_dir / "candidate.safetensors", tmp_path / "cand.safetensors",
                   lambda a: a.__setitem__("layers.0.attn.query", a.pop("layers.0.attn.q")))
     rc, out, _, rec = compare(capfd, tmp_path, case_dir / "reference.safetensors", cand)
-    assert rc == 1
+    assert rc == 0 and rec["first_divergence"] is None  # in one dump only: listed, neither compared nor failed
     cmp = rec["compare"]
-    assert cmp["unknown"] == ["layers.0.attn.query"]
-    assert cmp["missing_in_candidate"] == ["layers.0.attn.q"] and cmp["missing_in_reference"] == ["layers.0.attn.query"]
-    assert failing(rec) == ["layers.0.attn.q", "layers.0.attn.query"]  # known in forward order, unknown last
+    assert cmp["unknown"] == ["layers.0.attn.query"] and len(cmp["compared"]) == 42
+    assert cmp["missing_in_candidate"] == ["layers.0.attn.q"] and cmp["extra_in_candidate"] == ["layers.0.attn.query"]
+    assert {"layers.0.attn.q", "layers.0.attn.query"}.isdisjoint(s["name"] for s in rec["cases"][0]["stages"])
+    assert "unknown stage names (1): layers.0.attn.query" in out
+    assert "stages missing in the candidate (1): layers.0.attn.q" in out
+    assert "stages extra in the candidate (1): layers.0.attn.query" in out
+    assert "42 stages compared (in both dumps), 1 missing in the candidate, 1 extra in the candidate" in out
+    # --require-all: each of them fails, known ones in forward order, unknown last
+    rc, out, _, rec = compare(capfd, tmp_path / "all", case_dir / "reference.safetensors", cand, "--require-all")
+    assert rc == 1 and rec["compare"]["require_all"]
+    assert failing(rec) == ["layers.0.attn.q", "layers.0.attn.query"]
     stages = {s["name"]: s for s in rec["cases"][0]["stages"]}
     assert stages["layers.0.attn.q"]["error"] == "Stage missing on the candidate side"
     assert stages["layers.0.attn.query"]["class"] == "unknown"
     assert "in the candidate dump only" in stages["layers.0.attn.query"]["error"]
     assert rec["first_divergence"]["stage"] == "layers.0.attn.q"
-    assert "unknown stage names (1): layers.0.attn.query" in out
-    assert "stages missing in the candidate (1): layers.0.attn.q" in out
-    assert "stages missing in the reference (1): layers.0.attn.query" in out
-    # --stages narrows what is compared and required
+    assert "(--require-all: each fails)" in out.splitlines()[1]
+    # --stages narrows what is compared (and, with --require-all, required)
     rc, _, _, rec = compare(capfd, tmp_path / "narrow", case_dir / "reference.safetensors", cand,
-                            "--stages", "vision.*", "--stages", "image.*")
+                            "--stages", "vision.*", "--stages", "image.*", "--require-all")
     assert rc == 0 and [s["name"] for s in rec["cases"][0]["stages"]][:2] == ["image.pixel_values",
                                                                                "image.position_ids"]
     assert len(rec["cases"][0]["stages"]) == 9 and rec["settings"]["stages"] == ["vision.*", "image.*"]
     rc, out, err = cli(capfd, "compare", case_dir / "reference.safetensors", cand, "--stages", "nope.*",
                        "--report-dir", tmp_path / "none")
     assert rc == 2 and "matches no stage" in err and not (tmp_path / "none").exists()
+
+
+def test_partial_dump_diverges_where_it_differs(dumped, tmp_path, capfd):
+    """A port that writes a few stages: the missing ones are listed apart, the first divergence is the
+    first compared stage that fails, and a dump with no stage in common is bad input."""
+    _, case_dir = dumped
+    kept = ("text.inputs_embeds", "mask.full_attention", "mask.sliding_attention", "layers.2.out", "logits")
+
+    def partial(a, perturb=False):
+        for k in [k for k in a if not k.startswith("input.") and k not in kept]:
+            del a[k]
+        if perturb:
+            a["layers.2.out"] = a["layers.2.out"] * np.float32(1.01)
+
+    ref = case_dir / "reference.safetensors"
+    ok = edited(case_dir / "candidate.safetensors", tmp_path / "ok.safetensors", partial)
+    rc, out, _, rec = compare(capfd, tmp_path / "ok", ref, ok)
+    assert rc == 0 and rec["passed"] and rec["compare"]["compared"] == list(kept)
+    assert len(rec["compare"]["missing_in_candidate"]) == 38 and not rec["compare"]["extra_in_candidate"]
+    assert [s["name"] for s in rec["cases"][0]["stages"]] == list(kept)
+    assert out.splitlines()[1].startswith("5 stages compared (in both dumps), 38 missing in the candidate")
+    md = (tmp_path / "ok" / "rep" / "report.md").read_text()
+    assert "5 stages compared (in both dumps), 38 missing in the candidate" in md.splitlines()[2]
+    assert "- stages missing in the candidate (38): `image.pixel_values`, " in md
+    assert "| layers.1.out |" not in md and "| vision.patch_ln1 |" not in md  # never a row of the table
+    bad = edited(case_dir / "candidate.safetensors", tmp_path / "bad.safetensors", lambda a: partial(a, True))
+    rc, out, _, rec = compare(capfd, tmp_path / "bad", ref, bad)
+    assert rc == 1 and rec["first_divergence"]["stage"] == "layers.2.out"
+    assert failing(rec) == ["layers.2.out"]
+    assert "First divergent stage: layers.2.out" in out
+    none = edited(case_dir / "candidate.safetensors", tmp_path / "none.safetensors",
+                  lambda a: [a.pop(k) for k in list(a) if not k.startswith("input.")])
+    rc, out, err, _ = compare(capfd, tmp_path / "none", ref, none)
+    assert_refused(rc, out, err, tmp_path / "none", f"{none}: no stage in common with {ref}")
+
+
+def test_metadata_is_shown_not_invented(dumped, tmp_path, capfd):
+    """The header states what the dumps' metadata says; dumps that disagree on the dtype or the
+    checkpoint's config digest get a warning, not an error."""
+    _, case_dir = dumped
+    meta = {"dtype": "float32", "mode": "teacher", "mask_policy": "official", "max_soft_tokens": "280",
+            "attn_implementation": "eager", "config_sha256": "a" * 64}
+    other = {"dtype": "bfloat16", "config_sha256": "b" * 64, "mask_policy": "hf-forward"}
+    for side, extra in (("reference", {}), ("candidate", other)):
+        save_file(load_file(str(case_dir / f"{side}.safetensors")), str(tmp_path / f"{side}.safetensors"),
+                  metadata=meta | extra)
+    rc, out, err, rec = compare(capfd, tmp_path / "m", tmp_path)
+    assert rc == 1  # the teacher-forced table, from the metadata, is tighter than these free-running dumps
+    s = rec["settings"]
+    assert (s["mode"], s["max_soft_tokens"], s["mask_policy"], s["candidate_mask_policy"],
+            s["attn_implementation"]) == ("teacher", 280, "official", "hf-forward", "eager")
+    assert out.splitlines()[0].endswith("(mode teacher, dtype float32, max_soft_tokens 280, mask policy official, "
+                                        "attention eager, candidate mask policy hf-forward)")
+    assert s["dtype"] == "float32"  # the reference's
+    warnings = rec["compare"]["warnings"]
+    assert [w.split(":")[0] for w in warnings] == ["the dumps' metadata disagree on dtype",
+                                                   "the dumps' metadata disagree on config_sha256"]
+    assert warnings[0] == (f"the dumps' metadata disagree on dtype: 'float32' in {tmp_path / 'reference.safetensors'}, "
+                           f"'bfloat16' in {tmp_path / 'candidate.safetensors'}")
+    assert err.splitlines() == [f"rmlx-parity: warning: {w}" for w in warnings]
+    md = (tmp_path / "m" / "rep" / "report.md").read_text()
+    assert all(f"**warning:** {w}" in md for w in warnings) and "| config_sha256 | aaaa" in md
+    assert rec["cases"][0]["mask_policy"] == "official" and rec["cases"][0]["max_soft_tokens"] == 280
+    rc, _, err, rec = compare(capfd, tmp_path / "free", tmp_path, None, "--mode", "free")
+    assert rc == 0 and rec["settings"]["mode"] == "free" and "config_sha256" in err
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "absent"])
