@@ -28,6 +28,13 @@ def lint(session):
 
 
 @nox.session(python=PYTHON)
+def sweep(session):
+    """The configuration sweep of tests/test_config_sweep.py with 200 drawn configurations."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", "-n", "0", "tests/test_config_sweep.py", env={"RMLX_SWEEP_EXAMPLES": "200"})
+
+
+@nox.session(python=PYTHON)
 def coverage(session):
     session.install("-e", ".[dev]")
     out = session.create_tmp()

@@ -51,6 +51,35 @@ MODELS: dict[str, dict] = {
                     mm_posemb_size=1120),
         audio=None,
     ),
+    # transformers' own test-suite configuration (tests/models/gemma4_unified/test_modeling_gemma4_unified.py,
+    # Gemma4UnifiedVision2TextModelTester on Gemma4UnifiedTextModelTester and CausalLMModelTester's
+    # defaults): 5 px patches pooled 2x2, mm_embed_dim 64, four layers of which two reuse K/V, special
+    # ids 4-8 inside the text range, untied lm_head (set here: the tester's class default ties it)
+    "hf-test-config": dict(
+        seed=3,
+        text=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=4,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=16, global_head_dim=16,
+                  num_kv_shared_layers=2, max_position_embeddings=512,
+                  layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                  use_bidirectional_attention="vision", pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        vision=dict(mm_embed_dim=64, output_proj_dims=64, patch_size=5, pooling_kernel_size=2),
+        audio=None,
+        tokens=dict(image_token_id=4, video_token_id=7, audio_token_id=8, boi_token_id=5, eoi_token_id=6,
+                    mm_tokens_per_image=2),
+        tie_word_embeddings=False,
+    ),
+    # a config that leaves everything it can to the config classes' defaults: config.json keeps only
+    # what save_pretrained cannot leave out, without rope_parameters, and final_logit_softcapping null
+    "config-defaults": dict(
+        seed=4,
+        text=dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, global_head_dim=16,
+                  layer_types=["sliding_attention", "full_attention"], sliding_window=8,
+                  final_logit_softcapping=None),
+        vision=dict(mm_embed_dim=16, output_proj_dims=16),
+        audio=None,
+        strip=("text_config.rope_parameters",),
+    ),
 }
 
 # Gemma 4 with the SigLIP-style vision tower (model_type "gemma4"): name -> (seed, overrides of
@@ -70,7 +99,7 @@ def _rerandomise(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name in sorted(state):
             t = state[name]
-            if name == "lm_head.weight":
+            if name == "lm_head.weight" and model.config.tie_word_embeddings:
                 continue  # tied to embed_tokens
             shape = tuple(t.shape)
             if name.endswith("layer_scalar"):
@@ -92,7 +121,8 @@ def build_model(name: str):
 
     spec = MODELS[name]
     config = Gemma4UnifiedConfig(text_config=spec["text"], vision_config=spec["vision"],
-                                 audio_config=spec["audio"], **TOKEN_IDS)
+                                 audio_config=spec["audio"], **spec.get("tokens", TOKEN_IDS),
+                                 tie_word_embeddings=spec.get("tie_word_embeddings", True))
     torch.manual_seed(spec["seed"])
     model = Gemma4UnifiedForConditionalGeneration(config).eval()
     _rerandomise(model, spec["seed"])
@@ -200,6 +230,20 @@ IMAGES: dict[str, tuple[str, callable]] = {
 }
 
 
+def _strip(config: Path, keys: tuple[str, ...]) -> None:
+    """Remove dotted ``keys`` from a written config.json, so that loading it relies on the defaults."""
+    if not keys:
+        return
+    d = json.loads(config.read_text())
+    for key in keys:
+        *parents, last = key.split(".")
+        node = d
+        for part in parents:
+            node = node[part]
+        node.pop(last, None)
+    config.write_text(json.dumps(d, indent=2, sort_keys=True) + "\n")
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -216,6 +260,7 @@ def generate(out: str | Path) -> dict:
     for name, spec in MODELS.items():
         model = build_model(name)
         model.save_pretrained(out / "models" / name)
+        _strip(out / "models" / name / "config.json", spec.get("strip", ()))
         for f in sorted((out / "models" / name).iterdir()):
             manifest["files"][f"models/{name}/{f.name}"] = {
                 "sha256": _sha256(f), "how": f"save_pretrained of build_model('{name}'), seed {spec['seed']}"}

@@ -96,12 +96,28 @@ class HFRunner:
         self.capture_seconds = 0.0  # spent copying captures out in hooks (a harness cost)
 
     @staticmethod
-    def preprocess(image: np.ndarray | list[np.ndarray], max_soft_tokens: int) -> dict[str, np.ndarray]:
-        """transformers' ``Gemma4UnifiedImageProcessor`` on decoded RGB uint8 (H, W, 3) images."""
+    def preprocess(image: np.ndarray | list[np.ndarray], max_soft_tokens: int, model_dir: str | Path | None = None
+                   ) -> dict[str, np.ndarray]:
+        """transformers' ``Gemma4UnifiedImageProcessor`` on decoded RGB uint8 (H, W, 3) images, built as
+        ``from_pretrained`` builds it for ``model_dir``: its ``preprocessor_config.json`` when there is
+        one, else the checkpoint's ``vision_config`` patch size and pooling kernel (the class defaults
+        only without a ``model_dir``)."""
         from transformers import Gemma4UnifiedImageProcessor
 
         images = image if isinstance(image, list) else [image]
-        processor = Gemma4UnifiedImageProcessor(max_soft_tokens=max_soft_tokens)
+        kwargs: dict = {}
+        if model_dir is not None:
+            model_dir = Path(model_dir)
+            if (model_dir / "preprocessor_config.json").is_file():
+                processor = Gemma4UnifiedImageProcessor.from_pretrained(model_dir, max_soft_tokens=max_soft_tokens,
+                                                                        local_files_only=True)
+                out = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")
+                return {k: to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in out.items()}
+            import json
+
+            vision = json.loads((model_dir / "config.json").read_text()).get("vision_config") or {}
+            kwargs = {k: vision[k] for k in ("patch_size", "pooling_kernel_size") if k in vision}
+        processor = Gemma4UnifiedImageProcessor(max_soft_tokens=max_soft_tokens, **kwargs)
         out = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")
         return {k: to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in out.items()}
 

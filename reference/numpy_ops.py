@@ -49,35 +49,36 @@ def factorized_posemb(table: np.ndarray, positions: np.ndarray) -> np.ndarray:
     return out
 
 
-def soft_token_grid(height: int, width: int, max_soft_tokens: int) -> tuple[int, int]:
-    """The resized (H, W): the largest 48-multiples keeping the aspect ratio within the budget (catalog §1.2)."""
-    budget_px = max_soft_tokens * 48 * 48
+def soft_token_grid(height: int, width: int, max_soft_tokens: int, side: int = 48) -> tuple[int, int]:
+    """The resized (H, W): the largest multiples of ``side`` (patch size x pooling kernel, 48 px in
+    Gemma 4) keeping the aspect ratio within the budget (catalog §1.2)."""
+    budget_px = max_soft_tokens * side * side
     f = math.sqrt(budget_px / (height * width))
-    th, tw = int(f * height // 48) * 48, int(f * width // 48) * 48
+    th, tw = int(f * height // side) * side, int(f * width // side) * side
     if th == 0:
-        th, tw = 48, min(int(width // height) * 48, max_soft_tokens * 48)
+        th, tw = side, min(int(width // height) * side, max_soft_tokens * side)
     elif tw == 0:
-        th, tw = min(int(height // width) * 48, max_soft_tokens * 48), 48
+        th, tw = min(int(height // width) * side, max_soft_tokens * side), side
     return th, tw
 
 
-def patches(resized: np.ndarray, max_soft_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Resized RGB uint8 (H, W, 3) -> pixel_values (1, P, 6912) float32, positions (1, P, 2) int64.
+def patches(resized: np.ndarray, max_soft_tokens: int, side: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Resized RGB uint8 (H, W, 3) -> pixel_values (1, P, side*side*3) float32, positions (1, P, 2) int64.
 
-    Written as an explicit gather: element (row*48 + col)*3 + c of cell (gy, gx) is pixel
-    (gy*48 + row, gx*48 + col, c); cells in raster order; positions (x=gx, y=gy); padding 0 / -1.
+    Written as an explicit gather: element (row*side + col)*3 + c of cell (gy, gx) is pixel
+    (gy*side + row, gx*side + col, c); cells in raster order; positions (x=gx, y=gy); padding 0 / -1.
     """
     h, w, _ = resized.shape
-    gh, gw = h // 48, w // 48
+    gh, gw = h // side, w // side
     n = gh * gw
     cell = np.arange(n)
     gy, gx = cell // gw, cell % gw
-    e = np.arange(48 * 48 * 3)
-    row, col, ch = e // (48 * 3), (e // 3) % 48, e % 3
-    rows = gy[:, None] * 48 + row[None, :]
-    cols = gx[:, None] * 48 + col[None, :]
+    e = np.arange(side * side * 3)
+    row, col, ch = e // (side * 3), (e // 3) % side, e % 3
+    rows = gy[:, None] * side + row[None, :]
+    cols = gx[:, None] * side + col[None, :]
     values = resized[rows, cols, ch[None, :]].astype(np.float32) * np.float32(1 / 255)
-    pixel_values = np.zeros((1, max_soft_tokens, 48 * 48 * 3), np.float32)
+    pixel_values = np.zeros((1, max_soft_tokens, side * side * 3), np.float32)
     positions = np.full((1, max_soft_tokens, 2), -1, np.int64)
     pixel_values[0, :n] = values
     positions[0, :n, 0], positions[0, :n, 1] = gx, gy

@@ -242,7 +242,8 @@ class HFStreamRunner(HFRunner):
             embed = "model.language_model.embed_tokens.weight"
             hidden = config.get_text_config().hidden_size
             text.embed_tokens = _rows_embedding_class()(self.weights, embed, hidden, hidden**0.5)
-        model.lm_head = ChunkedLinear(self.weights, embed)
+        # untied (tie_word_embeddings false): the checkpoint's own lm_head.weight, read the same way
+        model.lm_head = ChunkedLinear(self.weights, embed if config.tie_word_embeddings else "lm_head.weight")
         for path, module in model.model.named_children():
             if path == "language_model":
                 load_module(module.norm, "model.language_model.norm.", self.weights)

@@ -133,10 +133,12 @@ def preprocess(
     return pixel_values, position_ids, n
 
 
-def preprocess_batch(images: list[np.ndarray], max_soft_tokens: int = 280) -> tuple[np.ndarray, np.ndarray]:
+def preprocess_batch(images: list[np.ndarray], max_soft_tokens: int = 280, patch_size: int = 16,
+                     pooling_kernel_size: int = 3) -> tuple[np.ndarray, np.ndarray]:
     """Several images -> pixel_values (num_images, P, 6912), position_ids (num_images, P, 2), as HF
-    batches them (each image padded on its own). The two preprocessing stages are tapped here."""
-    parts = [preprocess(im, max_soft_tokens)[:2] for im in images]
+    batches them (each image padded on its own); patch size and pooling kernel from the checkpoint's
+    ``vision_config``. The two preprocessing stages are tapped here."""
+    parts = [preprocess(im, max_soft_tokens, patch_size, pooling_kernel_size)[:2] for im in images]
     pixel_values = tap("image.pixel_values", np.concatenate([p[0] for p in parts]))
     position_ids = tap("image.position_ids", np.concatenate([p[1] for p in parts]))
     return pixel_values, position_ids

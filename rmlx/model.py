@@ -99,14 +99,14 @@ def rename_keys(weights: dict[str, mx.array], prefixes: tuple[tuple[str, str], .
                 ) -> tuple[dict[str, mx.array], dict[str, str]]:
     """Checkpoint keys -> module paths by ``prefixes`` ((checkpoint prefix, module path), most specific
     first). Returns the renamed weights and {module path: checkpoint key}. A tied ``lm_head.weight`` is
-    dropped (the token embedding serves); an unknown key, or one given twice, is an error naming it."""
+    dropped (the token embedding serves), an untied one is the language model's ``lm_head``; an unknown
+    key, or one given twice, is an error naming it."""
     out: dict[str, mx.array] = {}
     source: dict[str, str] = {}
     for key, value in weights.items():
-        if key == "lm_head.weight":
+        if key == "lm_head.weight":  # tied: the token embedding serves; untied: the language model's lm_head
             if not tied:
-                raise InputError("lm_head.weight: untied output embeddings are not supported "
-                                 "(config tie_word_embeddings is false)")
+                out["language_model.lm_head.weight"], source["language_model.lm_head.weight"] = value, key
             continue
         for prefix, target in prefixes:
             if key.startswith(prefix):
@@ -124,7 +124,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.language_model = TextModel(args.text)
+        self.language_model = TextModel(args.text, args.tie_word_embeddings)
         if args.vision is not None:
             self.vision_embedder = VisionEmbedder(args.vision, args.text.hidden_size)
         if args.audio is not None:

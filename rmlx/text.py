@@ -169,10 +169,12 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    def __init__(self, cfg: TextConfig, tied: bool = True):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if not tied:  # tie_word_embeddings false: the checkpoint's own lm_head.weight
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # Reuse layers read K/V from the last non-shared layer of the same type (HF "store" layers).
@@ -211,6 +213,9 @@ class TextModel(nn.Module):
         soft-cap to each vocabulary chunk of its product; otherwise it runs on row halves of the whole."""
         h = tap("text.norm", self.norm(h))
         cap = self.cfg.final_logit_softcapping
+        if "lm_head" in self:
+            logits = self.lm_head(h)
+            return tap("logits", logits if cap is None else mx.tanh(logits / cap) * cap)
         if cap is None:
             return tap("logits", self.embed_tokens.as_linear(h))
 

@@ -29,8 +29,18 @@ def _model_type(p: Path) -> str:
     return json.loads((p / "config.json").read_text()).get("model_type", "")
 
 
-# the gemma4_unified fixture models (what most tests mean by "every fixture model"), and the gemma4 ones
-MODELS = [p for p in ALL_MODELS if _model_type(p) == "gemma4_unified"]
+def _gemma4_geometry(p: Path) -> bool:
+    """Gemma 4's own 48 px cells (16 px patches pooled 3x3) and an audio-or-not config of the battery."""
+    v = json.loads((p / "config.json").read_text()).get("vision_config") or {}
+    return (v.get("patch_size"), v.get("pooling_kernel_size")) == (16, 3) and p.name.startswith("tiny")
+
+
+# the gemma4_unified fixture models of Gemma 4's geometry (what most tests mean by "every fixture
+# model": tiny, tiny-variant), the ones that exercise configuration (hf-test-config, config-defaults:
+# docs/configuration.md), and the gemma4 ones
+UNIFIED_MODELS = [p for p in ALL_MODELS if _model_type(p) == "gemma4_unified"]
+MODELS = [p for p in UNIFIED_MODELS if _gemma4_geometry(p)]
+CONFIG_MODELS = [p for p in UNIFIED_MODELS if p not in MODELS]
 GEMMA4_MODELS = [p for p in ALL_MODELS if _model_type(p) == "gemma4"]
 
 

@@ -108,10 +108,13 @@ def test_own_dump_matches_the_run(dumped, tmp_path, capfd):
     assert rc == 0, err
     assert rec["schema"] == run["schema"] and rec["passed"] and rec["first_divergence"] is None
     assert rec["settings"]["dtype"] == "float32" and rec["settings"]["mode"] == "free"
-    # the run's dumps state no soft-token budget, mask policy or attention: the record says null, not a guess
+    # the run's dumps state their soft-token budget, mask policies and attention: the record shows what they say
     assert [rec["settings"][k] for k in ("max_soft_tokens", "mask_policy", "candidate_mask_policy",
-                                         "attn_implementation")] == [None] * 4
-    assert "max_soft_tokens" not in out.splitlines()[0] and "mask policy" not in out.splitlines()[0]
+                                         "attn_implementation")] == [
+        run["settings"]["max_soft_tokens"], run["settings"]["mask_policy"], run["settings"]["candidate_mask_policy"],
+        run["settings"]["attn_implementation"]]
+    assert rec["compare"]["metadata"]["reference"]["config_sha256"] == rec["compare"]["metadata"]["candidate"][
+        "config_sha256"]
     (case,) = rec["cases"]
     (run_case,) = run["cases"]
     assert case["name"] == CASE == run_case["name"]
@@ -124,8 +127,12 @@ def test_own_dump_matches_the_run(dumped, tmp_path, capfd):
                                 "cases_missing_in_reference", "warnings", "require_all")} == {
         "missing_in_candidate": [], "extra_in_candidate": [], "unknown": [], "cases_missing_in_candidate": [],
         "cases_missing_in_reference": [], "warnings": [], "require_all": False}
-    assert cmp["metadata"]["candidate"] | {"run_id": None} == {
-        "schema": run["schema"], "dtype": "float32", "side": "candidate", "run_id": None}
+    meta = cmp["metadata"]["candidate"]
+    assert {k: meta[k] for k in ("schema", "dtype", "side", "mode", "mask_policy", "attn_implementation",
+                                 "max_soft_tokens", "version.transformers")} == {
+        "schema": run["schema"], "dtype": "float32", "side": "candidate", "mode": "free", "mask_policy": "official",
+        "attn_implementation": "eager", "max_soft_tokens": "280",
+        "version.transformers": run["versions"]["transformers"]}
     assert out.splitlines()[1].startswith("43 stages compared (in both dumps), 0 missing in the candidate, "
                                           "0 extra in the candidate")
     assert case["compare"]["inputs"]["compared"] == ["input.input_ids", "input.mm_token_type_ids"]

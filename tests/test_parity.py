@@ -17,11 +17,11 @@ from parity.adapters.gemma4_unified.stages import stages_for
 from parity.cli import main
 from parity.tolerances import tolerance
 from rmlx.config import ModelArgs
-from tests.conftest import FIXTURES, GEMMA4_MODELS, IMAGES, MODELS
+from tests.conftest import FIXTURES, GEMMA4_MODELS, IMAGES, MODELS, UNIFIED_MODELS
 
 STAGE_FIELDS = {"name", "passed", "max_abs", "max_abs_index", "max_rel", "mismatched", "numel", "max_ulp",
                 "cosine", "nmse_db", "tolerance", "min_tolerance"}
-ARGS = {m.name: ModelArgs.from_file(m / "config.json") for m in MODELS}
+ARGS = {m.name: ModelArgs.from_file(m / "config.json") for m in UNIFIED_MODELS}
 
 
 GEMMA4 = {m.name for m in GEMMA4_MODELS}  # the gemma4 (SigLIP vision) fixture models: no audio tower
@@ -29,7 +29,7 @@ GEMMA4 = {m.name for m in GEMMA4_MODELS}  # the gemma4 (SigLIP vision) fixture m
 
 def expected_cases() -> int:
     specials = special_scenarios(FIXTURES / "images")
-    return (sum(len(IMAGES) + sum(1 for s in specials if not s.has_audio or ARGS[m.name].audio) for m in MODELS)
+    return (sum(len(IMAGES) + sum(1 for s in specials if not s.has_audio or ARGS[m.name].audio) for m in UNIFIED_MODELS)
             + sum(len(IMAGES) + sum(1 for s in specials if not s.has_audio) for _ in GEMMA4_MODELS))
 
 

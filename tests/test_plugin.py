@@ -74,7 +74,7 @@ def test_entry_point_autoloads_in_a_fresh_project(pytester):
 
 def test_fixtures_are_the_embedded_default(rmlx_fixtures_dir, rmlx_models, rmlx_battery):
     assert rmlx_fixtures_dir == ROOT / "fixtures"
-    assert [m.name for m in rmlx_models] == ["gemma4-tiny", "tiny", "tiny-variant"]
+    assert rmlx_models == sorted(p for p in (ROOT / "fixtures/models").iterdir() if (p / "config.json").is_file())
     assert all((m / "model.safetensors").is_file() for m in rmlx_models)
     assert rmlx_battery == sorted((ROOT / "fixtures/images").glob("*.png"))
     assert (ROOT / "fixtures/images/gradient.png") in rmlx_battery
@@ -260,8 +260,8 @@ def test_dtype_and_mode_pick_the_named_tolerances(pair):
     bad = {**cand, "vision.patch_ln2": cand["vision.patch_ln2"] * np.float32(1.01)}
     assert assert_parity(bad, ref, "vision.patch_ln2", dtype="bfloat16")[0].tolerance.rtol == 1.6e-2
     # a free-running capture drifts past the teacher-forced decoder bound (2e-5) but not the free one
-    assert_parity(cand, ref, "layers.*")
-    assert _failure(cand, ref, "layers.*", mode="teacher").startswith("First divergent stage: 'layers.")
+    assert_parity(cand, ref, "layers.**")
+    assert _failure(cand, ref, "layers.**", mode="teacher").startswith("First divergent stage: 'layers.")
     with pytest.raises(ValueError, match="mode must be one of"):
         assert_parity(cand, ref, mode="teacher-forced")
     with pytest.raises(ValueError, match="dtype must be one of"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from parity.cli import main
-from tests.conftest import FIXTURES, MODELS
+from tests.conftest import FIXTURES, MODELS, UNIFIED_MODELS
 
 CASES = ["image/gradient", "two-images", "long-image-block", "image-and-audio", "text-only"]
 
@@ -31,7 +31,7 @@ def test_streamed_record_equals_the_resident_record(tmp_path, default_runs, dtyp
     code, streamed = _stream_record(tmp_path, "--dtype", dtype, "--mode", mode)
     assert code == 0 and streamed["settings"]["stream"] is True
     by_name = {c["name"]: c for c in resident["cases"]}
-    streamed_models = {m.name for m in MODELS}  # the families with a layer-by-layer driver (gemma4 sits out)
+    streamed_models = {m.name for m in UNIFIED_MODELS}  # the families with a layer-by-layer driver (gemma4 sits out)
     assert {c["model"] for c in streamed["cases"]} == streamed_models
     assert len(streamed["cases"]) == sum(1 for c in resident["cases"]
                                          if c["scenario"] in CASES and c["model"] in streamed_models) > len(CASES)

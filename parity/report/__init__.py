@@ -273,13 +273,33 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
         (tmp / "report.html").write_text(html.to_html(rec))
         (tmp / "junit.xml").write_text(junit.to_junit(rec))
         if with_dumps:
-            meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": rec["settings"]["dtype"]}
+            st = rec["settings"]
+            meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": st["dtype"], "mode": st["mode"],
+                    "attn_implementation": st["attn_implementation"], "max_soft_tokens": str(st["max_soft_tokens"]),
+                    **{f"version.{k}": str(v) for k, v in rec["versions"].items()
+                       if k in ("transformers", "torch", "mlx", "numpy")}}
+            policy = {"reference": st["mask_policy"], "candidate": st["candidate_mask_policy"]}
+            model_dirs = {c["name"]: c.get("model_dir") for c in rec["cases"]}
             for case_name, sides in dumps.items():
                 folder = folders[1] / case_name.replace("/", "__")
                 folder.mkdir(parents=True)
+                digest = _config_digest(model_dirs.get(case_name))
                 for side, capture in sides.items():
                     arrays = {k: np.ascontiguousarray(v) for k, v in capture.items()}
-                    save_file(arrays, str(folder / f"{side}.safetensors"), metadata=meta | {"side": side})
+                    side_meta = meta | {"side": side, "mask_policy": policy.get(side, st["mask_policy"])}
+                    if digest:
+                        side_meta["config_sha256"] = digest
+                    save_file(arrays, str(folder / f"{side}.safetensors"), metadata=side_meta)
+
+
+def _config_digest(model_dir: str | None) -> str | None:
+    """sha256 of a checkpoint's config.json (a dump's ``config_sha256``), None when there is none."""
+    import hashlib
+
+    try:
+        return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest() if model_dir else None
+    except OSError:
+        return None
 
 
 def write_files(folder: Path, files: dict[str, str]) -> None:

@@ -69,14 +69,17 @@ def supports(args: ModelArgs, scenario: Scenario) -> bool:
 
 
 def prompt_ids(scenario: Scenario, args, image_counts) -> list[int]:
-    """The prompt's token ids: text parts as given, each image <boi> <image> * n <eoi> with n from
+    """The prompt's token ids: text parts as given (an id that is a special id of the config moves to
+    the next plain id), each image <boi> <image> * n <eoi> with n from
     ``image_counts`` (the reference's soft-token count per image, in order), each audio part
     <boa> <audio> * frames <eoa>."""
     counts = iter(int(n) for n in image_counts)
+    special = {getattr(args, k) for k in ("image_token_id", "video_token_id", "audio_token_id", "boi_token_id",
+                                          "eoi_token_id", "boa_token_id", "eoa_token_index") if hasattr(args, k)}
     ids: list[int] = []
     for kind, value in scenario.parts:
-        if kind == "text":
-            ids += list(value)
+        if kind == "text":  # a text id that is one of this config's special ids moves to the next plain one
+            ids += [next(j for j in range(int(i), int(i) + len(special) + 1) if j not in special) for i in value]
         elif kind == "image":
             ids += [args.boi_token_id] + [args.image_token_id] * next(counts) + [args.eoi_token_id]
         else:
@@ -160,7 +163,8 @@ class Gemma4UnifiedAdapter:
         """(case inputs, the reference's preprocessing). The prompt is built from the reference's
         soft-token counts; both sides get the same ids and the same decoded images."""
         max_soft_tokens = settings.max_soft_tokens
-        pre = self.hf.preprocess([decoded[p] for p in scenario.images], max_soft_tokens) if scenario.images else {}
+        pre = (self.hf.preprocess([decoded[p] for p in scenario.images], max_soft_tokens, self.model_dir)
+               if scenario.images else {})
         a = self.args
         if scenario.images and int(pre["image_position_ids"].max()) >= a.vision.mm_posemb_size:
             raise InputError(f"{', '.join(map(str, scenario.images))}: position id "
@@ -208,11 +212,17 @@ class Gemma4UnifiedAdapter:
             pixel_values = position_ids = None
             if scenario.images:
                 pixel_values, position_ids = rimage.preprocess_batch(
-                    [decoded[p] for p in scenario.images], settings.max_soft_tokens)
+                    [decoded[p] for p in scenario.images], settings.max_soft_tokens, *self.patch_geometry)
             logits = model(inputs["input.input_ids"], None, pixel_values,
                            position_ids, inputs.get("input.audio_frames"), settings.candidate_policy, cache, 0)
             mx.eval(logits)
         return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
+
+    @property
+    def patch_geometry(self) -> tuple[int, int]:
+        """(patch size, pooling kernel) of the checkpoint's vision_config (16, 3 in Gemma 4)."""
+        v = self.args.vision
+        return (v.patch_size, v.pooling_kernel_size) if v is not None else (16, 3)
 
     @cached_property
     def hf64(self) -> HFRunner:
@@ -249,9 +259,10 @@ class Gemma4UnifiedAdapter:
         max_soft_tokens = settings.max_soft_tokens
         for p in scenario.images:
             image = decoded[p]
-            th, tw = numpy_ops.soft_token_grid(image.shape[0], image.shape[1], max_soft_tokens)
+            side = self.patch_geometry[0] * self.patch_geometry[1]
+            th, tw = numpy_ops.soft_token_grid(image.shape[0], image.shape[1], max_soft_tokens, side)
             resized = image if image.shape[:2] == (th, tw) else self.hf.resize(image, th, tw)
-            parts.append(numpy_ops.patches(resized, max_soft_tokens))
+            parts.append(numpy_ops.patches(resized, max_soft_tokens, side))
         pixel_values = np.concatenate([p[0] for p in parts])
         positions = np.concatenate([p[1] for p in parts])
         cap = numpy_ops.vision_embedder(self.oracle_weights, pixel_values, positions, self.args.vision.rms_norm_eps)

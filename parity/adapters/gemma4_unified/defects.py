@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 
 from parity.defects import Defect, patched, wrapped
-from rmlx import base, image, model, quant, resize, text, vision
+from rmlx import base, config, image, model, quant, resize, text, vision
 from rmlx.tap import tap
 
 
@@ -229,6 +229,33 @@ def _decoder_norm_eps():
     return wrapped(text.DecoderLayer, "__init__", init)
 
 
+def _untied_head_tied():
+    def head(f):
+        def call(self, h):
+            if "lm_head" not in self:
+                return f(self, h)
+            lm_head = self.lm_head
+            del self.lm_head  # the tied path: embed_tokens.as_linear, whatever the checkpoint says
+            try:
+                return f(self, h)
+            finally:
+                self.lm_head = lm_head
+        return call
+    return wrapped(text.TextModel, "head", head)
+
+
+def _patch_geometry_default():
+    def batch(f):
+        return lambda images, max_soft_tokens=280, *geometry: f(images, max_soft_tokens)  # geometry dropped
+    return wrapped(image, "preprocess_batch", batch)
+
+
+def _rope_default_factor():
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1_000_000.0}}
+    return patched((config, "_DEFAULT_ROPE", rope))
+
+
 def _gate_up_swapped():
     def swap(name: str) -> str:
         if ".mlp.gate_proj." in name:
@@ -284,7 +311,8 @@ def _scale_exponent_plus_one(module):
 
 
 def _scales_shifted(module):
-    module.scales = mx.concatenate([module.scales[:, :1], module.scales[:, :-1]], axis=1)
+    flat = module.scales.reshape(-1)  # blocks in row-major order: an off-by-one in the flat scale index
+    module.scales = mx.concatenate([flat[:1], flat[:-1]]).reshape(module.scales.shape)
 
 
 _MX = (("quantize", "mxfp8"),)
@@ -358,6 +386,13 @@ CATALOG: dict[str, Defect] = {
         Defect("decoder-norm-eps-1e-5", "norms", "the decoder's input RMSNorm built with eps 1e-5 (a common "
                "default) instead of the config's 1e-6: a change at fp32 rounding scale, which only the float64 "
                "noise floor sees free-running", "layers.0.input_layernorm", _decoder_norm_eps),
+        Defect("untied-head-tied", "logits", "an untied checkpoint's own lm_head ignored: logits from the tied "
+               "token embedding (only a tie_word_embeddings false config shows it)", "logits", _untied_head_tied),
+        Defect("patch-geometry-default", "preprocessing", "the processor's class defaults (16 px patches, 3x3 "
+               "pooling) instead of the checkpoint's vision_config (only other geometries show it)",
+               "image.pixel_values", _patch_geometry_default),
+        Defect("rope-default-factor", "rope", "a config without rope_parameters gets partial_rotary_factor 0.5 "
+               "for full attention instead of HF's default 0.25", "layers.{first_full}.attn.q", _rope_default_factor),
         Defect("gate-up-swapped", "loader", "checkpoint gate_proj and up_proj loaded into each other's slots "
                "(a fused gate_up split in the wrong order): same shapes, so no shape check sees it",
                "layers.0.mlp.out", _gate_up_swapped),
@@ -366,7 +401,7 @@ CATALOG: dict[str, Defect] = {
         Defect("mx-scale-exponent-off-by-one", "quantization", "MXFP8 E8M0 scale exponent off by one (bias 127 "
                "vs 126): every block decoded at twice its value", _MX_STAGE, _codec(_scale_exponent_plus_one), _MX),
         Defect("mx-scales-shifted-block", "quantization",
-               "MXFP8 scales applied to the wrong block (block j uses block j-1's scale)",
+               "MXFP8 scales applied to the wrong block (flat block j uses block j-1's scale)",
                _MX_STAGE, _codec(_scales_shifted), _MX),
         Defect("mx-e5m2", "quantization", "MXFP8 elements encoded as FP8 E5M2 instead of E4M3",
                _MX_STAGE, _codec(_set_weight_e5m2), _MX),

@@ -198,7 +198,7 @@ class Lockstep:
         if not self.scenario.images:
             return None, None
         return rimage.preprocess_batch([self.decoded[p] for p in self.scenario.images],
-                                       self.settings.max_soft_tokens)
+                                       self.settings.max_soft_tokens, *self.adapter.patch_geometry)
 
     # -- compare and drop ------------------------------------------------------------------------
     def settle(self, names: list[str]) -> None:

@@ -47,7 +47,7 @@ class Model(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.language_model = TextModel(args.text)
+        self.language_model = TextModel(args.text, args.tie_word_embeddings)
         if args.vision is not None:
             self.vision_tower = VisionModel(args.vision)
             self.embed_vision = MultimodalEmbedder(args.vision.hidden_size, args.text.hidden_size,
