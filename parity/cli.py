@@ -10,11 +10,14 @@ import argparse
 import importlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_UNTESTABLE = 0, 1, 2, 125
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports an interrupted command
 
 
 def fixtures_dir() -> Path:
@@ -441,6 +444,21 @@ _NEEDS = {"run": ("parity.runner",), "gate": ("parity.gate", "parity.runner"), "
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``rmlx-parity``: the exit code of the command (0 pass, 1 fail, 2 bad input, 125 cannot test,
+    130 interrupted by Ctrl-C or SIGTERM, with nothing published)."""
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # the staging folders are gone already (finally blocks)
+        print("rmlx-parity: interrupted; nothing was published", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: list[str] | None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
@@ -472,6 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     except Untestable as e:
         print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
+
+
+def _terminate(signum, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so every temporary folder is removed on the way out."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -69,12 +69,24 @@ def checkpoint_files(path: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise InputError(f"{index}: not a valid safetensors index ({e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
-        for f in files:
+        except (json.JSONDecodeError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as e:
+            raise InputError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise InputError(f"{index}: 'weight_map' must map tensor names to shard file names (strings)")
+        root = path.resolve()
+        files = []
+        for name in sorted(set(weight_map.values())):
+            f = path / name
+            # a shard is a plain file name in the checkpoint folder: never a path that leaves it
+            if Path(name).name != name or name in ("", ".", "..") or not name.endswith(".safetensors"):
+                raise InputError(f"{index}: shard name {name!r} is not a .safetensors file name in {path}")
+            if f.resolve().parent != root:
+                raise InputError(f"{index}: shard {name!r} resolves outside {path} (a symlink to "
+                                 f"{f.resolve()}); refusing to read it")
             if not f.is_file():
-                raise InputError(f"{index}: names shard '{f.name}', which does not exist")
+                raise InputError(f"{index}: names shard '{name}', which does not exist")
+            files.append(f)
         return files
     if single.is_file():
         return [single]

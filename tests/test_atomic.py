@@ -65,3 +65,18 @@ def test_fixtures_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     (tmp_path / "MANIFEST.json").write_text(json.dumps({"generator": "someone else"}))
     assert main(["fixtures", "--out", str(tmp_path)]) == 2
     assert (tmp_path / "models" / "precious").read_text() == "keep me"
+
+
+def test_sigterm_mid_run_publishes_nothing_and_leaves_no_temporary_folder(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "reports"
+    proc = subprocess.Popen([sys.executable, "-m", "parity.cli", "run", "--report-dir", str(out / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(12)  # mid-run: the models are loaded, cases are running
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert not out.exists() or list(out.iterdir()) == []  # no report, no .r.rmlx-* folder

@@ -632,3 +632,25 @@ def test_kv_sharing_without_a_producer_is_refused_like_hf():
         _ = transformers.Gemma4UnifiedTextConfig(**copy.deepcopy(d)).kv_sharing_modes
     with pytest.raises(InputError, match="shares K/V"):
         TextConfig.from_dict(copy.deepcopy(d))
+
+
+@pytest.mark.parametrize("shard", ["/etc/passwd", "../outside.safetensors", "sub/model.safetensors", "..",
+                                   "model.bin", 7])
+def test_an_index_cannot_name_a_file_outside_the_checkpoint(tmp_path, shard):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"x")
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a.weight": shard}}))
+    with pytest.raises(InputError, match="model.safetensors.index.json"):
+        checkpoint_files(ckpt)
+
+
+def test_an_index_shard_symlinked_outside_is_refused(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (tmp_path / "secret.safetensors").write_bytes(b"x")
+    (ckpt / "model-00001-of-00001.safetensors").symlink_to(tmp_path / "secret.safetensors")
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a.weight": "model-00001-of-00001.safetensors"}}))
+    with pytest.raises(InputError, match="resolves outside"):
+        checkpoint_files(ckpt)
