@@ -459,6 +459,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
+    blas = os.environ.get("RMLX_BLAS")
+    if blas not in (None, "", "auto", "reference"):
+        print(f"rmlx-parity: error: RMLX_BLAS={blas!r} is not 'auto' or 'reference'", file=sys.stderr)
+        return EXIT_BAD_INPUT
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)

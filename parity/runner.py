@@ -39,6 +39,7 @@ from rmlx.image import load_image
 
 SCHEMA = "rmlx.parity/2"
 MODES = ("free", "teacher")
+MAX_THREADS = 256  # more than any CPU here; a larger number is a typo, not a request
 MASK_POLICIES = ("official", "hf-forward")  # DESIGN.md: the attention-mask policies a family may follow
 
 
@@ -154,8 +155,8 @@ def validate(settings: Settings) -> None:
             raise InputError(f"mask policy {policy!r} is not one of {MASK_POLICIES}")
     if settings.decode_steps < 0:
         raise InputError(f"--decode-steps must be >= 0, got {settings.decode_steps}")
-    if settings.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {settings.threads}")
+    if not 1 <= settings.threads <= MAX_THREADS:
+        raise InputError(f"--threads must be in 1..{MAX_THREADS}, got {settings.threads}")
     if settings.stream and settings.quantize is not None:
         raise InputError("--stream runs the checkpoint as stored; --quantize is not supported with it")
 

@@ -30,6 +30,45 @@ def _require(d: dict, key: str, where: str) -> Any:
     return d[key]
 
 
+_REQUIRED = object()
+# Upper bounds far above any Gemma 4 (12B: hidden 3840, vocabulary 262144, 48 layers) that stop a
+# config from asking for an absurd allocation before a tensor is read.
+MAX_DIM, MAX_VOCAB, MAX_LAYERS, MAX_ID = 1 << 17, 1 << 22, 1024, (1 << 31) - 1
+
+
+def _int(d: dict, key: str, where: str, default: Any = _REQUIRED, lo: int = 1, hi: int = MAX_DIM) -> int:
+    """An integer config value, strictly: JSON integers only (not "4", 128.9 or true), within [lo, hi]."""
+    if key not in d or d[key] is None:
+        if default is _REQUIRED:
+            raise InputError(f"{where}: missing required key '{key}'")
+        return default
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise InputError(f"{where}: '{key}' must be an integer, got {v!r} ({type(v).__name__})")
+    if not lo <= v <= hi:
+        raise InputError(f"{where}: '{key}' = {v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def _float(d: dict, key: str, where: str, default: float | None) -> float | None:
+    """A positive finite real config value (or ``default`` when absent or null)."""
+    v = d.get(key)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (0 < v < float("inf")):
+        raise InputError(f"{where}: '{key}' must be a positive finite number, got {v!r}")
+    return float(v)
+
+
+def _bool(d: dict, key: str, where: str, default: bool) -> bool:
+    v = d.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise InputError(f"{where}: '{key}' must be true or false, got {v!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """What one decoder layer needs from the config (HF's resolved `per_layer_config[i]`)."""
@@ -66,7 +105,7 @@ class TextConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "text_config") -> TextConfig:
-        n = int(_require(d, "num_hidden_layers", where))
+        n = _int(d, "num_hidden_layers", where, hi=MAX_LAYERS)
         layer_types = d.get("layer_types")
         if layer_types is None:  # HF's default pattern: every 6th layer full
             layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
@@ -78,36 +117,36 @@ class TextConfig:
         bad = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
         if bad:
             raise InputError(f"{where}: unsupported layer type(s) {bad} in 'layer_types'")
-        k_eq_v = bool(d.get("attention_k_eq_v", False))
+        k_eq_v = _bool(d, "attention_k_eq_v", where, False)
         if "per_layer_config" in d:
             # Present (even as {} or null): used as is; HF drops entries equal to the base values.
             per_layer = {int(k): dict(v) for k, v in (d["per_layer_config"] or {}).items()}
         else:
-            overrides = {"head_dim": int(d.get("global_head_dim", 512))}
+            overrides = {"head_dim": _int(d, "global_head_dim", where, 512)}
             if k_eq_v and d.get("num_global_key_value_heads") is not None:
-                overrides["num_key_value_heads"] = int(d["num_global_key_value_heads"])
+                overrides["num_key_value_heads"] = _int(d, "num_global_key_value_heads", where)
             per_layer = {i: dict(overrides) for i, t in enumerate(layer_types) if t == "full_attention"}
         rope = d.get("rope_parameters") or dict(_DEFAULT_ROPE)
         return cls(
-            vocab_size=int(_require(d, "vocab_size", where)),
-            hidden_size=int(_require(d, "hidden_size", where)),
-            intermediate_size=int(_require(d, "intermediate_size", where)),
+            vocab_size=_int(d, "vocab_size", where, hi=MAX_VOCAB),
+            hidden_size=_int(d, "hidden_size", where),
+            intermediate_size=_int(d, "intermediate_size", where),
             num_hidden_layers=n,
-            num_attention_heads=int(_require(d, "num_attention_heads", where)),
-            num_key_value_heads=int(_require(d, "num_key_value_heads", where)),
-            head_dim=int(_require(d, "head_dim", where)),
+            num_attention_heads=_int(d, "num_attention_heads", where),
+            num_key_value_heads=_int(d, "num_key_value_heads", where),
+            head_dim=_int(d, "head_dim", where),
             layer_types=tuple(layer_types),
             per_layer_config=per_layer,
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            sliding_window=int(d.get("sliding_window", 1024)),
-            final_logit_softcapping=d.get("final_logit_softcapping"),
+            rms_norm_eps=_float(d, "rms_norm_eps", where, 1e-6),
+            sliding_window=_int(d, "sliding_window", where, 1024),
+            final_logit_softcapping=_float(d, "final_logit_softcapping", where, None),
             rope_parameters=rope,
             attention_k_eq_v=k_eq_v,
-            num_kv_shared_layers=int(d.get("num_kv_shared_layers", 0)),
-            use_double_wide_mlp=bool(d.get("use_double_wide_mlp", False)),
+            num_kv_shared_layers=_int(d, "num_kv_shared_layers", where, 0, lo=0, hi=MAX_LAYERS),
+            use_double_wide_mlp=_bool(d, "use_double_wide_mlp", where, False),
             use_bidirectional_attention=d.get("use_bidirectional_attention", "vision"),
             hidden_activation=d.get("hidden_activation", "gelu_pytorch_tanh"),
-            pad_token_id=int(d.get("pad_token_id", 0) or 0),
+            pad_token_id=_int(d, "pad_token_id", where, 0, lo=0, hi=MAX_ID),
         )
 
     def __post_init__(self):
@@ -160,12 +199,12 @@ class VisionConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "vision_config") -> VisionConfig:
         return cls(
-            patch_size=int(_require(d, "patch_size", where)),
-            pooling_kernel_size=int(_require(d, "pooling_kernel_size", where)),
-            mm_embed_dim=int(_require(d, "mm_embed_dim", where)),
-            mm_posemb_size=int(_require(d, "mm_posemb_size", where)),
-            output_proj_dims=int(_require(d, "output_proj_dims", where)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            patch_size=_int(d, "patch_size", where),
+            pooling_kernel_size=_int(d, "pooling_kernel_size", where),
+            mm_embed_dim=_int(d, "mm_embed_dim", where),
+            mm_posemb_size=_int(d, "mm_posemb_size", where),
+            output_proj_dims=_int(d, "output_proj_dims", where),
+            rms_norm_eps=_float(d, "rms_norm_eps", where, 1e-6),
         )
 
     def __post_init__(self):
@@ -193,7 +232,7 @@ class AudioConfig:
         dim = d.get("output_proj_dims", d.get("audio_embed_dim", d.get("hidden_size")))
         if dim is None:
             raise InputError(f"{where}: missing required key 'audio_embed_dim'")
-        return cls(audio_embed_dim=int(dim), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)))
+        return cls(audio_embed_dim=int(dim), rms_norm_eps=_float(d, "rms_norm_eps", where, 1e-6))
 
 
 @dataclass(frozen=True)
@@ -224,14 +263,14 @@ class ModelArgs:
             text=text,
             vision=VisionConfig.from_dict(vision, f"{where}: vision_config") if vision else None,
             audio=AudioConfig.from_dict(audio, f"{where}: audio_config") if audio else None,
-            image_token_id=int(_require(d, "image_token_id", where)),
-            video_token_id=int(d.get("video_token_id", 258884)),
-            audio_token_id=int(d.get("audio_token_id", 258881)),
-            boi_token_id=int(_require(d, "boi_token_id", where)),
-            eoi_token_id=int(_require(d, "eoi_token_id", where)),
-            boa_token_id=int(d.get("boa_token_id", 256000)),
-            eoa_token_index=int(d.get("eoa_token_index", 258883)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            image_token_id=_int(d, "image_token_id", where, lo=0, hi=MAX_ID),
+            video_token_id=_int(d, "video_token_id", where, 258884, lo=0, hi=MAX_ID),
+            audio_token_id=_int(d, "audio_token_id", where, 258881, lo=0, hi=MAX_ID),
+            boi_token_id=_int(d, "boi_token_id", where, lo=0, hi=MAX_ID),
+            eoi_token_id=_int(d, "eoi_token_id", where, lo=0, hi=MAX_ID),
+            boa_token_id=_int(d, "boa_token_id", where, 256000, lo=0, hi=MAX_ID),
+            eoa_token_index=_int(d, "eoa_token_index", where, 258883, lo=0, hi=MAX_ID),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", where, True),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
             quantization=d.get("quantization"),
         )
@@ -251,6 +290,8 @@ def read_config(path: str | Path, build: Callable[[dict, str], T]) -> T:
         d = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: JSON nested too deeply to read") from None
     if not isinstance(d, dict):
         raise InputError(f"{path}: expected a JSON object at the top level")
     try:

@@ -278,3 +278,49 @@ def test_missing_fixtures_cannot_test_this_revision(capfd, tmp_path, monkeypatch
     rc, out, err = cli(capfd, "run", "--report-dir", str(tmp_path / "rep"))
     assert rc == 125 and "cannot test" in err
     assert not (tmp_path / "rep").exists()
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("text_config.num_attention_heads", "4", "'num_attention_heads' must be an integer, got '4'"),
+    ("text_config.hidden_size", 128.9, "'hidden_size' must be an integer, got 128.9"),
+    ("text_config.hidden_size", -4, "'hidden_size' = -4 is out of range"),
+    ("text_config.num_hidden_layers", 0, "'num_hidden_layers' = 0 is out of range"),
+    ("text_config.vocab_size", 10**12, "'vocab_size' = 1000000000000 is out of range"),
+    ("tie_word_embeddings", "yes", "'tie_word_embeddings' must be true or false"),
+    ("text_config.rms_norm_eps", "1e-6", "'rms_norm_eps' must be a positive finite number"),
+    ("vision_config.patch_size", True, "'patch_size' must be an integer, got True"),
+])
+def test_a_config_value_of_the_wrong_type_or_range_is_named(tmp_path, capsys, key, value, message):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "models" / "tiny", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    *parents, last = key.split(".")
+    node = cfg
+    for part in parents:
+        node = node[part]
+    node[last] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert main(["run", "--model", str(ckpt), "--case", "text-only", "--report-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "config.json" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_deeply_nested_config_json_is_bad_input(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "models" / "tiny", ckpt)
+    (ckpt / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    assert main(["run", "--model", str(ckpt), "--report-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json" in err and "JSON" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv,env,message", [
+    (["run", "--threads", "100000"], {}, "--threads must be in 1..256"),
+    (["run"], {"RMLX_BLAS": "bogus"}, "RMLX_BLAS='bogus'"),
+])
+def test_bad_threads_and_blas_choice_are_bad_input(tmp_path, capsys, monkeypatch, argv, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert main([*argv, "--report-dir", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err

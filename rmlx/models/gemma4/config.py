@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rmlx.config import TextConfig, read_config
+from rmlx.config import MAX_ID, MAX_LAYERS, TextConfig, _bool, _float, _int, read_config
 from rmlx.errors import InputError
 
 # HF Gemma4TextConfig default values that differ from what rmlx.config.TextConfig.from_dict assumes for a
@@ -79,23 +79,23 @@ class VisionConfig:
         if rope.get("rope_type", "axial") != "axial":
             raise InputError(f"{where}: rope_parameters.rope_type={rope.get('rope_type')!r}: the vision "
                              "encoder supports only 'axial' (as HF)")
-        hidden = int(_require(d, "hidden_size", where))
-        heads = int(_require(d, "num_attention_heads", where))
+        hidden = _int(d, "hidden_size", where)
+        heads = _int(d, "num_attention_heads", where)
         head_dim = d.get("head_dim") or hidden // heads  # HF: getattr(config, "head_dim", hidden // heads)
         return cls(
             hidden_size=hidden,
-            intermediate_size=int(_require(d, "intermediate_size", where)),
-            num_hidden_layers=int(_require(d, "num_hidden_layers", where)),
+            intermediate_size=_int(d, "intermediate_size", where),
+            num_hidden_layers=_int(d, "num_hidden_layers", where, hi=MAX_LAYERS),
             num_attention_heads=heads,
-            num_key_value_heads=int(_require(d, "num_key_value_heads", where)),
+            num_key_value_heads=_int(d, "num_key_value_heads", where),
             head_dim=int(head_dim),
-            patch_size=int(d.get("patch_size", 16)),
-            pooling_kernel_size=int(d.get("pooling_kernel_size", 3)),
-            position_embedding_size=int(d.get("position_embedding_size", 10 * 1024)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+            patch_size=_int(d, "patch_size", where, 16),
+            pooling_kernel_size=_int(d, "pooling_kernel_size", where, 3),
+            position_embedding_size=_int(d, "position_embedding_size", where, 10 * 1024),
+            rms_norm_eps=_float(d, "rms_norm_eps", where, 1e-6),
             rope_theta=float(rope.get("rope_theta", 100.0)),
-            use_clipped_linears=bool(d.get("use_clipped_linears", False)),
-            standardize=bool(d.get("standardize", False)),
+            use_clipped_linears=_bool(d, "use_clipped_linears", where, False),
+            standardize=_bool(d, "standardize", where, False),
             hidden_activation=str(d.get("hidden_activation", "gelu_pytorch_tanh")),
         )
 
@@ -143,12 +143,12 @@ class ModelArgs:
         return cls(
             text=text_config(_require(d, "text_config", where), f"{where}: text_config"),
             vision=VisionConfig.from_dict(vision, f"{where}: vision_config") if vision else None,
-            image_token_id=int(d.get("image_token_id", 258_880)),
-            video_token_id=int(d.get("video_token_id", 258_884)),
-            audio_token_id=int(d.get("audio_token_id", 258_881)),
-            boi_token_id=int(d.get("boi_token_id", 255_999)),
-            eoi_token_id=int(d.get("eoi_token_id", 258_882)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+            image_token_id=_int(d, "image_token_id", where, 258_880, lo=0, hi=MAX_ID),
+            video_token_id=_int(d, "video_token_id", where, 258_884, lo=0, hi=MAX_ID),
+            audio_token_id=_int(d, "audio_token_id", where, 258_881, lo=0, hi=MAX_ID),
+            boi_token_id=_int(d, "boi_token_id", where, 255_999, lo=0, hi=MAX_ID),
+            eoi_token_id=_int(d, "eoi_token_id", where, 258_882, lo=0, hi=MAX_ID),
+            tie_word_embeddings=_bool(d, "tie_word_embeddings", where, True),
             dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
         )
 
