@@ -51,8 +51,8 @@ def load(path: Path) -> dict:
                          "'rmlx-parity gate --baseline FILE --update-baseline' (same options as the run)")
     try:
         data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"baseline {path}: not readable JSON ({e})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"baseline {path}: not readable JSON ({type(e).__name__}: {e})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         got = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise InputError(f"baseline {path}: schema is {got!r}, expected {SCHEMA!r}")

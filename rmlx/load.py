@@ -7,6 +7,7 @@ checkpoint (``pytorch_model.bin``) is refused, never unpickled.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -20,8 +21,9 @@ from rmlx.errors import InputError
 from rmlx.model import Model, checkpoint_key, module_path
 
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_ST_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "U16", "U32", "U64", "BOOL",
-              "F8_E4M3", "F8_E5M2", "E8M0", "F8_E8M0"}
+_ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
+                "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "E8M0": 1, "F8_E8M0": 1}
+_ST_DTYPES = set(_ST_ITEMSIZE)
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -45,6 +47,8 @@ def safetensors_layout(path: Path) -> tuple[int, dict]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
+    except RecursionError:
+        raise InputError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - n
@@ -55,10 +59,20 @@ def safetensors_layout(path: Path) -> tuple[int, dict]:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
             raise InputError(f"{path}: corrupt safetensors header entry for '{key}'") from None
-        if dtype not in _ST_DTYPES or not 0 <= start <= end <= data_size:
+        ints = [start, end, *shape] if isinstance(shape, list) else None
+        if (dtype not in _ST_DTYPES or ints is None or any(isinstance(i, bool) or not isinstance(i, int) for i in ints)
+                or not 0 <= start <= end <= data_size or any(d < 0 for d in shape)):
             raise InputError(f"{path}: corrupt safetensors header entry for '{key}' "
-                             f"(dtype {dtype}, offsets {start}..{end}, data is {data_size} bytes)")
-        del shape
+                             f"(dtype {dtype}, shape {shape}, offsets {start}..{end}, data is {data_size} bytes)")
+        need = math.prod(shape) * _ST_ITEMSIZE[dtype]
+        if need != end - start:
+            raise InputError(f"{path}: tensor '{key}' of shape {shape} {dtype} needs {need} bytes, its offsets "
+                             f"{start}..{end} hold {end - start}")
+    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], key) for key, info in header.items()
+                   if key != "__metadata__" and info["data_offsets"][0] < info["data_offsets"][1])
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
+        if start_b < end_a:
+            raise InputError(f"{path}: tensors '{a}' and '{b}' overlap in the data (offsets {start_b} < {end_a})")
     return 8 + n, header
 
 

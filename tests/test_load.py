@@ -654,3 +654,30 @@ def test_an_index_shard_symlinked_outside_is_refused(tmp_path):
         json.dumps({"weight_map": {"a.weight": "model-00001-of-00001.safetensors"}}))
     with pytest.raises(InputError, match="resolves outside"):
         checkpoint_files(ckpt)
+
+
+def _raw_safetensors(path: Path, header: dict, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+@pytest.mark.parametrize("header,message", [
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, "overlap"),
+    ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, "needs 12 bytes"),
+    ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "corrupt safetensors header entry"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8]}}, "corrupt safetensors header entry"),
+])
+def test_a_safetensors_header_that_lies_is_refused(tmp_path, header, message):
+    f = tmp_path / "model.safetensors"
+    _raw_safetensors(f, header, bytes(16))
+    with pytest.raises(InputError, match=message):
+        read_safetensors_header(f)
+
+
+def test_a_deeply_nested_safetensors_header_is_refused(tmp_path):
+    f = tmp_path / "model.safetensors"
+    raw = ("[" * 100_000 + "]" * 100_000).encode()
+    f.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(InputError, match="nested too deeply"):
+        read_safetensors_header(f)
