@@ -66,11 +66,34 @@ def write_text(path: Path, text: str | bytes) -> None:
     try:
         os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; ours is an ordinary file
         with os.fdopen(fd, "wb") as f:
-            f.write(text.encode() if isinstance(text, str) else text)
+            f.write(text.encode("utf-8", "backslashreplace") if isinstance(text, str) else text)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def staged_files(texts: dict[Path, str]) -> Iterator[None]:
+    """Write each file's text to a temporary sibling now; when the block ends without an error, rename
+    them all into place (after whatever the block published). On an error none is left behind."""
+    staging: list[tuple[Path, Path]] = []
+    try:
+        for path, text in texts.items():
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            sweep(path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=_prefix(path), dir=path.parent)
+            staging.append((Path(tmp), path))
+            os.fchmod(fd, 0o666 & ~umask())
+            with os.fdopen(fd, "wb") as f:
+                f.write(text.encode("utf-8", "backslashreplace"))
+        yield
+        for tmp, path in staging:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in staging:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -106,7 +129,10 @@ def staged(*finals: Path, before_rename: Callable[[Path], None] | None = None) -
                 before_rename(final)
         for tmp, final in staging:
             if final.is_dir() and not final.is_symlink() and not any(final.iterdir()):
-                final.rmdir()
+                # an empty folder given as the destination (a mount point cannot be replaced): fill it
+                for child in tmp.iterdir():
+                    os.replace(child, final / child.name)
+                continue
             os.replace(tmp, final)
     finally:
         for tmp, _ in staging:

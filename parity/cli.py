@@ -172,16 +172,43 @@ def _settings(args):
 
 
 def _check_outputs(args, *folders: Path | None) -> None:
-    """Every output place is usable before the run, not after minutes of work."""
+    """Every output place is usable before the run, not after minutes of work: each folder new (or
+    empty), not a symlink, under a writable folder; the folders and the files (--json, --baseline)
+    distinct and not inside one another."""
     from parity import report
     from rmlx.errors import InputError
 
-    for folder in folders:
-        if folder is not None:
-            report.check_free(folder)
-    for path in (getattr(args, "json", None), getattr(args, "baseline", None)):
-        if path is not None and (path.is_dir() or any(p.exists() and not p.is_dir() for p in path.parents)):
-            raise InputError(f"{path}: cannot write a file there (it is a folder, or a parent is a file)")
+    places = [f for f in folders if f is not None]
+    outputs = (getattr(args, "json", None), getattr(args, "baseline", None) if getattr(args, "update_baseline", False)
+               else None)
+    files = [p for p in outputs if p is not None]
+    for folder in places:
+        if folder.is_symlink():
+            raise InputError(f"{folder}: is a symlink; give a real folder for outputs")
+        report.check_free(folder)
+        _writable_parent(folder)
+    for path in files:
+        if path.is_dir() or path.is_symlink() and not path.exists():
+            raise InputError(f"{path}: cannot write a file there (a folder, or a dangling symlink)")
+        _writable_parent(path)
+    resolved = [(p, p.resolve()) for p in (*places, *files)]
+    for i, (a, ra) in enumerate(resolved):
+        for b, rb in resolved[i + 1:]:
+            if ra == rb or ra in rb.parents or rb in ra.parents:
+                raise InputError(f"{a} and {b}: two outputs in the same place; give each its own")
+
+
+def _writable_parent(path: Path) -> None:
+    """The nearest existing ancestor of ``path`` is a folder this process can write into."""
+    from rmlx.errors import InputError
+
+    parent = path.absolute().parent
+    while not parent.exists() and not parent.is_symlink():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"{path}: cannot write there ({parent} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"{path}: cannot write there ({parent} is not writable)")
 
 
 def _run(args) -> tuple[dict, Path, dict | None]:
@@ -217,22 +244,37 @@ def _run(args) -> tuple[dict, Path, dict | None]:
     return rec, report_dir, dumps
 
 
-def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, markdown: str | None = None) -> None:
-    """Write the report folder (and dumps, and --json) atomically; add the Markdown to the CI job
-    summary when ``$GITHUB_STEP_SUMMARY`` names one. With ``markdown`` (the self-test), the folder
-    holds that record as selftest.json + selftest.md instead of a run's reports."""
+def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, folder: dict[str, str] | None = None,
+             files: dict[Path, str] | None = None) -> None:
+    """Publish every output of a command together: the report folder (a run's reports and dumps, or
+    ``folder``: {file name: text}), ``--json`` and ``files`` (a baseline) are staged first and renamed
+    into place at the end, so a failure leaves none of them. The folder's Markdown also goes to the CI
+    job summary when ``$GITHUB_STEP_SUMMARY`` names one (a warning on stderr if it cannot)."""
     from parity import report
+    from parity.atomic import staged_files
+    from rmlx.errors import InputError
 
-    if markdown is None:
-        report.write_report_dir(report_dir, rec, dumps, getattr(args, "dump", None))
-    else:
-        report.write_files(report_dir, {"selftest.json": report.json_text(rec), "selftest.md": markdown})
+    texts = dict(files or {})
     if args.json:
-        report.write_json_atomic(args.json, rec)
+        texts[args.json] = report.json_text(rec)
+    try:
+        with staged_files(texts):
+            if folder is None:
+                report.write_report_dir(report_dir, rec, dumps, getattr(args, "dump", None))
+            else:
+                report.write_files(report_dir, folder)
+    except OSError as e:  # a full disk, a folder that became read-only: one line, nothing published
+        raise InputError(f"cannot write the outputs ({e.strerror or e}: {e.filename or report_dir}); "
+                         "nothing was published") from None
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
-        with open(summary, "a") as f:
-            f.write(markdown or report.to_markdown(rec))
+        markdown = next((t for n, t in (folder or {}).items() if n.endswith(".md")), None) or report.to_markdown(rec)
+        try:
+            with open(summary, "a", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(markdown)
+        except OSError as e:
+            print(f"rmlx-parity: warning: GITHUB_STEP_SUMMARY={summary}: not written ({e.strerror or e})",
+                  file=sys.stderr)
 
 
 def _env_inject() -> tuple[str, ...]:
@@ -282,12 +324,12 @@ def cmd_gate(args) -> int:
                             str(args.baseline))
     rec, report_dir, dumps = _run(args)
     if args.update_baseline:
-        _publish(rec, report_dir, args, dumps)
+        baseline_text = {args.baseline: report.json_text(gate.from_record(rec))} if rec["passed"] else {}
+        _publish(rec, report_dir, args, dumps, files=baseline_text)
         print(report.to_terminal(rec))
         if not rec["passed"]:
             print(f"\nbaseline {args.baseline} NOT written: the run fails parity", file=sys.stderr)
             return EXIT_FAIL
-        report.write_json_atomic(args.baseline, gate.from_record(rec))
         print(f"\nbaseline written: {args.baseline} ({len(rec['cases'])} cases); report: {report_dir / 'report.md'}")
         return EXIT_PASS
     rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline))
@@ -311,7 +353,8 @@ def cmd_selftest(args) -> int:
     modes = ("teacher", "free") if args.mode == "both" else (args.mode,)
     rec = selftest.run_selftest(models, images, args.fault, modes, progress=report.Progress())
     rec["command"] = " ".join(["rmlx-parity", *args.argv])
-    _publish(rec, report_dir, args, markdown=selftest.to_markdown(rec))
+    _publish(rec, report_dir, args, folder={"selftest.json": report.json_text(rec),
+                                            "selftest.md": selftest.to_markdown(rec)})
     print(selftest.to_terminal(rec))
     print(f"\nreport: {report_dir / 'selftest.md'}")
     return EXIT_PASS if rec["passed"] else EXIT_FAIL
@@ -356,7 +399,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from parity import compare, report
+    from parity import compare
 
     run_id = args.run_id
     report_dir = args.report_dir or Path("reports") / run_id
@@ -364,13 +407,7 @@ def cmd_compare(args) -> int:
     rec = compare.compare_paths(args.ref, args.cand, args.dtype, args.mode, args.stages, run_id, argv=args.argv,
                                 require_all=args.require_all)
     files = compare.report_files(rec)
-    report.write_files(report_dir, files)
-    if args.json:
-        report.write_json_atomic(args.json, rec)
-    summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if summary:
-        with open(summary, "a") as f:
-            f.write(files["report.md"])
+    _publish(rec, report_dir, args, folder=files)
     for warning in rec["compare"]["warnings"]:
         print(f"rmlx-parity: warning: {warning}", file=sys.stderr)
     print(compare.to_terminal(rec))

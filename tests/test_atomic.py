@@ -9,6 +9,7 @@ import pytest
 
 from parity.atomic import scratch, staged, sweep, write_text
 from parity.cli import main
+from tests.conftest import FIXTURES
 
 
 def test_a_failed_block_publishes_nothing_and_leaves_nothing(tmp_path):
@@ -80,3 +81,52 @@ def test_sigterm_mid_run_publishes_nothing_and_leaves_no_temporary_folder(tmp_pa
     assert proc.returncode == 130, err
     assert "interrupted" in err and "Traceback" not in err
     assert not out.exists() or list(out.iterdir()) == []  # no report, no .r.rmlx-* folder
+
+
+def _run_args(tmp_path, *extra):
+    return ["run", "--model", str(FIXTURES / "models" / "tiny"), "--case", "text-4", "--no-oracle", *extra]
+
+
+def test_outputs_in_the_same_place_are_refused_before_the_run(tmp_path, capsys):
+    rep = tmp_path / "rep"
+    for extra in (["--report-dir", str(rep), "--dump", str(rep)], ["--report-dir", str(rep), "--dump", str(rep / "d")],
+                  ["--report-dir", str(rep), "--json", str(rep / "r.json")]):
+        assert main(_run_args(tmp_path, *extra)) == 2
+        assert "same place" in capsys.readouterr().err
+    assert not rep.exists()
+
+
+def test_an_unwritable_or_odd_output_place_is_refused_before_the_run(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    for extra, message in ((["--report-dir", str(tmp_path / "afile" / "r")], "is not a folder"),
+                           (["--report-dir", str(tmp_path / "dangling")], "symlink"),
+                           (["--report-dir", str(tmp_path / "r"), "--json", str(tmp_path / "dangling")], "dangling")):
+        assert main(_run_args(tmp_path, *extra)) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_an_empty_existing_report_folder_is_filled_not_replaced(tmp_path):
+    rep = tmp_path / "mnt"
+    rep.mkdir()
+    inode = rep.stat().st_ino
+    assert main(_run_args(tmp_path, "--report-dir", str(rep))) == 0
+    assert rep.stat().st_ino == inode and (rep / "report.md").is_file()  # a mount point would still be mounted
+
+
+def test_a_job_summary_that_cannot_be_written_is_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(tmp_path / "no" / "such" / "summary.md"))
+    assert main(_run_args(tmp_path, "--report-dir", str(tmp_path / "r"))) == 0
+    assert "warning: GITHUB_STEP_SUMMARY" in capsys.readouterr().err
+
+
+def test_a_failed_publish_leaves_neither_the_json_nor_the_reports(tmp_path, capsys, monkeypatch):
+    from parity import report
+
+    def broken(*a, **k):
+        raise OSError(28, "No space left on device", str(tmp_path / "r"))
+
+    monkeypatch.setattr(report.html, "to_html", broken)
+    assert main(_run_args(tmp_path, "--report-dir", str(tmp_path / "r"), "--json", str(tmp_path / "r.json"))) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -268,10 +268,10 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
     with_dumps = dumps is not None and dump_dir is not None
     with publishing(report_dir, *([dump_dir] if with_dumps else [])) as folders:
         tmp = folders[0]
-        (tmp / "report.json").write_text(json_text(rec))
-        (tmp / "report.md").write_text(to_markdown(rec))
-        (tmp / "report.html").write_text(html.to_html(rec))
-        (tmp / "junit.xml").write_text(junit.to_junit(rec))
+        (tmp / "report.json").write_text(json_text(rec), encoding="utf-8", errors="backslashreplace")
+        (tmp / "report.md").write_text(to_markdown(rec), encoding="utf-8", errors="backslashreplace")
+        (tmp / "report.html").write_text(html.to_html(rec), encoding="utf-8", errors="backslashreplace")
+        (tmp / "junit.xml").write_text(junit.to_junit(rec), encoding="utf-8", errors="backslashreplace")
         if with_dumps:
             st = rec["settings"]
             meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": st["dtype"], "mode": st["mode"],
@@ -306,4 +306,4 @@ def write_files(folder: Path, files: dict[str, str]) -> None:
     """Write ``{name: text}`` into a new ``folder``, all or nothing (:func:`publishing`)."""
     with publishing(folder) as (tmp,):
         for name, text in files.items():
-            (tmp / name).write_text(text)
+            (tmp / name).write_text(text, encoding="utf-8", errors="backslashreplace")
