@@ -3,13 +3,17 @@ lines and branches of rmlx/ the default `rmlx-parity run` executes; docs/coverag
 self-test, the gates against the committed baselines, and the embedded default in every policy, dtype
 and mode, and quantized), bench (benchmarks/bench.py: JSON + Markdown under reports/)."""
 
+import shutil
+
 import nox
 
 nox.options.sessions = ["tests", "lint"]
 PYTHON = "3.11"
+# the supported Pythons this machine has (requires-python >= 3.11): the tests session runs on each
+PYTHONS = [v for v in ("3.11", "3.12", "3.13") if shutil.which(f"python{v}")] or [PYTHON]
 
 
-@nox.session(python=PYTHON)
+@nox.session(python=PYTHONS)
 def tests(session):
     session.install("-e", ".[dev]")
     session.run("python", "-m", "pytest", *session.posargs)

@@ -1,6 +1,6 @@
 """``rmlx-parity``: run parity, list stages, (re)generate fixtures.
 
-Exit codes (DESIGN.md): 0 all pass, 1 a parity failure, 2 bad usage or bad input (one clear line,
+Exit codes: 0 all pass, 1 a parity failure, 2 bad usage or bad input (one clear line,
 nothing written), 125 this revision cannot be tested (for ``git bisect run``).
 """
 
@@ -39,6 +39,10 @@ class Untestable(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # --decode-step is an error, not --decode-steps
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse exits 2 on bad usage already; keep it to one line
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
 
@@ -50,8 +54,18 @@ def _shard(text: str) -> tuple[int, int]:
     return int(k), int(n)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"rmlx-parity {version('rmlx')}"
+    except PackageNotFoundError:
+        return "rmlx-parity (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="rmlx-parity", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     r = _Parser(add_help=False)  # the options of a run, shared by run and gate
@@ -73,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--inject", action="append", default=[], metavar="NAME",
                    help="plant a defect from the family's catalog (repeatable; see 'rmlx-parity faults')")
     r.add_argument("--mask-policy", choices=("official", "hf-forward"), default="official",
-                   help="attention-mask policy of both sides (default official; see DESIGN.md)")
+                   help="attention-mask policy of both sides (default official; see docs/verdicts.md)")
     r.add_argument("--candidate-mask-policy", choices=("official", "hf-forward"), default=None,
                    help="give the candidate a different policy than the reference (shows the harness "
                         "naming a mask difference)")

@@ -40,7 +40,7 @@ from rmlx.image import load_image
 SCHEMA = "rmlx.parity/2"
 MODES = ("free", "teacher")
 MAX_THREADS = 256  # more than any CPU here; a larger number is a typo, not a request
-MASK_POLICIES = ("official", "hf-forward")  # DESIGN.md: the attention-mask policies a family may follow
+MASK_POLICIES = ("official", "hf-forward")  # the attention-mask policies a family may follow
 
 
 @dataclass(frozen=True)
