@@ -5,10 +5,9 @@ side of a comparison produces a ``Capture`` (``parity.capture.Capture``): a dict
 keyed by public stage name. Nothing else crosses into ``parity.metrics``.
 """
 
-try:  # first: rmlx loads the fast BLAS (rmlx/blas.py) before any parity module imports mlx
-    import rmlx  # noqa: F401
-except Exception:  # a port that cannot be imported: parity.cli says so (exit 125), the library on next use
-    pass
+# Importing ``parity`` has no side effect (the pytest plugin imports it in every pytest run of the
+# environment): the modules that import MLX import ``rmlx`` first, which loads the fast BLAS
+# (rmlx/blas.py) before MLX; the CLI does the same before anything else.
 
 
 def __getattr__(name: str):

@@ -12,6 +12,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.py)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 

@@ -302,3 +302,12 @@ def test_failure_inside_a_users_test_leads_with_the_stage(pytester):
                                  "E * Stage 'logits' is not close!", "E * Mismatched elements: 5 / 5 (100.0%)",
                                  "E * Greatest absolute difference: 0.5 at index (0, 0) (up to 0.002 allowed)"])
     assert "pytest_plugin.py" not in result.stdout.str()  # __tracebackhide__: the user's line is the last frame
+
+
+def test_importing_the_plugin_has_no_side_effect():
+    """Every pytest run of an environment with rmlx installed imports the plugin: it must not load MKL
+    or set MKL's threading layer (rmlx/blas.py does that only when the port is imported)."""
+    code = ("import os, sys; os.environ.pop('MKL_THREADING_LAYER', None); import parity, parity.pytest_plugin; "
+            "assert 'rmlx' not in sys.modules and 'rmlx.blas' not in sys.modules, sorted(sys.modules); "
+            "assert 'MKL_THREADING_LAYER' not in os.environ")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

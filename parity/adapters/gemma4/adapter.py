@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.py)
+
+# isort: split
 import mlx.core as mx
 import numpy as np
 

@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import math
 
+import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.py)
+
+# isort: split
 import mlx.core as mx
 
 from parity.defects import Defect, patched, wrapped

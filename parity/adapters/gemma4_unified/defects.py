@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 
+import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.py)
+
+# isort: split
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
