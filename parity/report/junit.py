@@ -112,20 +112,29 @@ def _case_suite(rec: dict, case: dict, index: int) -> ET.Element:
         name = decode_stage(d["step"])
         tests.append((name, None, None) if d["passed"] else
                      (name, f"{name}: max abs {fmt(d['max_abs'])}", _decode_message(d)))
-    failures = sum(m is not None for _, m, _ in tests)
+    # one root cause, one failure: a stage that fails after the case's first divergent one is reported
+    # as skipped (downstream of it), so a dashboard shows the cause, not a wall of red
+    first = next((i for i, (_, m, _) in enumerate(tests) if m is not None), None)
+    downstream = {i for i, (_, m, _) in enumerate(tests) if m is not None and first is not None and i > first}
+    failures = sum(m is not None for _, m, _ in tests) - len(downstream)
     seconds = float(case.get("seconds") or 0.0)
     suite = ET.Element("testsuite", {
         "name": _text(case["name"]), "tests": str(len(tests)), "failures": str(failures), "errors": "0",
-        "skipped": "0", "time": _seconds(seconds), "timestamp": _text(str(rec.get("created", "")).rstrip("Z")),
+        "skipped": str(len(downstream)), "time": _seconds(seconds),
+        "timestamp": _text(str(rec.get("created", "")).rstrip("Z")),
         "id": str(index), "package": _text(case.get("model") or "")})
     props = ET.SubElement(suite, "properties")
     for k, v in _properties(rec, case).items():
         ET.SubElement(props, "property", {"name": _text(k), "value": _text(v)})
     each = seconds / len(tests) if tests else 0.0
-    for name, message, text in tests:
+    for i, (name, message, text) in enumerate(tests):
         tc = ET.SubElement(suite, "testcase", {"classname": _text(classname), "name": _text(name),
                                                "time": _seconds(each)})
-        if message is not None:
+        if i in downstream:
+            skip = ET.SubElement(tc, "skipped", {"message": _text(
+                f"downstream of the first divergence {tests[first][0]}; {message}")})
+            skip.text = _text(text)
+        elif message is not None:
             _failure(tc, message, text)
     return suite
 
