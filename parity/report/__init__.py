@@ -201,7 +201,23 @@ def to_terminal(rec: dict) -> str:
     fd = rec["first_divergence"]
     if fd:
         out += ["", f"First divergent stage: {fd['stage']} (case {fd['case']})", fd["message"], *oracle_line(fd)]
+    out += ["", verdict_line(rec)]  # last: the verdict does not scroll away above a long table
     return "\n".join(out)
+
+
+def verdict_line(rec: dict) -> str:
+    """One line: PASS/FAIL, cases, the first divergence, the logits' agreement, the wall time."""
+    n_pass = sum(c["passed"] for c in rec["cases"])
+    fd = rec.get("first_divergence")
+    lg = rec.get("logits") or {}
+    parts = [f"{'PASS' if rec['passed'] else 'FAIL'}: {n_pass}/{len(rec['cases'])} cases pass"]
+    if fd:
+        parts.append(f"first divergence {fd['stage']} in {fd['case']}")
+    if isinstance(lg.get("top1_agreement"), float):
+        parts.append(f"same top token {lg['top1_agreement']:.2%}, KL mean {fmt(lg.get('kl_mean'))}")
+    if rec.get("untestable"):
+        parts.append(f"{len(rec['untestable'])} case(s) untestable")
+    return "rmlx parity " + "; ".join(parts) + f" ({rec['wall_time_s']:.1f} s)"
 
 
 class Progress:
