@@ -130,3 +130,4 @@ def test_a_failed_publish_leaves_neither_the_json_nor_the_reports(tmp_path, caps
     assert main(_run_args(tmp_path, "--report-dir", str(tmp_path / "r"), "--json", str(tmp_path / "r.json"))) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+

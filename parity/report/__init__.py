@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -221,20 +222,39 @@ def verdict_line(rec: dict) -> str:
 
 
 class Progress:
-    """A one-line progress bar on stderr, drawn only on a terminal."""
+    """Progress on stderr with an ETA: a one-line bar on a terminal; off a terminal (a CI log), one
+    line per tenth of the work, so a long run is never silent."""
 
     def __init__(self, stream=None):
         self.stream = sys.stderr if stream is None else stream  # resolved now, not at import
-        self.enabled = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0: float | None = None
+        self.last_tenth = 0
+
+    def eta(self, done: int, total: int) -> str:
+        if self.t0 is None or done == 0:
+            return ""
+        left = (time.perf_counter() - self.t0) * (total - done) / done
+        return f", ETA {left:.0f} s"
 
     def __call__(self, done: int, total: int, label: str) -> None:
-        if not self.enabled or total == 0:
+        if total == 0:
+            return
+        if self.t0 is None:
+            self.t0 = time.perf_counter()
+        if not self.tty:
+            tenth = 10 * done // total
+            if tenth > self.last_tenth and done < total:
+                self.last_tenth = tenth
+                self.stream.write(f"rmlx-parity: {done}/{total} done{self.eta(done, total)} ({label[:60]})\n")
+                self.stream.flush()
             return
         width = 30
         fill = int(width * done / total)
-        self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total} {label[:50]:<50}")
+        self.stream.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {done}/{total}{self.eta(done, total)} "
+                          f"{label[:40]:<40}")
         if done == total:
-            self.stream.write("\r" + " " * (width + 60) + "\r")
+            self.stream.write("\r" + " " * (width + 70) + "\r")
         self.stream.flush()
 
 
