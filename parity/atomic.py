@@ -33,8 +33,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # another user's process: alive
+        pass
     return True
 
 
@@ -59,22 +59,12 @@ def _prefix(final: Path) -> str:
 
 def write_text(path: Path, text: str | bytes) -> None:
     """Write ``path`` atomically (a temporary sibling, then a rename), with ordinary permissions."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sweep(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=_prefix(path), dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; ours is an ordinary file
-        with os.fdopen(fd, "wb") as f:
-            f.write(text.encode("utf-8", "backslashreplace") if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with staged_files({Path(path): text}):
+        pass
 
 
 @contextmanager
-def staged_files(texts: dict[Path, str]) -> Iterator[None]:
+def staged_files(texts: dict[Path, str | bytes]) -> Iterator[None]:
     """Write each file's text to a temporary sibling now; when the block ends without an error, rename
     them all into place (after whatever the block published). On an error none is left behind."""
     staging: list[tuple[Path, Path]] = []
@@ -85,9 +75,9 @@ def staged_files(texts: dict[Path, str]) -> Iterator[None]:
             sweep(path.parent)
             fd, tmp = tempfile.mkstemp(prefix=_prefix(path), dir=path.parent)
             staging.append((Path(tmp), path))
-            os.fchmod(fd, 0o666 & ~umask())
+            os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600; ours is an ordinary file
             with os.fdopen(fd, "wb") as f:
-                f.write(text.encode("utf-8", "backslashreplace"))
+                f.write(text.encode("utf-8", "backslashreplace") if isinstance(text, str) else text)
         yield
         for tmp, path in staging:
             os.replace(tmp, path)
@@ -113,8 +103,8 @@ def scratch(folder: Path, name: str = "scratch") -> Iterator[Path]:
 def staged(*finals: Path, before_rename: Callable[[Path], None] | None = None) -> Iterator[list[Path]]:
     """Yield one temporary sibling folder per destination in ``finals``. When the block ends without
     an error, ``before_rename`` checks every destination (all of them before the first rename) and
-    each temporary folder is renamed into place (an empty destination folder is replaced). Whatever
-    happens, no temporary folder is left behind."""
+    each temporary folder is renamed into place (an existing empty destination folder is filled
+    instead: a mount point cannot be replaced). Whatever happens, no temporary folder is left behind."""
     staging: list[tuple[Path, Path]] = []
     try:
         for final in map(Path, finals):

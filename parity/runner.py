@@ -200,7 +200,7 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
             except InputError:
                 raise  # the checkpoint is bad input (exit 2), for either side
             except Exception as e:  # a crash while loading: the port's (a verdict) or the reference's (125)
-                load_errors[m] = (e, "candidate" if _in_packages(e, candidate_packages(f)) else "reference")
+                load_errors[m] = (e, side_of(e, f, "reference"))
         results: list[CaseResult] = []
         for m, scenario in plan:
             if progress:
@@ -215,7 +215,7 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
             except InputError:
                 raise  # the case's input is bad (an image this checkpoint cannot take, say): exit 2
             except Exception as e:  # a driver that cannot tell the sides apart: the traceback does
-                side = "candidate" if _in_packages(e, candidate_packages(fams[m])) else "harness"
+                side = side_of(e, fams[m], "harness")
                 result = error_result(adapters[m], m, scenario, decoded, settings, e, side, {})
             if not keep_captures:
                 result.reference = result.candidate = None
@@ -295,19 +295,17 @@ class _TableOnly:
         return self.family.stage_table(self.model)
 
 
-def candidate_packages(family) -> tuple[str, ...]:
-    """The packages whose code is the candidate's (a family may say; the port of this repository by default)."""
-    return tuple(getattr(family, "candidate_packages", ("rmlx",)))
-
-
-def _in_packages(exc: BaseException, packages: tuple[str, ...]) -> bool:
+def side_of(exc: BaseException, family, otherwise: str) -> str:
+    """"candidate" when the traceback passes through the candidate's packages (a family may name them
+    in ``candidate_packages``; the port of this repository by default), else ``otherwise``."""
+    packages = tuple(getattr(family, "candidate_packages", ("rmlx",)))
     tb = exc.__traceback__
     while tb is not None:
         name = tb.tb_frame.f_globals.get("__name__", "")
         if any(name == p or name.startswith(p + ".") for p in packages):
-            return True
+            return "candidate"
         tb = tb.tb_next
-    return False
+    return otherwise
 
 
 def case_error(exc: BaseException, side: str, stage: str | None, last: str | None) -> dict:
@@ -330,19 +328,17 @@ def error_result(adapter, model: Path, scenario: Scenario, decoded: dict[Path, n
         all_stages = list(adapter.stages(scenario))
     except Exception:
         all_stages = []
-    stages = select(list(settings.stages), all_stages) if all_stages else []
-    tols = {s.name: tolerance(s.tol, settings.dtype, settings.mode) for s in stages}
+    selected = {s.name for s in (select(list(settings.stages), all_stages) if all_stages else ())}
     names = [s.name for s in all_stages]
     captured = [n for n in names if n in partial]
     crashed_at = next((n for n in names if n not in partial), decode_stage(1)) if side == "candidate" else None
     err = case_error(exc, side, crashed_at, captured[-1] if captured else None)
     what = f"{err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}"
-    selected = {s.name for s in stages}
     diffs = []
     for s in all_stages:  # the selected stages, and the one the candidate crashed in whether selected or not
         if s.name not in selected and s.name != crashed_at:
             continue
-        tol = tols.get(s.name) or tolerance(s.tol, settings.dtype, settings.mode)
+        tol = tolerance(s.tol, settings.dtype, settings.mode)
         if side == "candidate" and s.name in partial and reference is not None and s.name in reference:
             diffs.append(compare(s.name, partial[s.name], reference[s.name], tol, settings.dtype))
         elif s.name == crashed_at:

@@ -105,19 +105,18 @@ class HFRunner:
         from transformers import Gemma4UnifiedImageProcessor
 
         images = image if isinstance(image, list) else [image]
-        kwargs: dict = {}
-        if model_dir is not None:
-            model_dir = Path(model_dir)
-            if (model_dir / "preprocessor_config.json").is_file():
-                processor = Gemma4UnifiedImageProcessor.from_pretrained(model_dir, max_soft_tokens=max_soft_tokens,
-                                                                        local_files_only=True)
-                out = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")
-                return {k: to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in out.items()}
+        model_dir = None if model_dir is None else Path(model_dir)
+        if model_dir is not None and (model_dir / "preprocessor_config.json").is_file():
+            processor = Gemma4UnifiedImageProcessor.from_pretrained(model_dir, max_soft_tokens=max_soft_tokens,
+                                                                    local_files_only=True)
+        else:
             import json
 
-            vision = json.loads((model_dir / "config.json").read_text()).get("vision_config") or {}
-            kwargs = {k: vision[k] for k in ("patch_size", "pooling_kernel_size") if k in vision}
-        processor = Gemma4UnifiedImageProcessor(max_soft_tokens=max_soft_tokens, **kwargs)
+            vision = ({} if model_dir is None else
+                      json.loads((model_dir / "config.json").read_text()).get("vision_config") or {})
+            processor = Gemma4UnifiedImageProcessor(
+                max_soft_tokens=max_soft_tokens,
+                **{k: vision[k] for k in ("patch_size", "pooling_kernel_size") if k in vision})
         out = processor(images=[Image.fromarray(im) for im in images], return_tensors="pt")
         return {k: to_numpy(v) if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in out.items()}
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from parity.atomic import staged, write_text
+from parity.atomic import staged
 from parity.metrics import fmt
 
 
@@ -273,10 +273,6 @@ def _json_layout(v, depth: int = 0, width: int = 120) -> str:
 
 def json_text(rec: dict) -> str:
     return _json_layout(rec) + "\n"
-
-
-def write_json_atomic(path: Path, rec: dict) -> None:
-    write_text(path, json_text(rec))
 
 
 def check_free(folder: Path) -> None:

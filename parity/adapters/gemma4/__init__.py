@@ -33,7 +33,6 @@ class Gemma4Family(Gemma4UnifiedFamily):
 
     model_type = "gemma4"
     defects: dict[str, Defect] = defects.CATALOG
-    selftest_settings = {"max_soft_tokens": 70}
     selftest_cases = SELFTEST_CASES
 
     def args(self, model_dir: Path) -> ModelArgs:

@@ -17,7 +17,7 @@ import numpy as np
 
 from parity.adapter import Scenario
 from parity.adapters.gemma4.stages import stages_for
-from parity.adapters.gemma4_unified.adapter import decode_steps, prompt_ids
+from parity.adapters.gemma4_unified.adapter import decode_steps, preprocessed, prompt_ids
 from parity.capture import Capture, Recorder
 from parity.stages import Stage, hook_points
 from reference.gemma4 import hf as ghf
@@ -62,7 +62,8 @@ class Gemma4Adapter:
     def _pre(self, scenario: Scenario, decoded: dict[Path, np.ndarray], max_soft_tokens: int) -> dict:
         if not scenario.images:
             return {}
-        pre = self.hf.preprocess([decoded[p] for p in scenario.images], max_soft_tokens)
+        pre = preprocessed(self, scenario, decoded, max_soft_tokens,
+                           lambda images: self.hf.preprocess(images, max_soft_tokens))
         v = self.args.vision
         top = int(pre["image_position_ids"].max())
         if top >= v.position_embedding_size:
