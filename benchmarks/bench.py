@@ -309,7 +309,7 @@ def environment() -> dict:
     import mlx.core as mx
     import torch
 
-    from parity.runner import versions
+    from parity.provenance import versions
 
     return {**versions(), "cpus": os.cpu_count(), "torch threads": torch.get_num_threads(),
             "mlx device": str(mx.default_device())}

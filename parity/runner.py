@@ -7,7 +7,6 @@ so bad input fails fast with exit 2 and nothing written.
 from __future__ import annotations
 
 import dataclasses
-import platform
 import sys
 import time
 import traceback
@@ -30,10 +29,10 @@ from parity.metrics import (
     logits_agreement,
     oracle_distance,
 )
+from parity.provenance import git, versions
 from parity.report.viz import case_viz
 from parity.stages import decode_stage, order_key, select
 from parity.tolerances import noise_ratio, tolerance
-from rmlx import blas as rmlx_blas
 from rmlx.errors import InputError
 from rmlx.image import load_image
 
@@ -96,19 +95,6 @@ class CaseResult:
     def untestable(self) -> bool:
         """The reference or the harness raised: nothing is known of the port (exit 125)."""
         return self.error is not None and self.error["side"] != "candidate"
-
-
-def versions() -> dict[str, str]:
-    import mlx.core as mx
-    import PIL
-    import safetensors
-    import torch
-    import transformers
-
-    return {"transformers": transformers.__version__, "torch": torch.__version__, "mlx": mx.__version__,
-            "numpy": np.__version__, "safetensors": safetensors.__version__, "pillow": PIL.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "blas": "{blas} ({why})".format(**rmlx_blas.in_use())}
 
 
 def default_scenarios(images: list[Path], fixture_images: Path | None, models: list[Path] | None = None
@@ -486,6 +472,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["rmlx-parity"] + (sys.argv[1:] if argv is None else argv)),
         "versions": versions(),
+        "git": git(),
         "settings": {"mode": settings.mode, "dtype": settings.dtype, "max_soft_tokens": settings.max_soft_tokens,
                      "stages": list(settings.stages), "attn_implementation": settings.attn_implementation,
                      "inject": sorted(set(settings.inject)), "mask_policy": settings.mask_policy,

@@ -21,8 +21,9 @@ from pathlib import Path
 
 from parity.adapter import Adapter, Family, Scenario, family_of
 from parity.defects import Defect, check, matches, planted
+from parity.provenance import git, versions
 from parity.report import text_table
-from parity.runner import MODES, CaseResult, Settings, divergence, run_case, versions
+from parity.runner import MODES, CaseResult, Settings, divergence, run_case
 from rmlx.errors import InputError
 from rmlx.image import load_image
 
@@ -247,6 +248,7 @@ def _record(outcomes: list[Outcome], n_defects: int, modes, dtype, decode_steps,
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": versions(),
+        "git": git(),
         "settings": {"dtype": dtype, "modes": list(modes), "decode_steps": decode_steps,
                      "cases": list(cases), "models": [m.name for m in models]},
         "faults": n_defects,

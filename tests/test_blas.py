@@ -23,7 +23,7 @@ def blas_in(code: str, **env) -> str:
 @pytest.mark.skipif(not LINUX_X86, reason="the mkl wheel exists for Linux x86-64 only; MLX elsewhere has its own")
 def test_mkl_is_loaded_by_default_and_reported():
     assert blas_in("import rmlx; print(rmlx.blas.in_use()['blas'])") == "mkl"
-    assert blas_in("import parity.runner as r; print(r.versions()['blas'])").startswith("mkl (libmkl_rt")
+    assert blas_in("import parity.provenance as r; print(r.versions()['blas'])").startswith("mkl (libmkl_rt")
 
 
 def test_opt_out_and_too_late_are_said():
