@@ -21,8 +21,16 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports an interrupted comman
 
 
 def fixtures_dir() -> Path:
-    """The embedded default: ``$RMLX_FIXTURES`` or the repository's ``fixtures/``."""
-    return Path(os.environ.get("RMLX_FIXTURES", Path(__file__).resolve().parents[1] / "fixtures"))
+    """The embedded default: ``$RMLX_FIXTURES``, else the installed package ``rmlx_fixtures`` (the
+    repository's ``fixtures/`` in an editable install, a copy in site-packages otherwise)."""
+    if os.environ.get("RMLX_FIXTURES"):
+        return Path(os.environ["RMLX_FIXTURES"])
+    import importlib.util
+
+    spec = importlib.util.find_spec("rmlx_fixtures")
+    if spec is None or spec.origin is None:  # a source tree run without installing
+        return Path(__file__).resolve().parents[1] / "fixtures"
+    return Path(spec.origin).parent
 
 
 def default_models() -> list[Path]:
@@ -52,6 +60,23 @@ def _shard(text: str) -> tuple[int, int]:
     if not (sep and k.isdigit() and n.isdigit() and 1 <= int(k) <= int(n)):
         raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N, got {text!r}")
     return int(k), int(n)
+
+
+def _tol(text: str):
+    """``--tol STAGE_GLOB=ATOL[,RTOL]`` -> (glob, atol, rtol or None); bad text is a usage error."""
+    from parity.tolerances import parse_override
+    from rmlx.errors import InputError
+
+    try:
+        return parse_override(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--tol {text!r}: ")) from None
+
+
+_TOL_HELP = ("override the named tolerance of the stages matching GLOB (repeatable; the last match wins; RTOL "
+             "defaults to the stage's own), e.g. 'layers.*.out=5e-3'; recorded in the report")
+_FORCE_HELP = "let --json replace an existing file (default: refuse)"
+_WIDE_HELP = "print every column of the stage table (default: a table that fits 100 columns)"
 
 
 def _version() -> str:
@@ -96,10 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quantize", choices=("mxfp8",), default=None,
                    help="quantize the candidate on load (patch_dense and the decoder linears); the reference runs "
                         "with its own codec's dequantized weights, and the unquantized model gives the cost")
+    r.add_argument("--tol", action="append", type=_tol, metavar="GLOB=ATOL[,RTOL]", help=_TOL_HELP)
     r.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON record here")
+    r.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    r.add_argument("--wide", action="store_true", help=_WIDE_HELP)
     r.add_argument("--dump", type=Path, metavar="DIR",
-                   help="write DIR/<case>/{reference,candidate}.safetensors (keys = stage names and input.*)")
-    r.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
+                   help="write DIR/<case>/{reference,candidate}.safetensors (keys: the stage names --stages selects, "
+                        "and input.*)")
+    r.add_argument("--report-dir", type=Path, metavar="DIR",
+                   help="default reports/<UTC time>-<commit>/, and reports/latest points at it")
     r.add_argument("--no-oracle", action="store_true", help="skip the float64 NumPy oracle columns")
     r.add_argument("--shard", type=_shard, metavar="K/N",
                    help="run only the K-th of N deterministic slices of the cases (CI matrix jobs; 1 <= K <= N)")
@@ -116,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run, then fail if any stage's error grew past its committed baseline (git bisect run)")
     g.add_argument("--baseline", type=Path, required=True, metavar="FILE",
                    help="a baseline JSON (fixtures/baselines/*.json for the embedded default)")
+    g.add_argument("--record", type=Path, metavar="FILE",
+                   help="gate this run record (run --json, or a report folder's report.json) instead of running; "
+                        "the run options are then those of the record")
     g.add_argument("--update-baseline", action="store_true",
                    help="record this run as FILE instead of gating (atomic; refused when the run fails parity)")
     g.add_argument("--drift-ratio", type=float, default=2.0, metavar="R",
@@ -128,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--mode", choices=("both", "free", "teacher"), default="both")
     t.add_argument("--model", action="append", type=Path, metavar="DIR", help="default: every fixture model")
     t.add_argument("--json", type=Path, metavar="PATH", help="also write the self-test record here")
-    t.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/selftest-<run-id>/")
+    t.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    t.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/selftest-<UTC time>-<commit>/")
 
     st = sub.add_parser("stages", help="list the public stage names of a model in forward order")
     st.add_argument("--model", type=Path, metavar="DIR", help="default: the first fixture model")
@@ -159,8 +193,31 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--require-all", action="store_true",
                     help="a stage in one dump only fails (default: it is listed apart, and the stages both "
                          "dumps hold are compared)")
+    cp.add_argument("--tol", action="append", type=_tol, metavar="GLOB=ATOL[,RTOL]", help=_TOL_HELP)
     cp.add_argument("--json", type=Path, metavar="PATH", help="also write the JSON record here")
-    cp.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/<run-id>/")
+    cp.add_argument("--force", action="store_true", help=_FORCE_HELP)
+    cp.add_argument("--wide", action="store_true", help=_WIDE_HELP)
+    cp.add_argument("--report-dir", type=Path, metavar="DIR", help="default reports/compare-<UTC time>-<commit>/")
+
+    rp = sub.add_parser("report", help="render the reports (Markdown, HTML, JUnit, terminal) of a run record again; "
+                                       "the exit code is the record's verdict")
+    rp.add_argument("record", type=Path, metavar="RECORD",
+                    help="a run record: 'run --json FILE', or a report folder's report.json")
+    rp.add_argument("--report-dir", type=Path, metavar="DIR",
+                    help="write report.{json,md,html} and junit.xml here (default: print only)")
+    rp.add_argument("--wide", action="store_true", help=_WIDE_HELP)
+
+    h = sub.add_parser("history", help="per-stage error across commits from many run records: a SQLite file "
+                                       "(appended to) and one HTML page marking where each stage's error jumped")
+    h.add_argument("records", type=Path, nargs="+", metavar="PATH",
+                   help="run records (.json) or folders searched for them (e.g. reports/)")
+    h.add_argument("--db", type=Path, default=Path("reports/history.sqlite"), metavar="FILE",
+                   help="the SQLite file the records are added to (default reports/history.sqlite)")
+    h.add_argument("--out", type=Path, default=Path("reports/history.html"), metavar="FILE",
+                   help="the HTML page (default reports/history.html)")
+    h.add_argument("--factor", type=float, default=10.0, metavar="F",
+                   help="a jump: a stage's error grew more than F times over the previous run of the same "
+                        "settings, or it went from pass to fail (default 10)")
 
     f = sub.add_parser("fixtures", help="regenerate the embedded default under fixtures/, or write a synthetic "
                                         "checkpoint of the real shapes (--shape)")
@@ -182,7 +239,7 @@ def _settings(args):
                     inject=tuple(args.inject) + _env_inject(), oracle=not args.no_oracle, mask_policy=args.mask_policy,
                     candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
                     quantize=args.quantize, shard=args.shard, stream=args.stream,
-                    threads=args.threads)
+                    threads=args.threads, tol_overrides=tuple(args.tol or ()))
 
 
 def _check_outputs(args, *folders: Path | None) -> None:
@@ -205,6 +262,9 @@ def _check_outputs(args, *folders: Path | None) -> None:
         if path.is_dir() or path.is_symlink() and not path.exists():
             raise InputError(f"{path}: cannot write a file there (a folder, or a dangling symlink)")
         _writable_parent(path)
+    js = getattr(args, "json", None)
+    if js is not None and js.exists() and not getattr(args, "force", False):
+        raise InputError(f"--json {js}: already exists; pass --force to replace it")
     resolved = [(p, p.resolve()) for p in (*places, *files)]
     for i, (a, ra) in enumerate(resolved):
         for b, rb in resolved[i + 1:]:
@@ -248,14 +308,52 @@ def _run(args) -> tuple[dict, Path, dict | None]:
         scenarios = [s for s in scenarios if matches_any(s.name, args.case)]
         if not scenarios:
             raise InputError(f"--case {' '.join(args.case)} matches no scenario")
-    report_dir = args.report_dir or Path("reports") / args.run_id
+    report_dir = args.report_dir or default_report_dir()
     _check_outputs(args, report_dir, args.dump)
     t0 = time.perf_counter()
     results = run_cases(models, scenarios, settings, keep_captures=args.dump is not None,
                         progress=report.Progress())
     rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv)
-    dumps = {r.name: {"reference": r.reference, "candidate": r.candidate} for r in results} if args.dump else None
+    dumps = None
+    if args.dump:  # the selected stages (--stages) and every input the dump's reader checks
+        def kept(capture: dict) -> dict:
+            return {k: v for k, v in (capture or {}).items()
+                    if not args.stages or k.startswith("input.") or matches_any(k, args.stages)}
+        dumps = {r.name: {"reference": kept(r.reference), "candidate": kept(r.candidate)} for r in results}
     return rec, report_dir, dumps
+
+
+REPORTS = Path("reports")
+
+
+def default_report_dir(kind: str = "") -> Path:
+    """``reports/<kind><UTC time>-<commit>/`` (``-dirty`` for uncommitted changes, ``no-git`` outside a
+    work tree; ``-2``, ``-3``... when a run in the same second took the name)."""
+    from parity.provenance import git
+
+    g = git()
+    commit = "no-git" if g["commit"] is None else g["commit"][:10] + ("-dirty" if g["dirty"] else "")
+    base = f"{kind}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{commit}"
+    n = 1
+    while (REPORTS / (base if n == 1 else f"{base}-{n}")).exists():
+        n += 1
+    return REPORTS / (base if n == 1 else f"{base}-{n}")
+
+
+def _point_latest(report_dir: Path) -> None:
+    """``reports/latest`` -> the report folder just published (a symlink, replaced atomically; a
+    ``latest`` that is not a symlink is left alone, with a warning)."""
+    latest = report_dir.parent / "latest"
+    if latest.exists() and not latest.is_symlink():
+        print(f"rmlx-parity: warning: {latest} is not a symlink; not pointed at {report_dir.name}", file=sys.stderr)
+        return
+    tmp = latest.with_name(f".latest.rmlx-{os.getpid()}-{os.urandom(2).hex()}")
+    try:
+        tmp.symlink_to(report_dir.name, target_is_directory=True)
+        os.replace(tmp, latest)
+    except OSError as e:  # a file system without symlinks: the folder itself is published all the same
+        tmp.unlink(missing_ok=True)
+        print(f"rmlx-parity: warning: {latest} not updated ({e.strerror or e})", file=sys.stderr)
 
 
 def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, folder: dict[str, str] | None = None,
@@ -280,6 +378,8 @@ def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, folde
     except OSError as e:  # a full disk, a folder that became read-only: one line, nothing published
         raise InputError(f"cannot write the outputs ({e.strerror or e}: {e.filename or report_dir}); "
                          "nothing was published") from None
+    if getattr(args, "report_dir", None) is None:
+        _point_latest(report_dir)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
         markdown = next((t for n, t in (folder or {}).items() if n.endswith(".md")), None) or report.to_markdown(rec)
@@ -309,8 +409,8 @@ def cmd_run(args) -> int:
 
     rec, report_dir, dumps = _run(args)
     _publish(rec, report_dir, args, dumps)
-    print(report.to_terminal(rec))
-    print(f"\nreport: {report_dir / 'report.md'}" + (f"; dumps: {args.dump}" if args.dump else ""))
+    print(report.to_terminal(rec, wide=args.wide, notes=[f"report: {report_dir / 'report.md'}"
+                                                          + (f"; dumps: {args.dump}" if args.dump else "")]))
     return _exit(rec)
 
 
@@ -329,6 +429,8 @@ def cmd_gate(args) -> int:
     from parity import gate, report
 
     gate.check_drift(args.drift_ratio, args.drift_floor)
+    if args.record is not None:
+        return _gate_record(args)
     if args.update_baseline:
         _no_injected_faults("recording a baseline")
     else:  # a bad baseline, or one of other settings, fails before the run
@@ -340,18 +442,85 @@ def cmd_gate(args) -> int:
     if args.update_baseline:
         baseline_text = {args.baseline: report.json_text(gate.from_record(rec))} if rec["passed"] else {}
         _publish(rec, report_dir, args, dumps, files=baseline_text)
-        print(report.to_terminal(rec))
+        print(report.to_terminal(rec, wide=args.wide, notes=[f"report: {report_dir / 'report.md'}"]))
         if not rec["passed"]:
             print(f"\nbaseline {args.baseline} NOT written: the run fails parity", file=sys.stderr)
             return EXIT_FAIL
-        print(f"\nbaseline written: {args.baseline} ({len(rec['cases'])} cases); report: {report_dir / 'report.md'}")
+        print(f"\nbaseline written: {args.baseline} ({len(rec['cases'])} cases)")
         return EXIT_PASS
     rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline))
     _publish(rec, report_dir, args, dumps)
-    print(report.to_terminal(rec))
-    print("\n" + gate.summary(rec["gate"]))
-    print(f"\nreport: {report_dir / 'report.md'}")
+    print(report.to_terminal(rec, wide=args.wide, notes=[f"report: {report_dir / 'report.md'}"]))
+    print("\n" + gate.summary(rec["gate"]))  # last: the gate's verdict is this command's
     return EXIT_PASS if rec["gate"]["passed"] else EXIT_FAIL
+
+
+def _gate_record(args) -> int:
+    """``gate --record FILE``: gate a recorded run against the baseline, without running anything."""
+    from parity import gate
+    from rmlx.errors import InputError
+
+    if args.update_baseline:
+        raise InputError("--record and --update-baseline: record a baseline from a run, not from a file")
+    rec = gate.load_record(args.record)
+    baseline = gate.load(args.baseline)
+    _check_outputs(args, args.report_dir)
+    rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline))
+    if args.report_dir is not None or args.json is not None:
+        _publish_record(rec, args)
+    print(gate.summary(rec["gate"]))
+    return EXIT_PASS if rec["gate"]["passed"] else EXIT_FAIL
+
+
+def _publish_record(rec: dict, args) -> None:
+    """A record's outputs without a default report folder: --report-dir and --json, when given."""
+    from parity import report
+    from parity.atomic import staged_files
+    from rmlx.errors import InputError
+
+    texts = {args.json: report.json_text(rec)} if getattr(args, "json", None) else {}
+    try:
+        with staged_files(texts):
+            if args.report_dir is not None:
+                if "compare" in rec:
+                    from parity import compare
+
+                    report.write_files(args.report_dir, compare.report_files(rec))
+                else:
+                    report.write_report_dir(args.report_dir, rec)
+    except OSError as e:
+        raise InputError(f"cannot write the outputs ({e.strerror or e}: {e.filename or args.report_dir}); "
+                         "nothing was published") from None
+
+
+def cmd_report(args) -> int:
+    """Render a run record's reports again (a core install can: numpy, Pillow)."""
+    from parity import gate, report
+
+    rec = gate.load_record(args.record)
+    _check_outputs(args, args.report_dir)
+    if args.report_dir is not None:
+        _publish_record(rec, args)
+    notes = [] if args.report_dir is None else [f"report: {args.report_dir / 'report.md'}"]
+    if "compare" in rec:
+        from parity import compare
+
+        print(compare.to_terminal(rec, wide=args.wide, notes=notes))
+    else:
+        print(report.to_terminal(rec, wide=args.wide, notes=notes))
+    return _exit(rec)
+
+
+def cmd_history(args) -> int:
+    """Informational: exit 0 whatever the history shows (``gate`` is the command that fails)."""
+    from parity import history
+    from rmlx.errors import InputError
+
+    for p in args.records:
+        if not p.exists():
+            raise InputError(f"{p}: no such file or folder")
+    print(history.summary(history.history(list(args.records), args.db, args.out, factor=args.factor)))
+    return EXIT_PASS
 
 
 def cmd_selftest(args) -> int:
@@ -362,15 +531,14 @@ def cmd_selftest(args) -> int:
     images = fixtures_dir() / "images"
     if not models or not images.is_dir():
         raise Untestable(f"no fixture models or images under {fixtures_dir()}")
-    report_dir = args.report_dir or Path("reports") / f"selftest-{args.run_id}"
+    report_dir = args.report_dir or default_report_dir("selftest-")
     _check_outputs(args, report_dir)
     modes = ("teacher", "free") if args.mode == "both" else (args.mode,)
     rec = selftest.run_selftest(models, images, args.fault, modes, progress=report.Progress())
     rec["command"] = " ".join(["rmlx-parity", *args.argv])
     _publish(rec, report_dir, args, folder={"selftest.json": report.json_text(rec),
                                             "selftest.md": selftest.to_markdown(rec)})
-    print(selftest.to_terminal(rec))
-    print(f"\nreport: {report_dir / 'selftest.md'}")
+    print(selftest.to_terminal(rec, notes=[f"report: {report_dir / 'selftest.md'}"]))
     return EXIT_PASS if rec["passed"] else EXIT_FAIL
 
 
@@ -416,16 +584,15 @@ def cmd_compare(args) -> int:
     from parity import compare
 
     run_id = args.run_id
-    report_dir = args.report_dir or Path("reports") / run_id
+    report_dir = args.report_dir or default_report_dir("compare-")
     _check_outputs(args, report_dir)
     rec = compare.compare_paths(args.ref, args.cand, args.dtype, args.mode, args.stages, run_id, argv=args.argv,
-                                require_all=args.require_all)
+                                require_all=args.require_all, overrides=tuple(args.tol or ()))
     files = compare.report_files(rec)
     _publish(rec, report_dir, args, folder=files)
     for warning in rec["compare"]["warnings"]:
         print(f"rmlx-parity: warning: {warning}", file=sys.stderr)
-    print(compare.to_terminal(rec))
-    print(f"\nreport: {report_dir / 'report.md'}")
+    print(compare.to_terminal(rec, wide=args.wide, notes=[f"report: {report_dir / 'report.md'}"]))
     return EXIT_PASS if rec["passed"] else EXIT_FAIL
 
 
@@ -491,7 +658,30 @@ def cmd_fixtures(args) -> int:
 _NEEDS = {"run": ("parity.runner",), "gate": ("parity.gate", "parity.runner"), "selftest": ("parity.selftest",),
           "compare": ("parity.compare",), "stages": ("parity.stages",),
           "faults": ("parity.adapter",), "convert": ("rmlx.load",),
-          "fixtures": ("reference.fixtures",)}
+          "fixtures": ("reference.fixtures",), "report": ("parity.report", "parity.gate"),
+          "history": ("parity.history",)}
+# the extras each command needs beyond the core install (numpy, safetensors, ml_dtypes, Pillow), and the
+# modules that tell whether an extra is installed
+_EXTRAS = {"run": ("mlx", "reference"), "gate": ("mlx", "reference"), "selftest": ("mlx", "reference"),
+           "stages": ("mlx", "reference"), "faults": ("mlx", "reference"), "fixtures": ("mlx", "reference"),
+           "convert": ("mlx",)}
+_EXTRA_MODULES = {"mlx": ("mlx",), "reference": ("torch", "torchvision", "transformers")}
+
+
+def missing_extras(args) -> str | None:
+    """One line naming the extras a command needs and this environment lacks (None: all present)."""
+    import importlib.util
+
+    if args.command == "gate" and args.record is not None:  # gating a record needs the core only
+        return None
+    absent = {extra: [m for m in _EXTRA_MODULES[extra] if importlib.util.find_spec(m) is None]
+              for extra in _EXTRAS.get(args.command, ())}
+    absent = {e: ms for e, ms in absent.items() if ms}
+    if not absent:
+        return None
+    modules = ", ".join(m for ms in absent.values() for m in ms)
+    return (f"'rmlx-parity {args.command}' needs the [{','.join(absent)}] extra ({modules} not installed): "
+            "pip install 'rmlx[all]' (CPU-only torch: see docs/usage.md)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -526,8 +716,12 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:  # ImportError, SyntaxError, anything raised at import time
         print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
+    missing = missing_extras(args)
+    if missing:
+        print(f"rmlx-parity: error: {missing}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     try:
-        for module in ("parity.report", "rmlx.load", *_NEEDS[args.command]):
+        for module in ("parity.report", *_NEEDS[args.command]):
             importlib.import_module(module)
     except InputError as e:  # e.g. an unknown fault in RMLX_INJECT, read at import: bad input, not untestable
         print(f"rmlx-parity: error: {e}", file=sys.stderr)
@@ -536,7 +730,8 @@ def _main(argv: list[str] | None) -> int:
         print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
     commands = {"run": cmd_run, "gate": cmd_gate, "selftest": cmd_selftest, "stages": cmd_stages,
-                "faults": cmd_faults, "fixtures": cmd_fixtures, "convert": cmd_convert, "compare": cmd_compare}
+                "faults": cmd_faults, "fixtures": cmd_fixtures, "convert": cmd_convert, "compare": cmd_compare,
+                "report": cmd_report, "history": cmd_history}
     try:
         return commands[args.command](args)
     except InputError as e:

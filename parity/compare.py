@@ -38,9 +38,9 @@ import numpy as np
 from parity.metrics import StageDiff, compare_all, logits_agreement
 from parity.runner import CaseResult, Settings, record
 from parity.stages import classify, matches_any, order_key
-from parity.tolerances import EXACT, tolerance
+from parity.tolerances import EXACT, Override, tolerance
 from rmlx.errors import InputError
-from rmlx.load import read_safetensors_header
+from rmlx.files import read_safetensors_header
 
 INPUT_PREFIX = "input."
 DTYPES = ("float32", "bfloat16")
@@ -149,7 +149,7 @@ def _unknown(name: str, ref: Dump, cand: Dump, dtype: str) -> StageDiff:
 
 
 def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patterns: list[str],
-                 require_all: bool = False):
+                 require_all: bool = False, overrides: tuple[Override, ...] = ()):
     """One case -> (``runner.CaseResult``, the case's ``compare`` section). The stages of both dumps
     are compared; with ``require_all`` a stage of one dump only is a failed stage too."""
     t0 = time.perf_counter()
@@ -166,7 +166,7 @@ def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patter
                          + (f", matching --stages {' '.join(patterns)}" if patterns else "") + ")")
     judged = sorted(names if require_all else both, key=order_key)
     classes = {n: classify(n) for n in sorted(names, key=order_key)}
-    known = [(n, tolerance(classes[n].tol, dtype, mode)) for n in judged if classes[n] is not None]
+    known = [(n, tolerance(classes[n].tol, dtype, mode, n, overrides)) for n in judged if classes[n] is not None]
     diffs = compare_all(cand.stages, ref.stages, known, dtype)
     diffs += [_unknown(n, ref, cand, dtype) for n in judged if classes[n] is None]  # they sort last
     section = {
@@ -250,7 +250,7 @@ def pair(ref: Path, cand: Path | None) -> tuple[list[tuple[str, Path, Path]], di
 
 def compare_paths(ref: Path, cand: Path | None, dtype: str = "auto", mode: str = "auto",
                   patterns: list[str] | None = None, run_id: str = "", argv: list[str] | None = None,
-                  require_all: bool = False) -> dict:
+                  require_all: bool = False, overrides: tuple[Override, ...] = ()) -> dict:
     """Compare every paired case and return the record (``runner.record``'s schema plus ``compare``).
     Every file is read and every input checked before anything is returned: bad input raises."""
     t0 = time.perf_counter()
@@ -268,11 +268,11 @@ def compare_paths(ref: Path, cand: Path | None, dtype: str = "auto", mode: str =
             if len(seen) > 1:
                 raise InputError(f"the cases' dumps are of different {what} {sorted(seen)}; pass {flag}")
         result, sections[name] = compare_case(name, dr, dc, next(iter(dtypes)), next(iter(modes)),
-                                              list(patterns or ()), require_all)
+                                              list(patterns or ()), require_all, overrides)
         results.append(result)
     meta = {side: _agreed([m[i] for m in metas]) for i, side in enumerate(SIDES)}
     settings = Settings(mode=modes.pop(), dtype=dtypes.pop(), stages=tuple(patterns or ()), inject=(),
-                        oracle=False, decode_steps=0)
+                        oracle=False, decode_steps=0, tol_overrides=overrides)
     rec = record(results, settings, time.perf_counter() - t0, run_id, argv=argv)
     # what the dumps' runs used, as their metadata says (null when no dump says)
     rec["settings"] |= {"inject": [], **_stated(*meta.values())}
@@ -381,12 +381,13 @@ def summary_lines(rec: dict) -> list[str]:
     return out
 
 
-def to_terminal(rec: dict) -> str:
-    """The run's terminal table under the comparison's own header, then the summary."""
+def to_terminal(rec: dict, wide: bool = False, notes: list[str] = ()) -> str:
+    """The run's terminal table under the comparison's own header, the summary and ``notes`` before
+    the first divergence, and the verdict last."""
     from parity.report import to_terminal as run_terminal
 
-    body = run_terminal(rec).split("\n")[2:]  # the run's header states settings a dump may not
-    return "\n".join(headline(rec) + body + [""] + summary_lines(rec))
+    body = run_terminal(rec, wide=wide, notes=[*summary_lines(rec), *notes]).split("\n")[2:]  # the run's
+    return "\n".join(headline(rec) + body)  # header states settings a dump may not
 
 
 def to_markdown(rec: dict) -> str:

@@ -44,6 +44,40 @@ def from_record(rec: dict) -> dict:
             "settings": {k: rec["settings"][k] for k in KEYED}, "cases": cases}
 
 
+RECORD_SCHEMA = "rmlx.parity/2"  # parity.runner.SCHEMA (not imported: this module stays free of the runner)
+
+
+def load_record(path: Path) -> dict:
+    """Read and validate a run record (``run --json``, a report folder's report.json) for ``gate
+    --record`` and ``report``: every problem is an ``InputError`` naming the file and the key."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"record {path}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"record {path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:
+        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"record {path}: schema is {got!r}, expected {RECORD_SCHEMA!r} (a run record: "
+                         "'rmlx-parity run --json FILE' or a report folder's report.json)")
+    for key, kind in (("settings", dict), ("cases", list), ("versions", dict), ("passed", bool)):
+        if not isinstance(data.get(key), kind):
+            raise InputError(f"record {path}: missing or malformed '{key}' (expected a JSON {kind.__name__})")
+    missing = [k for k in KEYED if k not in data["settings"]]
+    if missing:
+        raise InputError(f"record {path}: settings lack {missing}")
+    for i, case in enumerate(data["cases"]):
+        if not (isinstance(case, dict) and isinstance(case.get("name"), str) and isinstance(case.get("stages"), list)
+                and isinstance(case.get("decode", []), list)):
+            raise InputError(f"record {path}: cases[{i}] is malformed (needs 'name', 'stages' and 'decode' lists)")
+        for j, st in enumerate(case["stages"]):
+            if not (isinstance(st, dict) and isinstance(st.get("name"), str) and "max_abs" in st
+                    and isinstance(st.get("passed"), bool)):
+                raise InputError(f"record {path}: cases[{i}] ('{case['name']}') stages[{j}] is malformed "
+                                 "(needs 'name', 'max_abs' and 'passed')")
+    return data
+
+
 def load(path: Path) -> dict:
     """Read and validate a baseline; every problem is an ``InputError`` naming the file and the key."""
     if not path.is_file():

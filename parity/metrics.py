@@ -38,7 +38,7 @@ class StageDiff:
     max_rel_index: tuple[int, ...] = ()
     mean_abs: float = 0.0
     p99_abs: float = 0.0
-    max_ulp: int = 0
+    max_ulp: int | None = 0  # None: every differing value's reference is under ulp_floor (ULPs mean nothing there)
     cosine: float = 1.0
     nmse_db: float | None = None  # None: no error at all (NMSE = 0, -inf dB)
     min_tolerance: dict = field(default_factory=dict)  # {"atol": at this rtol, "rtol": at this atol}
@@ -94,6 +94,27 @@ def _bits(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float64":
         return x.astype(np.float64, copy=False).view(np.int64)
     return x.astype(np.float32, copy=False).view(np.int32)
+
+
+SMALLEST_NORMAL = {  # the smallest positive normal number of each compared dtype
+    "float32": float(np.finfo(np.float32).tiny), "float16": float(np.finfo(np.float16).tiny),
+    "bfloat16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).tiny), "float64": float(np.finfo(np.float64).tiny)}
+
+
+def ulp_floor(tol: Tol, dtype: str) -> float:
+    """The smallest |reference| at which a stage's ULP distance is counted: the stage's ``atol``, and
+    at least ``dtype``'s smallest normal number. Informational only: no verdict uses ULPs.
+
+    A ULP is an error relative to the value's own spacing, which shrinks without bound towards zero:
+    1e-6 off a reference of 1e-30 is 6.7e8 float32 ULPs, 1e-6 off 1.0 is 8. Under ``|e| < atol`` the
+    stage's tolerance itself allows an error as large as the value (a relative error of 100 % and more
+    passes there): the verdict is absolute, and a relative unit there only raises a false alarm. At
+    ``|e| >= atol`` a passing error is at most ``atol + rtol |e| <= (1 + rtol) |e|``, about 2^24 float32
+    ULPs (2^8 bfloat16) at most: the count stays on the scale of the dtype's precision. Exact stages
+    (atol 0) count every normal value; below the smallest normal the spacing is constant (subnormals),
+    an absolute unit, not a relative one. Integer values have no floor (:func:`compare` applies none).
+    ``StageDiff.max_ulp`` is None when every differing value's reference is under the floor."""
+    return max(tol.atol, SMALLEST_NORMAL.get(dtype, SMALLEST_NORMAL["float32"]))
 
 
 def max_ulp(actual: np.ndarray, expected: np.ndarray, dtype: str) -> int:
@@ -275,7 +296,17 @@ class _Accumulator:
                 self.need_rtol = max(self.need_rtol, float(np.fmax.reduce(rel)))
         self.diffs[offset:offset + n] = diff
         if top_diff > 0:  # else every pair is equal: 0 ULPs (-0.0 and +0.0 are one point)
-            self.ulp = max(self.ulp, max_ulp(actual, expected, self.dtype))
+            self.ulp = max(self.ulp, self._ulp(actual, expected, mag, scratch.mask[:n]))
+
+    def _ulp(self, actual: np.ndarray, expected: np.ndarray, mag: np.ndarray, keep: np.ndarray) -> int:
+        """The largest ULP distance of the pairs whose |reference| (``mag``) is at least :func:`ulp_floor`
+        (every pair of integer values); 0 when there are none."""
+        if not np.issubdtype(expected.dtype, np.floating):
+            return max_ulp(actual, expected, self.dtype)
+        np.greater_equal(mag, ulp_floor(self.tol, self.dtype), out=keep)
+        if keep.all():
+            return max_ulp(actual, expected, self.dtype)
+        return max_ulp(actual[keep], expected[keep], self.dtype) if keep.any() else 0
 
     def result(self, stage: str, shape: tuple[int, ...]) -> StageDiff:
         na, ne = math.sqrt(self.act2), math.sqrt(self.ref2)
@@ -291,7 +322,8 @@ class _Accumulator:
             stage, self.mismatched == 0, self.tol, self.dtype, shape, numel=self.n, mismatched=self.mismatched,
             max_abs=self.abs[0], max_abs_index=tuple(int(i) for i in np.unravel_index(self.abs[1], shape)),
             max_rel=self.rel[0], max_rel_index=tuple(int(i) for i in np.unravel_index(self.rel[1], shape)),
-            mean_abs=self.sum_abs / self.n, p99_abs=p99, max_ulp=self.ulp, cosine=cosine, nmse_db=nmse_db,
+            mean_abs=self.sum_abs / self.n, p99_abs=p99, cosine=cosine, nmse_db=nmse_db,
+            max_ulp=self.ulp if self.ulp or self.abs[0] == 0 else None,  # 0: all equal; None: no ULP to show
             min_tolerance={"atol": max(self.need_atol, 0.0), "rtol": self.need_rtol},
         )
 

@@ -4,7 +4,8 @@ Loaded by every pytest run in an environment where rmlx is installed, so importi
 torch, transformers or mlx (parity.stages, parity.tolerances and parity.metrics are imported on
 first use). Fixtures:
 
-- ``rmlx_fixtures_dir`` -- the embedded default: ``$RMLX_FIXTURES`` or the repository's ``fixtures/``.
+- ``rmlx_fixtures_dir`` -- the embedded default: ``$RMLX_FIXTURES`` or the installed ``rmlx_fixtures``
+  (the repository's ``fixtures/``).
 - ``rmlx_models`` / ``rmlx_battery`` -- every fixture checkpoint directory / battery PNG, sorted.
 - ``rmlx_model`` / ``rmlx_image`` -- one of them: a test (or a fixture it uses) that asks for one of
   these names is parametrized over every fixture model / battery image (ids: directory name / image
@@ -70,7 +71,7 @@ def _require(paths: list[Path], what: str) -> list[Path]:
 
 @pytest.fixture(scope="session")
 def rmlx_fixtures_dir() -> Path:
-    """The embedded default: ``$RMLX_FIXTURES`` or the rmlx repository's ``fixtures/`` (must exist)."""
+    """The embedded default: ``$RMLX_FIXTURES`` or the installed ``rmlx_fixtures`` (must exist)."""
     path = _fixtures_dir()
     if not path.is_dir():
         pytest.fail(f"rmlx fixtures folder {path} does not exist. Note: set RMLX_FIXTURES to a fixtures folder, "

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from parity.adapter import Adapter, Family, Scenario, families, family_of
-from parity.capture import watching
 from parity.defects import Defect, check, planted
 from parity.metrics import (
     StageDiff,
+    Tol,
     _json_float,
     compare,
     compare_all,
@@ -32,7 +32,7 @@ from parity.metrics import (
 from parity.provenance import git, versions
 from parity.report.viz import case_viz
 from parity.stages import decode_stage, order_key, select
-from parity.tolerances import noise_ratio, tolerance
+from parity.tolerances import Override, noise_ratio, overrides_record, tolerance
 from rmlx.errors import InputError
 from rmlx.image import load_image
 
@@ -58,6 +58,11 @@ class Settings:
     shard: tuple[int, int] | None = None  # (K, N): run only the K-th of N deterministic slices of the cases
     stream: bool = False  # one decoder layer at a time on both sides (parity.stream)
     threads: int = 1  # intra-op threads (torch, and the BLAS under MLX); 1 is bit-reproducible across processes
+    tol_overrides: tuple[Override, ...] = ()  # --tol: (stage glob, atol, rtol or None), last match wins
+
+    def tol(self, cls: str, stage: str) -> Tol:
+        """The tolerance of ``stage`` (of class ``cls``) under these settings, ``--tol`` applied."""
+        return tolerance(cls, self.dtype, self.mode, stage, self.tol_overrides)
 
     @property
     def candidate_policy(self) -> str:
@@ -213,10 +218,12 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
 
 def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
              settings: Settings) -> CaseResult:
+    from parity.capture import watching  # MLX: here, so compare/gate/report import this module without it
+
     t0 = time.perf_counter()
     all_stages = adapter.stages(scenario)
     stages = select(list(settings.stages), all_stages)
-    tols = [(s.name, tolerance(s.tol, settings.dtype, settings.mode)) for s in stages]
+    tols = [(s.name, settings.tol(s.tol, s.name)) for s in stages]
     inputs, pre = adapter.inputs(scenario, decoded, settings)
     other_masks: dict[str, np.ndarray] = {}  # the reference's masks under the other policy
     try:
@@ -233,7 +240,7 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
             return error_result(adapter, model, scenario, decoded, settings, e, "candidate", partial, inputs, t0,
                                 reference=ref)
     diffs = compare_all(cand, ref, tols, settings.dtype)
-    decode = decode_entries(cand_steps, ref_steps, tokens, settings.dtype)
+    decode = decode_entries(cand_steps, ref_steps, tokens, settings.dtype, settings.tol_overrides)
     cost = None
     if getattr(adapter, "hf_float", None) is not None:  # the cost of quantization: vs the unquantized model
         flt, *_ = adapter.reference(scenario, inputs, pre, settings, 0, unquantized=True)
@@ -324,7 +331,7 @@ def error_result(adapter, model: Path, scenario: Scenario, decoded: dict[Path, n
     for s in all_stages:  # the selected stages, and the one the candidate crashed in whether selected or not
         if s.name not in selected and s.name != crashed_at:
             continue
-        tol = tolerance(s.tol, settings.dtype, settings.mode)
+        tol = settings.tol(s.tol, s.name)
         if side == "candidate" and s.name in partial and reference is not None and s.name in reference:
             diffs.append(compare(s.name, partial[s.name], reference[s.name], tol, settings.dtype))
         elif s.name == crashed_at:
@@ -336,21 +343,21 @@ def error_result(adapter, model: Path, scenario: Scenario, decoded: dict[Path, n
                    else f"not run: the {side} raised {what}")
             diffs.append(StageDiff(s.name, False, tol, settings.dtype, (), error=why[0].upper() + why[1:]))
     if crashed_at == decode_stage(1):  # the prefill completed: a decode step raised
-        diffs.append(StageDiff(crashed_at, False, tolerance("logits", settings.dtype), settings.dtype, (),
+        diffs.append(StageDiff(crashed_at, False, settings.tol("logits", crashed_at), settings.dtype, (),
                                error=f"The candidate raised {what} in a decode step (at {err['where']})"))
     seconds = 0.0 if t0 is None else time.perf_counter() - t0
     return case_result(model, scenario, settings, decoded, inputs or {}, all_stages, diffs, [], {}, {}, {},
                        seconds, self_consistency=None, error=err)
 
 
-def decode_entries(cand_steps: list[np.ndarray], ref_steps: list[np.ndarray], tokens: list[int], dtype: str
-                   ) -> list[dict]:
+def decode_entries(cand_steps: list[np.ndarray], ref_steps: list[np.ndarray], tokens: list[int], dtype: str,
+                   overrides: tuple[Override, ...] = ()) -> list[dict]:
     """The record's ``decode`` list: each greedy step's logits compared, with their agreement, the
     candidate's own greedy token and, where it differs from the reference's, whether that was a near
     tie (:func:`parity.metrics.logit_statistics`)."""
-    tol = tolerance("logits", dtype)
     out = []
     for step, (a, e, token) in enumerate(zip(cand_steps, ref_steps, tokens, strict=True)):
+        tol = tolerance("logits", dtype, "free", decode_stage(step + 1), overrides)
         d = compare("logits", a, e, tol, dtype)
         lg = logits_agreement(a, e)
         flat = a.reshape(-1, a.shape[-1])[-1]
@@ -479,7 +486,8 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                      "candidate_mask_policy": settings.candidate_policy,
                      "decode_steps": settings.decode_steps, "quantize": settings.quantize,
                      "shard": None if settings.shard is None else "{}/{}".format(*settings.shard),
-                     "stream": settings.stream, "threads": settings.threads},
+                     "stream": settings.stream, "threads": settings.threads,
+                     "tol_overrides": overrides_record(settings.tol_overrides)},
         "passed": all(r.passed for r in results),
         "untestable": [r.name for r in results if r.untestable],
         "logits": run_logit_statistics(results),

@@ -305,9 +305,10 @@ def _summary(rec: dict) -> str:
             f"false alarms {len(rec['false_alarms'])}; wall time {rec['wall_time_s']:.1f} s")
 
 
-def to_terminal(rec: dict) -> str:
+def to_terminal(rec: dict, notes: list[str] = ()) -> str:
+    """The defect table, what escaped or was mislocalised, ``notes``, and the summary last."""
     lines = text_table(_table(rec))
-    extra = []
+    extra = list(notes)
     if rec["escaped"]:
         extra.append(f"escaped: {', '.join(rec['escaped'])}")
     if rec["mislocalised"]:

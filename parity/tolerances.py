@@ -14,7 +14,10 @@ The torch.testing defaults (fp32 rtol 1.3e-6 / atol 1e-5; bf16 1.6e-2 / 1e-5) ar
 
 from __future__ import annotations
 
+import math
+
 from parity.metrics import Tol
+from parity.stages import matches_any
 from rmlx.errors import InputError
 
 EXACT = Tol(rtol=0.0, atol=0.0)
@@ -80,14 +83,45 @@ TEACHER_TOLERANCES: dict[str, dict[str, Tol]] = {
 }
 
 
-def tolerance(cls: str, dtype: str, mode: str = "free") -> Tol:
+# A user's override of the named tolerance: (stage glob, atol, rtol or None to keep the class's rtol).
+Override = tuple[str, float, float | None]
+
+
+def tolerance(cls: str, dtype: str, mode: str = "free", stage: str | None = None,
+              overrides: tuple[Override, ...] = ()) -> Tol:
     """The named tolerance of a stage class in a dtype; teacher-forced runs use the tighter table
-    where one exists (errors do not accumulate there)."""
+    where one exists (errors do not accumulate there). ``overrides`` (``--tol``): the last one whose
+    glob matches ``stage`` replaces the atol (and the rtol when it gives one)."""
     table = TEACHER_TOLERANCES if mode == "teacher" and cls in TEACHER_TOLERANCES else TOLERANCES
     try:
-        return table[cls][dtype]
+        tol = table[cls][dtype]
     except KeyError:
         raise InputError(f"no tolerance for class '{cls}' in dtype '{dtype}'") from None
+    if stage is not None:
+        for glob, atol, rtol in reversed(overrides):
+            if matches_any(stage, (glob,)):
+                return Tol(rtol=tol.rtol if rtol is None else rtol, atol=atol)
+    return tol
+
+
+def parse_override(text: str) -> Override:
+    """``STAGE_GLOB=ATOL[,RTOL]`` (``--tol``), e.g. ``layers.*.out=5e-3`` or ``logits=1e-2,1e-4``."""
+    glob, sep, values = text.partition("=")
+    parts = values.split(",")
+    if not sep or not glob.strip() or not 1 <= len(parts) <= 2:
+        raise InputError(f"--tol {text!r}: expected STAGE_GLOB=ATOL[,RTOL], e.g. 'layers.*.out=5e-3'")
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        raise InputError(f"--tol {text!r}: ATOL and RTOL must be numbers") from None
+    if not all(math.isfinite(v) and v >= 0 for v in nums):
+        raise InputError(f"--tol {text!r}: ATOL and RTOL must be finite and >= 0")
+    return glob.strip(), nums[0], nums[1] if len(nums) == 2 else None
+
+
+def overrides_record(overrides: tuple[Override, ...]) -> list[dict]:
+    """The overrides as the JSON record stores them (the report shows them beside the verdict)."""
+    return [{"stages": g, "atol": a, "rtol": r} for g, a, r in overrides]
 
 
 # The noise-floor bound (parity.runner.noise_floor): a stage fails when the candidate's RMS distance to

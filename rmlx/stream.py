@@ -26,7 +26,8 @@ from mlx.utils import tree_flatten
 from rmlx.base import cpu_streams
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
-from rmlx.load import DTYPES, check_weights, checkpoint_files, safetensors_layout
+from rmlx.files import checkpoint_files, safetensors_layout
+from rmlx.load import DTYPES, check_weights
 from rmlx.model import Model
 from rmlx.text import DecoderLayer
 

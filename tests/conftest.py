@@ -80,7 +80,7 @@ def default_runs(tmp_path_factory):
 @pytest.fixture(scope="session")
 def adapters():
     """One Gemma4UnifiedAdapter per fixture model (HF + rmlx loaded once per session)."""
-    from parity.adapters.gemma4_unified import Gemma4UnifiedAdapter
+    from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter
 
     cache = {}
 

@@ -21,7 +21,8 @@ ALLOWED = {
     "rmlx.errors": "the one error type for bad input",
     "rmlx.blas": "which BLAS computed the candidate, for the versions record",
     "rmlx.image": "image decoding (Pillow, validated): shared by every family with images",
-    "rmlx.load": "the validated safetensors reader, shared plumbing",
+    "rmlx.load": "the checkpoint loader (`convert`), shared plumbing",
+    "rmlx.files": "the validated safetensors header and shard-index reader (no MLX), shared plumbing",
     "reference.fixtures": "`rmlx-parity fixtures` regenerates the committed fixtures",
     "reference.synthetic": "`rmlx-parity fixtures --shape` writes real-size synthetic checkpoints",
 }

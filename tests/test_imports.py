@@ -15,6 +15,11 @@ CASES = [
      ["mlx", "rmlx", "parity"]),
     # parity's package init imports rmlx's (the BLAS loader, rmlx/blas.py: ctypes, no mlx) and nothing else of rmlx
     ("parity.metrics", ["mlx", "torch", "transformers", "reference", "rmlx.model", "rmlx.load", "rmlx.base"]),
+    # the core install's commands (compare, gate --record, report, history) and the families' stage
+    # vocabulary they order and classify stages with: no MLX, torch or transformers
+    ("parity.compare, parity.gate, parity.report, parity.report.html, parity.report.junit, parity.history, "
+     "parity.cli, parity.pytest_plugin, parity.tolerances, parity.adapters.gemma4_unified, parity.adapters.gemma4",
+     ["mlx", "torch", "torchvision", "transformers"]),
 ]
 
 

@@ -23,7 +23,8 @@ from safetensors.numpy import load_file, save_file
 
 from rmlx.config import ModelArgs, TextConfig
 from rmlx.errors import InputError
-from rmlx.load import checkpoint_files, load_model, read_safetensors_header
+from rmlx.files import checkpoint_files, read_safetensors_header
+from rmlx.load import load_model
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MODELS = FIXTURES / "models"

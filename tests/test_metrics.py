@@ -9,7 +9,17 @@ import numpy as np
 import pytest
 from hypothesis import given
 
-from parity.metrics import StageDiff, Tol, compare, compare_all, first_divergence, max_ulp, missing_and_extra
+from parity.metrics import (
+    SMALLEST_NORMAL,
+    StageDiff,
+    Tol,
+    compare,
+    compare_all,
+    first_divergence,
+    max_ulp,
+    missing_and_extra,
+    ulp_floor,
+)
 
 F32 = nps.arrays(np.float32, nps.array_shapes(max_dims=4, max_side=16),
                  elements=st.floats(-1e3, 1e3, width=32, allow_nan=False))
@@ -117,6 +127,45 @@ def test_to_dict_is_json_safe():
     assert d.to_dict()["min_tolerance"]["rtol"] == "inf"
 
 
+def test_ulps_are_not_counted_where_the_reference_is_near_zero():
+    """1e-6 off a reference of 1e-30 is 6.7e8 float32 ULPs: an alarm about nothing, since the stage's
+    atol allows 100 % relative error there. Only values with |reference| >= ulp_floor (the stage's
+    atol, at least the dtype's smallest normal) count; with none among the differing ones: None."""
+    tol = Tol(rtol=1.3e-6, atol=2e-4)
+    e = np.full(16, 1e-30, np.float32)
+    a = e + np.float32(1e-6)
+    assert max_ulp(a, e, "float32") == 669250909  # the raw distance
+    d = compare("s", a, e, tol)
+    assert d.passed and d.max_ulp is None and d.to_dict()["max_ulp"] is None
+    # values not near zero: an ordinary count, the raw distance over those elements only
+    e2 = np.concatenate([e, np.linspace(0.5, 2.0, 16, dtype=np.float32)])
+    a2 = np.concatenate([a, np.nextafter(e2[16:], np.float32(np.inf))])  # one ULP up
+    assert compare("s", a2, e2, tol).max_ulp == 1
+    assert compare("s", e2, e2.copy(), tol).max_ulp == 0  # all equal: 0 whatever the magnitudes
+    # the floor is the stage's atol, at least the dtype's smallest normal (exact stages count every normal)
+    assert ulp_floor(tol, "float32") == 2e-4
+    assert ulp_floor(Tol(0.0, 0.0), "float32") == SMALLEST_NORMAL["float32"] == float(np.finfo(np.float32).tiny)
+    assert ulp_floor(Tol(0.0, 0.0), "float16") == float(np.finfo(np.float16).tiny)
+    assert compare("s", a, e, Tol(0.0, 0.0)).max_ulp > 1e8  # an exact stage: 1e-30 is a normal float32
+    sub = np.full(4, 1e-40, np.float32)  # subnormal references: under every floor
+    assert compare("s", sub * 2, sub, Tol(0.0, 0.0)).max_ulp is None
+    # integers have no floor
+    assert compare("s", np.array([0, 1, 3]), np.array([0, 1, 2]), Tol(0.0, 0.0)).max_ulp == 1
+
+
+def test_ulp_floor_never_changes_the_verdict():
+    """ULPs are informational: the same arrays pass or fail, mismatch for mismatch, whatever max_ulp is."""
+    rng = np.random.default_rng(3)
+    e = (rng.standard_normal(4096) * np.logspace(-30, 1, 4096)).astype(np.float32)
+    for scale in (1e-7, 1e-4, 1e-2):
+        a = (e + rng.standard_normal(e.shape) * scale).astype(np.float32)
+        for tol in (Tol(1.3e-6, 2e-4), Tol(0.0, 0.0), Tol(1.6e-2, 1.5)):
+            d = compare("s", a, e, tol)
+            diff = np.abs(a.astype(np.float64) - e)
+            assert d.mismatched == int((diff > tol.atol + tol.rtol * np.abs(e.astype(np.float64))).sum())
+            assert d.passed == (d.mismatched == 0)
+
+
 def _oracle(a: np.ndarray, e: np.ndarray, tol: Tol) -> dict:
     """Every statistic of ``compare`` the plain way: whole float64 arrays, the textbook formulas."""
     a64, e64 = a.astype(np.float64).ravel(), e.astype(np.float64).ravel()
@@ -126,11 +175,13 @@ def _oracle(a: np.ndarray, e: np.ndarray, tol: Tol) -> dict:
         need = np.where(diff <= tol.atol, 0.0, (diff - tol.atol) / mag)
     bits = [x.astype(np.float32).view(np.int32).astype(np.int64) for x in (a, e)]
     ordered = [np.where(b < 0, -(b & 0x7FFFFFFF), b).ravel() for b in bits]
+    counted = mag >= max(tol.atol, SMALLEST_NORMAL["float32"])  # ULPs only where |e| is not near zero
+    ulp = int(np.abs(ordered[0] - ordered[1])[counted].max(initial=0))
     return {"mismatched": int((diff > tol.atol + tol.rtol * mag).sum()),
             "max_abs": diff.max(), "max_abs_index": np.unravel_index(diff.argmax(), e.shape),
             "max_rel": rel.max(), "max_rel_index": np.unravel_index(rel.argmax(), e.shape),
             "mean_abs": diff.mean(), "p99_abs": float(np.percentile(diff.astype(np.float32), 99)),
-            "max_ulp": int(np.abs(ordered[0] - ordered[1]).max()),
+            "max_ulp": ulp if ulp or diff.max() == 0 else None,
             "cosine": a64 @ e64 / np.sqrt((a64 @ a64) * (e64 @ e64)),
             "atol": max(float((diff - tol.rtol * mag).max()), 0.0), "rtol": need.max()}
 
@@ -156,6 +207,8 @@ def test_chunked_compare_equals_the_whole_array_formulas(monkeypatch, workers, c
         same = rng.random(e.shape) < 0.5
         a[same] = e[same]  # exactly equal values: 0/0 in the relative error where both are 0
         a[0, :8] = -a[0, :8]  # sign flips: the ULP distance across zero
+        e[1, :8] = rng.standard_normal(8).astype(np.float32) * 1e-30  # near zero: no ULPs counted there
+        a[1, :8] = e[1, :8] + np.float32(1e-6)
     tol = Tol(rtol=1e-5, atol=1e-5)
     d = compare("s", a, e, tol, workers=workers)
     want = _oracle(a, e, tol)

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from parity.adapters.gemma4 import FAMILY as GEMMA4_FAMILY
-from parity.adapters.gemma4_unified import special_scenarios
+from parity.adapters.gemma4_unified.adapter import special_scenarios
 from parity.adapters.gemma4_unified.stages import stages_for
 from parity.cli import main
 from parity.tolerances import tolerance

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from parity.adapters.gemma4_unified import special_scenarios
+from parity.adapters.gemma4_unified.adapter import special_scenarios
 from parity.adapters.gemma4_unified.stages import VISION, stages_for
 from parity.runner import Settings
 from parity.stages import hook_points, matches_any, select

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import sys
+import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +26,33 @@ def _db(stages: dict, name: str) -> str:
     return "-" if name not in stages else _fmt(stages[name], ".1f")
 
 
+def forward_order(cases: Sequence[Sequence[str]]) -> list[str]:
+    """Every stage name of ``cases`` (each a list in forward order) once, in forward order: a stage first
+    seen in a later case goes after its predecessor in that case (before its successor when it has
+    none), so a text-only case's table is not followed by the image stages of the next case."""
+    order: list[str] = []
+    seen: set[str] = set()
+    for names in cases:
+        for i, name in enumerate(names):
+            if name in seen:
+                continue
+            if i and names[i - 1] in seen:
+                order.insert(order.index(names[i - 1]) + 1, name)
+            else:
+                order.insert(next((order.index(n) for n in names[i + 1:] if n in seen), len(order)), name)
+            seen.add(name)
+    return order
+
+
 def stage_summary(rec: dict) -> list[dict]:
-    """One row per stage, worst case over all cases (forward order)."""
+    """One row per stage, worst case over all cases (forward order). ``max_ulp`` is None when no case has
+    a ULP to show (parity.metrics.ulp_floor)."""
     rows: dict[str, dict] = {}
     for case in rec["cases"]:
         for st in case["stages"]:
             row = rows.setdefault(st["name"], {
                 "stage": st["name"], "class": st["class"], "tolerance": st["tolerance"], "cases": 0, "passed": 0,
-                "max_abs": 0.0, "max_ulp": 0, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "oracle_ref": None,
+                "max_abs": 0.0, "max_ulp": None, "cosine": 1.0, "nmse_db": None, "min_atol": 0.0, "oracle_ref": None,
                 "measured": 0, "ratio": None, "allowed_ratio": None})
             row["cases"] += 1
             row["passed"] += bool(st["passed"])
@@ -39,7 +60,8 @@ def stage_summary(rec: dict) -> list[dict]:
                 continue
             row["measured"] += 1
             row["max_abs"] = max(row["max_abs"], st["max_abs"])
-            row["max_ulp"] = max(row["max_ulp"], st["max_ulp"])
+            if st.get("max_ulp") is not None:
+                row["max_ulp"] = st["max_ulp"] if row["max_ulp"] is None else max(row["max_ulp"], st["max_ulp"])
             row["cosine"] = min(row["cosine"], st["cosine"])
             if st["nmse_db"] is not None and (row["nmse_db"] is None or _num(st["nmse_db"]) > _num(row["nmse_db"])):
                 row["nmse_db"] = st["nmse_db"]
@@ -49,23 +71,25 @@ def stage_summary(rec: dict) -> list[dict]:
                 if "ratio" in st["oracle"]:
                     row["ratio"] = max(row["ratio"] or 0.0, _num(st["oracle"]["ratio"]))
                     row["allowed_ratio"] = st["oracle"].get("allowed_ratio")
-    return list(rows.values())
+    return [rows[n] for n in forward_order([[st["name"] for st in c["stages"]] for c in rec["cases"]])]
 
 
 def _num(v) -> float:
     return float(v) if not isinstance(v, str) else (float("inf") if v == "inf" else float("-inf"))
 
 
-def _headline(rec: dict) -> list[str]:
+def _headline(rec: dict, short: bool = False) -> list[str]:
+    """Two lines: the verdict with the settings, the wall time with the versions. ``short`` (the
+    terminal's): mode and dtype by their values."""
     status = "PASS" if rec["passed"] else "FAIL"
     n_pass = sum(c["passed"] for c in rec["cases"])
     s = rec["settings"]
+    versions = {k: v for k, v in rec["versions"].items() if k in ("transformers", "torch", "mlx", "numpy", "blas")}
+    mode = f"{s['mode']}, {s['dtype']}" if short else f"mode {s['mode']}, dtype {s['dtype']}"
     return [f"rmlx parity {status}: {n_pass}/{len(rec['cases'])} cases passed "
-            f"(mode {s['mode']}, dtype {s['dtype']}, max_soft_tokens {s['max_soft_tokens']}"
+            f"({mode}, max_soft_tokens {s['max_soft_tokens']}"
             + (f", injected {','.join(s['inject'])}" if s["inject"] else "") + ")",
-            f"wall time {rec['wall_time_s']:.1f} s; " + ", ".join(f"{k} {v}" for k, v in rec["versions"].items()
-                                                                  if k in ("transformers", "torch", "mlx", "numpy",
-                                                                           "blas"))]
+            f"wall time {rec['wall_time_s']:.1f} s; " + ", ".join(f"{k} {v}" for k, v in versions.items())]
 
 
 _COLS = ("stage", "class", "rtol", "atol", "pass", "max_abs", "max_ulp", "min cosine", "worst NMSE dB",
@@ -81,7 +105,7 @@ def _rows(rec: dict) -> list[tuple[str, ...]]:
             continue
         out.append((r["stage"], r["class"], f"{r['tolerance']['rtol']:g}", f"{r['tolerance']['atol']:g}",
                     f"{r['passed']}/{r['cases']}", _fmt(r["max_abs"]) if r["max_abs"] else "0",
-                    str(r["max_ulp"]), f"{r['cosine']:.9f}",
+                    _ulp(r["max_ulp"]), f"{r['cosine']:.9f}",
                     _fmt(r["nmse_db"], ".1f"),
                     _fmt(r["min_atol"]) if r["min_atol"] else "0",
                     "-" if r["oracle_ref"] is None else (_fmt(r["oracle_ref"]) if r["oracle_ref"] else "0"),
@@ -94,6 +118,89 @@ def _ratio(row: dict) -> str:
     if row["ratio"] is None:
         return "-"
     return f"{row['ratio']:.1f}" + (f" / {row['allowed_ratio']:g}" if row["allowed_ratio"] else "")
+
+
+WIDTH = 100  # columns of the default terminal output; to_terminal(rec, wide=True) has no limit
+NO_ULP = "—"  # a stage without a ULP to show: every differing value's reference is near zero (metrics.ulp_floor)
+# the default terminal table: rtol and atol in one column, cosine to 6 places, numbers in 2 digits; the
+# stage column gives way (an ellipsis in the middle) when a row would not fit
+_NARROW_COLS = ("stage", "class", "pass", "max_abs", "atol / rtol", "min cos", "f64 ratio", "max ULP")
+_MIN_STAGE = 16  # narrower than this, the class column goes first
+
+
+def _ulp(v, short: bool = False) -> str:
+    """A stage's max_ulp: NO_ULP for None; ``short``: 2 digits from 100000 on."""
+    if v is None:
+        return NO_ULP
+    return _compact(v, 2) if short and v >= 100_000 else str(v)
+
+
+def _compact(v: float, digits: int = 6) -> str:
+    """``v`` in ``digits`` significant digits, the shorter of plain and scientific without exponent
+    padding: 0.0002 -> 2e-4, 1.3e-06 -> 1.3e-6, 2154037218 -> 2.2e9, 0.016 -> 0.016."""
+    plain = f"{v:.{digits}g}"
+    if "e" not in f"{v:.{digits - 1}e}":  # inf, nan
+        return plain
+    mant, exp = f"{v:.{digits - 1}e}".split("e")
+    sci = f"{mant.rstrip('0').rstrip('.') if '.' in mant else mant}e{int(exp)}"
+    return sci if len(sci) < len(plain) else plain
+
+
+def _tol(t: dict) -> str:
+    return "exact" if t["atol"] == t["rtol"] == 0 else f"{_compact(t['atol'])} / {_compact(t['rtol'])}"
+
+
+def _narrow_rows(rec: dict) -> list[tuple[str, ...]]:
+    out = []
+    for r in stage_summary(rec):
+        head = (r["stage"], r["class"], f"{r['passed']}/{r['cases']}")
+        if not r["measured"]:
+            out.append((*head, "not measured", _tol(r["tolerance"]), "-", "-", "-"))
+            continue
+        ratio = "-" if r["ratio"] is None else (_compact(r["ratio"], 2) + (
+            f"/{r['allowed_ratio']:g}" if r["allowed_ratio"] else ""))
+        out.append((*head, _fmt(r["max_abs"]) if r["max_abs"] else "0", _tol(r["tolerance"]),
+                    f"{r['cosine']:.6f}", ratio, _ulp(r["max_ulp"], short=True)))
+    return out
+
+
+def _ellipsize(text: str, width: int) -> str:
+    """``text`` in ``width`` characters, its middle replaced by an ellipsis when it is longer."""
+    if len(text) <= width:
+        return text
+    tail = (width - 1) // 2
+    return text[:width - 1 - tail] + "…" + (text[-tail:] if tail else "")
+
+
+def fit_table(rows: list[tuple[str, ...]], width: int = WIDTH) -> list[str]:
+    """:func:`text_table` of ``rows`` (header first; stage, class, pass, then numbers) in ``width``
+    columns: number columns whose every cell is "-" are left out; then the stage column is shortened
+    (:func:`_ellipsize`) to fit, down to ``_MIN_STAGE`` characters; below that the "class" column is
+    left out first."""
+    keep = [i for i in range(len(rows[0])) if i < 3 or any(r[i] != "-" for r in rows[1:])]
+    rows = [tuple(r[i] for i in keep) for r in rows]
+    for attempt in (rows, [r[:1] + r[2:] for r in rows] if rows[0][1] == "class" else rows):
+        widths = [max(len(r[i]) for r in attempt) for i in range(len(attempt[0]))]
+        over = sum(widths) + 2 * (len(widths) - 1) - width
+        if over <= 0:
+            return text_table(attempt)
+        if widths[0] - over >= _MIN_STAGE:
+            break
+    first = max(widths[0] - over, min(_MIN_STAGE // 2, widths[0]))  # never under 8: past that, wider than width
+    return text_table([(_ellipsize(r[0], first), *r[1:]) if i else r for i, r in enumerate(attempt)])
+
+
+def _wrap(lines: Sequence[str], width: int | None, indent: str = "") -> list[str]:
+    """Each line folded at spaces into ``width`` columns (``None``: as it is); blank lines kept. A word
+    is never broken (a path longer than ``width`` stays whole, to be copied)."""
+    if width is None:
+        return list(lines)
+    return [w for line in lines for w in textwrap.wrap(line, width, subsequent_indent=indent, break_long_words=False,
+                                                       break_on_hyphens=False) or [""]]
+
+
+def _clip(line: str, width: int | None) -> str:
+    return line if width is None or len(line) <= width else line[:width - 1] + "…"
 
 
 LOGIT_ROWS = (  # (label, record keys): the statistics of parity.metrics.logit_statistics
@@ -193,32 +300,52 @@ def text_table(rows: list[tuple[str, ...]]) -> list[str]:
     return lines
 
 
-def to_terminal(rec: dict) -> str:
-    out = _headline(rec) + [""] + text_table([_COLS] + _rows(rec))
+def to_terminal(rec: dict, wide: bool = False, notes: Sequence[str] = ()) -> str:
+    """The run for a terminal: the header, the stage table, the failed cases, ``notes`` (e.g. where the
+    report went), then the first divergence and last the verdict line, so the end of the output is
+    what a reader needs first. Every line fits in ``WIDTH`` columns (but a single word longer, such as
+    a long path in ``notes``); ``wide``: the full table (the Markdown report's columns), no line folded
+    or clipped."""
+    width = None if wide else WIDTH
+    # two lines, clipped, never folded: parity.compare.to_terminal puts its own two in their place
+    out = [_clip(line, width) for line in _headline(rec, short=not wide)] + [""]
+    out += text_table([_COLS] + _rows(rec)) if wide else fit_table([_NARROW_COLS] + _narrow_rows(rec), WIDTH)
     failed = [c for c in rec["cases"] if not c["passed"]]
     if failed:
-        out += ["", f"failed cases ({len(failed)}): " + ", ".join(c["name"] for c in failed[:12])
-                + (" ..." if len(failed) > 12 else "")]
+        out += ["", *_wrap([f"failed cases ({len(failed)}): " + ", ".join(c["name"] for c in failed[:12])
+                            + (" ..." if len(failed) > 12 else "")], width, "  ")]
+    if notes:
+        out += ["", *_wrap(notes, width, "  ")]
     fd = rec["first_divergence"]
     if fd:
-        out += ["", f"First divergent stage: {fd['stage']} (case {fd['case']})", fd["message"], *oracle_line(fd)]
-    out += ["", verdict_line(rec)]  # last: the verdict does not scroll away above a long table
+        out += ["", *_wrap([f"First divergent stage: {fd['stage']} (case {fd['case']})",
+                            *fd["message"].split("\n"), *oracle_line(fd)], width, "  ")]
+    out += ["", verdict_line(rec, width)]  # last: the verdict does not scroll away above a long table
     return "\n".join(out)
 
 
-def verdict_line(rec: dict) -> str:
-    """One line: PASS/FAIL, cases, the first divergence, the logits' agreement, the wall time."""
+def verdict_line(rec: dict, width: int | None = None) -> str:
+    """One line: PASS/FAIL, cases, the first divergence, the logits' agreement, the wall time. In
+    ``width`` columns the logits' agreement gives way first, then the wall time, then the first
+    divergence's case (the wall time back when it fits), never its stage."""
     n_pass = sum(c["passed"] for c in rec["cases"])
     fd = rec.get("first_divergence")
     lg = rec.get("logits") or {}
-    parts = [f"{'PASS' if rec['passed'] else 'FAIL'}: {n_pass}/{len(rec['cases'])} cases pass"]
-    if fd:
-        parts.append(f"first divergence {fd['stage']} in {fd['case']}")
-    if isinstance(lg.get("top1_agreement"), float):
-        parts.append(f"same top token {lg['top1_agreement']:.2%}, KL mean {fmt(lg.get('kl_mean'))}")
-    if rec.get("untestable"):
-        parts.append(f"{len(rec['untestable'])} case(s) untestable")
-    return "rmlx parity " + "; ".join(parts) + f" ({rec['wall_time_s']:.1f} s)"
+    head = [f"{'PASS' if rec['passed'] else 'FAIL'}: {n_pass}/{len(rec['cases'])} cases pass"]
+    where = [f"first divergence {fd['stage']} in {fd['case']}"] if fd else []
+    logits = ([f"same top token {lg['top1_agreement']:.2%}, KL mean {fmt(lg.get('kl_mean'))}"]
+              if isinstance(lg.get("top1_agreement"), float) else [])
+    untestable = [f"{len(rec['untestable'])} case(s) untestable"] if rec.get("untestable") else []
+    stage = [f"first divergence {fd['stage']}"] if fd else []
+    seconds = f" ({rec['wall_time_s']:.1f} s)"
+    line = ""
+    for parts, tail in (([*head, *where, *logits, *untestable], seconds), ([*head, *where, *untestable], seconds),
+                        ([*head, *where, *untestable], ""),  # the wall time is in the header too
+                        ([*head, *stage, *untestable], seconds), ([*head, *stage, *untestable], "")):
+        line = "rmlx parity " + "; ".join(parts) + tail
+        if width is None or len(line) <= width:
+            return line
+    return _clip(line, width)
 
 
 class Progress:

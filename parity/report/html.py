@@ -490,7 +490,7 @@ def _logit_table(rec: dict) -> str:
 
 
 def _summary_table(rec: dict) -> str:
-    from parity.report import _ratio, stage_summary  # report imports this module
+    from parity.report import _ratio, _ulp, stage_summary  # report imports this module
 
     rows = []
     for r in stage_summary(rec):
@@ -499,7 +499,7 @@ def _summary_table(rec: dict) -> str:
         rows.append(f'<tr class="{"pass" if ok else "fail"}"><td><code>{_e(r["stage"])}</code></td>'
                     f'<td>{_e(r["class"])}</td><td>{r["tolerance"]["rtol"]:g}</td><td>{r["tolerance"]["atol"]:g}</td>'
                     f'<td class="st">{r["passed"]}/{r["cases"]}</td><td>{_num(r["max_abs"], ".2e")}</td>'
-                    f'<td>{r["max_ulp"]}</td><td>{r["cosine"]:.9f}</td>'
+                    f'<td>{_ulp(r["max_ulp"])}</td><td>{r["cosine"]:.9f}</td>'
                     f'<td>{"exact" if r["nmse_db"] is None else _e(_num(r["nmse_db"], ".1f"))}</td>'
                     f'<td>{_num(r["min_atol"], ".2e")}</td><td>{oracle}</td><td>{_e(_ratio(r))}</td></tr>')
     head = ("stage", "class", "rtol", "atol", "pass", "max abs", "max ULP", "min cosine", "worst NMSE dB",

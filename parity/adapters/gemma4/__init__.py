@@ -6,36 +6,47 @@
 are the unified family's; the ones with audio are not supported (no audio tower is ported). Both mask
 policies run: ``official`` is HF's own gemma4 forward, ``hf-forward`` is forced on the reference
 through the per-layer-type mask dict (``reference.gemma4.hf.Runner.masks``).
+
+As for the unified family, importing this package imports no MLX, torch or transformers.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from parity.adapter import Adapter, Scenario
-from parity.adapters.gemma4 import defects, stages
-from parity.adapters.gemma4.adapter import Gemma4Adapter, supports
+from parity.adapters.gemma4 import stages
 from parity.adapters.gemma4_unified import Gemma4UnifiedFamily
 from parity.defects import Defect
 from parity.stages import Stage
 from rmlx.errors import InputError
-from rmlx.models.gemma4.config import ModelArgs
+
+if TYPE_CHECKING:
+    from rmlx.models.gemma4.config import ModelArgs
 
 # an image (padding rows at the self-test budget), two images of different sizes, and text only (no
 # vision defect may fire there: the false-alarm check)
 SELFTEST_CASES = ("image/gradient", "two-images", "text-only")
 
-__all__ = ["FAMILY", "Gemma4Adapter", "Gemma4Family"]
+__all__ = ["FAMILY", "Gemma4Family"]
 
 
 class Gemma4Family(Gemma4UnifiedFamily):
     """The unified family's scenarios and self-test selection; its own port, stages and defects."""
 
     model_type = "gemma4"
-    defects: dict[str, Defect] = defects.CATALOG
     selftest_cases = SELFTEST_CASES
 
+    @property
+    def defects(self) -> dict[str, Defect]:
+        from parity.adapters.gemma4 import defects
+
+        return defects.CATALOG
+
     def args(self, model_dir: Path) -> ModelArgs:
+        from rmlx.models.gemma4.config import ModelArgs
+
         return ModelArgs.from_file(Path(model_dir) / "config.json")
 
     def check_settings(self, settings) -> None:
@@ -46,6 +57,8 @@ class Gemma4Family(Gemma4UnifiedFamily):
             raise InputError("--stream: the gemma4 family has no layer-by-layer driver yet")
 
     def load(self, model_dir: Path, settings) -> Adapter:
+        from parity.adapters.gemma4.adapter import Gemma4Adapter
+
         return Gemma4Adapter(model_dir, settings.dtype, settings.attn_implementation, settings.threads)
 
     def load_streamed(self, model_dir: Path, settings) -> Adapter:
@@ -55,6 +68,8 @@ class Gemma4Family(Gemma4UnifiedFamily):
         raise InputError(f"{model}: the gemma4 family has no layer-by-layer driver (--stream)")
 
     def supports(self, model_dir: Path, scenario: Scenario) -> bool:
+        from parity.adapters.gemma4.adapter import supports
+
         return supports(self.args(model_dir), scenario)
 
     def stage_table(self, model_dir: Path) -> tuple[Stage, ...]:
@@ -70,6 +85,8 @@ class Gemma4Family(Gemma4UnifiedFamily):
         return stages.order_key(name)
 
     def expected_stage(self, defect: Defect, adapter, scenario: Scenario) -> str:
+        from parity.adapters.gemma4 import defects
+
         return defects.expected_stage(defect)
 
 

@@ -3,6 +3,10 @@
 ``FAMILY`` is what the core sees (``parity.adapter.Family``), registered through the entry-point group
 ``rmlx.parity.families`` in pyproject.toml. The stage table is ``stages.py``, the defect catalog
 ``defects.py``, the per-checkpoint adapter ``adapter.py``, the layer-by-layer driver ``stream.py``.
+
+Importing this package imports no MLX, torch or transformers: the stage vocabulary (``classify``,
+``order_key``) serves ``compare`` in a core install. The adapter and the defect catalog, which need
+them, are imported when first used.
 """
 
 from __future__ import annotations
@@ -10,13 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from parity.adapter import Adapter, Scenario
-from parity.adapters.gemma4_unified import defects, stages
-from parity.adapters.gemma4_unified.adapter import (
-    Gemma4UnifiedAdapter,
-    image_scenario,
-    special_scenarios,
-    supports,
-)
+from parity.adapters.gemma4_unified import stages
 from parity.defects import Defect
 from parity.stages import Stage
 from rmlx.config import ModelArgs
@@ -31,6 +29,8 @@ SELFTEST_CASES = ("image/gradient", "two-images", "image-and-audio", "text-only"
 
 def unique_image_scenarios(images: list[Path]) -> list[Scenario]:
     """One single-image case per image; a repeated file name in another folder gets a suffix."""
+    from parity.adapters.gemma4_unified.adapter import image_scenario
+
     out, seen = [], {}
     for p in images:
         s = image_scenario(p)
@@ -41,10 +41,15 @@ def unique_image_scenarios(images: list[Path]) -> list[Scenario]:
 
 class Gemma4UnifiedFamily:
     model_type = "gemma4_unified"
-    defects: dict[str, Defect] = defects.CATALOG
     # the smallest image budget: every image still spans several sliding windows of the fixtures
     selftest_settings = {"max_soft_tokens": 70}
     selftest_cases = SELFTEST_CASES
+
+    @property
+    def defects(self) -> dict[str, Defect]:
+        from parity.adapters.gemma4_unified import defects
+
+        return defects.CATALOG
 
     def args(self, model_dir: Path) -> ModelArgs:
         return ModelArgs.from_file(Path(model_dir) / "config.json")
@@ -53,6 +58,8 @@ class Gemma4UnifiedFamily:
         check_max_soft_tokens(settings.max_soft_tokens)
 
     def load(self, model_dir: Path, settings) -> Adapter:
+        from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter
+
         return Gemma4UnifiedAdapter(model_dir, settings.dtype, settings.attn_implementation, settings.quantize,
                                     settings.threads)
 
@@ -68,6 +75,8 @@ class Gemma4UnifiedFamily:
         return run_case_streamed(adapter, model, scenario, decoded, settings)
 
     def scenarios(self, images: list[Path], fixture_images: Path | None) -> list[Scenario]:
+        from parity.adapters.gemma4_unified.adapter import special_scenarios
+
         specials = list(special_scenarios(fixture_images)) if fixture_images is not None else []
         return unique_image_scenarios(images) + specials
 
@@ -80,6 +89,8 @@ class Gemma4UnifiedFamily:
         return picked
 
     def supports(self, model_dir: Path, scenario: Scenario) -> bool:
+        from parity.adapters.gemma4_unified.adapter import supports
+
         return supports(self.args(model_dir), scenario)
 
     def stage_table(self, model_dir: Path) -> tuple[Stage, ...]:
@@ -93,6 +104,8 @@ class Gemma4UnifiedFamily:
         return stages.order_key(name)
 
     def expected_stage(self, defect: Defect, adapter, scenario: Scenario) -> str:
+        from parity.adapters.gemma4_unified import defects
+
         return defects.expected_stage(defect, adapter.args.text.layer_types,
                                       [s.name for s in adapter.stages(scenario)])
 

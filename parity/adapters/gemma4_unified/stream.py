@@ -52,7 +52,6 @@ from parity.capture import Capture, Recorder, to_numpy
 from parity.metrics import StageDiff, compare, logits_agreement, missing
 from parity.report.viz import case_viz, ref_max_abs
 from parity.stages import hook_points, select
-from parity.tolerances import tolerance
 from reference.hf import bool_mask
 from reference.hf import to_numpy as torch_to_numpy
 from reference.stream import HFStreamRunner
@@ -244,7 +243,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     t0 = time.perf_counter()
     all_stages = adapter.stages(scenario)
     stages = select(list(settings.stages), all_stages)
-    tols = {s.name: tolerance(s.tol, settings.dtype, settings.mode) for s in stages}
+    tols = {s.name: settings.tol(s.tol, s.name) for s in stages}
     inputs, pre = adapter.inputs(scenario, decoded, settings)
     names = [s.name for s in all_stages]
     lock = Lockstep(adapter, scenario, inputs, pre, decoded, settings, names, tols)
@@ -278,7 +277,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     agreement = logits_agreement(cand_logits, ref_logits, per_position=True, workers=settings.threads)
     kl = agreement.pop("kl")
     del ref_logits, cand_logits
-    decode = decode_entries(lock.step_logits, ref_steps, tokens, settings.dtype)
+    decode = decode_entries(lock.step_logits, ref_steps, tokens, settings.dtype, settings.tol_overrides)
     # a stage never settled is one a side did not capture (settle pops the captures it compares)
     diffs = [lock.diffs[s.name] if s.name in lock.diffs  # (a StageDiff is falsy when it fails: no `or`)
              else missing(s.name, tols[s.name], settings.dtype, lock.recorder.capture, lock.ref) for s in stages]
