@@ -1,7 +1,8 @@
 """nox sessions: tests (the default pytest run), slow (tests marked slow), lint (ruff), coverage (which
 lines and branches of rmlx/ the default `rmlx-parity run` executes; docs/coverage.md), parity (the
 self-test, the gates against the committed baselines, and the embedded default in every policy, dtype
-and mode, and quantized), bench (benchmarks/bench.py: JSON + Markdown under reports/)."""
+and mode, and quantized), bench (benchmarks/bench.py: JSON + Markdown under reports/), wheel (a
+non-editable install runs the quick start), core (the core install: compare, gate --record, report)."""
 
 import shutil
 
@@ -66,3 +67,19 @@ def parity(session):
 def bench(session):
     session.install("-e", ".[dev]")
     session.run("python", "benchmarks/bench.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def wheel(session):
+    """`pip install '.[all]'` (not editable) and the embedded default from outside the repository: the
+    fixtures come from the installed package `rmlx_fixtures`."""
+    session.install(".[all]")
+    out = session.create_tmp()
+    session.chdir(out)
+    session.run("rmlx-parity", "run", "--report-dir", "wheel-run", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def core(session):
+    """The core install alone (no mlx, torch or transformers): .ci/core-install."""
+    session.run("bash", ".ci/core-install", session.create_tmp(), external=True)
