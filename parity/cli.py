@@ -310,10 +310,13 @@ def _run(args) -> tuple[dict, Path, dict | None]:
             raise InputError(f"--case {' '.join(args.case)} matches no scenario")
     report_dir = args.report_dir or default_report_dir()
     _check_outputs(args, report_dir, args.dump)
+    from parity.kernels import KernelCheck
+
     t0 = time.perf_counter()
+    check = KernelCheck()
     results = run_cases(models, scenarios, settings, keep_captures=args.dump is not None,
-                        progress=report.Progress())
-    rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv)
+                        progress=report.Progress(), kernel_check=check)
+    rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv, kernels=check.summary())
     dumps = None
     if args.dump:  # the selected stages (--stages) and every input the dump's reader checks
         def kept(capture: dict) -> dict:

@@ -172,7 +172,13 @@ def plan_cases(models: list[Path], scenarios: list[Scenario], shard: tuple[int, 
 
 
 def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings, keep_captures: bool = False,
-              progress: Callable[[int, int, str], None] | None = None) -> list[CaseResult]:
+              progress: Callable[[int, int, str], None] | None = None, kernel_check=None) -> list[CaseResult]:
+    """Every planned case (a crash is a verdict). ``kernel_check``: a ``parity.kernels.KernelCheck``
+    that sees every product the port computes in place of MLX's own kernel."""
+    import contextlib
+
+    from rmlx import kernels
+
     validate(settings)
     if settings.stream and keep_captures:
         raise InputError("--dump keeps every capture in memory, which --stream exists to avoid; drop one of them")
@@ -181,7 +187,9 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
     for fam in {id(f): f for f in map(family_of, models)}.values():
         fam.check_settings(settings)
-    with planted(run_defects(models, settings.inject)):  # planted before loading: some act at load time
+    kernels.reset()
+    watch = contextlib.nullcontext() if kernel_check is None else kernels.observe(kernel_check)
+    with planted(run_defects(models, settings.inject)), watch:  # planted before loading: some act at load time
         fams: dict[Path, Family] = {m: family_of(m) for m in dict.fromkeys(m for m, _ in plan)}
         adapters: dict[Path, Adapter] = {}
         load_errors: dict[Path, tuple[BaseException, str]] = {}
@@ -437,7 +445,7 @@ def run_logit_statistics(results: list[CaseResult]) -> dict:
 
 
 def record(results: list[CaseResult], settings: Settings, wall_time_s: float, run_id: str,
-           argv: list[str] | None = None) -> dict:
+           argv: list[str] | None = None, kernels: dict | None = None) -> dict:
     """The JSON record of a run (the schema every other report is rendered from). Non-finite numbers
     (a NaN KL from NaN logits, say) become JSON's "inf" / null, so a broken port still gets its report."""
     cases = []
@@ -488,7 +496,9 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                      "shard": None if settings.shard is None else "{}/{}".format(*settings.shard),
                      "stream": settings.stream, "threads": settings.threads,
                      "tol_overrides": overrides_record(settings.tol_overrides)},
-        "passed": all(r.passed for r in results),
+        # a kernel that computed the candidate in place of MLX's own and failed its check fails the run
+        "passed": all(r.passed for r in results) and (kernels is None or kernels["passed"]),
+        "kernels": kernels,
         "untestable": [r.name for r in results if r.untestable],
         "logits": run_logit_statistics(results),
         "first_divergence": None if first is None else {

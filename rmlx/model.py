@@ -13,6 +13,7 @@ import numpy as np
 from rmlx.base import attention_masks, rms_norm
 from rmlx.config import AudioConfig, ModelArgs
 from rmlx.errors import InputError
+from rmlx.kernels import Linear
 from rmlx.quant import dequantized_weights
 from rmlx.tap import active as tap_active
 from rmlx.tap import tap
@@ -26,7 +27,7 @@ class AudioEmbedder(nn.Module):
     def __init__(self, cfg: AudioConfig, hidden_size: int):
         super().__init__()
         self.eps = cfg.rms_norm_eps
-        self.embedding_projection = nn.Linear(cfg.audio_embed_dim, hidden_size, bias=False)
+        self.embedding_projection = Linear(cfg.audio_embed_dim, hidden_size, bias=False)
 
     def __call__(self, frames: mx.array) -> mx.array:
         """(1, N, 640) -> (1, N, H)."""

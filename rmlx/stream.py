@@ -27,6 +27,7 @@ from rmlx.base import cpu_streams
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
 from rmlx.files import checkpoint_files, safetensors_layout
+from rmlx.kernels import matmul_t
 from rmlx.load import DTYPES, check_weights
 from rmlx.model import Model
 from rmlx.text import DecoderLayer
@@ -89,7 +90,7 @@ class RowsEmbedding(nn.Module):
         parts = []
         for start in range(0, vocab, self._chunk):
             w = self._tensor.rows(start, min(start + self._chunk, vocab), self._dtype)
-            part = h @ w.T if post is None else post(h @ w.T)
+            part = matmul_t(h, w) if post is None else post(matmul_t(h, w))
             mx.eval(part)
             parts.append(part)
         return mx.concatenate(parts, axis=-1)

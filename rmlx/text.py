@@ -17,6 +17,7 @@ import mlx.nn as nn
 from rmlx import fastmath
 from rmlx.base import RMSNorm, RoPE, cpu_streams, halves, rms_norm
 from rmlx.config import LayerSpec, TextConfig
+from rmlx.kernels import Linear, matmul_t
 from rmlx.tap import layer_stages, tap
 
 
@@ -91,14 +92,14 @@ class Attention(nn.Module):
         d, n_kv = spec.head_dim, spec.num_key_value_heads
         self.spec = spec
         self.n_heads = cfg.num_attention_heads
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_attention_heads * d, bias=False)
+        self.q_proj = Linear(cfg.hidden_size, cfg.num_attention_heads * d, bias=False)
         self.q_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
-        self.o_proj = nn.Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=False)
+        self.o_proj = Linear(cfg.num_attention_heads * d, cfg.hidden_size, bias=False)
         if not spec.kv_shared:  # "reuse" layers take K and V from an earlier layer of their type
-            self.k_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=False)
+            self.k_proj = Linear(cfg.hidden_size, n_kv * d, bias=False)
             self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps)
             if not spec.k_eq_v:
-                self.v_proj = nn.Linear(cfg.hidden_size, n_kv * d, bias=False)
+                self.v_proj = Linear(cfg.hidden_size, n_kv * d, bias=False)
         self.eps = cfg.rms_norm_eps
         self.rope = RoPE(d, cfg.rope_parameters[spec.layer_type])
 
@@ -131,9 +132,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         def gated(gate: mx.array, up: mx.array) -> mx.array:
@@ -174,7 +175,7 @@ class TextModel(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         if not tied:  # tie_word_embeddings false: the checkpoint's own lm_head.weight
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         # Reuse layers read K/V from the last non-shared layer of the same type (HF "store" layers).
@@ -216,15 +217,17 @@ class TextModel(nn.Module):
         if "lm_head" in self:
             logits = self.lm_head(h)
             return tap("logits", logits if cap is None else mx.tanh(logits / cap) * cap)
-        if cap is None:
-            return tap("logits", self.embed_tokens.as_linear(h))
 
         def softcap(x: mx.array) -> mx.array:
             return mx.tanh(x / cap) * cap
 
-        if isinstance(self.embed_tokens, nn.Embedding | nn.QuantizedEmbedding):
-            return tap("logits", halves(softcap, self.embed_tokens.as_linear(h), axis=-2))
-        return tap("logits", self.embed_tokens.as_linear(h, softcap))
+        if isinstance(self.embed_tokens, nn.Embedding):  # embed_tokens.as_linear, on rmlx.kernels' GEMM
+            logits = matmul_t(h, self.embed_tokens.weight)
+        elif isinstance(self.embed_tokens, nn.QuantizedEmbedding):
+            logits = self.embed_tokens.as_linear(h)
+        else:  # rmlx.stream.RowsEmbedding: the soft-cap on each vocabulary chunk
+            return tap("logits", self.embed_tokens.as_linear(h, None if cap is None else softcap))
+        return tap("logits", logits if cap is None else halves(softcap, logits, axis=-2))
 
     def __call__(self, inputs_embeds: mx.array, masks: dict[str, mx.array] | None,
                  cache: list[KVCache | None] | None = None, offset: int = 0) -> mx.array:

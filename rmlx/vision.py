@@ -21,6 +21,7 @@ from rmlx.base import (
 )
 from rmlx.config import VisionConfig
 from rmlx.errors import InputError
+from rmlx.kernels import Linear
 from rmlx.tap import active as tap_active
 from rmlx.tap import tap
 
@@ -34,11 +35,11 @@ class VisionEmbedder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_ln1 = LayerNorm(cfg.patch_dim, eps=LAYER_NORM_EPS)
-        self.patch_dense = nn.Linear(cfg.patch_dim, cfg.mm_embed_dim, bias=True)
+        self.patch_dense = Linear(cfg.patch_dim, cfg.mm_embed_dim, bias=True)
         self.patch_ln2 = LayerNorm(cfg.mm_embed_dim, eps=LAYER_NORM_EPS)
         self.pos_embedding = mx.zeros((cfg.mm_posemb_size, 2, cfg.mm_embed_dim))
         self.pos_norm = LayerNorm(cfg.mm_embed_dim, eps=LAYER_NORM_EPS)
-        self.embedding_projection = nn.Linear(cfg.output_proj_dims, hidden_size, bias=False)
+        self.embedding_projection = Linear(cfg.output_proj_dims, hidden_size, bias=False)
 
     def position_embedding(self, position_ids: mx.array) -> mx.array:
         """(B, P, 2) int (x, y), -1 = padding -> (B, P, mm): table[x, 0] * valid_x + table[y, 1] * valid_y."""

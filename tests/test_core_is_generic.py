@@ -23,6 +23,7 @@ ALLOWED = {
     "rmlx.image": "image decoding (Pillow, validated): shared by every family with images",
     "rmlx.load": "the checkpoint loader (`convert`), shared plumbing",
     "rmlx.files": "the validated safetensors header and shard-index reader (no MLX), shared plumbing",
+    "rmlx.kernels": "the kernels that replace MLX's own, observed and checked (parity/kernels.py)",
     "reference.fixtures": "`rmlx-parity fixtures` regenerates the committed fixtures",
     "reference.synthetic": "`rmlx-parity fixtures --shape` writes real-size synthetic checkpoints",
 }

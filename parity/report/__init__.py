@@ -262,6 +262,8 @@ def to_markdown(rec: dict) -> str:
               "|" + "---|" * len(_COLS)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(rec)]
     lines += logit_lines(rec.get("logits") or {})
+    if kernel_lines(rec):
+        lines += ["", "## Kernels", "", *kernel_lines(rec)]
     lines += ["", "## Cases", "",
               "| case | images | soft tokens | passed | first divergence | top-1 | KL max | decode max abs "
               "| HF self-consistency | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -314,6 +316,8 @@ def to_terminal(rec: dict, wide: bool = False, notes: Sequence[str] = ()) -> str
     if failed:
         out += ["", *_wrap([f"failed cases ({len(failed)}): " + ", ".join(c["name"] for c in failed[:12])
                             + (" ..." if len(failed) > 12 else "")], width, "  ")]
+    if kernel_lines(rec):
+        out += ["", *_wrap(kernel_lines(rec), width, "  ")]
     if notes:
         out += ["", *_wrap(notes, width, "  ")]
     fd = rec["first_divergence"]
@@ -322,6 +326,22 @@ def to_terminal(rec: dict, wide: bool = False, notes: Sequence[str] = ()) -> str
                             *fd["message"].split("\n"), *oracle_line(fd)], width, "  ")]
     out += ["", verdict_line(rec, width)]  # last: the verdict does not scroll away above a long table
     return "\n".join(out)
+
+
+def kernel_lines(rec: dict) -> list[str]:
+    """What computed the candidate where it was not MLX's own kernel, and the check of each
+    (``parity.kernels``): a line per failed check, else one line in all."""
+    k = rec.get("kernels") or {}
+    if not k.get("used"):
+        return []
+    checks = k.get("checks") or []
+    worst = max((c["bound_ratio"] for c in checks), default=0.0)
+    out = [f"kernels: {', '.join(sorted(k['used']))} in place of MLX's own; {len(checks)} shape(s) checked "
+           f"against the exact product: {'PASS' if k.get('passed') else 'FAIL'} (worst {fmt(worst, '.2g')} of "
+           "the fp32-sum bound)"]
+    out += [f"  kernel check FAILED: {c['kernel']} K={c['k']} N={c['n']}: max |error| {fmt(c['max_abs_vs_exact'])} "
+            f"is {fmt(c['bound_ratio'], '.3g')} x the bound ({c['how']})" for c in checks if not c["passed"]]
+    return out
 
 
 def verdict_line(rec: dict, width: int | None = None) -> str:
@@ -336,6 +356,8 @@ def verdict_line(rec: dict, width: int | None = None) -> str:
     logits = ([f"same top token {lg['top1_agreement']:.2%}, KL mean {fmt(lg.get('kl_mean'))}"]
               if isinstance(lg.get("top1_agreement"), float) else [])
     untestable = [f"{len(rec['untestable'])} case(s) untestable"] if rec.get("untestable") else []
+    if rec.get("kernels") and not rec["kernels"].get("passed", True):
+        untestable.append("a kernel check failed")
     stage = [f"first divergence {fd['stage']}"] if fd else []
     seconds = f" ({rec['wall_time_s']:.1f} s)"
     line = ""

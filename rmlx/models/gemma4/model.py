@@ -16,6 +16,7 @@ import numpy as np
 
 from rmlx.base import rms_norm
 from rmlx.errors import InputError
+from rmlx.kernels import Linear
 from rmlx.load import load_checkpoint
 from rmlx.model import decoder_masks, rename_keys, scatter
 from rmlx.models.gemma4.config import ModelArgs
@@ -37,7 +38,7 @@ class MultimodalEmbedder(nn.Module):
     def __init__(self, in_dims: int, hidden_size: int, eps: float):
         super().__init__()
         self.eps = eps
-        self.embedding_projection = nn.Linear(in_dims, hidden_size, bias=False)
+        self.embedding_projection = Linear(in_dims, hidden_size, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.embedding_projection(rms_norm(x, None, self.eps))

@@ -23,6 +23,7 @@ import numpy as np
 from rmlx import fastmath
 from rmlx.base import RMSNorm, rms_norm
 from rmlx.errors import InputError
+from rmlx.kernels import Linear
 from rmlx.models.gemma4.config import VisionConfig
 from rmlx.tap import tap
 from rmlx.text import attention
@@ -41,7 +42,7 @@ class ClippableLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, clipped: bool):
         super().__init__()
-        self.linear = nn.Linear(in_features, out_features, bias=False)
+        self.linear = Linear(in_features, out_features, bias=False)
         self._clipped = clipped
         if clipped:  # HF initialises them to -inf / +inf: no clamp until a checkpoint sets them
             self.input_min = mx.array(-math.inf)
@@ -176,7 +177,7 @@ class VisionEncoder(nn.Module):
 class PatchEmbedder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.input_proj = nn.Linear(cfg.patch_dim, cfg.hidden_size, bias=False)
+        self.input_proj = Linear(cfg.patch_dim, cfg.hidden_size, bias=False)
         self.position_embedding_table = mx.zeros((2, cfg.position_embedding_size, cfg.hidden_size))
 
     def __call__(self, pixel_values: mx.array, position_ids: mx.array, padding: mx.array) -> mx.array:

@@ -1,0 +1,83 @@
+"""The check of every kernel that computes the candidate in place of MLX's own (``rmlx.kernels``).
+
+A speed-up must never hide a kernel difference. For each distinct (kernel, K, N) a run uses, the
+first call's output is checked on ``ROWS`` rows spread over its input:
+
+- against the exact product (float64: the products of bf16 or fp32 values are exact there, and their
+  sum is within 2^-53 K of exact): every element within ``rmlx.kernels.bound`` -- the fp32 summation
+  bound, plus half a bf16 ulp when the output is rounded to bf16. This decides ``passed``;
+- against MLX's own kernel on the same rows (how MLX would have computed the candidate): how many
+  elements are bit-identical, the largest difference, and whether MLX's own kernel meets the same
+  bound (so a violation is pinned on the right kernel).
+
+The record's ``kernels`` section (``summary``) names what computed the candidate and every check;
+a failed check fails the run.
+"""
+
+from __future__ import annotations
+
+import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.py)
+
+# isort: split
+import mlx.core as mx
+import numpy as np
+
+from rmlx import kernels
+
+ROWS = 8
+_CHUNK = 2048  # weight rows per float64 block (bounds memory at real sizes: 2048 x 15360 x 8 B = 252 MB)
+
+
+def _f64(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32)).astype(np.float64)
+
+
+class KernelCheck:
+    """An observer for ``rmlx.kernels.observe``: checks the first call of each distinct kernel shape."""
+
+    def __init__(self, rows: int = ROWS):
+        self.rows = rows
+        self.results: dict[tuple, dict] = {}
+
+    def __call__(self, kind: str, x: mx.array, w: mx.array, y: mx.array, native) -> None:
+        k, n = int(x.shape[-1]), int(w.shape[0])
+        key = (kind, k, n)
+        if key in self.results:
+            return
+        x2, y2 = x.reshape(-1, k), y.reshape(-1, n)
+        m = x2.shape[0]
+        if m == 0:
+            return
+        idx = mx.array(np.unique(np.linspace(0, m - 1, min(self.rows, m)).astype(np.int64)))
+        xs, ys = x2[idx], y2[idx]
+        ns = native(xs)
+        mx.eval(xs, ys, ns)
+        xs64, ys64, ns64 = _f64(xs), _f64(ys), _f64(ns)
+        exact = np.empty_like(ys64)
+        absprod = np.empty_like(ys64)
+        for start in range(0, n, _CHUNK):
+            wb = _f64(w[start:start + _CHUNK])
+            exact[:, start:start + _CHUNK] = xs64 @ wb.T
+            absprod[:, start:start + _CHUNK] = np.abs(xs64) @ np.abs(wb).T
+        out_dtype = "bfloat16" if y.dtype == mx.bfloat16 else "float32"
+        with np.errstate(invalid="ignore", divide="ignore"):
+            # + the float64 sum's own error (K 2^-53 of the absolute products): the "exact" side's slack
+            b = kernels.bound(absprod, ys64, k, out_dtype) + k * 2.0**-53 * absprod
+            ours, mlx_own = np.abs(ys64 - exact), np.abs(ns64 - exact)
+            ratio = float(np.nanmax(np.where(b > 0, ours / b, np.where(ours > 0, np.inf, 0.0))))
+            mlx_ratio = float(np.nanmax(np.where(b > 0, mlx_own / b, np.where(mlx_own > 0, np.inf, 0.0))))
+        finite = bool(np.isfinite(ys64).all())
+        self.results[key] = {
+            "kernel": kind, "how": kernels.in_use().get(kind, ""), "k": k, "n": n, "rows": int(idx.size),
+            "output_dtype": out_dtype,
+            "max_abs_vs_exact": float(ours.max()), "bound_ratio": ratio,
+            "mlx_bound_ratio": mlx_ratio, "max_abs_vs_mlx": float(np.abs(ys64 - ns64).max()),
+            "bit_identical_to_mlx": float((ys64 == ns64).mean()),
+            "passed": finite and ratio <= 1.0,
+        }
+
+    def summary(self) -> dict:
+        """The record's ``kernels`` section: what computed the candidate, and each check."""
+        checks = sorted(self.results.values(), key=lambda r: (r["kernel"], r["k"], r["n"]))
+        return {"enabled": kernels.enabled(), "used": kernels.in_use(), "rows_per_shape": self.rows,
+                "checks": checks, "passed": all(c["passed"] for c in checks)}

@@ -1,0 +1,174 @@
+"""The port's matrix products where MLX's Linux CPU backend is slow: bf16 and MX-quantized weights.
+
+Why: MLX 0.32's CPU backend on Linux runs fp32 GEMMs through the BLAS (MKL, ``rmlx/blas.py``), but
+computes a bf16 GEMM and ``quantized_matmul`` in its own generic loops. At the 12B shapes
+(280 x 3840 by 3840 x 6912, ``python benchmarks/bench.py --only kernels``): bf16 ~3 s where the fp32
+GEMM takes ~0.1 s, mxfp8 ~20 s.
+
+What runs instead (:func:`enabled`: on the CPU on Linux with MKL loaded, unless
+``RMLX_NATIVE_KERNELS=1``):
+
+- bf16 x bf16 (``Linear``, the tied lm_head): MKL's ``cblas_gemm_bf16bf16f32``, products of bf16
+  values summed in fp32 (AMX or AVX512-BF16 where the CPU has them), rounded to bf16 once. That is
+  what MLX's own bf16 GEMM computes up to the order of the fp32 sums.
+- MX-quantized weights (``QuantizedLinear``, modes ``mxfp8``/``mxfp4``): the weight dequantized with
+  ``mx.dequantize`` -- exact: an FP8/FP4 element times a power-of-two scale is an fp32 (and a bf16,
+  within bf16's exponent range) -- then the fp32 GEMM (fp32 activations) or the bf16 one above
+  (bf16 activations). MLX's ``quantized_matmul`` also sums the exact products in fp32.
+
+Either differs from MLX's own kernel only by the order of fp32 sums (and, for bf16 outputs, the one
+rounding to bf16 that this can flip): :func:`bound`. The parity harness does not take that on trust:
+each distinct (kernel, shape) a run uses is also computed by MLX's own kernel on a sample of rows and
+held to that bound (``parity/kernels.py``), and every record names the kernels that computed the
+candidate (:func:`in_use`). ``observe`` is how it sees the calls; the port never checks itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from rmlx import blas
+
+_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
+_MX_MODES = ("mxfp8", "mxfp4")  # block-scaled by powers of two: dequantization is exact
+_USED: dict[str, str] = {}  # kernel -> what computed it, since the last ``reset``
+_OBSERVERS: list[Callable] = []
+
+
+def _mkl_gemm_bf16():
+    """MKL's ``cblas_gemm_bf16bf16f32`` from the libmkl_rt that ``rmlx.blas`` loaded (None: not there)."""
+    if blas.in_use()["blas"] != "mkl":
+        return None
+    try:
+        fn = ctypes.CDLL(None).cblas_gemm_bf16bf16f32  # loaded with RTLD_GLOBAL: in the global scope
+    except AttributeError:
+        return None
+    i32, f32, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+    fn.argtypes = [i32, i32, i32, i32, i32, i32, f32, ptr, i32, ptr, i32, f32, ptr, i32]
+    fn.restype = None
+    return fn
+
+
+_GEMM_BF16 = _mkl_gemm_bf16()
+
+
+def enabled() -> bool:
+    """Do ``Linear`` and ``QuantizedLinear`` run the kernels above (else MLX's own ops)?"""
+    return (_GEMM_BF16 is not None and sys.platform == "linux" and mx.default_device() == mx.cpu
+            and os.environ.get("RMLX_NATIVE_KERNELS") != "1")
+
+
+def in_use() -> dict[str, str]:
+    """{kernel: what computed it} for every matrix-product kind used since :func:`reset`."""
+    return dict(_USED)
+
+
+def reset() -> None:
+    _USED.clear()
+
+
+@contextlib.contextmanager
+def observe(callback: Callable) -> Iterator[None]:
+    """Call ``callback(kind, x, w, y, native)`` after each product this module computes in place of
+    MLX's own kernel: ``x`` its input (..., K), ``w`` the (dequantized) weight (N, K), ``y`` its output
+    (..., N), ``native(rows)`` MLX's own kernel on some rows of ``x`` (2-D)."""
+    _OBSERVERS.append(callback)
+    try:
+        yield
+    finally:
+        _OBSERVERS.remove(callback)
+
+
+def _note(kind: str, how: str, x: mx.array, w: mx.array, y: mx.array, native: Callable) -> mx.array:
+    _USED[kind] = how
+    for cb in list(_OBSERVERS):
+        cb(kind, x, w, y, native)
+    return y
+
+
+def _as_u16(a: mx.array) -> np.ndarray:
+    """The bits of an evaluated, row-contiguous bf16 array, without a copy."""
+    return np.frombuffer(memoryview(a.view(mx.uint16)), dtype=np.uint16).reshape(a.shape)
+
+
+def gemm_bf16(x: mx.array, w: mx.array) -> mx.array:
+    """x (..., K) bf16 @ w (N, K) bf16 .T, fp32 sums, rounded to bf16 (MKL; evaluates x and w)."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = w.shape[0]
+    a = mx.contiguous(x.reshape(-1, k))
+    b = mx.contiguous(w)
+    mx.eval(a, b)
+    m = a.shape[0]
+    out = np.empty((m, n), dtype=np.float32)
+    if m and n:
+        a16, b16 = _as_u16(a), _as_u16(b)
+        _GEMM_BF16(_ROW_MAJOR, _NO_TRANS, _TRANS, m, n, k, 1.0, a16.ctypes.data, k, b16.ctypes.data, k, 0.0,
+                   out.ctypes.data, n)
+    return mx.array(out).astype(mx.bfloat16).reshape(*lead, n)
+
+
+def matmul_t(x: mx.array, w: mx.array) -> mx.array:
+    """``x @ w.T`` for a weight ``w`` (N, K): MKL's bf16 GEMM for bf16 operands when :func:`enabled`."""
+    if x.dtype == mx.bfloat16 and w.dtype == mx.bfloat16 and x.ndim >= 2 and enabled():
+        y = gemm_bf16(x, w)
+        return _note("bf16 matmul", "MKL cblas_gemm_bf16bf16f32 (fp32 sums, one rounding to bf16)", x, w, y,
+                     lambda rows: rows @ w.T)
+    return x @ w.T
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose bf16 product is :func:`matmul_t`; quantizes to :class:`QuantizedLinear`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = matmul_t(x, self["weight"])
+        return y + self["bias"] if "bias" in self else y
+
+    def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
+                     quantize_input: bool = False):
+        if quantize_input:
+            return super().to_quantized(group_size, bits, mode, quantize_input)
+        return QuantizedLinear.from_linear(self, group_size, bits, mode)
+
+
+class QuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` whose MX-quantized product dequantizes exactly and runs the fp32 or bf16
+    GEMM (module docstring); other modes run ``mx.quantized_matmul``."""
+
+    def _native(self, x: mx.array) -> mx.array:
+        return mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=self.get("biases"),
+                                   transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self.mode in _MX_MODES and x.dtype in (mx.float32, mx.bfloat16) and x.ndim >= 2 and enabled():
+            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
+                              bits=self.bits, mode=self.mode, dtype=x.dtype)
+            if x.dtype == mx.bfloat16:
+                y, how = gemm_bf16(x, w), "exact dequantization to bf16 + MKL cblas_gemm_bf16bf16f32"
+            else:
+                y, how = x @ w.T, "exact dequantization to fp32 + the fp32 GEMM (MKL sgemm)"
+            y = _note(f"{self.mode} matmul ({'bf16' if x.dtype == mx.bfloat16 else 'fp32'})", how, x, w, y,
+                      self._native)
+        else:
+            y = self._native(x)
+        return y + self["bias"] if "bias" in self else y
+
+
+def bound(abs_products: np.ndarray, y: np.ndarray, k: int, out_dtype: str) -> np.ndarray:
+    """How far a product computed with fp32 sums may be from the exact product (elementwise):
+    ``gamma_K * sum_k |x_k| |w_k|`` (any order of K fp32 additions of exact products; Higham, Accuracy
+    and Stability of Numerical Algorithms, eq. 3.5), plus half a bf16 ulp of ``y`` when the result is
+    rounded to bf16 once. ``abs_products``: ``|x| @ |W|.T`` in float64."""
+    u = 2.0**-24
+    b = (k * u / (1 - k * u)) * abs_products
+    if out_dtype == "bfloat16":
+        mag = np.maximum(np.abs(y.astype(np.float64)), np.finfo(np.float32).tiny)
+        b = b + np.exp2(np.floor(np.log2(mag)) - 8)  # half a bf16 ulp (8 significant bits)
+    return b
