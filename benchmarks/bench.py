@@ -1,6 +1,6 @@
 """Benchmarks: rmlx (MLX) against HF (torch) on the same CPU, in the same process, at real shapes.
 
-    python benchmarks/bench.py [--out DIR] [--repeat N] [--only gemm,vision,masks,harness,layers]
+    python benchmarks/bench.py [--out DIR] [--repeat N] [--only gemm,kernels,vision,masks,harness,layers]
     python benchmarks/bench.py --only stream --checkpoint DIR [--tokens 280,1120] [--threads 2]
 
 Writes DIR/bench.json and DIR/bench.md (default reports/bench-<time>/), atomically. Every number is a
@@ -10,6 +10,8 @@ and the range of the per-round ratios is reported next to the ratio of the media
 
 - gemm: fp32 280x6912 @ 6912x3840 (the vision patch_dense at 280 soft tokens) in MLX, torch and NumPy;
   bf16 in MLX and torch; MXFP8 in MLX (``mx.quantized_matmul``, mode "mxfp8").
+- kernels: the candidate's bf16 and mxfp8 products (``rmlx.kernels``) at the same shape, against
+  torch's bf16 GEMM and torch's fp32 GEMM on the dequantized weights, and MLX's own kernels.
 - vision: the vision embedder at the real shape (6912 -> 3840 -> 3840) at 280 and 1120 soft tokens.
 - masks: both mask policies at 8k and 32k tokens (an 8k-token image block in the middle).
 - harness: the embedded default (tiny fixtures), the time of the two forwards against everything else
@@ -102,6 +104,45 @@ def bench_gemm(repeat: int) -> list[dict]:
     torch_fp32 = rows[1]["seconds"]
     for r in rows:
         r["vs torch fp32"] = r["seconds"] / torch_fp32
+    return rows
+
+
+def bench_kernels(repeat: int) -> list[dict]:
+    """The candidate's products (``rmlx.kernels``) at 280x6912 @ 6912x3840, each against what issue
+    #20 sets it against, timed in alternating rounds: bf16 against torch's bf16 GEMM; mxfp8 against
+    torch's fp32 GEMM on the dequantized weights. MLX's own kernel (``RMLX_NATIVE_KERNELS=1``'s path)
+    is timed once for the record (seconds each)."""
+    import mlx.core as mx
+    import torch
+
+    from rmlx import kernels
+
+    m, k, n = 280, 6912, 3840
+    rng = np.random.default_rng(0)
+    a, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32) / 83
+    ma, mw = mx.array(a), mx.array(w)
+    ma16, mw16 = ma.astype(mx.bfloat16), mw.astype(mx.bfloat16)
+    lin16 = kernels.Linear(k, n, bias=False)
+    lin16.weight = mw16
+    lin8 = kernels.Linear(k, n, bias=False)
+    lin8.weight = mw
+    q = lin8.to_quantized(group_size=32, bits=8, mode="mxfp8")
+    mx.eval(ma, ma16, mw16, q.parameters())
+    deq = np.array(mx.dequantize(q.weight, q.scales, group_size=32, bits=8, mode="mxfp8", dtype=mx.float32))
+    ta, ta16, tw16, tdeq = torch.from_numpy(a), torch.from_numpy(a).bfloat16(), torch.from_numpy(w).bfloat16(), \
+        torch.from_numpy(deq)
+    rows = []
+    for case, ours, theirs in (
+            ("bf16 GEMM: rmlx.kernels / torch bf16", lambda: mx.eval(lin16(ma16)), lambda: ta16 @ tw16.T),
+            ("mxfp8 GEMM, fp32 activations: rmlx.kernels / torch fp32 on dequantized weights",
+             lambda: mx.eval(q(ma)), lambda: ta @ tdeq.T)):
+        row = ratio_row(case, paired({"mlx": ours, "torch": theirs}, repeat))
+        rows.append(row)
+    rows.append({"case": "mxfp8 GEMM, bf16 activations: rmlx.kernels",
+                 "mlx s": timed(lambda: mx.eval(q(ma16)), repeat)})
+    rows.append({"case": "MLX's own bf16 GEMM (x @ w.T)", "mlx s": timed(lambda: mx.eval(ma16 @ mw16.T), 1)})
+    rows.append({"case": "MLX's own mxfp8 quantized_matmul, fp32 activations",
+                 "mlx s": timed(lambda: mx.eval(q._native(ma)), 1)})
     return rows
 
 
@@ -301,8 +342,8 @@ def bench_stream(repeat: int, checkpoint: Path | None = None, tokens: tuple[int,
     return rows
 
 
-SECTIONS = {"gemm": bench_gemm, "vision": bench_vision, "masks": bench_masks, "harness": bench_harness,
-            "layers": bench_layers, "stream": bench_stream}
+SECTIONS = {"gemm": bench_gemm, "kernels": bench_kernels, "vision": bench_vision, "masks": bench_masks,
+            "harness": bench_harness, "layers": bench_layers, "stream": bench_stream}
 
 
 def environment() -> dict:

@@ -96,7 +96,10 @@ class Family(Protocol):
     def load_streamed(self, model_dir: Path, settings: Any) -> Adapter:
         """The layer-by-layer driver's adapter (an ``InputError`` if the family has none)."""
 
-    def run_streamed(self, adapter: Adapter, model: Path, scenario: Scenario, decoded: dict, settings: Any): ...
+    def run_streamed(self, adapter: Adapter, model: Path, scenario: Scenario, decoded: dict, settings: Any,
+                     keep_captures: bool = False):
+        """One case, layer by layer; ``keep_captures``: the result's ``reference``/``candidate`` are
+        ``parity.dumps.Spool`` files of the selected stages (``--dump``), never held in memory."""
 
     def scenarios(self, images: list[Path], fixture_images: Path | None) -> list[Scenario]:
         """One case per image, plus the family's special cases (on the fixture battery)."""

@@ -319,7 +319,9 @@ def _run(args) -> tuple[dict, Path, dict | None]:
     rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv, kernels=check.summary())
     dumps = None
     if args.dump:  # the selected stages (--stages) and every input the dump's reader checks
-        def kept(capture: dict) -> dict:
+        def kept(capture):  # a streamed run's parity.dumps.Spool holds the selected stages already
+            if hasattr(capture, "finish"):
+                return capture
             return {k: v for k, v in (capture or {}).items()
                     if not args.stages or k.startswith("input.") or matches_any(k, args.stages)}
         dumps = {r.name: {"reference": kept(r.reference), "candidate": kept(r.candidate)} for r in results}

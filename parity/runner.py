@@ -176,12 +176,11 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
     """Every planned case (a crash is a verdict). ``kernel_check``: a ``parity.kernels.KernelCheck``
     that sees every product the port computes in place of MLX's own kernel."""
     import contextlib
+    import functools
 
     from rmlx import kernels
 
     validate(settings)
-    if settings.stream and keep_captures:
-        raise InputError("--dump keeps every capture in memory, which --stream exists to avoid; drop one of them")
     plan = plan_cases(models, scenarios, settings.shard)
     paths = sorted({p for _, s in plan for p in s.images})
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
@@ -204,7 +203,7 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
         for m, scenario in plan:
             if progress:
                 progress(len(results), len(plan), f"{m.name}/{scenario.name}")
-            run = fams[m].run_streamed if settings.stream else run_case
+            run = functools.partial(fams[m].run_streamed, keep_captures=keep_captures) if settings.stream else run_case
             if m in load_errors:
                 e, side = load_errors[m]
                 results.append(error_result(_TableOnly(fams[m], m), m, scenario, decoded, settings, e, side, {}))

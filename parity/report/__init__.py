@@ -466,10 +466,13 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
                 folder.mkdir(parents=True)
                 digest = _config_digest(model_dirs.get(case_name))
                 for side, capture in sides.items():
-                    arrays = {k: np.ascontiguousarray(v) for k, v in capture.items()}
                     side_meta = meta | {"side": side, "mask_policy": policy.get(side, st["mask_policy"])}
                     if digest:
                         side_meta["config_sha256"] = digest
+                    if hasattr(capture, "finish"):  # a streamed run's parity.dumps.Spool
+                        capture.finish(folder / f"{side}.safetensors", side_meta)
+                        continue
+                    arrays = {k: np.ascontiguousarray(v) for k, v in capture.items()}
                     save_file(arrays, str(folder / f"{side}.safetensors"), metadata=side_meta)
 
 

@@ -64,7 +64,7 @@ class Gemma4Family(Gemma4UnifiedFamily):
     def load_streamed(self, model_dir: Path, settings) -> Adapter:
         raise InputError(f"{model_dir}: the gemma4 family has no layer-by-layer driver (--stream)")
 
-    def run_streamed(self, adapter, model: Path, scenario: Scenario, decoded: dict, settings):
+    def run_streamed(self, adapter, model: Path, scenario: Scenario, decoded: dict, settings, keep_captures=False):
         raise InputError(f"{model}: the gemma4 family has no layer-by-layer driver (--stream)")
 
     def supports(self, model_dir: Path, scenario: Scenario) -> bool:

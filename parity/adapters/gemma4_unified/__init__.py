@@ -69,10 +69,10 @@ class Gemma4UnifiedFamily:
         return StreamAdapter(model_dir, settings.dtype, settings.attn_implementation, settings.quantize,
                              settings.threads)
 
-    def run_streamed(self, adapter, model: Path, scenario: Scenario, decoded: dict, settings):
+    def run_streamed(self, adapter, model: Path, scenario: Scenario, decoded: dict, settings, keep_captures=False):
         from parity.adapters.gemma4_unified.stream import run_case_streamed
 
-        return run_case_streamed(adapter, model, scenario, decoded, settings)
+        return run_case_streamed(adapter, model, scenario, decoded, settings, keep_captures)
 
     def scenarios(self, images: list[Path], fixture_images: Path | None) -> list[Scenario]:
         from parity.adapters.gemma4_unified.adapter import special_scenarios

@@ -28,7 +28,8 @@ keys and values of every layer).
 
 Not in a streamed run: HF's self-consistency forward (a second pass over the disk; recorded as
 null), the float64 run of the decoder (a third model; the vision stages keep their NumPy oracle and
-its noise floor), the other policy's masks in the HTML report, ``--quantize`` and ``--dump``.
+its noise floor), the other policy's masks in the HTML report and ``--quantize``. ``--dump`` writes each
+stage as it is settled (``parity.dumps.Spool``), so a dump never holds more than the lockstep does.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from parity.adapter import Scenario
 from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter, image_stages
 from parity.adapters.gemma4_unified.stages import MASK_KINDS
 from parity.capture import Capture, Recorder, to_numpy
+from parity.dumps import Spool
 from parity.metrics import StageDiff, compare, logits_agreement, missing
 from parity.report.viz import case_viz, ref_max_abs
 from parity.stages import hook_points, select
@@ -95,7 +97,7 @@ class Lockstep:
 
     def __init__(self, adapter: StreamAdapter, scenario: Scenario, inputs: dict[str, np.ndarray],
                  pre: dict[str, np.ndarray], decoded: dict[Path, np.ndarray], settings, names: list[str],
-                 tols: dict):
+                 tols: dict, spools: dict | None = None):
         self.adapter, self.scenario, self.inputs, self.pre, self.decoded = adapter, scenario, inputs, pre, decoded
         self.settings, self.names, self.tols = settings, names, tols
         self.ref: Capture = {}
@@ -114,6 +116,7 @@ class Lockstep:
         self.pool = ThreadPoolExecutor(max_workers=settings.threads)  # NumPy releases the GIL in its loops
         self.running: list = []  # compares in flight (``settle``)
         self.length = int(inputs["input.input_ids"].shape[1])
+        self.spools = spools  # --dump: {"reference": Spool, "candidate": Spool}, the selected stages
 
     # -- hooks ---------------------------------------------------------------------------------
     def install(self) -> list:
@@ -217,6 +220,11 @@ class Lockstep:
             return name, ref_max_abs(r), compare(name, c, r, self.tols[name], self.settings.dtype)
 
         self.running = [self.pool.submit(one, p) for p in pairs if p[0] in self.tols]
+        if self.spools is not None:
+            for name, r, c in pairs:
+                if name in self.tols:
+                    self.spools["reference"].add(name, r)
+                    self.spools["candidate"].add(name, c)
         for name, r, c in pairs:
             if name.startswith(_KEEP):
                 self.kept_ref[name], self.kept_cand[name] = r, c
@@ -233,7 +241,7 @@ class Lockstep:
 
 
 def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
-                      settings):
+                      settings, keep_captures: bool = False):
     """One case, streamed: the same CaseResult as ``parity.runner.run_case`` (captures not kept), plus
     ``stream``: layer reads, the process's peak RSS, and where the time went. ``*_forward_s`` is each
     model's own time, reading its weights included (``*_load_s`` of it); ``capture_s`` (copying stage
@@ -246,7 +254,13 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     tols = {s.name: settings.tol(s.tol, s.name) for s in stages}
     inputs, pre = adapter.inputs(scenario, decoded, settings)
     names = [s.name for s in all_stages]
-    lock = Lockstep(adapter, scenario, inputs, pre, decoded, settings, names, tols)
+    spools = None
+    if keep_captures:  # --dump: the case's inputs, then each selected stage as it is settled
+        spools = {"reference": Spool(), "candidate": Spool()}
+        for k, v in inputs.items():
+            spools["reference"].add(k, v)
+            spools["candidate"].add(k, v)
+    lock = Lockstep(adapter, scenario, inputs, pre, decoded, settings, names, tols, spools)
     # text.inputs_embeds and the masks are read when HF enters its language model (Lockstep._prefix)
     points = {k: v for k, v in hook_points(all_stages).items()
               if k != "text.inputs_embeds" and not k.startswith("mask.")}
@@ -274,6 +288,9 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
         lock.ref_max["logits"] = ref_max_abs(ref_logits)
         lock.diffs["logits"] = compare("logits", cand_logits, ref_logits, tols["logits"], settings.dtype,
                                        workers=settings.threads)
+    if spools is not None and "logits" in tols:
+        spools["reference"].add("logits", ref_logits)
+        spools["candidate"].add("logits", cand_logits)
     agreement = logits_agreement(cand_logits, ref_logits, per_position=True, workers=settings.threads)
     kl = agreement.pop("kl")
     del ref_logits, cand_logits
@@ -298,5 +315,8 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
               "compare_s": round(lock.seconds["compare"] + after, 3),
               "setup_s": round(seconds - t_forward - after, 3),
               "layer_reads": adapter.hf.layer_reads - reads0, "peak_rss_gib": round(peak_rss_gib(), 3)}
-    return case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz, oracle,
-                       seconds, self_consistency=None, stream=stream)
+    result = case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz,
+                         oracle, seconds, self_consistency=None, stream=stream)
+    if spools is not None:
+        result.reference, result.candidate = spools["reference"], spools["candidate"]
+    return result

@@ -1,0 +1,64 @@
+"""A safetensors dump written one tensor at a time: the streamed driver's ``--dump``.
+
+``run --dump`` of a resident run hands each case's captures to ``safetensors.numpy.save_file``. A
+streamed run exists not to hold every stage at once, so its ``Spool`` takes each stage as the lockstep
+settles it, appends the bytes to an anonymous temporary file, and, when the run's outputs are
+published, writes the header and copies the bytes behind it: the same file format (the header's
+``data_offsets`` are those ``save_file`` would write, in insertion order), read back by the same
+reader (``rmlx-parity compare``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+_DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+           np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
+           np.dtype(np.uint8): "U8", np.dtype(np.uint16): "U16", np.dtype(np.uint32): "U32",
+           np.dtype(np.uint64): "U64", np.dtype(np.bool_): "BOOL"}
+
+
+class Spool:
+    """Tensors appended one at a time, then written as one safetensors file (:meth:`finish`)."""
+
+    def __init__(self):
+        self._data = tempfile.TemporaryFile()  # anonymous: gone with the process, whatever happens
+        self._header: dict[str, dict] = {}
+        self._size = 0
+
+    def add(self, name: str, value: np.ndarray) -> None:
+        if name in self._header:
+            raise ValueError(f"dump: stage '{name}' added twice")
+        a = np.ascontiguousarray(value)
+        if a.dtype not in _DTYPES:
+            raise ValueError(f"dump: stage '{name}' has dtype {a.dtype}, which safetensors cannot store")
+        raw = a.tobytes()
+        self._header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape),
+                              "data_offsets": [self._size, self._size + len(raw)]}
+        self._data.write(raw)
+        self._size += len(raw)
+
+    def keys(self) -> list[str]:
+        return list(self._header)
+
+    def finish(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+        """Write the file at ``path`` (a staging folder's: the caller publishes it atomically)."""
+        header = dict(self._header)
+        if metadata:
+            header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as save_file writes it
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            self._data.seek(0)
+            shutil.copyfileobj(self._data, f, 16 << 20)
+
+    def close(self) -> None:
+        self._data.close()
