@@ -171,6 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("convert", help="write an MLX-style quantized copy of a checkpoint (atomically)")
     c.add_argument("--quantize", choices=("mxfp8",), required=True)
+    c.add_argument("--keep", type=Path, metavar="FILE",
+                   help="leave these modules in full precision: the keep.json 'rmlx-parity debug precision' writes")
     c.add_argument("src", type=Path, metavar="SRC")
     c.add_argument("dst", type=Path, metavar="DST")
 
@@ -218,6 +220,26 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--factor", type=float, default=10.0, metavar="F",
                    help="a jump: a stage's error grew more than F times over the previous run of the same "
                         "settings, or it went from pass to fail (default 10)")
+
+    d = sub.add_parser("debug", help="debuggers: 'debug precision' (which modules to keep in full precision)")
+    dsub = d.add_subparsers(dest="debugger", required=True, parser_class=_Parser)
+    dp = dsub.add_parser("precision", help="find a small set of modules to keep in full precision so that the "
+                                           "quantized port's logits meet a target (against the unquantized port)")
+    dp.add_argument("--quantize", choices=("mxfp8",), required=True)
+    goal = dp.add_mutually_exclusive_group()
+    goal.add_argument("--target-kl", type=float, metavar="X",
+                      help="the mean KL divergence over every position to meet (default 1e-3)")
+    goal.add_argument("--target-top1", type=float, metavar="Y",
+                      help="the fraction of positions whose top token agrees, to meet (0 to 1)")
+    dp.add_argument("--model", type=Path, metavar="DIR", help="default: the first fixture model that supports it")
+    dp.add_argument("--image", action="append", type=Path, metavar="PATH", help="(repeatable) default: the battery")
+    dp.add_argument("--case", action="append", metavar="GLOB",
+                    help="the scenarios measured (repeatable; default: text-only and image/gradient)")
+    dp.add_argument("--max-soft-tokens", type=int, default=280)
+    dp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    dp.add_argument("--report-dir", type=Path, metavar="DIR",
+                    help="precision.json (the table) and keep.json (for convert --keep); default "
+                         "reports/precision-<UTC time>-<commit>/")
 
     f = sub.add_parser("fixtures", help="regenerate the embedded default under fixtures/, or write a synthetic "
                                         "checkpoint of the real shapes (--shape)")
@@ -569,14 +591,62 @@ def cmd_faults(args) -> int:
     return EXIT_PASS
 
 
+def cmd_debug(args) -> int:
+    """``debug precision``: the search of ``parity.precision`` on one checkpoint (exit 0 when the
+    target is met, 1 when even the chosen set misses it)."""
+    from parity import precision, report
+    from parity.adapter import family_of
+    from parity.runner import Settings, default_scenarios
+    from parity.stages import matches_any
+    from rmlx.errors import InputError
+    from rmlx.image import load_image
+
+    model = args.model or next(iter(default_models()), None)
+    if model is None:
+        raise Untestable(f"no fixture model under {fixtures_dir()}")
+    if args.target_top1 is not None and not 0 <= args.target_top1 <= 1:
+        raise InputError(f"--target-top1 {args.target_top1}: must be between 0 and 1")
+    if args.target_kl is not None and not args.target_kl >= 0:
+        raise InputError(f"--target-kl {args.target_kl}: must be >= 0")
+    target_kl = 1e-3 if args.target_kl is None and args.target_top1 is None else args.target_kl
+    settings = Settings(dtype=args.dtype, max_soft_tokens=args.max_soft_tokens, oracle=False, decode_steps=0)
+    fam = family_of(model)
+    fam.check_settings(settings)
+    images = args.image or default_images()
+    scenarios = default_scenarios(images, None if args.image else fixtures_dir() / "images", [model])
+    globs = args.case or ["text-only", "image/gradient"]
+    scenarios = [s for s in scenarios if matches_any(s.name, globs) and fam.supports(model, s)]
+    if not scenarios:
+        raise InputError(f"--case {' '.join(globs)} matches no scenario {model.name} supports")
+    report_dir = args.report_dir or default_report_dir("precision-")
+    _check_outputs(args, report_dir)
+    adapter = fam.load(model, settings)
+    decoded = {p: load_image(p) for s in scenarios for p in s.images}
+    cases = [(s, adapter.inputs(s, decoded, settings)[0]) for s in scenarios]
+    rec = precision.search(adapter, cases, decoded, settings, args.quantize, target_kl, args.target_top1,
+                           progress=report.Progress())
+    rec["command"] = " ".join(["rmlx-parity", *args.argv])
+    args.json = None
+    _publish(rec, report_dir, args, folder={"precision.json": report.json_text(rec),
+                                            "keep.json": report.json_text(precision.keep_file(rec))})
+    print(precision.to_terminal(rec))
+    print(f"\nkeep: {report_dir / 'keep.json'} (rmlx-parity convert --quantize {args.quantize} --keep FILE SRC DST)")
+    return EXIT_PASS if rec["met"] else EXIT_FAIL
+
+
 def cmd_convert(args) -> int:
     from parity import report
     from parity.atomic import staged
     from rmlx.load import save_quantized
 
+    keep = []
+    if args.keep is not None:
+        from parity.precision import read_keep
+
+        keep = read_keep(args.keep, args.quantize)
     report.check_free(args.dst)
     with staged(args.dst, before_rename=report.check_free) as (tmp,):
-        status = save_quantized(args.src, tmp, args.quantize)
+        status = save_quantized(args.src, tmp, args.quantize, keep)
     done = sum(s == "quantized" for s in status.values())
     print(f"wrote {args.dst}: {done} of {len(status)} quantizable linears in {args.quantize}")
     for path, s in status.items():
@@ -664,12 +734,13 @@ _NEEDS = {"run": ("parity.runner",), "gate": ("parity.gate", "parity.runner"), "
           "compare": ("parity.compare",), "stages": ("parity.stages",),
           "faults": ("parity.adapter",), "convert": ("rmlx.load",),
           "fixtures": ("reference.fixtures",), "report": ("parity.report", "parity.gate"),
+          "debug": ("parity.precision", "parity.runner"),
           "history": ("parity.history",)}
 # the extras each command needs beyond the core install (numpy, safetensors, ml_dtypes, Pillow), and the
 # modules that tell whether an extra is installed
 _EXTRAS = {"run": ("mlx", "reference"), "gate": ("mlx", "reference"), "selftest": ("mlx", "reference"),
            "stages": ("mlx", "reference"), "faults": ("mlx", "reference"), "fixtures": ("mlx", "reference"),
-           "convert": ("mlx",)}
+           "convert": ("mlx",), "debug": ("mlx", "reference")}
 _EXTRA_MODULES = {"mlx": ("mlx",), "reference": ("torch", "torchvision", "transformers")}
 
 
@@ -736,7 +807,7 @@ def _main(argv: list[str] | None) -> int:
         return EXIT_UNTESTABLE
     commands = {"run": cmd_run, "gate": cmd_gate, "selftest": cmd_selftest, "stages": cmd_stages,
                 "faults": cmd_faults, "fixtures": cmd_fixtures, "convert": cmd_convert, "compare": cmd_compare,
-                "report": cmd_report, "history": cmd_history}
+                "report": cmd_report, "history": cmd_history, "debug": cmd_debug}
     try:
         return commands[args.command](args)
     except InputError as e:

@@ -7,6 +7,7 @@ checkpoint (``pytorch_model.bin``) is refused, never unpickled.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import mlx.core as mx
@@ -66,12 +67,15 @@ def load_checkpoint(model: nn.Module, path: Path, dtype: str, key_of=checkpoint_
     model.load_weights(list(weights.items()), strict=True)
 
 
-def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = None) -> Model:
+def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = None,
+               keep: Iterable[str] = ()) -> Model:
     """Load a gemma4_unified checkpoint directory into an MLX ``Model`` in ``dtype``.
 
     An MLX-style quantized checkpoint (``config.json`` "quantization") loads as quantized linears;
-    ``quantize="mxfp8"`` quantizes an unquantized checkpoint on load. ``model.quant_status`` says,
-    per quantizable module, whether it was quantized or why not.
+    ``quantize="mxfp8"`` quantizes an unquantized checkpoint on load, but for the modules named in
+    ``keep`` (module paths, e.g. ``language_model.layers.0.mlp.down_proj``: ``rmlx-parity debug
+    precision`` chooses them). ``model.quant_status`` says, per quantizable module, whether it was
+    quantized or why not.
     """
     path = Path(path)
     if not path.is_dir():
@@ -86,28 +90,36 @@ def load_model(path: str | Path, dtype: str = "float32", quantize: str | None = 
             raise InputError(f"{path}: the checkpoint is already quantized; drop --quantize")
         model.quant_status = _quantize_as_stored(model, args.quantization, path)
     load_checkpoint(model, path, dtype)
+    keep = set(keep)
+    if keep and quantize is None:
+        raise InputError("modules to keep in full precision were given without a quantization mode")
     if quantize is not None:
-        model.quant_status = quant.quantize(model, quantize)
+        model.quant_status = quant.quantize(model, quantize, {p: False for p in keep})
+        unknown = sorted(keep - model.quant_status.keys())
+        if unknown:
+            raise InputError(f"{path}: no quantizable module {unknown[0]!r} to keep in full precision "
+                             f"({len(unknown)} unknown; the quantizable ones: {sorted(model.quant_status)[:3]} ...)")
     mx.eval(model.parameters())
     return model
 
 
 
 
-def save_quantized(src: str | Path, dst: str | Path, mode: str) -> dict[str, str]:
+def save_quantized(src: str | Path, dst: str | Path, mode: str, keep: Iterable[str] = ()) -> dict[str, str]:
     """``rmlx-parity convert``: write an MLX-style quantized copy of checkpoint ``src`` into the folder
     ``dst`` (created if missing; it must be empty). ``rmlx-parity convert`` writes into a temporary
     folder and renames it into place (``parity.atomic``).
 
     Tensors keep the on-disk HF key spelling (``<module>.weight`` uint32 words + ``<module>.scales``);
-    ``config.json`` gains "quantization" with ``False`` for every module left unquantized.
+    ``config.json`` gains "quantization" with ``False`` for every module left unquantized (``keep``:
+    modules left in full precision on purpose, as ``rmlx-parity debug precision`` writes them).
     """
     import shutil
 
     src, dst = Path(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise InputError(f"{dst}: already exists and is not empty; choose a new folder")
-    model = load_model(src, "float32", quantize=mode)
+    model = load_model(src, "float32", quantize=mode, keep=keep)
     config = json.loads((src / "config.json").read_text())
     skipped = {checkpoint_key(p + ".weight")[: -len(".weight")]: False
                for p, s in model.quant_status.items() if s != "quantized"}

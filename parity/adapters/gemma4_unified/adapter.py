@@ -236,6 +236,24 @@ class Gemma4UnifiedAdapter:
             mx.eval(logits)
         return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 
+    def quantizable(self, mode: str) -> list[str]:
+        """The module paths ``mode`` quantizes in this checkpoint (``rmlx-parity debug precision``)."""
+        model = load_model(self.model_dir, self.dtype, mode)
+        return [p for p, s in model.quant_status.items() if s == "quantized"]
+
+    def port_logits(self, scenario: Scenario, inputs: dict[str, np.ndarray], decoded: dict[Path, np.ndarray],
+                    settings, quantize: str | None, keep: frozenset[str] = frozenset()) -> np.ndarray:
+        """The port's prefill logits of the case, its checkpoint loaded afresh: unquantized
+        (``quantize`` None) or quantized but for the modules in ``keep``."""
+        model = load_model(self.model_dir, self.dtype, quantize, keep if quantize else ())
+        pixel_values = position_ids = None
+        if scenario.images:
+            pixel_values, position_ids = rimage.preprocess_batch(
+                [decoded[p] for p in scenario.images], settings.max_soft_tokens, *self.patch_geometry)
+        logits = model(inputs["input.input_ids"], None, pixel_values, position_ids, inputs.get("input.audio_frames"),
+                       settings.candidate_policy, model.make_cache(), 0)
+        return to_numpy(logits)
+
     @property
     def patch_geometry(self) -> tuple[int, int]:
         """(patch size, pooling kernel) of the checkpoint's vision_config (16, 3 in Gemma 4)."""
