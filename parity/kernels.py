@@ -39,7 +39,7 @@ class KernelCheck:
         self.rows = rows
         self.results: dict[tuple, dict] = {}
 
-    def __call__(self, kind: str, x: mx.array, w: mx.array, y: mx.array, native) -> None:
+    def __call__(self, kind: str, x: mx.array, w: mx.array, bias: mx.array | None, y: mx.array, native) -> None:
         k, n = int(x.shape[-1]), int(w.shape[0])
         key = (kind, k, n)
         if key in self.results:
@@ -59,10 +59,14 @@ class KernelCheck:
             wb = _f64(w[start:start + _CHUNK])
             exact[:, start:start + _CHUNK] = xs64 @ wb.T
             absprod[:, start:start + _CHUNK] = np.abs(xs64) @ np.abs(wb).T
+        if bias is not None:  # added to the fp32 sums before the rounding: one more term
+            exact += _f64(bias)
+            absprod += np.abs(_f64(bias))
+        terms = k + (bias is not None)
         out_dtype = "bfloat16" if y.dtype == mx.bfloat16 else "float32"
         with np.errstate(invalid="ignore", divide="ignore"):
             # + the float64 sum's own error (K 2^-53 of the absolute products): the "exact" side's slack
-            b = kernels.bound(absprod, ys64, k, out_dtype) + k * 2.0**-53 * absprod
+            b = kernels.bound(absprod, ys64, terms, out_dtype) + terms * 2.0**-53 * absprod
             ours, mlx_own = np.abs(ys64 - exact), np.abs(ns64 - exact)
             ratio = float(np.nanmax(np.where(b > 0, ours / b, np.where(ours > 0, np.inf, 0.0))))
             mlx_ratio = float(np.nanmax(np.where(b > 0, mlx_own / b, np.where(mlx_own > 0, np.inf, 0.0))))

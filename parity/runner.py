@@ -148,8 +148,6 @@ def validate(settings: Settings) -> None:
         raise InputError(f"--decode-steps must be >= 0, got {settings.decode_steps}")
     if not 1 <= settings.threads <= MAX_THREADS:
         raise InputError(f"--threads must be in 1..{MAX_THREADS}, got {settings.threads}")
-    if settings.stream and settings.quantize is not None:
-        raise InputError("--stream runs the checkpoint as stored; --quantize is not supported with it")
 
 
 def plan_cases(models: list[Path], scenarios: list[Scenario], shard: tuple[int, int] | None = None

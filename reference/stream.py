@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import ml_dtypes
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,27 @@ class Weights:
                 self.stored[name] = info["dtype"]
                 start, end = info["data_offsets"]
                 self.spans[name] = (data_start + start, end - start)
+        # a quantized run's codec (``quantize_on_read``): {HF weight name: stage name}, applied to each
+        # of these weights every time it is read; its dequantized values wait in ``dequantized``
+        self.codec: dict[str, str] = {}
+        self.codec_fns = None
+        self.dequantized: dict[str, np.ndarray] = {}
+
+    def quantize_on_read(self, weights: dict[str, str], encode, decode) -> None:
+        """Give each weight in ``weights`` = {HF weight name: stage name} the value ``decode(*encode(w))``
+        whenever it is read (the reference's own MX codec, as ``HFRunner.quantize_dequantize`` does to a
+        resident model), and keep that value under its stage name in ``dequantized`` for the caller."""
+        self.codec, self.codec_fns = dict(weights), (encode, decode)
+
+    def _apply_codec(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        encode, decode = self.codec_fns
+        w = t.detach().float().numpy()
+        if t.dtype == torch.bfloat16:  # the codec computes the scale in the input dtype
+            w = w.astype(ml_dtypes.bfloat16)
+        deq = np.asarray(decode(*encode(w)), dtype=np.float32)
+        t.copy_(torch.from_numpy(deq).to(t.dtype))
+        self.dequantized[self.codec[name]] = t.detach().float().numpy().copy()
+        return t
 
     def _spans(self, prefix: str) -> Iterator[tuple[int, int, int]]:
         """(open file descriptor, byte offset, length) of every tensor under ``prefix``, each file
@@ -147,6 +169,9 @@ class Weights:
             with safe_open(f, framework="pt") as h:
                 for name in group:
                     out[name] = h.get_tensor(self.where[name][1]).to(self.dtype)
+        for name in names:
+            if name in self.codec:
+                out[name] = self._apply_codec(name, out[name])
         return out
 
     def _mapped(self, name: str) -> torch.Tensor:

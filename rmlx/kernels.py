@@ -77,9 +77,10 @@ def reset() -> None:
 
 @contextlib.contextmanager
 def observe(callback: Callable) -> Iterator[None]:
-    """Call ``callback(kind, x, w, y, native)`` after each product this module computes in place of
-    MLX's own kernel: ``x`` its input (..., K), ``w`` the (dequantized) weight (N, K), ``y`` its output
-    (..., N), ``native(rows)`` MLX's own kernel on some rows of ``x`` (2-D)."""
+    """Call ``callback(kind, x, w, bias, y, native)`` after each product this module computes in place
+    of MLX's own kernel: ``x`` its input (..., K), ``w`` the (dequantized) weight (N, K), ``bias`` the
+    bias added before the rounding (or None), ``y`` its output (..., N), ``native(rows)`` MLX's own
+    kernel on some rows of ``x`` (2-D)."""
     _OBSERVERS.append(callback)
     try:
         yield
@@ -87,10 +88,11 @@ def observe(callback: Callable) -> Iterator[None]:
         _OBSERVERS.remove(callback)
 
 
-def _note(kind: str, how: str, x: mx.array, w: mx.array, y: mx.array, native: Callable) -> mx.array:
+def _note(kind: str, how: str, x: mx.array, w: mx.array, bias: mx.array | None, y: mx.array,
+          native: Callable) -> mx.array:
     _USED[kind] = how
     for cb in list(_OBSERVERS):
-        cb(kind, x, w, y, native)
+        cb(kind, x, w, bias, y, native)
     return y
 
 
@@ -99,8 +101,9 @@ def _as_u16(a: mx.array) -> np.ndarray:
     return np.frombuffer(memoryview(a.view(mx.uint16)), dtype=np.uint16).reshape(a.shape)
 
 
-def gemm_bf16(x: mx.array, w: mx.array) -> mx.array:
-    """x (..., K) bf16 @ w (N, K) bf16 .T, fp32 sums, rounded to bf16 (MKL; evaluates x and w)."""
+def gemm_bf16(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
+    """x (..., K) bf16 @ w (N, K) bf16 .T (+ ``bias``), fp32 sums, rounded to bf16 once (MKL; evaluates
+    x and w). The bias is added to the fp32 sums before the rounding, as a fused ``addmm`` does."""
     lead, k = x.shape[:-1], x.shape[-1]
     n = w.shape[0]
     a = mx.contiguous(x.reshape(-1, k))
@@ -112,24 +115,27 @@ def gemm_bf16(x: mx.array, w: mx.array) -> mx.array:
         a16, b16 = _as_u16(a), _as_u16(b)
         _GEMM_BF16(_ROW_MAJOR, _NO_TRANS, _TRANS, m, n, k, 1.0, a16.ctypes.data, k, b16.ctypes.data, k, 0.0,
                    out.ctypes.data, n)
-    return mx.array(out).astype(mx.bfloat16).reshape(*lead, n)
+    y = mx.array(out)
+    if bias is not None:
+        y = y + bias.astype(mx.float32)
+    return y.astype(mx.bfloat16).reshape(*lead, n)
 
 
-def matmul_t(x: mx.array, w: mx.array) -> mx.array:
-    """``x @ w.T`` for a weight ``w`` (N, K): MKL's bf16 GEMM for bf16 operands when :func:`enabled`."""
+def matmul_t(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array:
+    """``x @ w.T (+ bias)`` for a weight ``w`` (N, K), the bias fused as ``mx.addmm`` (and torch's
+    ``F.linear``) fuse it: MKL's bf16 GEMM for bf16 operands when :func:`enabled`."""
     if x.dtype == mx.bfloat16 and w.dtype == mx.bfloat16 and x.ndim >= 2 and enabled():
-        y = gemm_bf16(x, w)
-        return _note("bf16 matmul", "MKL cblas_gemm_bf16bf16f32 (fp32 sums, one rounding to bf16)", x, w, y,
-                     lambda rows: rows @ w.T)
-    return x @ w.T
+        y = gemm_bf16(x, w, bias)
+        return _note("bf16 matmul", "MKL cblas_gemm_bf16bf16f32 (fp32 sums, one rounding to bf16)", x, w, bias,
+                     y, lambda rows: rows @ w.T if bias is None else mx.addmm(bias, rows, w.T))
+    return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
 
 
 class Linear(nn.Linear):
     """``nn.Linear`` whose bf16 product is :func:`matmul_t`; quantizes to :class:`QuantizedLinear`."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = matmul_t(x, self["weight"])
-        return y + self["bias"] if "bias" in self else y
+        return matmul_t(x, self["weight"], self.get("bias"))
 
     def to_quantized(self, group_size: int | None = None, bits: int | None = None, mode: str = "affine",
                      quantize_input: bool = False):
@@ -154,11 +160,11 @@ class QuantizedLinear(nn.QuantizedLinear):
                 y, how = gemm_bf16(x, w), "exact dequantization to bf16 + MKL cblas_gemm_bf16bf16f32"
             else:
                 y, how = x @ w.T, "exact dequantization to fp32 + the fp32 GEMM (MKL sgemm)"
-            y = _note(f"{self.mode} matmul ({'bf16' if x.dtype == mx.bfloat16 else 'fp32'})", how, x, w, y,
+            y = _note(f"{self.mode} matmul ({'bf16' if x.dtype == mx.bfloat16 else 'fp32'})", how, x, w, None, y,
                       self._native)
         else:
             y = self._native(x)
-        return y + self["bias"] if "bias" in self else y
+        return y + self["bias"] if "bias" in self else y  # as nn.QuantizedLinear adds it
 
 
 def bound(abs_products: np.ndarray, y: np.ndarray, k: int, out_dtype: str) -> np.ndarray:

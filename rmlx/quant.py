@@ -35,9 +35,10 @@ def dequantized_name(path: str) -> str | None:
     return None
 
 
-def quantize(model: nn.Module, mode: str, overrides: dict | None = None) -> dict[str, str]:
+def quantize(model: nn.Module, mode: str, overrides: dict | None = None, prefix: str = "") -> dict[str, str]:
     """Quantize the quantizable linears of ``model`` in place. ``overrides``: {module path: False |
-    {"group_size", "bits", "mode"}} as in an MLX ``config.json`` "quantization" section.
+    {"group_size", "bits", "mode"}} as in an MLX ``config.json`` "quantization" section. ``prefix``:
+    the path of ``model`` in the whole model (a streamed decoder layer: ``language_model.layers.3.``).
 
     Returns {module path: "quantized" | reason it was left unquantized}.
     """
@@ -47,6 +48,7 @@ def quantize(model: nn.Module, mode: str, overrides: dict | None = None) -> dict
     status: dict[str, str] = {}
 
     def predicate(path: str, module: nn.Module) -> bool | dict:
+        path = prefix + path
         if not isinstance(module, nn.Linear) or not quantizable(path):
             return False
         k = module.weight.shape[1]
@@ -63,13 +65,13 @@ def quantize(model: nn.Module, mode: str, overrides: dict | None = None) -> dict
     return status
 
 
-def dequantized_weights(model: nn.Module) -> dict[str, mx.array]:
+def dequantized_weights(model: nn.Module, prefix: str = "") -> dict[str, mx.array]:
     """{stage name: dequantized weight (out, in)} of every quantized linear, so that codec errors
-    (the weights) and kernel errors (the activations) are told apart."""
+    (the weights) and kernel errors (the activations) are told apart. ``prefix``: as in :func:`quantize`."""
     out = {}
     for path, module in model.named_modules():
         if isinstance(module, nn.QuantizedLinear):
-            name = dequantized_name(path)
+            name = dequantized_name(prefix + path)
             if name is not None:
                 out[name] = mx.dequantize(module.weight, module.scales, module.get("biases"),
                                           group_size=module.group_size, bits=module.bits, mode=module.mode,

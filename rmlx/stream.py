@@ -23,6 +23,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from rmlx import quant
 from rmlx.base import cpu_streams
 from rmlx.config import ModelArgs
 from rmlx.errors import InputError
@@ -99,7 +100,10 @@ class RowsEmbedding(nn.Module):
 class StreamedModel:
     """A checkpoint directory opened for layer streaming (see the module docstring)."""
 
-    def __init__(self, path: str | Path, dtype: str = "float32"):
+    def __init__(self, path: str | Path, dtype: str = "float32", quantize: str | None = None):
+        """``quantize="mxfp8"``: quantize on load as ``load_model`` does, the resident modules now and
+        each decoder layer when it is read (``quant_status`` lists every module once its plan is known:
+        from the checkpoint's shapes, before any layer is read)."""
         path = Path(path)
         if not path.is_dir():
             raise InputError(f"{path}: checkpoint directory not found")
@@ -108,7 +112,8 @@ class StreamedModel:
         self.path, self.dtype = path, DTYPES[dtype]
         self.args = args = ModelArgs.from_file(path / "config.json")
         if args.quantization:
-            raise InputError(f"{path}: --stream runs unquantized checkpoints (this one is MLX-quantized)")
+            raise InputError(f"{path}: --stream runs unquantized checkpoints (this one is MLX-quantized; stream "
+                             "the unquantized one with --quantize)")
         self.model = Model(args)  # parameters stay lazy (never evaluated): nothing is allocated
         self.files: dict[str, Path] = {}  # module path -> file
         self.tensors: dict[str, TensorFile] = {}
@@ -127,6 +132,20 @@ class StreamedModel:
         text.embed_tokens = RowsEmbedding(self.tensors[source[EMBED]], self.dtype)
         resident = [k for k in source if not k.startswith(("language_model.layers.", EMBED))]
         self.model.load_weights(list(self._read(resident).items()), strict=False)
+        self.quantize_mode = quantize
+        self.quant_status: dict[str, str] = {}
+        if quantize is not None:
+            if quantize not in quant.MODES:
+                raise InputError(f"quantization mode {quantize!r} is not supported; choose one of "
+                                 f"{sorted(quant.MODES)}")
+            group = quant.MODES[quantize]["group_size"]
+            for key in self.source:  # the plan of every decoder layer, from the shapes alone
+                module = key.removesuffix(".weight")
+                if key.endswith(".weight") and key.startswith("language_model.layers.") and quant.quantizable(module):
+                    k = self.tensors[self.source[key]].shape[1]
+                    self.quant_status[module] = ("quantized" if k % group == 0 else
+                                                 f"left unquantized: input size {k} is not a multiple of {group}")
+            self.quant_status.update(quant.quantize(self.model, quantize))  # the resident modules
         mx.eval(self.model.parameters())
         self.load_seconds = 0.0  # spent in layer(i), reading and casting weights
 
@@ -157,6 +176,8 @@ class StreamedModel:
         names = [k for k in self.source if k.startswith(prefix)]
         weights = {k[len(prefix):]: v for k, v in self._read(names).items()}
         layer.load_weights(list(weights.items()), strict=True)
+        if self.quantize_mode is not None:
+            quant.quantize(layer, self.quantize_mode, prefix=prefix)
         mx.eval(layer.parameters())
         self.load_seconds += time.perf_counter() - t0
         return layer

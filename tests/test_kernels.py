@@ -36,12 +36,14 @@ def test_the_kernels_run_where_mlx_is_slow():
 
 
 @pytest.mark.parametrize("k,n,rows", [(32, 64, 5), (256, 96, 33), (3840, 512, 16), (4096, 72, 3)])
-@pytest.mark.parametrize("kind", ["bf16", "mxfp8-fp32", "mxfp8-bf16"])
+@pytest.mark.parametrize("kind", ["bf16", "bf16-bias", "mxfp8-fp32", "mxfp8-bf16"])
 def test_kernel_and_mlx_own_meet_the_stated_bound(k, n, rows, kind):
     layer = _linear(k, n, seed=k + n)
     mx.random.seed(rows)
     x = mx.random.normal((rows, k)) * 3
-    if kind == "bf16":
+    if kind.startswith("bf16"):
+        if kind == "bf16-bias":  # fused into the fp32 sums before the one rounding, as mx.addmm does
+            layer.bias = mx.random.normal((n,))
         layer.set_dtype(mx.bfloat16)
         x = x.astype(mx.bfloat16)
     else:
@@ -65,7 +67,8 @@ def test_kernel_and_mlx_own_meet_the_stated_bound(k, n, rows, kind):
         return
     assert result["mlx_bound_ratio"] <= 1, result  # MLX's own kernel meets the bound we hold ours to
     # the fast result is what MLX's own kernel computes, up to the order of fp32 sums
-    native = layer._native(x) if kind != "bf16" else x @ layer.weight.T
+    native = layer._native(x) if kind.startswith("mxfp8") else mx.addmm(layer.bias, x, layer.weight.T) \
+        if "bias" in layer else x @ layer.weight.T
     a, b = np.array(y.astype(mx.float32)), np.array(native.astype(mx.float32))
     assert np.abs(a - b).max() <= 2 * (np.abs(b).max() * 2.0**-7 + k * 2.0**-24 * np.abs(b).max())
 
@@ -79,10 +82,12 @@ def test_fp32_linear_is_mlx_own_product():
     assert np.array_equal(np.array(y), np.array(x @ layer.weight.T))
 
 
-def _truncating(x, w):
+def _truncating(x, w, bias=None):
     """A kernel defect below every bf16 stage tolerance: round toward zero instead of to nearest."""
     lead, k = x.shape[:-1], x.shape[-1]
     y32 = (x.reshape(-1, k).astype(mx.float32) @ w.astype(mx.float32).T)
+    if bias is not None:
+        y32 = y32 + bias.astype(mx.float32)
     bits = mx.view(y32, mx.uint32) & mx.array(0xFFFF0000, dtype=mx.uint32)
     return mx.view(bits, mx.float32).astype(mx.bfloat16).reshape(*lead, w.shape[0])
 

@@ -47,7 +47,7 @@ import mlx.core as mx
 import numpy as np
 
 from parity.adapter import Scenario
-from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter, image_stages
+from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter, hf_module, image_stages
 from parity.adapters.gemma4_unified.stages import MASK_KINDS
 from parity.capture import Capture, Recorder, to_numpy
 from parity.dumps import Spool
@@ -58,9 +58,9 @@ from reference.hf import bool_mask
 from reference.hf import to_numpy as torch_to_numpy
 from reference.stream import HFStreamRunner
 from rmlx import image as rimage
-from rmlx.errors import InputError
+from rmlx.quant import dequantized_name, dequantized_weights
 from rmlx.stream import StreamedModel
-from rmlx.tap import tapping
+from rmlx.tap import tap, tapping
 
 _KEEP = ("image.", "vision.", "mask.")  # small stages the HTML report and the oracle still need
 _HEAD = ("text.norm", "logits")
@@ -77,16 +77,30 @@ class StreamAdapter(Gemma4UnifiedAdapter):
 
     def __init__(self, model_dir: Path, dtype: str = "float32", attn_implementation: str = "eager",
                  quantize: str | None = None, threads: int = 1):
-        if quantize is not None:
-            raise InputError("--stream runs the checkpoint as stored; --quantize is not supported with it")
         self.model_dir, self.dtype = Path(model_dir), dtype
-        self.streamed = StreamedModel(self.model_dir, dtype)  # strict name/shape check, no layer read
+        self.quantize = quantize
+        # strict name/shape check, no layer read; quantize-on-load of each layer as it is read
+        self.streamed = StreamedModel(self.model_dir, dtype, quantize)
         self.candidate_model = self.streamed.model
         self.args = self.candidate_model.args
         self.hf = HFStreamRunner(self.model_dir, dtype, attn_implementation, threads)
-        self.hf_float = None
+        self.hf_float = None  # no unquantized reference streamed alongside: no quantization cost (docstring)
         self.reference_weights: Capture = {}
-        self.quantized = frozenset()
+        self.unmatched: list[str] = []
+        quantized = [p for p, s in self.streamed.quant_status.items() if s == "quantized"]
+        if quantized:
+            from reference import mxfp8
+
+            modules = {hf_module(p): dequantized_name(p) for p in quantized if dequantized_name(p) is not None}
+            layered = {m: s for m, s in modules.items() if m.startswith("model.language_model.layers.")}
+            resident = {m: s for m, s in modules.items() if m not in layered}
+            # the resident modules are loaded: dequantized now; each layer's weights when they are read
+            self.reference_weights = self.hf.quantize_dequantize(resident, mxfp8.encode, mxfp8.decode)
+            self.hf.weights.quantize_on_read({f"{m}.weight": s for m, s in layered.items()}, mxfp8.encode,
+                                             mxfp8.decode)
+            self.quantized = frozenset(modules.values())
+        else:
+            self.quantized = frozenset()
 
     def _hf64_capture(self, scenario, decoded, settings) -> Capture:
         return {}  # no resident float64 model of a checkpoint streamed for its size (module docstring)
@@ -162,7 +176,14 @@ class Lockstep:
             if i + 1 < self.text.cfg.num_hidden_layers:
                 self.adapter.hf.prefetch(i + 1)  # HF's next layer comes off the disk while ours computes
             offset = 0 if self.forward == 0 else self.length + self.forward - 1
+            done = {k: v for k, v in self.adapter.hf.weights.dequantized.items() if k.startswith(f"layers.{i}.")}
+            for k in done:  # the reference's codec values of this layer (read by HF before it ran it)
+                del self.adapter.hf.weights.dequantized[k]
             with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
+                if self.forward == 0:
+                    self.ref.update({k: v for k, v in done.items() if k in self.tols})
+                    for name, weight in dequantized_weights(layer, f"language_model.layers.{i}.").items():
+                        tap(name, weight)  # record-only, as Model.embed_inputs taps the resident ones
                 self.h = self.text.step(i, layer, self.h, self.masks, self.cache, offset, self.attended)
                 mx.eval(self.h)
             del layer
@@ -194,6 +215,7 @@ class Lockstep:
         if self.scenario.images:
             image_stages(ref, self.pre)
         ref["text.inputs_embeds"] = torch_to_numpy(kwargs["inputs_embeds"])
+        ref.update({k: v for k, v in self.adapter.reference_weights.items() if k in self.names})
         masks = kwargs["attention_mask"]  # {layer type: mask}, as every layer of that type receives it
         for kind in MASK_KINDS:
             if f"mask.{kind}" in self.names:
