@@ -28,8 +28,16 @@ def _help_words() -> dict[str, set[str]]:
     parser = build_parser()
     sub = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
     out = {"": set(sub.choices)}
+
+    def options(p) -> set[str]:  # a command with its own subcommands (debug precision): theirs too
+        found = {s for a in p._actions for s in a.option_strings}
+        for a in p._actions:
+            if a.__class__.__name__ == "_SubParsersAction":
+                found |= set(a.choices) | {s for c in a.choices.values() for s in options(c)}
+        return found
+
     for name, p in sub.choices.items():
-        out[name] = {s for a in p._actions for s in a.option_strings}
+        out[name] = options(p)
     return out
 
 
