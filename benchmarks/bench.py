@@ -2,6 +2,7 @@
 
     python benchmarks/bench.py [--out DIR] [--repeat N] [--only gemm,kernels,vision,masks,harness,layers]
     python benchmarks/bench.py --only stream --checkpoint DIR [--tokens 280,1120] [--threads 2]
+                               [--precisions float32,bfloat16,mxfp8]
 
 Writes DIR/bench.json and DIR/bench.md (default reports/bench-<time>/), atomically. Every number is a
 median of N timed repeats after one warm-up, with the thread counts and versions recorded. Where rmlx is
@@ -301,13 +302,17 @@ def bench_layers(repeat: int) -> list[dict]:
     return rows
 
 
+PRECISIONS = {"float32": [], "bfloat16": ["--dtype", "bfloat16"], "mxfp8": ["--quantize", "mxfp8"]}
+
+
 def bench_stream(repeat: int, checkpoint: Path | None = None, tokens: tuple[int, ...] = (280, 1120),
-                 threads: int = 2) -> list[dict]:
+                 threads: int = 2, precisions: tuple[str, ...] = ("float32",)) -> list[dict]:
     """``rmlx-parity run --stream`` on a real-size checkpoint (``--checkpoint``; e.g. one written by
     ``rmlx-parity fixtures --shape 12b``), one image at each soft-token budget, each in a fresh process
     (its peak RSS is that process's). Reports the record's own split: the two forwards (reading the
     weights included), the harness (capture, compare, oracle, report), and the peak RSS. Runs once:
-    ``repeat`` does not apply (minutes per run)."""
+    ``repeat`` does not apply (minutes per run). ``precisions``: float32, bfloat16 (``--dtype``), mxfp8
+    (``--quantize``); each row's wall time is also given over the float32 row's at the same budget."""
     import resource
     import subprocess
     import tempfile
@@ -316,12 +321,14 @@ def bench_stream(repeat: int, checkpoint: Path | None = None, tokens: tuple[int,
         raise SystemExit("bench: the stream section needs --checkpoint DIR")
     rows = []
     image = ROOT / "fixtures" / "images" / "exact-672x960.png"
-    for n in tokens:
+    fp32_wall: dict[int, float] = {}
+    for n, precision in [(n, p) for n in tokens for p in precisions]:
         with tempfile.TemporaryDirectory() as tmp:
             rec_path = Path(tmp) / "record.json"
             cmd = [sys.executable, "-m", "parity.cli", "run", "--stream", "--threads", str(threads), "--model",
                    str(checkpoint), "--image", str(image), "--case", "image/*", "--max-soft-tokens", str(n),
-                   "--decode-steps", "0", "--report-dir", str(Path(tmp) / "rep"), "--json", str(rec_path)]
+                   "--decode-steps", "0", "--report-dir", str(Path(tmp) / "rep"), "--json", str(rec_path),
+                   *PRECISIONS[precision]]
             t = time.perf_counter()
             code = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL).returncode
             wall = time.perf_counter() - t
@@ -330,8 +337,15 @@ def bench_stream(repeat: int, checkpoint: Path | None = None, tokens: tuple[int,
         case = rec["cases"][0]
         st = case["stream"]
         forwards = st["reference_forward_s"] + st["candidate_forward_s"]
-        rows.append({"case": f"{checkpoint.name}, {case['n_soft_tokens']} soft tokens, {len(case['stages'])} stages",
-                     "exit": code, "wall s": wall, "record s": rec["wall_time_s"], "forwards s": forwards,
+        if precision == "float32":
+            fp32_wall[n] = wall
+        rows.append({"case": f"{checkpoint.name}, {precision}, {case['n_soft_tokens']} soft tokens, "
+                             f"{len(case['stages'])} stages",
+                     "exit": code, "wall s": wall,
+                     "wall / float32 wall": wall / fp32_wall[n] if n in fp32_wall else None,
+                     "kernels": ", ".join(sorted((rec.get("kernels") or {}).get("used", {}))) or "MLX's own",
+                     "kernel checks passed": (rec.get("kernels") or {}).get("passed"),
+                     "record s": rec["wall_time_s"], "forwards s": forwards,
                      "HF s": st["reference_forward_s"], "rmlx s": st["candidate_forward_s"],
                      "HF read s": st["reference_load_s"], "rmlx read s": st["candidate_load_s"],
                      "capture s": st["capture_s"], "compare s": st["compare_s"],
@@ -378,6 +392,8 @@ def main(argv=None) -> int:
                    help="stream section: a real-size checkpoint directory (rmlx-parity fixtures --shape 12b)")
     p.add_argument("--tokens", default="280,1120", help="stream section: soft-token budgets (default 280,1120)")
     p.add_argument("--threads", type=int, default=2, help="stream section: --threads of the run (default 2)")
+    p.add_argument("--precisions", default="float32",
+                   help="stream section: float32,bfloat16,mxfp8 (default float32; the ratios are to float32)")
     args = p.parse_args(argv)
     names = [s for s in args.only.split(",") if s]
     unknown = sorted(set(names) - SECTIONS.keys())
@@ -398,8 +414,12 @@ def main(argv=None) -> int:
     for name in names:
         t = time.perf_counter()
         if name == "stream":
+            precisions = tuple(s for s in args.precisions.split(",") if s)
+            if set(precisions) - PRECISIONS.keys():
+                print(f"bench: --precisions takes {sorted(PRECISIONS)}", file=sys.stderr)
+                return 2
             result["sections"][name] = bench_stream(1, args.checkpoint, tuple(int(t) for t in args.tokens.split(",")),
-                                                    args.threads)
+                                                    args.threads, precisions)
         else:
             result["sections"][name] = SECTIONS[name](args.repeat)
         print(f"{name}: {time.perf_counter() - t:.1f} s", file=sys.stderr)
