@@ -374,11 +374,11 @@ def to_markdown(result: dict) -> str:
     lines = [f"# rmlx benchmarks ({result['created']})", "",
              ", ".join(f"{k} {v}" for k, v in result["environment"].items()), ""]
     for section, rows in result["sections"].items():
-        cols = list(rows[0])
+        cols = list(dict.fromkeys(c for r in rows for c in r))  # rows may leave columns out ("")
         lines += [f"## {section}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
         for r in rows:
-            lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols)
-                         + " |")
+            lines.append("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))
+                                           for c in cols) + " |")
         lines.append("")
     return "\n".join(lines)
 

@@ -36,6 +36,7 @@ import mlx.nn as nn
 import numpy as np
 
 from rmlx import blas
+from rmlx.base import cpu_streams
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _MX_MODES = ("mxfp8", "mxfp4")  # block-scaled by powers of two: dequantization is exact
@@ -152,14 +153,25 @@ class QuantizedLinear(nn.QuantizedLinear):
         return mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=self.get("biases"),
                                    transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode)
 
+    def _dequantized(self, dtype: mx.Dtype, rows: slice = slice(None)) -> mx.array:
+        return mx.dequantize(self["weight"][rows], self["scales"][rows], None, group_size=self.group_size,
+                             bits=self.bits, mode=self.mode, dtype=dtype)
+
     def __call__(self, x: mx.array) -> mx.array:
         if self.mode in _MX_MODES and x.dtype in (mx.float32, mx.bfloat16) and x.ndim >= 2 and enabled():
-            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                              bits=self.bits, mode=self.mode, dtype=x.dtype)
             if x.dtype == mx.bfloat16:
+                w = self._dequantized(mx.bfloat16)
                 y, how = gemm_bf16(x, w), "exact dequantization to bf16 + MKL cblas_gemm_bf16bf16f32"
             else:
-                y, how = x @ w.T, "exact dequantization to fp32 + the fp32 GEMM (MKL sgemm)"
+                # the output columns in two halves on MLX's two CPU streams: one half's dequantization
+                # (MLX's own loop, single-threaded) overlaps the other's GEMM (measured 0.155 -> 0.106 s at
+                # 280 x 6912 -> 3840); the sums of each column are fp32 sums as in one GEMM of the whole
+                n, halves = self["weight"].shape[0], []
+                for stream, rows in zip(cpu_streams(), (slice(0, n // 2), slice(n // 2, n)), strict=True):
+                    with mx.stream(stream):
+                        halves.append(x @ self._dequantized(mx.float32, rows).T)
+                w = self._dequantized(mx.float32) if _OBSERVERS else None  # the observers' copy only
+                y, how = mx.concatenate(halves, axis=-1), "exact dequantization to fp32 + the fp32 GEMM (MKL sgemm)"
             y = _note(f"{self.mode} matmul ({'bf16' if x.dtype == mx.bfloat16 else 'fp32'})", how, x, w, None, y,
                       self._native)
         else:
