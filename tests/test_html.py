@@ -23,23 +23,35 @@ from parity.report.html import to_html
 from parity.report.viz import pack_array, pack_bool, unpack_array, unpack_bool
 from tests.conftest import FIXTURES, ROOT
 
-CHROMIUM = Path("/usr/bin/chromium")
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")  # looked up on PATH
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 TINY = str(FIXTURES / "models" / "tiny")
 
 
-def chromium_executable(path: Path = CHROMIUM) -> str:
-    """The system Chromium. Without it: a failure in CI (``CI`` set: CI must not pass without the
-    browser test), a skip with the reason elsewhere (a Mac has no /usr/bin/chromium)."""
-    if not (path.is_file() and os.access(path, os.X_OK)):
+def _playwright_chromium() -> str | None:
+    """The Chromium of Playwright's own install (``playwright install chromium``), if there is one."""
+    from playwright.sync_api import sync_playwright
+
+    try:
+        with sync_playwright() as p:
+            path = p.chromium.executable_path
+    except Exception:  # no driver, no browser registry: nothing installed
+        return None
+    return path if path and Path(path).is_file() else None
+
+
+def chromium_executable(names: tuple[str, ...] = BROWSERS, playwright: bool = True) -> str:
+    """A Chromium on PATH (Debian's ``chromium``, Chrome), else Playwright's own. Without one: a failure
+    in CI (``CI`` set: CI must not pass without the browser test), a skip with the reason elsewhere."""
+    found = next((p for p in map(shutil.which, names) if p), None) or (_playwright_chromium() if playwright else None)
+    if found is None:
         if not os.environ.get("CI"):
-            pytest.skip(f"{path} not found (outside CI the browser test is skipped; `sudo apt-get install "
-                        "chromium` runs it)")
-        pytest.fail(f"{path} not found: the HTML report test needs Debian's Chromium. Install it with "
-                    "`sudo apt-get install chromium` (.ci/run does); playwright never downloads a browser here.",
-                    pytrace=False)
-    return str(path)
+            pytest.skip(f"no Chromium on PATH ({', '.join(names)}) nor Playwright's own (outside CI the browser "
+                        "test is skipped; `sudo apt-get install chromium` or `playwright install chromium` runs it)")
+        pytest.fail(f"no Chromium on PATH ({', '.join(names)}) nor Playwright's own: the HTML report test needs "
+                    "one. Install it with `sudo apt-get install chromium` (.ci/run does).", pytrace=False)
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -146,10 +158,13 @@ def test_clean_report_in_browser(runs, browser):
     assert not problems, problems
 
 
-def test_missing_chromium_fails_with_install_hint_in_ci(tmp_path, monkeypatch):
+def test_missing_chromium_fails_with_install_hint_in_ci(monkeypatch):
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match=r"apt-get install chromium"):
-        chromium_executable(tmp_path / "chromium")
+        chromium_executable(("no-such-browser-rmlx",), playwright=False)
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"outside CI the browser test is skipped"):
+        chromium_executable(("no-such-browser-rmlx",), playwright=False)
 
 
 def test_html_is_rendered_from_the_record_only(runs):
