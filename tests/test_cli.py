@@ -67,7 +67,8 @@ def test_every_command_and_flag_the_docs_mention_exists(doc):
 
 def test_version_names_the_package(capsys):
     assert main(["--version"]) == 0
-    assert re.fullmatch(r"rmlx-parity \S+\n", capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"rmlx-parity \S+ \(transformers 5\.24\.0, torch 2\.14\.1\S*, mlx \S+, numpy \S+\)\n", out), out
 
 
 def test_abbreviations_are_errors(capsys):
