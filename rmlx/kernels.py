@@ -132,6 +132,20 @@ def matmul_t(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array
     return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
 
 
+def bmm_t(a: mx.array, b: mx.array) -> mx.array:
+    """``a @ b.swapaxes(-1, -2)`` for a (..., M, K) and b (..., N, K) of the same leading shape (the
+    attention's q k^T and p v): MKL's bf16 GEMM per leading index for bf16 operands when :func:`enabled`
+    (MLX's own bf16 batched matmul is its generic loop too)."""
+    if not (a.dtype == mx.bfloat16 and b.dtype == mx.bfloat16 and enabled()):
+        return a @ b.swapaxes(-1, -2)
+    lead, (m, k), n = a.shape[:-2], a.shape[-2:], b.shape[-2]
+    a3, b3 = a.reshape(-1, m, k), b.reshape(-1, n, k)
+    outs = [gemm_bf16(a3[i], b3[i]) for i in range(a3.shape[0])]
+    _note("bf16 matmul", "MKL cblas_gemm_bf16bf16f32 (fp32 sums, one rounding to bf16)", a3[0], b3[0], None,
+          outs[0], lambda rows: rows @ b3[0].T)  # the first slice is observed: the same kernel as the rest
+    return mx.stack(outs).reshape(*lead, m, n)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose bf16 product is :func:`matmul_t`; quantizes to :class:`QuantizedLinear`."""
 

@@ -17,7 +17,7 @@ import mlx.nn as nn
 from rmlx import fastmath
 from rmlx.base import RMSNorm, RoPE, cpu_streams, halves, rms_norm
 from rmlx.config import LayerSpec, TextConfig
-from rmlx.kernels import Linear, matmul_t
+from rmlx.kernels import Linear, bmm_t, matmul_t
 from rmlx.tap import layer_stages, tap
 
 
@@ -82,8 +82,8 @@ def attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array | None) -> m
 
 def _attend(q: mx.array, k: mx.array, v: mx.array, bias: mx.array | None) -> mx.array:
     """softmax(q k^T + bias) v over the last two axes; ``bias`` 0 / -inf (fp32)."""
-    scores = q @ k.swapaxes(-1, -2)
-    return fastmath.softmax(scores.astype(mx.float32), bias).astype(q.dtype) @ v
+    scores = bmm_t(q, k)
+    return bmm_t(fastmath.softmax(scores.astype(mx.float32), bias).astype(q.dtype), v.swapaxes(-1, -2))
 
 
 class Attention(nn.Module):
