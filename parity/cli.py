@@ -389,28 +389,39 @@ def _point_latest(report_dir: Path) -> None:
         print(f"rmlx-parity: warning: {latest} not updated ({e.strerror or e})", file=sys.stderr)
 
 
-def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, folder: dict[str, str] | None = None,
-             files: dict[Path, str] | None = None) -> None:
-    """Publish every output of a command together: the report folder (a run's reports and dumps, or
-    ``folder``: {file name: text}), ``--json`` and ``files`` (a baseline) are staged first and renamed
-    into place at the end, so a failure leaves none of them. The folder's Markdown also goes to the CI
-    job summary when ``$GITHUB_STEP_SUMMARY`` names one (a warning on stderr if it cannot)."""
+def _write_outputs(rec: dict, report_dir: Path | None, args, dumps: dict | None = None,
+                   folder: dict[str, str] | None = None, files: dict[Path, str] | None = None) -> None:
+    """Write every output of a command together: the report folder (a run's reports and dumps, or
+    ``folder``: {file name: text}; none when ``report_dir`` is None), ``--json`` and ``files`` (a
+    baseline) are staged first and renamed into place at the end, so a failure leaves none of them."""
     from parity import report
     from parity.atomic import staged_files
     from rmlx.errors import InputError
 
     texts = dict(files or {})
-    if args.json:
+    if getattr(args, "json", None):
         texts[args.json] = report.json_text(rec)
     try:
         with staged_files(texts):
-            if folder is None:
+            if report_dir is None:
+                pass
+            elif folder is None:
                 report.write_report_dir(report_dir, rec, dumps, getattr(args, "dump", None))
             else:
                 report.write_files(report_dir, folder)
     except OSError as e:  # a full disk, a folder that became read-only: one line, nothing published
         raise InputError(f"cannot write the outputs ({e.strerror or e}: {e.filename or report_dir}); "
                          "nothing was published") from None
+
+
+def _publish(rec: dict, report_dir: Path, args, dumps: dict | None = None, folder: dict[str, str] | None = None,
+             files: dict[Path, str] | None = None) -> None:
+    """:func:`_write_outputs`, then ``reports/latest`` for a default report folder, and the folder's
+    Markdown to the CI job summary when ``$GITHUB_STEP_SUMMARY`` names one (a warning on stderr if it
+    cannot)."""
+    from parity import report
+
+    _write_outputs(rec, report_dir, args, dumps, folder, files)
     if getattr(args, "report_dir", None) is None:
         _point_latest(report_dir)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
@@ -507,23 +518,12 @@ def _gate_record(args) -> int:
 
 def _publish_record(rec: dict, args) -> None:
     """A record's outputs without a default report folder: --report-dir and --json, when given."""
-    from parity import report
-    from parity.atomic import staged_files
-    from rmlx.errors import InputError
+    folder = None
+    if args.report_dir is not None and "compare" in rec:
+        from parity import compare
 
-    texts = {args.json: report.json_text(rec)} if getattr(args, "json", None) else {}
-    try:
-        with staged_files(texts):
-            if args.report_dir is not None:
-                if "compare" in rec:
-                    from parity import compare
-
-                    report.write_files(args.report_dir, compare.report_files(rec))
-                else:
-                    report.write_report_dir(args.report_dir, rec)
-    except OSError as e:
-        raise InputError(f"cannot write the outputs ({e.strerror or e}: {e.filename or args.report_dir}); "
-                         "nothing was published") from None
+        folder = compare.report_files(rec)
+    _write_outputs(rec, args.report_dir, args, folder=folder)
 
 
 def cmd_report(args) -> int:
@@ -632,7 +632,6 @@ def cmd_debug(args) -> int:
     rec = precision.search(adapter, cases, decoded, settings, args.quantize, target_kl, args.target_top1,
                            progress=report.Progress())
     rec["command"] = " ".join(["rmlx-parity", *args.argv])
-    args.json = None
     _publish(rec, report_dir, args, folder={"precision.json": report.json_text(rec),
                                             "keep.json": report.json_text(precision.keep_file(rec))})
     print(precision.to_terminal(rec))

@@ -386,8 +386,9 @@ def to_terminal(rec: dict, wide: bool = False, notes: list[str] = ()) -> str:
     the first divergence, and the verdict last."""
     from parity.report import to_terminal as run_terminal
 
-    body = run_terminal(rec, wide=wide, notes=[*summary_lines(rec), *notes]).split("\n")[2:]  # the run's
-    return "\n".join(headline(rec) + body)  # header states settings a dump may not
+    # the run's two header lines state settings a dump may not have: the comparison's own replace them
+    body = run_terminal(rec, wide=wide, notes=[*summary_lines(rec), *notes]).split("\n")[2:]
+    return "\n".join(headline(rec) + body)
 
 
 def to_markdown(rec: dict) -> str:

@@ -44,11 +44,9 @@ class Spool:
         self._data.write(raw)
         self._size += len(raw)
 
-    def keys(self) -> list[str]:
-        return list(self._header)
-
     def finish(self, path: Path, metadata: dict[str, str] | None = None) -> None:
-        """Write the file at ``path`` (a staging folder's: the caller publishes it atomically)."""
+        """Write the file at ``path`` (a staging folder's: the caller publishes it atomically); the
+        spooled bytes are released."""
         header = dict(self._header)
         if metadata:
             header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}, **header}
@@ -59,6 +57,4 @@ class Spool:
             f.write(text)
             self._data.seek(0)
             shutil.copyfileobj(self._data, f, 16 << 20)
-
-    def close(self) -> None:
         self._data.close()

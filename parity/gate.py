@@ -14,13 +14,13 @@ from a run that passes.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from parity.metrics import _json_float, fmt
 from parity.stages import decode_stage, order_key
 from rmlx.errors import InputError
+from rmlx.files import read_json
 
 SCHEMA = "rmlx.baseline/1"
 DEFAULT_RATIO = 2.0
@@ -50,16 +50,8 @@ RECORD_SCHEMA = "rmlx.parity/2"  # parity.runner.SCHEMA (not imported: this modu
 def load_record(path: Path) -> dict:
     """Read and validate a run record (``run --json``, a report folder's report.json) for ``gate
     --record`` and ``report``: every problem is an ``InputError`` naming the file and the key."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"record {path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"record {path}: not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or data.get("schema") != RECORD_SCHEMA:
-        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise InputError(f"record {path}: schema is {got!r}, expected {RECORD_SCHEMA!r} (a run record: "
-                         "'rmlx-parity run --json FILE' or a report folder's report.json)")
+    data = read_json(path, "record", RECORD_SCHEMA,
+                     " (a run record: 'rmlx-parity run --json FILE' or a report folder's report.json)")
     for key, kind in (("settings", dict), ("cases", list), ("versions", dict), ("passed", bool)):
         if not isinstance(data.get(key), kind):
             raise InputError(f"record {path}: missing or malformed '{key}' (expected a JSON {kind.__name__})")
@@ -83,13 +75,7 @@ def load(path: Path) -> dict:
     if not path.is_file():
         raise InputError(f"baseline {path}: not found; record one with "
                          "'rmlx-parity gate --baseline FILE --update-baseline' (same options as the run)")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"baseline {path}: not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise InputError(f"baseline {path}: schema is {got!r}, expected {SCHEMA!r}")
+    data = read_json(path, "baseline", SCHEMA)
     for key in ("settings", "cases"):
         if not isinstance(data.get(key), dict):
             raise InputError(f"baseline {path}: missing or malformed '{key}'")

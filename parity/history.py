@@ -35,12 +35,12 @@ from html import escape
 from pathlib import Path
 
 from parity.atomic import write_text
-from parity.gate import DEFAULT_FLOOR, KEYED
+from parity.gate import DEFAULT_FLOOR, KEYED, RECORD_SCHEMA
 from parity.metrics import fmt
 from parity.stages import decode_stage
 from rmlx.errors import InputError
+from rmlx.files import read_json
 
-RECORD_SCHEMA = "rmlx.parity/2"
 DB_SCHEMA = "rmlx.history/1"
 DEFAULT_FACTOR = 10.0
 NO_COMMIT = "no commit"
@@ -102,15 +102,7 @@ def _number(v, where: str, key: str) -> float:
 
 def _parse(path: Path) -> dict:
     """A run record, read strictly: not JSON, or not of schema rmlx.parity/2, is an ``InputError``."""
-    where = f"run record {path}"
-    try:
-        rec = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{where}: not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(rec, dict) or rec.get("schema") != RECORD_SCHEMA:
-        got = rec.get("schema") if isinstance(rec, dict) else type(rec).__name__
-        raise InputError(f"{where}: schema is {got!r}, expected {RECORD_SCHEMA!r}")
-    return rec
+    return read_json(path, "run record", RECORD_SCHEMA)
 
 
 def _rows(path: Path, rec: dict) -> tuple[dict, list[tuple]]:

@@ -22,6 +22,7 @@ import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.p
 import mlx.core as mx
 import numpy as np
 
+from parity.capture import to_numpy
 from rmlx import kernels
 
 ROWS = 8
@@ -29,7 +30,7 @@ _CHUNK = 2048  # weight rows per float64 block (bounds memory at real sizes: 204
 
 
 def _f64(a: mx.array) -> np.ndarray:
-    return np.array(a.astype(mx.float32)).astype(np.float64)
+    return to_numpy(a).astype(np.float64)  # bf16 widened exactly
 
 
 class KernelCheck:

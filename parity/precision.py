@@ -24,6 +24,7 @@ import numpy as np
 
 from parity.metrics import fmt, logit_statistics, logits_agreement
 from rmlx.errors import InputError
+from rmlx.files import read_json
 
 SCHEMA = "rmlx.precision/1"
 
@@ -51,7 +52,7 @@ def search(adapter, cases: list[tuple], decoded: dict, settings, mode: str, targ
     modules = adapter.quantizable(mode)
     if not modules:
         raise InputError(f"{adapter.model_dir}: nothing to quantize in mode {mode}")
-    targets = [adapter.port_logits(s, inp, decoded, settings, None) for s, inp in cases]
+    targets = adapter.port_logits(cases, decoded, settings, None)
     runs = 0
 
     def measure(keep: frozenset[str]) -> dict:
@@ -59,7 +60,7 @@ def search(adapter, cases: list[tuple], decoded: dict, settings, mode: str, targ
         runs += 1
         if progress:
             progress(runs, len(modules) + 2 + int(np.ceil(np.log2(len(modules) + 1))), f"{len(keep)} kept")
-        return _pooled([adapter.port_logits(s, inp, decoded, settings, mode, keep) for s, inp in cases], targets)
+        return _pooled(adapter.port_logits(cases, decoded, settings, mode, keep), targets)
 
     everything = frozenset(modules)
     all_quantized = measure(frozenset())
@@ -98,14 +99,7 @@ def keep_file(rec: dict) -> dict:
 
 def read_keep(path: Path, mode: str) -> list[str]:
     """The module paths of a ``--keep`` file (written by ``debug precision``); bad files: ``InputError``."""
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"--keep {path}: not readable JSON ({type(e).__name__}: {e})") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise InputError(f"--keep {path}: schema is not {SCHEMA!r} (write it with 'rmlx-parity debug precision')")
+    data = read_json(path, "--keep", SCHEMA, " (write it with 'rmlx-parity debug precision')")
     if data.get("mode") != mode:
         raise InputError(f"--keep {path}: written for mode {data.get('mode')!r}, not {mode!r}")
     keep = data.get("keep")

@@ -6,7 +6,9 @@ so bad input fails fast with exit 2 and nothing written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import sys
 import time
 import traceback
@@ -173,10 +175,7 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
               progress: Callable[[int, int, str], None] | None = None, kernel_check=None) -> list[CaseResult]:
     """Every planned case (a crash is a verdict). ``kernel_check``: a ``parity.kernels.KernelCheck``
     that sees every product the port computes in place of MLX's own kernel."""
-    import contextlib
-    import functools
-
-    from rmlx import kernels
+    from rmlx import kernels  # MLX: here, as run_case imports the capture
 
     validate(settings)
     plan = plan_cases(models, scenarios, settings.shard)

@@ -1,5 +1,6 @@
-"""Checkpoint files on disk: safetensors headers and sharded indexes, validated before any byte of
-tensor data is read (sizes, offsets, overlaps, shard names that stay inside the checkpoint folder).
+"""Files on disk, read with validation: safetensors headers and sharded indexes, checked before any
+byte of tensor data is read (sizes, offsets, overlaps, shard names that stay inside the checkpoint
+folder), and JSON files of a known schema (:func:`read_json`).
 
 Imports no MLX: ``rmlx-parity compare`` reads dumps with it in a core install.
 """
@@ -16,6 +17,21 @@ from rmlx.errors import InputError
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
                 "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "E8M0": 1, "F8_E8M0": 1}
 _ST_DTYPES = set(_ST_ITEMSIZE)
+
+
+def read_json(path: Path, what: str, schema: str | None = None, hint: str = ""):
+    """The JSON value in ``path``; ``schema``: it must be an object whose "schema" is that. Every problem
+    is an ``InputError`` that starts with ``what`` and the path (``hint`` follows a schema mismatch)."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise InputError(f"{what} {path}: not readable JSON ({type(e).__name__}: {e})") from None
+    if schema is not None and (not isinstance(data, dict) or data.get("schema") != schema):
+        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise InputError(f"{what} {path}: schema is {got!r}, expected {schema!r}{hint}")
+    return data
 
 
 def read_safetensors_header(path: Path) -> dict:

@@ -40,6 +40,7 @@ from rmlx.base import cpu_streams
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _MX_MODES = ("mxfp8", "mxfp4")  # block-scaled by powers of two: dequantization is exact
+_BF16_GEMM = "MKL cblas_gemm_bf16bf16f32 (fp32 sums, one rounding to bf16)"
 _USED: dict[str, str] = {}  # kernel -> what computed it, since the last ``reset``
 _OBSERVERS: list[Callable] = []
 
@@ -127,8 +128,8 @@ def matmul_t(x: mx.array, w: mx.array, bias: mx.array | None = None) -> mx.array
     ``F.linear``) fuse it: MKL's bf16 GEMM for bf16 operands when :func:`enabled`."""
     if x.dtype == mx.bfloat16 and w.dtype == mx.bfloat16 and x.ndim >= 2 and enabled():
         y = gemm_bf16(x, w, bias)
-        return _note("bf16 matmul", "MKL cblas_gemm_bf16bf16f32 (fp32 sums, one rounding to bf16)", x, w, bias,
-                     y, lambda rows: rows @ w.T if bias is None else mx.addmm(bias, rows, w.T))
+        return _note("bf16 matmul", _BF16_GEMM, x, w, bias, y,
+                     lambda rows: rows @ w.T if bias is None else mx.addmm(bias, rows, w.T))
     return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
 
 
@@ -141,8 +142,8 @@ def bmm_t(a: mx.array, b: mx.array) -> mx.array:
     lead, (m, k), n = a.shape[:-2], a.shape[-2:], b.shape[-2]
     a3, b3 = a.reshape(-1, m, k), b.reshape(-1, n, k)
     outs = [gemm_bf16(a3[i], b3[i]) for i in range(a3.shape[0])]
-    _note("bf16 matmul", "MKL cblas_gemm_bf16bf16f32 (fp32 sums, one rounding to bf16)", a3[0], b3[0], None,
-          outs[0], lambda rows: rows @ b3[0].T)  # the first slice is observed: the same kernel as the rest
+    _note("bf16 matmul", _BF16_GEMM, a3[0], b3[0], None, outs[0],
+          lambda rows: rows @ b3[0].T)  # the first slice is observed: the same kernel as the rest
     return mx.stack(outs).reshape(*lead, m, n)
 
 
@@ -175,7 +176,7 @@ class QuantizedLinear(nn.QuantizedLinear):
         if self.mode in _MX_MODES and x.dtype in (mx.float32, mx.bfloat16) and x.ndim >= 2 and enabled():
             if x.dtype == mx.bfloat16:
                 w = self._dequantized(mx.bfloat16)
-                y, how = gemm_bf16(x, w), "exact dequantization to bf16 + MKL cblas_gemm_bf16bf16f32"
+                y, how = gemm_bf16(x, w), "exact dequantization to bf16 + " + _BF16_GEMM
             else:
                 # the output columns in two halves on MLX's two CPU streams: one half's dequantization
                 # (MLX's own loop, single-threaded) overlaps the other's GEMM (measured 0.155 -> 0.106 s at

@@ -47,8 +47,8 @@ def test_the_chosen_set_measures_as_reported(searched):
     scenario = next(s for s in family_of(TINY).scenarios([FIXTURES / "images" / "gradient.png"], None))
     decoded = {p: load_image(p) for p in scenario.images}
     inputs = adapter.inputs(scenario, decoded, settings)[0]
-    full = adapter.port_logits(scenario, inputs, decoded, settings, None)
-    chosen = adapter.port_logits(scenario, inputs, decoded, settings, "mxfp8", frozenset(rec["keep"]))
+    (full,) = adapter.port_logits([(scenario, inputs)], decoded, settings, None)
+    (chosen,) = adapter.port_logits([(scenario, inputs)], decoded, settings, "mxfp8", frozenset(rec["keep"]))
     assert logits_agreement(chosen, full)["kl_mean"] == pytest.approx(rec["result"]["kl_mean"], rel=1e-6)
 
 

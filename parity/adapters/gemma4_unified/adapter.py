@@ -241,18 +241,21 @@ class Gemma4UnifiedAdapter:
         model = load_model(self.model_dir, self.dtype, mode)
         return [p for p, s in model.quant_status.items() if s == "quantized"]
 
-    def port_logits(self, scenario: Scenario, inputs: dict[str, np.ndarray], decoded: dict[Path, np.ndarray],
-                    settings, quantize: str | None, keep: frozenset[str] = frozenset()) -> np.ndarray:
-        """The port's prefill logits of the case, its checkpoint loaded afresh: unquantized
-        (``quantize`` None) or quantized but for the modules in ``keep``."""
+    def port_logits(self, cases: list[tuple[Scenario, dict[str, np.ndarray]]], decoded: dict[Path, np.ndarray],
+                    settings, quantize: str | None, keep: frozenset[str] = frozenset()) -> list[np.ndarray]:
+        """The port's prefill logits of each (scenario, inputs), its checkpoint loaded afresh once:
+        unquantized (``quantize`` None) or quantized but for the modules in ``keep``."""
         model = load_model(self.model_dir, self.dtype, quantize, keep if quantize else ())
-        pixel_values = position_ids = None
-        if scenario.images:
-            pixel_values, position_ids = rimage.preprocess_batch(
-                [decoded[p] for p in scenario.images], settings.max_soft_tokens, *self.patch_geometry)
-        logits = model(inputs["input.input_ids"], None, pixel_values, position_ids, inputs.get("input.audio_frames"),
-                       settings.candidate_policy, model.make_cache(), 0)
-        return to_numpy(logits)
+        out = []
+        for scenario, inputs in cases:
+            pixel_values = position_ids = None
+            if scenario.images:
+                pixel_values, position_ids = rimage.preprocess_batch(
+                    [decoded[p] for p in scenario.images], settings.max_soft_tokens, *self.patch_geometry)
+            out.append(to_numpy(model(inputs["input.input_ids"], None, pixel_values, position_ids,
+                                      inputs.get("input.audio_frames"), settings.candidate_policy,
+                                      model.make_cache(), 0)))
+        return out
 
     @property
     def patch_geometry(self) -> tuple[int, int]:

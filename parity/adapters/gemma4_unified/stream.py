@@ -176,9 +176,8 @@ class Lockstep:
             if i + 1 < self.text.cfg.num_hidden_layers:
                 self.adapter.hf.prefetch(i + 1)  # HF's next layer comes off the disk while ours computes
             offset = 0 if self.forward == 0 else self.length + self.forward - 1
-            done = {k: v for k, v in self.adapter.hf.weights.dequantized.items() if k.startswith(f"layers.{i}.")}
-            for k in done:  # the reference's codec values of this layer (read by HF before it ran it)
-                del self.adapter.hf.weights.dequantized[k]
+            read = self.adapter.hf.weights.dequantized  # the reference's codec values (HF read this layer first)
+            done = {k: read.pop(k) for k in [k for k in read if k.startswith(f"layers.{i}.")]}
             with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
                 if self.forward == 0:
                     self.ref.update({k: v for k, v in done.items() if k in self.tols})
