@@ -360,7 +360,9 @@ def oracle_distance(reference: np.ndarray, candidate: np.ndarray, oracle: np.nda
     """Both sides' distance to the float64 oracle, as the largest absolute difference and as the RMS
     difference, and ``ratio``: the candidate's RMS distance over the reference's, the reference's floored
     at one unit roundoff of ``dtype`` times the oracle's RMS (a reference that rounds exactly to the
-    oracle does not make any candidate error infinitely worse). None: shapes differ or a value is not finite."""
+    oracle does not make any candidate error infinitely worse); an all-zero oracle floors it at one unit
+    roundoff absolute (values at unit scale), so that an exact-zero stage is not failed by any nonzero
+    error of the candidate's however small. None: shapes differ or a value is not finite."""
     r, c, o = (np.asarray(x, np.float64) for x in (reference, candidate, oracle))
     if not (r.shape == c.shape == o.shape) or o.size == 0:
         return None
@@ -368,10 +370,11 @@ def oracle_distance(reference: np.ndarray, candidate: np.ndarray, oracle: np.nda
         return None
     rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
     ref_rms, cand_rms = rms(r - o), rms(c - o)
-    floor = UNIT_ROUNDOFF.get(dtype, 2.0**-24) * rms(o)
+    scale = rms(o)
+    floor = UNIT_ROUNDOFF.get(dtype, 2.0**-24) * (scale if scale > 0 else 1.0)
     return {"reference_max_abs": float(np.abs(r - o).max()), "candidate_max_abs": float(np.abs(c - o).max()),
             "reference_rms": ref_rms, "candidate_rms": cand_rms, "floor": floor,
-            "ratio": cand_rms / max(ref_rms, floor) if max(ref_rms, floor) > 0 else (math.inf if cand_rms else 0.0)}
+            "ratio": cand_rms / max(ref_rms, floor)}
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -393,7 +396,7 @@ def _topk(x: np.ndarray, k: int) -> np.ndarray:
 
 
 def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5, per_position: bool = False,
-                     workers: int = 1) -> dict:
+                     workers: int = 1, tie_margin: float | None = None) -> dict:
     """Next-token agreement over every position of (..., V) logits, the statistics of llama.cpp's
     ``perplexity --kl-divergence`` (:func:`logit_statistics`). ``per_position``: also ``"positions_data"``,
     the per-position arrays (not JSON) that :func:`logit_statistics` pools over a run, and ``"kl"``.
@@ -429,7 +432,7 @@ def logits_agreement(actual: np.ndarray, expected: np.ndarray, k: int = 5, per_p
         parts = [block(s) for s in starts]
     data = {key: np.concatenate([p[i] for p in parts])
             for i, key in enumerate(("kl", "overlap", "same", "dp", "margin", "err"))}
-    out = logit_statistics(data, k)
+    out = logit_statistics(data, k, tie_margin)
     if per_position:
         out["kl"] = data["kl"]
         out["positions_data"] = data
@@ -440,7 +443,7 @@ def _pct(x: np.ndarray, q: float) -> float:
     return float(np.percentile(x, q)) if x.size else math.nan
 
 
-def logit_statistics(data: Mapping[str, np.ndarray], k: int = 5) -> dict:
+def logit_statistics(data: Mapping[str, np.ndarray], k: int = 5, tie_margin: float | None = None) -> dict:
     """Summary statistics of per-position logit agreement (``data`` from :func:`logits_agreement`,
     one case's or several concatenated):
 
@@ -452,7 +455,8 @@ def logit_statistics(data: Mapping[str, np.ndarray], k: int = 5) -> dict:
     - near-tie-aware top-1: ``top1_flips`` positions where the argmax differs, of which
       ``top1_flips_decisive`` at a reference log-prob margin above ``tie_margin``, twice the 99th
       percentile of the per-position max |Δlogit| (a logit error of the typical size flips no wider
-      margin). A near-tie flip is noise; a decisive one is a defect.
+      margin). A near-tie flip is noise; a decisive one is a defect. ``tie_margin`` given: that margin
+      instead (a decode step's one position takes its prefill's, measured over every prompt position).
     """
     kl, same, dp = data["kl"], data["same"], data["dp"]
     n = int(kl.size)
@@ -460,7 +464,7 @@ def logit_statistics(data: Mapping[str, np.ndarray], k: int = 5) -> dict:
     fk, fdp = kl[finite], dp[np.isfinite(dp)]
     p = float(same.mean()) if n else math.nan
     err = data["err"][np.isfinite(data["err"])]
-    tie = 2 * _pct(err, 99) if err.size else 0.0
+    tie = tie_margin if tie_margin is not None else 2 * _pct(err, 99) if err.size else 0.0
     flips = ~same
     decisive = flips & (data["margin"] > tie)
     return {

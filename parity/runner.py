@@ -93,6 +93,7 @@ class CaseResult:
     candidate: dict[str, np.ndarray] | None = None
     error: dict | None = None  # the case raised (:func:`case_error`): which side, where, at which stage
     positions: dict[str, np.ndarray] | None = None  # per-position logit agreement (pooled over the run)
+    greedy: dict | None = None  # :func:`greedy_agreement`, with the prefill's choice as step 0
 
     @property
     def passed(self) -> bool:
@@ -244,7 +245,12 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
             return error_result(adapter, model, scenario, decoded, settings, e, "candidate", partial, inputs, t0,
                                 reference=ref)
     diffs = compare_all(cand, ref, tols, settings.dtype)
-    decode = decode_entries(cand_steps, ref_steps, tokens, settings.dtype, settings.tol_overrides)
+    agreement = (logits_agreement(cand["logits"], ref["logits"], per_position=True)
+                 if "logits" in cand and "logits" in ref else {})
+    decode = decode_entries(cand_steps, ref_steps, tokens, settings.dtype, settings.tol_overrides,
+                            agreement.get("tie_margin"))
+    greedy = greedy_agreement(decode, (cand["logits"], ref["logits"]) if agreement else None,
+                              agreement.get("tie_margin"))
     cost = None
     if getattr(adapter, "hf_float", None) is not None:  # the cost of quantization: vs the unquantized model
         flt, *_ = adapter.reference(scenario, inputs, pre, settings, 0, unquantized=True)
@@ -257,13 +263,12 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
     oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), ref, cand, dict(tols), settings.dtype
                             ) if settings.oracle else {}
     diffs = noise_floor(diffs, oracle, {s.name: s.tol for s in stages}, settings.dtype)
-    agreement = (logits_agreement(cand["logits"], ref["logits"], per_position=True)
-                 if "logits" in cand and "logits" in ref else {})
+    diffs = decisive_flips(diffs, agreement)
     viz = case_viz(cand, ref, other_masks, settings.mask_policy, inputs.get("input.mm_token_type_ids"),
                    agreement.pop("kl", None), [d.stage for d in diffs])
     return case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz, oracle,
                        time.perf_counter() - t0, self_consistency=consistency, quantization_cost=cost,
-                       reference=dict(ref) | inputs, candidate=dict(cand) | inputs)
+                       reference=dict(ref) | inputs, candidate=dict(cand) | inputs, greedy=greedy)
 
 
 def case_result(model: Path, scenario: Scenario, settings: Settings, decoded: dict[Path, np.ndarray],
@@ -355,29 +360,64 @@ def error_result(adapter, model: Path, scenario: Scenario, decoded: dict[Path, n
 
 
 def decode_entries(cand_steps: list[np.ndarray], ref_steps: list[np.ndarray], tokens: list[int], dtype: str,
-                   overrides: tuple[Override, ...] = ()) -> list[dict]:
-    """The record's ``decode`` list: each greedy step's logits compared, with their agreement, the
-    candidate's own greedy token and, where it differs from the reference's, whether that was a near
-    tie (:func:`parity.metrics.logit_statistics`)."""
+                   overrides: tuple[Override, ...] = (), tie_margin: float | None = None) -> list[dict]:
+    """The record's ``decode`` list: each greedy step's logits compared, with their agreement. Both
+    sides are fed ``token`` (the reference's greedy choice at the step before); ``reference_token``
+    and ``candidate_token`` are what each side's logits at this step choose next. Where they differ,
+    ``near_tie`` says whether the reference's log-prob margin was within ``tie_margin`` (the prefill's,
+    :func:`parity.metrics.logit_statistics`: one position has no error distribution of its own); a
+    decisive difference fails the step."""
     out = []
     for step, (a, e, token) in enumerate(zip(cand_steps, ref_steps, tokens, strict=True)):
         tol = tolerance("logits", dtype, "free", decode_stage(step + 1), overrides)
         d = compare("logits", a, e, tol, dtype)
-        lg = logits_agreement(a, e)
-        flat = a.reshape(-1, a.shape[-1])[-1]
-        own = int(np.argmax(flat)) if np.isfinite(flat).all() else None
-        out.append({"step": step + 1, "token": token, "candidate_token": own, "passed": d.passed,
-                    "max_abs": d.max_abs, "mismatched": d.mismatched,
-                    "near_tie": None if own == token else lg["top1_flips_decisive"] == 0, **lg})
+        lg = logits_agreement(a, e, tie_margin=tie_margin)
+        own, ref = _next_token(a), _next_token(e)
+        out.append({"step": step + 1, "token": token, "reference_token": ref, "candidate_token": own,
+                    "passed": d.passed and lg["top1_flips_decisive"] == 0, "max_abs": d.max_abs,
+                    "mismatched": d.mismatched,
+                    "near_tie": None if own == ref else lg["top1_flips_decisive"] == 0, **lg})
     return out
 
 
-def greedy_agreement(decode: list[dict]) -> dict:
-    """Greedy decoding on both sides: the steps run, the first whose tokens differ, and whether that
-    difference was a near tie (noise) or decisive (a defect)."""
-    first = next((d for d in decode if d.get("candidate_token") != d["token"]), None)
-    return {"steps": len(decode), "first_difference": None if first is None else first["step"],
-            "near_tie": None if first is None else first["near_tie"]}
+def decisive_flips(diffs: list[StageDiff], agreement: dict) -> list[StageDiff]:
+    """Fail the ``logits`` stage when a top-1 choice differs at a wide margin: the reference prefers its
+    token by more than the near-tie margin (twice the 99th percentile of the per-position logit error,
+    :func:`parity.metrics.logit_statistics`). A flip at a near tie is rounding; one past it is a defect,
+    even when every logit is within the absolute tolerance."""
+    n = agreement.get("top1_flips_decisive") or 0
+    out = []
+    for d in diffs:
+        if d.stage == "logits" and d.passed and n:
+            d = dataclasses.replace(d, passed=False, error=(
+                f"{n} top-1 choice(s) differ where the reference's log-prob margin exceeds the near-tie margin "
+                f"{agreement.get('tie_margin', float('nan')):.3g} (of {agreement.get('top1_flips', n)} flips)"))
+        out.append(d)
+    return out
+
+
+def _next_token(logits: np.ndarray) -> int | None:
+    """The greedy choice at the last position (None when its logits are not all finite)."""
+    last = np.asarray(logits).reshape(-1, np.shape(logits)[-1])[-1]
+    return int(np.argmax(last)) if np.isfinite(last).all() else None
+
+
+def greedy_agreement(decode: list[dict], prefill: tuple[np.ndarray, np.ndarray] | None = None,
+                     tie_margin: float | None = None) -> dict:
+    """Greedy decoding on both sides: the tokens each side chooses -- step 0 from the prefill's last
+    position (``prefill``: candidate and reference logits), step k from decode step k -- the first
+    step whose choices differ, and whether that difference was a near tie (noise) or decisive (a
+    defect), by the prefill's ``tie_margin``."""
+    chosen = [(d["step"], d.get("reference_token"), d.get("candidate_token"), d.get("near_tie")) for d in decode]
+    if prefill is not None:
+        a, e = (np.asarray(x).reshape(-1, np.shape(x)[-1])[-1:] for x in prefill)
+        own, ref = _next_token(a), _next_token(e)
+        near = None if own == ref else logits_agreement(a, e, tie_margin=tie_margin)["top1_flips_decisive"] == 0
+        chosen.insert(0, (0, ref, own, near))
+    first = next((c for c in chosen if c[1] != c[2]), None)
+    return {"steps": len(chosen), "reference": [c[1] for c in chosen], "candidate": [c[2] for c in chosen],
+            "first_difference": None if first is None else first[0],
+            "near_tie": None if first is None else first[3]}
 
 
 def oracle_columns(orc: dict[str, np.ndarray], ref: dict[str, np.ndarray], cand: dict[str, np.ndarray],
@@ -469,7 +509,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
                                            "what": "max |logits(policy) - logits(HF's own forward)|"},
             "passed": r.passed,
             "first_divergence": None if fd is None else {"stage": fd.stage, "message": fd.message()},
-            "logits": r.logits, "decode": r.decode, "greedy": greedy_agreement(r.decode),
+            "logits": r.logits, "decode": r.decode, "greedy": r.greedy or greedy_agreement(r.decode),
             "quantization_cost": r.quantization_cost,
             "seconds": round(r.seconds, 3), "stages": stages, "viz": r.viz,
             **({} if r.stream is None else {"stream": r.stream}),

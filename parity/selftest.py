@@ -45,6 +45,7 @@ class Outcome:
     seconds: float = 0.0
     planted: bool = True  # False: the clean port
     load_error: str | None = None  # a "load" defect: the tensor the loader's refusal must name
+    evidence: dict | None = None  # the first failing case's divergent stage: its error against its bound
 
     @property
     def detected(self) -> bool:
@@ -69,7 +70,7 @@ class Outcome:
                 "found": self.found, "failed_cases": self.failed_cases, "cases": self.cases,
                 "detected": self.detected, "localised": self.localised, "ok": self.ok, "error": self.error,
                 "misplaced": self.misplaced, "seconds": round(self.seconds, 3), "planted": self.planted,
-                "load_error": self.load_error}
+                "load_error": self.load_error, "evidence": self.evidence}
 
 
 class _Side:
@@ -158,12 +159,13 @@ def _outcome(name: str, defect: Defect | None, mode: str, side: _Side, run: Call
         error = error or "; ".join(f"{r.name}: {r.error['side']} raised {r.error['type']}: {r.error['message']}"
                                    for r in broken)
         results = [r for r in results if not r.untestable]
-    found, misplaced, resolved = [], [], []
+    found, misplaced, resolved, evidence = [], [], [], None
     for r in results:
         div = divergence(r, dtype)
         if div is None:
             continue
         stage = div[0].stage
+        evidence = evidence or _evidence(r, div[0])
         if stage not in found:
             found.append(stage)
         if defect is not None and defect.stage != "load":
@@ -175,7 +177,27 @@ def _outcome(name: str, defect: Defect | None, mode: str, side: _Side, run: Call
     shown = ", ".join(resolved) if resolved else (defect.stage if defect else "pass")
     return Outcome(name, defect.area if defect else "-", shown, mode, found, sum(not r.passed for r in results),
                    len(results), error, misplaced, time.perf_counter() - t, defect is not None,
-                   defect.load_error if defect is not None and defect.stage == "load" else None)
+                   defect.load_error if defect is not None and defect.stage == "load" else None, evidence)
+
+
+def _evidence(r: CaseResult, d) -> dict:
+    """What failed a case's first divergent stage, as (error, bound): the largest difference against
+    the absolute tolerance, the float64 ratio against the allowed one, a structural error, or a raise."""
+    out = {"case": r.name, "stage": d.stage}
+    o = r.oracle.get(d.stage) or {}
+    if r.error is not None and r.error.get("stage") == d.stage:
+        return out | {"kind": "raised", "error": f"{r.error['type']}", "bound": "-"}
+    if d.error and d.stage.startswith("logits@decode"):
+        step = next(s for s in r.decode if not s["passed"])
+        kind = "absolute" if step["max_abs"] > d.tolerance.atol else "decisive top-1 flip"
+        return out | {"kind": kind, "error": f"{step['max_abs']:.3g}", "bound": f"{d.tolerance.atol:g}"}
+    if d.max_abs > d.tolerance.atol or d.tolerance.atol == 0:
+        exact = d.tolerance.atol == 0 and d.tolerance.rtol == 0
+        return out | {"kind": "exact" if exact else "absolute", "error": f"{d.max_abs:.3g}",
+                      "bound": "exact" if exact else f"{d.tolerance.atol:g}"}
+    if o.get("allowed_ratio") is not None and o["ratio"] > o["allowed_ratio"]:
+        return out | {"kind": "noise floor", "error": f"{o['ratio']:.3g}x", "bound": f"{o['allowed_ratio']:g}x"}
+    return out | {"kind": "other", "error": (d.error or "")[:60], "bound": f"{d.tolerance.atol:g}"}
 
 
 def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | None = None,
@@ -324,5 +346,9 @@ def to_markdown(rec: dict) -> str:
                          if k in ("transformers", "torch", "mlx", "numpy")), "",
              "| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows[1:]]
+    lines += ["", "## Evidence: the first failing case's divergent stage, its error against its bound", "",
+              "| defect | mode | case | stage | failed by | error | bound |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {o['fault']} | {o['mode']} | {e['case']} | `{e['stage']}` | {e['kind']} | {e['error']} "
+              f"| {e['bound']} |" for o in rec["outcomes"] if (e := o.get("evidence"))]
     return "\n".join(lines) + "\n"
 

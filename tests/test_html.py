@@ -107,9 +107,12 @@ def test_failing_report_in_browser(runs, browser):
     for case in rec["cases"]:
         sec = case_section(page, case["name"])
         assert sec.count() == 1, case["name"]
-        assert sec.locator("details").evaluate("d => d.open") == (not case["passed"])
+        assert sec.locator(":scope > details").evaluate("d => d.open") == (not case["passed"])
         assert sec.locator("svg.stage-plot").count() == 1
         assert sec.locator("svg.kl-plot").count() == 1
+        logits = sec.locator("details.block", has_text="Logits").text_content()  # the case's own statistics
+        assert "KL p99 / p99.9" in logits and "same top token" in logits
+        assert sec.locator(".facts", has_text="greedy decode").count() == 1
         assert sec.locator("svg.mask-ref").count() == 4  # {full, sliding} x {official, hf-forward}
         n_images = len(case["image_sizes"])
         assert sec.locator("img.heatmap").count() == 8 * n_images  # pixel_values + 7 vision stages per image
@@ -152,7 +155,7 @@ def test_clean_report_in_browser(runs, browser):
     assert page.locator("header .badge.pass").count() == 1 and page.locator(".allclear").count() == 1
     assert page.locator("section.case.pass").count() == len(rec["cases"]) == 1
     sec = case_section(page, "tiny/image/gradient")
-    assert sec.locator("details").evaluate("d => d.open") is False  # passing cases start closed
+    assert sec.locator(":scope > details").evaluate("d => d.open") is False  # passing cases start closed
     assert sec.locator("svg.mask-diff").count() == 0 and sec.locator(".point.fail").count() == 0
     assert sec.locator("img.heatmap").count() == 8
     assert not problems, problems

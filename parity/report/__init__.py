@@ -242,6 +242,37 @@ def logit_lines(lg: dict) -> list[str]:
             "| statistic | value |", "|---|---|", *rows]
 
 
+def greedy_cell(g: dict | None) -> str:
+    """A case's greedy decode agreement (``runner.greedy_agreement``) in a few words."""
+    if not g or not g.get("steps"):
+        return "-"
+    if g["first_difference"] is None:
+        return f"same {g['steps']}/{g['steps']}"
+    return f"differs at step {g['first_difference']} ({'near tie' if g['near_tie'] else 'decisive'})"
+
+
+def case_logit_lines(cases: list[dict]) -> list[str]:
+    """The Markdown table of each case's logit statistics and its greedy decode agreement."""
+    rows = [c for c in cases if isinstance((c.get("logits") or {}).get("top1_agreement"), float)]
+    if not rows:
+        return []
+    out = ["", "## Logits per case", "",
+           "| case | positions | same top token | flips (decisive) | KL mean ± SE | KL median / p90 / p99 / p99.9 "
+           "| KL max | Δp mean | Δp p1 / p99 | max \\|Δp\\| | top-5 overlap | greedy decode |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for c in rows:
+        lg = c["logits"]
+        out.append(f"| {c['name']} | {lg.get('positions', '-')} | {lg['top1_agreement']:.2%} ± "
+                   f"{lg.get('top1_agreement_se', 0):.2%} | {lg.get('top1_flips', 0)} ({lg.get('top1_flips_decisive', 0)})"
+                   f" | {fmt(lg.get('kl_mean'))} ± {fmt(lg.get('kl_se'))} | "
+                   + " / ".join(fmt(lg.get(k)) for k in ("kl_median", "kl_p90", "kl_p99", "kl_p999"))
+                   + f" | {fmt(lg.get('kl_max'))} | {fmt(lg.get('dp_mean'))} | {fmt(lg.get('dp_p1'))} / "
+                   f"{fmt(lg.get('dp_p99'))} | {fmt(lg.get('dp_max_abs'))} | "
+                   + (f"{lg['top5_overlap']:.2%}" if isinstance(lg.get("top5_overlap"), float) else "-")
+                   + f" | {greedy_cell(c.get('greedy'))} |")
+    return out
+
+
 def oracle_line(fd: dict) -> list[str]:
     """Polygraphy-style note: which side the float64 oracle sides with."""
     o = fd.get("oracle")
@@ -275,6 +306,7 @@ def to_markdown(rec: dict) -> str:
         lines.append(f"| {c['name']} | {sizes} | {c['n_soft_tokens']} | {'yes' if c['passed'] else 'NO'} "
                      f"| {fdc} | {lg.get('top1_agreement', 0):.0%} | {_fmt(lg.get('kl_max'))} | {_fmt(dec)} "
                      f"| {_fmt(c['reference_self_consistency']['max_abs_logits'])} | {c['seconds']:.2f} |")
+    lines += case_logit_lines(rec["cases"])
     quantized = [c for c in rec["cases"] if c.get("quantization_cost")]
     if quantized:
         lines += ["", "## Cost of quantization (candidate vs the unquantized HF model)", "",

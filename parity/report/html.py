@@ -477,15 +477,15 @@ def kl_plot(case: dict) -> str:
 # -------------------------------------------------------------------------------------- the page
 
 
-def _logit_table(rec: dict) -> str:
-    """The run's pooled logit statistics, as the Markdown report lists them."""
+def _logit_table(lg: dict, title: str, opened: bool = True) -> str:
+    """Logit statistics (a run's pooled ones, or a case's), as the Markdown report lists them."""
     from parity.report import logit_lines  # report imports this module
 
-    rows = [line.strip("|").split(" | ") for line in logit_lines(rec.get("logits") or {}) if line.startswith("| ")]
+    rows = [line.strip("|").split(" | ") for line in logit_lines(lg or {}) if line.startswith("| ")]
     if len(rows) < 2:
         return ""
     body = "".join(f"<tr><td>{_e(k.strip())}</td><td>{_e(v.strip())}</td></tr>" for k, v in rows[1:])
-    return (f'<details class="block" open><summary>Logits: {rec["logits"]["positions"]} positions of every case'
+    return (f'<details class="block"{" open" if opened else ""}><summary>{_e(title)}: {lg["positions"]} positions'
             f'</summary><table class="grid"><tbody>{body}</tbody></table></details>')
 
 
@@ -527,6 +527,8 @@ def _case_index(rec: dict, slugs: list[str]) -> str:
 
 
 def _case(c: dict, slug: str) -> str:
+    from parity.report import greedy_cell  # report imports this module
+
     ok = c["passed"]
     fd = c.get("first_divergence")
     lg = c.get("logits") or {}
@@ -538,13 +540,15 @@ def _case(c: dict, slug: str) -> str:
                                                      else f" (candidate {c.get('candidate_mask_policy')})")),
              ("top-1 agreement", f"{lg.get('top1_agreement', 0):.1%}"),
              ("KL mean / max", f"{_num(lg.get('kl_mean'), '.2e')} / {_num(lg.get('kl_max'), '.2e')}"),
+             ("greedy decode", greedy_cell(c.get("greedy"))),
              ("HF self-consistency", _num(c["reference_self_consistency"]["max_abs_logits"], ".3g")),
              ("seconds", f"{c.get('seconds', 0):.2f}")]
     dl = "".join(f"<div><dt>{_e(k)}</dt><dd>{_e(v)}</dd></div>" for k, v in facts)
     msg = f'<pre class="message fail">{_e(fd["message"])}</pre>' if fd else ""
     badge = f'<span class="badge {"pass" if ok else "fail"}">{"PASS" if ok else "FAIL"}</span>'
     where = f' <span class="muted">first divergence <code>{_e(fd["stage"])}</code></span>' if fd else ""
-    body = "".join(part for part in (stage_plot(c), heatmaps(c), masks(c), kl_plot(c)) if part)
+    body = "".join(part for part in (_logit_table(lg, "Logits", opened=False), stage_plot(c), heatmaps(c), masks(c),
+                                     kl_plot(c)) if part)
     return (f'<section class="case {"pass" if ok else "fail"}" id="{slug}" data-case="{_e(c["name"])}">'
             f'<details{" open" if not ok else ""}><summary>{badge} <span class="case-name">{_e(c["name"])}</span>'
             f'{where}</summary><dl class="facts">{dl}</dl>{msg}{body}</details></section>')
@@ -699,7 +703,7 @@ schema <code>{_e(rec["schema"])}</code></div>
 <details class="block" open><summary>Stages (worst over all cases, forward order)</summary>
 <div class="scroll">{_summary_table(rec)}</div>
 </details>
-{_logit_table(rec)}
+{_logit_table(rec.get("logits"), "Logits, every case")}
 <div class="toolbar"><h2>Cases</h2>
 <label><input type="checkbox" id="failing-only"> show failing cases only</label>
 <span class="muted">{len(cases) - n_pass} failing, {n_pass} passing</span></div>

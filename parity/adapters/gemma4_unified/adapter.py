@@ -51,7 +51,8 @@ WINDOW_LENGTHS = (4, 7, 8, 9, 11, 12, 13)
 def special_scenarios(images: Path) -> tuple[Scenario, ...]:
     """The decoder's cases: text only (one prompt longer than every window, and the ``WINDOW_LENGTHS``),
     two images, image at the very start / very end, an image block longer than every sliding window
-    (where the two policies differ), image + audio."""
+    (where the two policies differ), image + audio, and audio alone: one frame, and a block of frames
+    longer than every sliding window (audio tokens are attended causally, as text)."""
     grad, card, exact = images / "gradient.png", images / "white-card.png", images / "exact-672x960.png"
     return (
         Scenario("text-only", (("text", tuple(range(2, 40))),)),
@@ -63,6 +64,8 @@ def special_scenarios(images: Path) -> tuple[Scenario, ...]:
         Scenario("long-image-block", (("text", (2, 10)), ("image", exact), ("text", (11, 12)))),
         Scenario("image-and-audio", (("text", (2, 10)), ("image", grad), ("text", (11,)), ("audio", 6),
                                      ("text", (12, 13)))),
+        Scenario("audio-1", (("text", (2, 10)), ("audio", 1), ("text", (11,)))),
+        Scenario("audio-14", (("text", (2,)), ("audio", 14), ("text", (11, 12)))),
     )
 
 

@@ -69,6 +69,14 @@ def _overlay_crosses_blocks():
     return patched((base, "block_ids", lambda types: mx.where((types == 1) | (types == 2), 0, -1)))
 
 
+def _audio_in_overlay():
+    def blocks(types):  # audio frames taken for one more multimodal block (HF's is_vision is image | video)
+        media = (types == 1) | (types == 2) | (types == 3)
+        prev = mx.concatenate([mx.zeros_like(media[:, :1]), media[:, :-1]], axis=1)
+        return mx.where(media, mx.cumsum((media & ~prev).astype(mx.int32), axis=1) - 1, -1)
+    return patched((base, "block_ids", blocks))
+
+
 def _rope_partial_slice():
     def rope(f):
         def call(self, x, offset):
@@ -346,6 +354,8 @@ CATALOG: dict[str, Defect] = {
         Defect("overlay-crosses-blocks", "masks",
                "the bidirectional image overlay spans every image of the prompt as one block", "mask.*",
                _overlay_crosses_blocks),
+        Defect("audio-in-overlay", "masks", "audio soft tokens attended bidirectionally within their block, as "
+               "images are (HF's overlay takes image and video tokens only)", "mask.*", _audio_in_overlay),
         Defect("rope-partial-slice", "rope", "proportional RoPE applied as mx.fast.rope(dims=128) on a slice: "
                "pairs (i, i+64), exponent over 128", "layers.{first_full}.attn.q", _rope_partial_slice),
         Defect("rope-interleaved", "rope",

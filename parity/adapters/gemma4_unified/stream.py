@@ -267,7 +267,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     ``stream``: layer reads, the process's peak RSS, and where the time went. ``*_forward_s`` is each
     model's own time, reading its weights included (``*_load_s`` of it); ``capture_s`` (copying stage
     values out), ``compare_s`` (metrics, oracle, viz) and ``setup_s`` (inputs, hooks) are the harness's."""
-    from parity.runner import case_result, decode_entries, noise_floor, oracle_columns
+    from parity.runner import case_result, decisive_flips, decode_entries, greedy_agreement, noise_floor, oracle_columns
 
     t0 = time.perf_counter()
     all_stages = adapter.stages(scenario)
@@ -314,14 +314,16 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
         spools["candidate"].add("logits", cand_logits)
     agreement = logits_agreement(cand_logits, ref_logits, per_position=True, workers=settings.threads)
     kl = agreement.pop("kl")
+    decode = decode_entries(lock.step_logits, ref_steps, tokens, settings.dtype, settings.tol_overrides,
+                            agreement.get("tie_margin"))
+    greedy = greedy_agreement(decode, (cand_logits, ref_logits), agreement.get("tie_margin"))
     del ref_logits, cand_logits
-    decode = decode_entries(lock.step_logits, ref_steps, tokens, settings.dtype, settings.tol_overrides)
     # a stage never settled is one a side did not capture (settle pops the captures it compares)
     diffs = [lock.diffs[s.name] if s.name in lock.diffs  # (a StageDiff is falsy when it fails: no `or`)
              else missing(s.name, tols[s.name], settings.dtype, lock.recorder.capture, lock.ref) for s in stages]
     oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), lock.kept_ref,
                             lock.kept_cand, tols, settings.dtype) if settings.oracle else {}
-    diffs = noise_floor(diffs, oracle, {s.name: s.tol for s in stages}, settings.dtype)
+    diffs = decisive_flips(noise_floor(diffs, oracle, {s.name: s.tol for s in stages}, settings.dtype), agreement)
     viz = case_viz(lock.kept_cand, lock.kept_ref, {}, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,
                    [d.stage for d in diffs], lock.ref_max)
     after = time.perf_counter() - t1
@@ -337,7 +339,7 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
               "setup_s": round(seconds - t_forward - after, 3),
               "layer_reads": adapter.hf.layer_reads - reads0, "peak_rss_gib": round(peak_rss_gib(), 3)}
     result = case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz,
-                         oracle, seconds, self_consistency=None, stream=stream)
+                         oracle, seconds, self_consistency=None, stream=stream, greedy=greedy)
     if spools is not None:
         result.reference, result.candidate = spools["reference"], spools["candidate"]
     return result
