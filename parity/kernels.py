@@ -71,7 +71,8 @@ class KernelCheck:
             ours, mlx_own = np.abs(ys64 - exact), np.abs(ns64 - exact)
             ratio = float(np.nanmax(np.where(b > 0, ours / b, np.where(ours > 0, np.inf, 0.0))))
             mlx_ratio = float(np.nanmax(np.where(b > 0, mlx_own / b, np.where(mlx_own > 0, np.inf, 0.0))))
-        finite = bool(np.isfinite(ys64).all())
+        bad = np.argwhere(~np.isfinite(ys64))
+        finite = bad.size == 0
         self.results[key] = {
             "kernel": kind, "how": kernels.in_use().get(kind, ""), "k": k, "n": n, "rows": int(idx.size),
             "output_dtype": out_dtype,
@@ -79,6 +80,8 @@ class KernelCheck:
             "mlx_bound_ratio": mlx_ratio, "max_abs_vs_mlx": float(np.abs(ys64 - ns64).max()),
             "bit_identical_to_mlx": float((ys64 == ns64).mean()),
             "passed": finite and ratio <= 1.0,
+            # (sampled row, column) of the first NaN/Inf the kernel gave, and the row's index in its input
+            "first_nonfinite": None if finite else [int(np.asarray(idx)[bad[0][0]]), int(bad[0][-1])],
         }
 
     def summary(self) -> dict:

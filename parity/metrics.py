@@ -469,6 +469,7 @@ def logit_statistics(data: Mapping[str, np.ndarray], k: int = 5, tie_margin: flo
     decisive = flips & (data["margin"] > tie)
     return {
         "positions": n, "nonfinite_positions": int(n - finite.sum()),
+        "first_nonfinite_position": int(np.flatnonzero(~finite)[0]) if n > finite.sum() else None,
         "top1_agreement": p, "top1_agreement_se": math.sqrt(p * (1 - p) / n) if n else math.nan,
         "top1_flips": int(flips.sum()), "top1_flips_decisive": int(decisive.sum()), "tie_margin": tie,
         "kl_mean": float(kl.mean()) if n else math.nan,

@@ -88,7 +88,7 @@ def test_non_finite_logits_fail_with_statistics_not_a_crash():
     cand[2, 7] = np.nan
     cand[4] = np.inf
     out = logits_agreement(cand, ref)
-    assert out["nonfinite_positions"] == 2 and out["positions"] == 6
+    assert out["nonfinite_positions"] == 2 and out["positions"] == 6 and out["first_nonfinite_position"] == 2
     assert out["top1_agreement"] <= 4 / 6
     assert out["kl_max"] == float("inf")
     assert mx.array(ref).shape == (6, 50)

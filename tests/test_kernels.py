@@ -121,3 +121,18 @@ def test_every_record_names_its_kernels(tmp_path):
     assert p.returncode == 0, p.stderr
     k = json.loads(native.read_text())["kernels"]
     assert not k["enabled"] and k["used"] == {} and k["checks"] == [] and k["passed"]
+
+
+def test_a_kernel_giving_nan_fails_its_check_naming_where():
+    x = mx.random.normal((6, 32)).astype(mx.bfloat16)
+    w = (mx.random.normal((16, 32)) * 0.2).astype(mx.bfloat16)
+
+    def native(xs):
+        return xs @ w.T
+
+    y = native(x)
+    y = mx.where((mx.arange(6)[:, None] == 5) & (mx.arange(16)[None] == 3), mx.array(float("nan"), y.dtype), y)
+    check = KernelCheck(rows=8)
+    check("bf16 matmul", x, w, None, y, native)
+    (result,) = check.summary()["checks"]
+    assert not result["passed"] and result["first_nonfinite"] == [5, 3]

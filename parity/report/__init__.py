@@ -237,7 +237,8 @@ def logit_lines(lg: dict) -> list[str]:
         else:
             cell = " / ".join(fmt(v) for v in vals)
         rows.append(f"| {label} | {cell} |")
-    extra = f" ({lg['nonfinite_positions']} with NaN/Inf)" if lg.get("nonfinite_positions") else ""
+    extra = (f" ({lg['nonfinite_positions']} with NaN/Inf, the first at position {lg.get('first_nonfinite_position')})"
+             if lg.get("nonfinite_positions") else "")
     return ["", f"## Logits: {lg['positions']} positions of every case{extra}", "",
             "| statistic | value |", "|---|---|", *rows]
 
