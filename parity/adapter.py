@@ -121,6 +121,10 @@ class Family(Protocol):
     def expected_stage(self, defect: Defect, adapter: Adapter, scenario: Scenario) -> str:
         """``defect.stage`` resolved for one case (a name or a glob)."""
 
+    def convert(self, src: Path, dst: Path, quantize: str, keep: list[str]) -> dict[str, str]:
+        """``rmlx-parity convert``: write ``src`` quantized to the new folder ``dst``, ``keep`` left in full
+        precision; returns each quantizable module's status. An ``InputError`` if the family has none."""
+
 
 _REGISTERED: dict[str, Family] = {}
 _LOADED = False

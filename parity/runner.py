@@ -36,7 +36,7 @@ from parity.report.viz import case_viz
 from parity.stages import decode_stage, order_key, select
 from parity.tolerances import Override, noise_ratio, overrides_record, tolerance
 from rmlx.errors import InputError
-from rmlx.image import load_image
+from rmlx.imagefile import load_image
 
 SCHEMA = "rmlx.parity/2"
 MODES = ("free", "teacher")

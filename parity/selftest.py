@@ -25,7 +25,7 @@ from parity.provenance import git, versions
 from parity.report import text_table
 from parity.runner import MODES, CaseResult, Settings, divergence, run_case
 from rmlx.errors import InputError
-from rmlx.image import load_image
+from rmlx.imagefile import load_image
 
 SCHEMA = "rmlx.selftest/1"
 CLEAN = "(none)"

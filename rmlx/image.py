@@ -1,6 +1,6 @@
 """Image preprocessing for Gemma 4 unified (catalog §1), in NumPy.
 
-decode (Pillow) -> RGB uint8 HWC -> aspect-ratio-preserving resize (multiples of 48 px)
+decode (Pillow, :mod:`rmlx.imagefile`) -> RGB uint8 HWC -> aspect-ratio-preserving resize (multiples of 48 px)
 -> float32(x) * float32(1/255) -> 48x48x3 HWC patches in raster order, (x, y) positions
 -> pad to max_soft_tokens (pixels 0, positions -1).
 """
@@ -8,55 +8,17 @@ decode (Pillow) -> RGB uint8 HWC -> aspect-ratio-preserving resize (multiples of
 from __future__ import annotations
 
 import math
-import warnings
-from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from rmlx.config import SUPPORTED_SOFT_TOKENS
 from rmlx.errors import InputError
+from rmlx.imagefile import load_image, to_rgb  # noqa: F401  (the port's image entry points)
 from rmlx.resize import resize_bicubic_aa_uint8
 from rmlx.tap import tap
 
 RESAMPLERS = ("torchvision", "pil")
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to RGB uint8 (H, W, 3), compositing transparency on white like HF.
-
-    Every failure is an ``InputError`` naming the file: missing, not an image, truncated, or over
-    Pillow's decompression-bomb limit (the warning threshold counts as over).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: image file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()
-                if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                    raise InputError(f"{path}: {im.mode} images (16/32-bit) are not supported: converting them "
-                                     "to 8-bit RGB clips them (HF's processor does the same)")
-                return to_rgb(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(f"{path}: refused, over Pillow's decompression-bomb limit ({e})") from None
-    except InputError:
-        raise
-    except UnidentifiedImageError:
-        raise InputError(f"{path}: not a readable image (Pillow cannot identify it)") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise InputError(f"{path}: corrupt or truncated image ({e})") from None
-
-
-def to_rgb(im: Image.Image) -> np.ndarray:
-    """RGB uint8 (H, W, 3): alpha (or a transparency key) is composited over opaque white."""
-    if "A" in im.getbands() or im.info.get("transparency") is not None:
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.array(im.convert("RGB"))
 
 
 def check_max_soft_tokens(max_soft_tokens: int) -> int:

@@ -64,6 +64,9 @@ class Gemma4Family(Gemma4UnifiedFamily):
     def load_streamed(self, model_dir: Path, settings) -> Adapter:
         raise InputError(f"{model_dir}: the gemma4 family has no layer-by-layer driver (--stream)")
 
+    def convert(self, src: Path, dst: Path, quantize: str, keep: list[str]) -> dict[str, str]:
+        raise InputError(f"{src}: the gemma4 family has no quantized checkpoints yet (convert --quantize {quantize})")
+
     def run_streamed(self, adapter, model: Path, scenario: Scenario, decoded: dict, settings, keep_captures=False):
         raise InputError(f"{model}: the gemma4 family has no layer-by-layer driver (--stream)")
 

@@ -74,6 +74,11 @@ class Gemma4UnifiedFamily:
 
         return run_case_streamed(adapter, model, scenario, decoded, settings, keep_captures)
 
+    def convert(self, src: Path, dst: Path, quantize: str, keep: list[str]) -> dict[str, str]:
+        from rmlx.load import save_quantized
+
+        return save_quantized(src, dst, quantize, keep)
+
     def scenarios(self, images: list[Path], fixture_images: Path | None) -> list[Scenario]:
         from parity.adapters.gemma4_unified.adapter import special_scenarios
 
