@@ -1,7 +1,8 @@
 """``rmlx-parity``: run parity, list stages, (re)generate fixtures.
 
 Exit codes: 0 all pass, 1 a parity failure, 2 bad usage or bad input (one clear line,
-nothing written), 125 this revision cannot be tested (for ``git bisect run``).
+nothing written), 125 this revision cannot be tested (for ``git bisect run``), 130 interrupted
+(SIGINT, Ctrl-C), 143 terminated (SIGTERM).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import time
 from pathlib import Path
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_UNTESTABLE = 0, 1, 2, 125
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports an interrupted command
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as a shell reports them
+# environment switches of the port: unset, empty, "0" (rmlx's own code) or "1" (MLX's own)
+SWITCHES = ("RMLX_NATIVE_MATH", "RMLX_NATIVE_KERNELS")
 
 
 def fixtures_dir() -> Path:
@@ -605,7 +608,7 @@ def cmd_debug(args) -> int:
     from parity.runner import Settings, default_scenarios
     from parity.stages import matches_any
     from rmlx.errors import InputError
-    from rmlx.image import load_image
+    from rmlx.imagefile import load_image
 
     model = args.model or next(iter(default_models()), None)
     if model is None:
@@ -641,9 +644,10 @@ def cmd_debug(args) -> int:
 
 def cmd_convert(args) -> int:
     from parity import report
+    from parity.adapter import family_of
     from parity.atomic import staged
-    from rmlx.load import save_quantized
 
+    family = family_of(args.src)  # the checkpoint's model_type names the family that can convert it
     keep = []
     if args.keep is not None:
         from parity.precision import read_keep
@@ -651,7 +655,7 @@ def cmd_convert(args) -> int:
         keep = read_keep(args.keep, args.quantize)
     report.check_free(args.dst)
     with staged(args.dst, before_rename=report.check_free) as (tmp,):
-        status = save_quantized(args.src, tmp, args.quantize, keep)
+        status = family.convert(args.src, tmp, args.quantize, keep)
     done = sum(s == "quantized" for s in status.values())
     print(f"wrote {args.dst}: {done} of {len(status)} quantizable linears in {args.quantize}")
     for path, s in status.items():
@@ -765,25 +769,86 @@ def missing_extras(args) -> str | None:
             "pip install 'rmlx[all]' (CPU-only torch: see docs/usage.md)")
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: unwinds like Ctrl-C, so every ``finally`` removes its temporary files."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 def main(argv: list[str] | None = None) -> int:
     """``rmlx-parity``: the exit code of the command (0 pass, 1 fail, 2 bad input, 125 cannot test,
-    130 interrupted by Ctrl-C or SIGTERM, with nothing published)."""
+    130 interrupted by SIGINT / Ctrl-C, 143 by SIGTERM: one line, no temporary file left, and no
+    output half-written)."""
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    caught = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, _interrupt) for s in caught} if main_thread else {}
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # the staging folders are gone already (finally blocks)
-        print("rmlx-parity: interrupted; nothing was published", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as e:  # the staging folders are gone already (finally blocks)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"rmlx-parity: interrupted by {signal.Signals(signum).name}; temporary files removed, no output "
+              "half-written", file=sys.stderr)
+        return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _interrupt(signum, frame) -> None:
+    """The first SIGINT or SIGTERM raises :class:`Interrupted`; the ones after it are ignored, so the
+    clean-up it starts runs to the end."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def check_environment() -> str | None:
+    """One line naming an environment variable with a value rmlx does not know (None: all known)."""
+    blas = os.environ.get("RMLX_BLAS")
+    if blas not in (None, "", "auto", "reference"):
+        return f"RMLX_BLAS={blas!r} is not 'auto' or 'reference'"
+    for name in SWITCHES:
+        value = os.environ.get(name)
+        if value not in (None, "", "0", "1"):
+            return f"{name}={value!r} is not '0' or '1' (1: MLX's own; unset or 0: rmlx's)"
+    return None
+
+
+def _output_folders(args) -> list[Path]:
+    """The folders a command writes its temporary siblings into (where a killed run left them)."""
+    places = []
+    for name in ("report_dir", "dump", "json", "dst", "db", "out"):
+        p = getattr(args, name, None)
+        if isinstance(p, Path):
+            places.append(p.parent)
+    if getattr(args, "update_baseline", False):
+        places.append(args.baseline.parent)
+    if args.command == "fixtures":  # fixtures stages inside its --out folder
+        places.append(args.out or fixtures_dir())
+    if args.command in ("run", "gate", "selftest", "compare", "debug") and getattr(args, "report_dir", None) is None:
+        places.append(REPORTS)
+    return places
+
+
+def sweep_stale(args, started: float) -> None:
+    """Remove the temporaries of killed rmlx runs (``.NAME.rmlx-PID-XXXX`` of a process that no longer
+    runs, older than this one) from every folder this command writes into."""
+    from parity.atomic import sweep
+
+    for folder in dict.fromkeys(_output_folders(args)):
+        try:
+            sweep(folder, before=started)
+        except (OSError, ValueError):  # an odd path: the command itself says what is wrong with it
+            continue
 
 
 def _main(argv: list[str] | None) -> int:
-    blas = os.environ.get("RMLX_BLAS")
-    if blas not in (None, "", "auto", "reference"):
-        print(f"rmlx-parity: error: RMLX_BLAS={blas!r} is not 'auto' or 'reference'", file=sys.stderr)
+    started = time.time()
+    bad_env = check_environment()
+    if bad_env:
+        print(f"rmlx-parity: error: {bad_env}", file=sys.stderr)
         return EXIT_BAD_INPUT
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -810,22 +875,20 @@ def _main(argv: list[str] | None) -> int:
     except Exception as e:
         print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
+    sweep_stale(args, started)
     commands = {"run": cmd_run, "gate": cmd_gate, "selftest": cmd_selftest, "stages": cmd_stages,
                 "faults": cmd_faults, "fixtures": cmd_fixtures, "convert": cmd_convert, "compare": cmd_compare,
                 "report": cmd_report, "history": cmd_history, "debug": cmd_debug}
     try:
         return commands[args.command](args)
-    except InputError as e:
-        print(f"rmlx-parity: error: {e}", file=sys.stderr)
+    except InputError as e:  # one line, whatever file name or key the message quotes
+        from rmlx.files import one_line
+
+        print(f"rmlx-parity: error: {one_line(str(e))}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Untestable as e:
         print(f"rmlx-parity: cannot test this revision: {e}", file=sys.stderr)
         return EXIT_UNTESTABLE
-
-
-def _terminate(signum, frame) -> None:
-    """SIGTERM unwinds like Ctrl-C, so every temporary folder is removed on the way out."""
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

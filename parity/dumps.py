@@ -39,9 +39,16 @@ class Spool:
         if a.dtype not in _DTYPES:
             raise ValueError(f"dump: stage '{name}' has dtype {a.dtype}, which safetensors cannot store")
         raw = a.tobytes()
+        try:
+            self._data.write(raw)
+            self._data.flush()
+        except OSError as e:  # the temporary file system is full (or ulimit -f): bad output place, exit 2
+            from rmlx.errors import InputError
+
+            raise InputError(f"--dump: cannot spool stage '{name}' to a temporary file in {tempfile.gettempdir()} "
+                             f"({e.strerror or e}); nothing was published") from None
         self._header[name] = {"dtype": _DTYPES[a.dtype], "shape": list(a.shape),
                               "data_offsets": [self._size, self._size + len(raw)]}
-        self._data.write(raw)
         self._size += len(raw)
 
     def finish(self, path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from parity.metrics import _json_float, fmt
 from parity.stages import decode_stage, order_key
 from rmlx.errors import InputError
-from rmlx.files import read_json
+from rmlx.files import one_line, read_json, track
 
 SCHEMA = "rmlx.baseline/1"
 DEFAULT_RATIO = 2.0
@@ -49,7 +49,10 @@ RECORD_SCHEMA = "rmlx.parity/2"  # parity.runner.SCHEMA (not imported: this modu
 
 def load_record(path: Path) -> dict:
     """Read and validate a run record (``run --json``, a report folder's report.json) for ``gate
-    --record`` and ``report``: every problem is an ``InputError`` naming the file and the key."""
+    --record`` and ``report``: every problem is an ``InputError`` naming the file and the key.
+
+    What the gate reads is checked here field by field; what the reports read is checked by rendering
+    them once (:func:`_renders`), so the check is always the one the renderers need."""
     data = read_json(path, "record", RECORD_SCHEMA,
                      " (a run record: 'rmlx-parity run --json FILE' or a report folder's report.json)")
     for key, kind in (("settings", dict), ("cases", list), ("versions", dict), ("passed", bool)):
@@ -65,9 +68,73 @@ def load_record(path: Path) -> dict:
         for j, st in enumerate(case["stages"]):
             if not (isinstance(st, dict) and isinstance(st.get("name"), str) and "max_abs" in st
                     and isinstance(st.get("passed"), bool)):
-                raise InputError(f"record {path}: cases[{i}] ('{case['name']}') stages[{j}] is malformed "
+                raise InputError(f"record {path}: cases[{i}] ({_short(case['name'])}) stages[{j}] is malformed "
                                  "(needs 'name', 'max_abs' and 'passed')")
+            _error_value(st["max_abs"], path, f"cases[{i}].stages[{j}].max_abs")
+        for j, d in enumerate(case.get("decode", [])):
+            if not (isinstance(d, dict) and isinstance(d.get("step"), int) and not isinstance(d["step"], bool)
+                    and "max_abs" in d):
+                raise InputError(f"record {path}: cases[{i}].decode[{j}] is malformed (needs 'step' and 'max_abs')")
+            _error_value(d["max_abs"], path, f"cases[{i}].decode[{j}].max_abs")
+        cost = case.get("quantization_cost")
+        if cost is not None and not (isinstance(cost, dict) and isinstance(cost.get("logits") or {}, dict)):
+            raise InputError(f"record {path}: cases[{i}].quantization_cost is malformed (expected an object with "
+                             "an object 'logits')")
+        if cost and cost.get("logits") and "kl_max" in cost["logits"]:
+            _error_value(cost["logits"]["kl_max"], path, f"cases[{i}].quantization_cost.logits.kl_max")
+    _renders(data, path)
     return data
+
+
+def _finite(v) -> bool:
+    """A JSON number that is a finite float (an integer of 400 digits is not: it has no float)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def _error_value(v, path: Path, key: str) -> None:
+    """A record's error number: a JSON number, "inf" / "-inf", or null (NaN), as the runner writes it."""
+    if not (v is None or v in ("inf", "-inf") or _finite(v) or isinstance(v, float)):
+        raise InputError(f"record {path}: '{key}' is {_short(v)}; expected a number, \"inf\" or null")
+
+
+_RENDER_ERRORS = (TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError, RecursionError)
+
+
+def _renders(rec: dict, path: Path) -> None:
+    """Render every report of ``rec`` once (nothing written): a value of the wrong type anywhere the
+    reports read is an ``InputError`` naming the key read last before the renderer failed."""
+    from parity import report
+    from parity.report import html, junit
+
+    last = ["the top level"]
+    tracked = track(rec, last)
+    try:
+        if "compare" in tracked:
+            from parity import compare
+
+            compare.report_files(tracked)
+            compare.to_terminal(tracked)
+        else:
+            report.to_markdown(tracked)
+            html.to_html(tracked)
+            junit.to_junit(tracked)
+            report.to_terminal(tracked)
+        if "gate" in tracked:
+            summary(tracked["gate"])
+    except _RENDER_ERRORS as e:
+        text = one_line(" ".join(str(e).split()), 160)
+        raise InputError(f"record {path}: malformed value at '{one_line(last[0], 200)}' ({type(e).__name__}: "
+                         f"{text}); the reports cannot be rendered from it") from None
+
+
+def _short(v, limit: int = 80) -> str:
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def load(path: Path) -> dict:
@@ -82,18 +149,23 @@ def load(path: Path) -> dict:
     missing = [k for k in KEYED if k not in data["settings"]]
     if missing:
         raise InputError(f"baseline {path}: settings lack {missing}")
+    bad = next((k for k in KEYED if isinstance(data["settings"][k], dict | list)), None)
+    if bad is not None:
+        raise InputError(f"baseline {path}: settings '{bad}' is {_short(data['settings'][bad])}; expected a "
+                         "string, a number or null")
     for case, entry in data["cases"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("stages"), dict):
-            raise InputError(f"baseline {path}: case '{case}' has no 'stages' table")
+            raise InputError(f"baseline {path}: case {_short(case)} has no 'stages' table")
         if not isinstance(entry.get("decode", {}), dict):
-            raise InputError(f"baseline {path}: case '{case}' has a malformed 'decode' table (expected an object)")
+            raise InputError(f"baseline {path}: case {_short(case)} has a malformed 'decode' table "
+                             "(expected an object)")
         values = [("stage", n, v) for n, v in entry["stages"].items()]
         values += [("decode step", n, v) for n, v in entry.get("decode", {}).items()]
         if "quantization_kl_max" in entry:
             values.append(("value", "quantization_kl_max", entry["quantization_kl_max"]))
         for what, name, v in values:
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
-                raise InputError(f"baseline {path}: case '{case}' {what} '{name}' has value {v!r}; "
+            if not _finite(v) or v < 0:
+                raise InputError(f"baseline {path}: case {_short(case)} {what} {_short(name)} has value {_short(v)}; "
                                  "expected a finite error >= 0")
     return data
 

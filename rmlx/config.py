@@ -6,13 +6,13 @@ it); keys HF gives a default to take HF's default (catalog §5).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from rmlx.errors import InputError
+from rmlx.files import loads, one_line, track
 
 T = TypeVar("T")
 
@@ -44,20 +44,54 @@ def _int(d: dict, key: str, where: str, default: Any = _REQUIRED, lo: int = 1, h
         return default
     v = d[key]
     if isinstance(v, bool) or not isinstance(v, int):
-        raise InputError(f"{where}: '{key}' must be an integer, got {v!r} ({type(v).__name__})")
+        raise InputError(f"{where}: '{key}' must be an integer, got {_short(v)} ({type(v).__name__})")
     if not lo <= v <= hi:
         raise InputError(f"{where}: '{key}' = {v} is out of range [{lo}, {hi}]")
     return v
 
 
-def _float(d: dict, key: str, where: str, default: float | None) -> float | None:
-    """A positive finite real config value (or ``default`` when absent or null)."""
+def _float(d: dict, key: str, where: str, default: float | None, hi: float = float("inf")) -> float | None:
+    """A positive finite real config value, at most ``hi`` (or ``default`` when absent or null)."""
     v = d.get(key)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, int | float) or not (0 < v < float("inf")):
-        raise InputError(f"{where}: '{key}' must be a positive finite number, got {v!r}")
+    if not _positive_finite(v):
+        raise InputError(f"{where}: '{key}' must be a positive finite number, got {_short(v)}")
+    if v > hi:
+        raise InputError(f"{where}: '{key}' = {v} is out of range (0, {hi}]")
     return float(v)
+
+
+def _positive_finite(v: Any) -> bool:
+    """A JSON number > 0 that is a finite float (an integer of 400 digits is not: it has no float)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return 0 < float(v) < float("inf")
+    except OverflowError:
+        return False
+
+
+def _section(d: dict, key: str, where: str, required: bool = False) -> dict | None:
+    """A nested object of the config (``None`` when absent, null or empty and not ``required``)."""
+    v = _require(d, key, where) if required else d.get(key)
+    if v is not None and not isinstance(v, dict):
+        raise InputError(f"{where}: '{key}' must be an object, got {_short(v)}")
+    return v or None
+
+
+def _str(d: dict, key: str, where: str, default: Any) -> Any:
+    """A string config value (or ``default`` when absent; null stays null)."""
+    v = d.get(key, default)
+    if v is not None and not isinstance(v, str):
+        raise InputError(f"{where}: '{key}' must be a string, got {_short(v)}")
+    return v
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """``repr(v)`` on one line, at most ``limit`` characters (a value quoted in a message)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _bool(d: dict, key: str, where: str, default: bool) -> bool:
@@ -65,8 +99,54 @@ def _bool(d: dict, key: str, where: str, default: bool) -> bool:
     if v is None:
         return default
     if not isinstance(v, bool):
-        raise InputError(f"{where}: '{key}' must be true or false, got {v!r}")
+        raise InputError(f"{where}: '{key}' must be true or false, got {_short(v)}")
     return v
+
+
+_ROPE_TYPES = ("default", "proportional")
+
+
+def _rope_parameters(d: dict, kinds: set[str], where: str) -> dict:
+    """HF's ``rope_parameters``: {layer type: {"rope_type", "rope_theta", "partial_rotary_factor"}} for
+    every layer type the model has (HF's defaults when absent, null or empty)."""
+    rope = _section(d, "rope_parameters", where)
+    if rope is None:
+        return dict(_DEFAULT_ROPE)
+    for kind in sorted(kinds):
+        at = f"{where}: rope_parameters[{kind!r}]"
+        r = rope.get(kind)
+        if not isinstance(r, dict) or r.get("rope_type", "default") not in _ROPE_TYPES:
+            raise InputError(f"{at} = {_short(r)} is not supported (rope_type 'default' or 'proportional')")
+        if r.get("rope_theta") is None:
+            raise InputError(f"{at}: missing required key 'rope_theta'")
+        _float(r, "rope_theta", at, None)
+        _float(r, "partial_rotary_factor", at, None, hi=1.0)
+        _float(r, "factor", at, None)
+    return rope
+
+
+def _per_layer_config(v: Any, n: int, where: str) -> dict[int, dict]:
+    """HF's ``per_layer_config``: {layer index: overrides of that layer}; the overrides rmlx reads
+    (``head_dim``, ``num_key_value_heads``) are checked as the base values are."""
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise InputError(f"{where}: 'per_layer_config' must be an object {{layer index: overrides}}, got {_short(v)}")
+    out = {}
+    for k, entry in v.items():
+        at = f"{where}: per_layer_config[{_short(k)}]"
+        index = k if isinstance(k, int) and not isinstance(k, bool) else (
+            int(k) if isinstance(k, str) and k.isascii() and k.isdigit() else None)
+        if index is None or not 0 <= index < n:
+            raise InputError(f"{where}: per_layer_config key {_short(k)} is not a layer index (0..{n - 1})")
+        if not isinstance(entry, dict):
+            raise InputError(f"{at} must be an object of overrides, got {_short(entry)}")
+        for key in ("head_dim", "num_key_value_heads"):
+            if key in entry and entry[key] is None:
+                raise InputError(f"{at}: '{key}' must be an integer, got None")
+            _int(entry, key, at, None)
+        out[index] = dict(entry)
+    return out
 
 
 @dataclass(frozen=True)
@@ -109,6 +189,8 @@ class TextConfig:
         layer_types = d.get("layer_types")
         if layer_types is None:  # HF's default pattern: every 6th layer full
             layer_types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(n)]
+        if not isinstance(layer_types, list) or not all(isinstance(t, str) for t in layer_types):
+            raise InputError(f"{where}: 'layer_types' must be a list of layer type names, got {_short(layer_types)}")
         layer_types = list(layer_types)
         if len(layer_types) != n:
             raise InputError(f"{where}: 'layer_types' has {len(layer_types)} entries, num_hidden_layers is {n}")
@@ -116,17 +198,17 @@ class TextConfig:
             layer_types[-1] = "full_attention"
         bad = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
         if bad:
-            raise InputError(f"{where}: unsupported layer type(s) {bad} in 'layer_types'")
+            raise InputError(f"{where}: unsupported layer type(s) {_short(bad)} in 'layer_types'")
         k_eq_v = _bool(d, "attention_k_eq_v", where, False)
         if "per_layer_config" in d:
             # Present (even as {} or null): used as is; HF drops entries equal to the base values.
-            per_layer = {int(k): dict(v) for k, v in (d["per_layer_config"] or {}).items()}
+            per_layer = _per_layer_config(d["per_layer_config"], n, where)
         else:
             overrides = {"head_dim": _int(d, "global_head_dim", where, 512)}
             if k_eq_v and d.get("num_global_key_value_heads") is not None:
                 overrides["num_key_value_heads"] = _int(d, "num_global_key_value_heads", where)
             per_layer = {i: dict(overrides) for i, t in enumerate(layer_types) if t == "full_attention"}
-        rope = d.get("rope_parameters") or dict(_DEFAULT_ROPE)
+        _float(d, "rope_theta", where, None)  # HF reads rope_parameters; a legacy top-level value is still a number
         return cls(
             vocab_size=_int(d, "vocab_size", where, hi=MAX_VOCAB),
             hidden_size=_int(d, "hidden_size", where),
@@ -138,14 +220,14 @@ class TextConfig:
             layer_types=tuple(layer_types),
             per_layer_config=per_layer,
             rms_norm_eps=_float(d, "rms_norm_eps", where, 1e-6),
-            sliding_window=_int(d, "sliding_window", where, 1024),
+            sliding_window=_int(d, "sliding_window", where, 1024, hi=MAX_ID),
             final_logit_softcapping=_float(d, "final_logit_softcapping", where, None),
-            rope_parameters=rope,
+            rope_parameters=_rope_parameters(d, set(layer_types), where),
             attention_k_eq_v=k_eq_v,
             num_kv_shared_layers=_int(d, "num_kv_shared_layers", where, 0, lo=0, hi=MAX_LAYERS),
             use_double_wide_mlp=_bool(d, "use_double_wide_mlp", where, False),
-            use_bidirectional_attention=d.get("use_bidirectional_attention", "vision"),
-            hidden_activation=d.get("hidden_activation", "gelu_pytorch_tanh"),
+            use_bidirectional_attention=_str(d, "use_bidirectional_attention", where, "vision"),
+            hidden_activation=_str(d, "hidden_activation", where, "gelu_pytorch_tanh"),
             pad_token_id=_int(d, "pad_token_id", where, 0, lo=0, hi=MAX_ID),
         )
 
@@ -164,13 +246,18 @@ class TextConfig:
                                  f"{self.num_kv_shared_layers}) but no earlier layer is {self.layer_types[i]}")
         for kind in set(self.layer_types):
             rope = self.rope_parameters.get(kind) if isinstance(self.rope_parameters, dict) else None
-            if not rope or rope.get("rope_type", "default") not in ("default", "proportional"):
-                raise InputError(f"text_config: rope_parameters[{kind!r}] = {rope!r} is not supported "
+            if not isinstance(rope, dict) or rope.get("rope_type", "default") not in _ROPE_TYPES:
+                raise InputError(f"text_config: rope_parameters[{kind!r}] = {_short(rope)} is not supported "
                                  "(rope_type 'default' or 'proportional')")
         for i in self.per_layer_config:
             if not 0 <= i < self.num_hidden_layers:
                 raise InputError(f"text_config: per_layer_config names layer {i}, the model has "
                                  f"{self.num_hidden_layers} layers")
+        for i in range(self.num_hidden_layers):  # grouped-query attention: whole groups of query heads
+            kv = self.layer(i).num_key_value_heads
+            if self.num_attention_heads % kv:
+                raise InputError(f"text_config: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                                 f"layer {i}'s num_key_value_heads={kv}")
 
     def layer(self, i: int) -> LayerSpec:
         over = self.per_layer_config.get(i, {})
@@ -229,10 +316,11 @@ class AudioConfig:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "audio_config") -> AudioConfig:
-        dim = d.get("output_proj_dims", d.get("audio_embed_dim", d.get("hidden_size")))
-        if dim is None:
+        key = next((k for k in ("output_proj_dims", "audio_embed_dim", "hidden_size") if d.get(k) is not None), None)
+        if key is None:
             raise InputError(f"{where}: missing required key 'audio_embed_dim'")
-        return cls(audio_embed_dim=int(dim), rms_norm_eps=_float(d, "rms_norm_eps", where, 1e-6))
+        dim = _int(d, key, where)
+        return cls(audio_embed_dim=dim, rms_norm_eps=_float(d, "rms_norm_eps", where, 1e-6))
 
 
 @dataclass(frozen=True)
@@ -256,9 +344,9 @@ class ModelArgs:
         mt = d.get("model_type")
         if mt != "gemma4_unified":
             raise InputError(f"{where}: model_type is {mt!r}, expected 'gemma4_unified'")
-        text = TextConfig.from_dict(_require(d, "text_config", where), f"{where}: text_config")
-        vision = d.get("vision_config")
-        audio = d.get("audio_config")
+        text = TextConfig.from_dict(_section(d, "text_config", where, required=True), f"{where}: text_config")
+        vision = _section(d, "vision_config", where)
+        audio = _section(d, "audio_config", where)
         return cls(
             text=text,
             vision=VisionConfig.from_dict(vision, f"{where}: vision_config") if vision else None,
@@ -271,8 +359,8 @@ class ModelArgs:
             boa_token_id=_int(d, "boa_token_id", where, 256000, lo=0, hi=MAX_ID),
             eoa_token_index=_int(d, "eoa_token_index", where, 258883, lo=0, hi=MAX_ID),
             tie_word_embeddings=_bool(d, "tie_word_embeddings", where, True),
-            dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
-            quantization=d.get("quantization"),
+            dtype=_str(d, "dtype", where, None) or _str(d, "torch_dtype", where, None) or "float32",
+            quantization=_quantization(d, where),
         )
 
     @classmethod
@@ -280,23 +368,109 @@ class ModelArgs:
         return read_config(path, cls.from_dict)
 
 
+def _quantization(d: dict, where: str) -> dict | None:
+    """MLX's ``quantization`` section: {"group_size": int, "bits": int, "mode": str, <module path>: false
+    or {"group_size", "bits", "mode"}} (the values themselves are checked against the mode on load)."""
+    q = _section(d, "quantization", where)
+    if q is None:
+        return None
+    at = f"{where}: quantization"
+    _int(q, "group_size", at, None)
+    _int(q, "bits", at, None)
+    _str(q, "mode", at, None)
+    for key, v in q.items():
+        if key in ("group_size", "bits", "mode"):
+            continue
+        if isinstance(v, dict):
+            _int(v, "group_size", f"{at}[{_short(key)}]", None)
+            _int(v, "bits", f"{at}[{_short(key)}]", None)
+            _str(v, "mode", f"{at}[{_short(key)}]", None)
+        elif not isinstance(v, bool):
+            raise InputError(f"{at}: {_short(key)} must be false (left unquantized) or an object, got {_short(v)}")
+    return q
+
+
+# The JSON type of every config key either family reads, wherever it appears (null means absent: the
+# reader's default): one check over the whole file before any reader runs, so a value of the wrong type
+# is named by its key (``text_config.rope_parameters.full_attention: 'rope_theta'``), never met as a
+# TypeError deep inside a reader or while the model is built.
+_INT_KEYS = ("num_hidden_layers", "global_head_dim", "num_global_key_value_heads", "vocab_size", "hidden_size",
+             "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window",
+             "num_kv_shared_layers", "pad_token_id", "patch_size", "pooling_kernel_size", "mm_embed_dim",
+             "mm_posemb_size", "output_proj_dims", "audio_embed_dim", "image_token_id", "video_token_id",
+             "audio_token_id", "boi_token_id", "eoi_token_id", "boa_token_id", "eoa_token_index",
+             "position_embedding_size", "hidden_size_per_layer_input", "group_size", "bits")
+_NUMBER_KEYS = ("rms_norm_eps", "final_logit_softcapping", "rope_theta", "partial_rotary_factor", "factor")
+_BOOL_KEYS = ("attention_k_eq_v", "use_double_wide_mlp", "tie_word_embeddings", "use_clipped_linears",
+              "standardize", "enable_moe_block", "attention_bias")
+_STR_KEYS = ("model_type", "hidden_activation", "rope_type", "dtype", "torch_dtype", "mode",
+             "use_bidirectional_attention")
+_OBJECT_KEYS = ("text_config", "vision_config", "audio_config", "rope_parameters", "per_layer_config",
+                "quantization")
+_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    **{k: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)) for k in _INT_KEYS},
+    **{k: ("a positive finite number", _positive_finite) for k in _NUMBER_KEYS},
+    **{k: ("true or false", lambda v: isinstance(v, bool)) for k in _BOOL_KEYS},
+    **{k: ("a string", lambda v: isinstance(v, str)) for k in _STR_KEYS},
+    **{k: ("an object", lambda v: isinstance(v, dict)) for k in _OBJECT_KEYS},
+    "layer_types": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v)),
+}
+_MAX_DEPTH = 8  # config.json nests 4 deep (text_config.rope_parameters.full_attention.rope_theta)
+
+
+def _path(at: str) -> str:
+    """A dotted key path as a message shows it: on one line, at most 200 characters."""
+    return one_line(at, 200)
+
+
+def check_types(d: dict, where: str, at: str = "", depth: int = 0) -> None:
+    """Every key of ``_TYPES`` in ``d`` (and in the objects nested in it) holds its JSON type or null; an
+    integer is in [0, MAX_ID]. Raises ``InputError`` naming the file, the section and the key."""
+    if depth > _MAX_DEPTH:
+        raise InputError(f"{where}: {_path(at) or 'the top level'} is nested more than {_MAX_DEPTH} objects deep")
+    for key, v in d.items():
+        section = f"{where}: {_path(at)}" if at else where
+        if v is not None and key in _TYPES:
+            kind, ok = _TYPES[key]
+            if not ok(v):
+                raise InputError(f"{section}: '{key}' must be {kind}, got {_short(v)}")
+            if kind == "an integer" and not 0 <= v <= MAX_ID:
+                raise InputError(f"{section}: '{key}' = {_short(v)} is out of range [0, {MAX_ID}]")
+        for i, child in enumerate(v if isinstance(v, list) else [v]):
+            if isinstance(child, dict):
+                name = f"{at}.{key}" if at else str(key)
+                check_types(child, where, name if not isinstance(v, list) else f"{name}[{i}]", depth + 1)
+
+
 def read_config(path: str | Path, build: Callable[[dict, str], T]) -> T:
     """``build(config dict, where)`` of a ``config.json``; an unreadable file or a malformed value is an
-    ``InputError`` that names the file."""
+    ``InputError`` that names the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: config file not found")
     try:
-        d = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from None
-    except RecursionError:
-        raise InputError(f"{path}: JSON nested too deeply to read") from None
+        d = loads(path.read_bytes())
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:  # not UTF-8, not JSON, nested too deeply
+        raise InputError(f"{path}: not valid JSON ({' '.join(str(e).split())})") from None
     if not isinstance(d, dict):
         raise InputError(f"{path}: expected a JSON object at the top level")
+    check_types(d, str(path))
     try:
         return build(d, str(path))
-    except InputError:
-        raise
-    except (TypeError, ValueError, AttributeError, KeyError) as e:
-        raise InputError(f"{path}: malformed value ({type(e).__name__}: {e})") from None
+    except InputError as e:  # a check of the config's dataclasses (__post_init__) knows no file: name it
+        if str(e).startswith(str(path)):
+            raise
+        raise InputError(f"{path}: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, ArithmeticError, RecursionError) as e:
+        # a value check_types and the reader both let through: read again, recording the keys it reads,
+        # and name the last one read before the error
+        last = ["the top level"]
+        try:
+            build(track(d, last, max_depth=_MAX_DEPTH), str(path))
+        except Exception:  # the same error, raised again: only the key is wanted
+            pass
+        text = " ".join(str(e).split())
+        raise InputError(f"{path}: malformed value at '{one_line(last[0], 200)}' ({type(e).__name__}: "
+                         f"{one_line(text, 160)})") from None

@@ -7,8 +7,10 @@ Imports no MLX: ``rmlx-parity compare`` reads dumps with it in a core install.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import struct
 from pathlib import Path
 
@@ -19,19 +21,85 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 _ST_DTYPES = set(_ST_ITEMSIZE)
 
 
+def loads(raw: str | bytes):
+    """``json.loads`` that fails only with ``ValueError``: not JSON, not UTF-8, nested too deeply
+    (``RecursionError``), or an integer past Python's 4300-digit limit are all ``ValueError``."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply to read") from None
+
+
 def read_json(path: Path, what: str, schema: str | None = None, hint: str = ""):
     """The JSON value in ``path``; ``schema``: it must be an object whose "schema" is that. Every problem
     is an ``InputError`` that starts with ``what`` and the path (``hint`` follows a schema mismatch)."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = loads(Path(path).read_bytes())
     except FileNotFoundError:
         raise InputError(f"{what} {path}: not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise InputError(f"{what} {path}: not readable JSON ({type(e).__name__}: {e})") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise InputError(f"{what} {path}: not readable JSON ({type(e).__name__}: {_line(e)})") from None
     if schema is not None and (not isinstance(data, dict) or data.get("schema") != schema):
         got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise InputError(f"{what} {path}: schema is {got!r}, expected {schema!r}{hint}")
+        raise InputError(f"{what} {path}: schema is {_short(got)}, expected {schema!r}{hint}")
     return data
+
+
+def _line(e: BaseException) -> str:
+    """An exception's text on one line (a message is one line of stderr)."""
+    return " ".join(str(e).split())
+
+
+def one_line(text: str, limit: int = 2000) -> str:
+    """``text`` with its control characters escaped (a newline in a key or file name becomes ``\\n``),
+    at most ``limit`` characters: a message is one line of stderr."""
+    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short(v, limit: int = 120) -> str:
+    """``repr(v)`` on one line, at most ``limit`` characters (a value quoted in a message)."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+class Reads(dict):
+    """A JSON object that records, in ``last[0]``, the path of the last key read from it
+    (``cases[0].stages[3].cosine``): what :func:`track` wraps a file's content in, so that a reader's
+    stray ``TypeError`` can be reported at the key it was reading."""
+
+    def __getitem__(self, key):
+        self._last[0] = f"{self._at}.{key}" if self._at else str(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self._last[0] = f"{self._at}.{key}" if self._at else str(key)
+        return super().get(key, default)
+
+    def __copy__(self):
+        return _reads(dict(self), self._at, self._last)
+
+    def __deepcopy__(self, memo):
+        return _reads({k: copy.deepcopy(v, memo) for k, v in dict.items(self)}, self._at, self._last)
+
+
+def _reads(items: dict, at: str, last: list[str]) -> Reads:
+    r = Reads(items)
+    r._at, r._last = at, last
+    return r
+
+
+def track(value, last: list[str], at: str = "", depth: int = 0, max_depth: int = 32):
+    """``value`` (parsed JSON) with every object in it, to ``max_depth``, a :class:`Reads` recording
+    into ``last``; lists are copied, other values shared."""
+    if depth > max_depth:
+        return value
+    if isinstance(value, dict):
+        return _reads({k: track(v, last, f"{at}.{k}" if at else str(k), depth + 1, max_depth)
+                       for k, v in value.items()}, at, last)
+    if isinstance(value, list):
+        return [track(v, last, f"{at}[{i}]", depth + 1, max_depth) for i, v in enumerate(value)]
+    return value
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -41,47 +109,76 @@ def read_safetensors_header(path: Path) -> dict:
 
 def safetensors_layout(path: Path) -> tuple[int, dict]:
     """(the byte offset where the data starts, the validated header): what a reader of raw tensor
-    bytes needs (``rmlx.stream``); the header's ``data_offsets`` count from that offset."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise InputError(f"{path}: corrupt safetensors header (file is {size} bytes)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100 * 2**20:
-            raise InputError(f"{path}: corrupt safetensors header (declares {n} header bytes, file is {size})")
-        raw = f.read(n)
+    bytes needs (``rmlx.stream``); the header's ``data_offsets`` count from that offset.
+
+    Valid means what the safetensors library itself accepts: a JSON object of tensor entries, each
+    ``{"dtype": <known>, "shape": [ints >= 0], "data_offsets": [start, end]}`` whose byte length is
+    shape x dtype size, the entries tiling the data exactly (no overlap, no gap, nothing after the
+    last), and an optional ``__metadata__`` object of strings (or null)."""
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
-    except RecursionError:
-        raise InputError(f"{path}: corrupt safetensors header (JSON nested too deeply)") from None
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{path}: corrupt safetensors header (file is {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > size - 8 or n > 100 * 2**20:
+                raise InputError(f"{path}: corrupt safetensors header (declares {n} header bytes, file is {size})")
+            raw = f.read(n)
+    except OSError as e:
+        raise InputError(f"{path}: cannot read ({e.strerror or _line(e)})") from None
+    try:
+        header = loads(raw)
+    except ValueError as e:
+        raise InputError(f"{path}: corrupt safetensors header (not JSON: {_line(e)})") from None
     if not isinstance(header, dict):
         raise InputError(f"{path}: corrupt safetensors header (not a JSON object)")
     data_size = size - 8 - n
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise InputError(f"{path}: corrupt safetensors header: '__metadata__' must be an object of "
+                                 f"strings, got {_short(info)}")
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
-            raise InputError(f"{path}: corrupt safetensors header entry for '{key}'") from None
+            raise InputError(f"{path}: corrupt safetensors header entry for {_short(key)} (needs 'dtype', 'shape' "
+                             "and 'data_offsets' [start, end])") from None
         ints = [start, end, *shape] if isinstance(shape, list) else None
-        if (dtype not in _ST_DTYPES or ints is None or any(isinstance(i, bool) or not isinstance(i, int) for i in ints)
+        if (not isinstance(dtype, str) or dtype not in _ST_DTYPES or ints is None
+                or any(isinstance(i, bool) or not isinstance(i, int) for i in ints)
                 or not 0 <= start <= end <= data_size or any(d < 0 for d in shape)):
-            raise InputError(f"{path}: corrupt safetensors header entry for '{key}' "
-                             f"(dtype {dtype}, shape {shape}, offsets {start}..{end}, data is {data_size} bytes)")
+            raise InputError(f"{path}: corrupt safetensors header entry for {_short(key)} (dtype {_short(dtype)}, "
+                             f"shape {_short(shape)}, offsets {_short(start)}..{_short(end)}, data is "
+                             f"{data_size} bytes)")
         need = math.prod(shape) * _ST_ITEMSIZE[dtype]
         if need != end - start:
-            raise InputError(f"{path}: tensor '{key}' of shape {shape} {dtype} needs {need} bytes, its offsets "
-                             f"{start}..{end} hold {end - start}")
-    spans = sorted((info["data_offsets"][0], info["data_offsets"][1], key) for key, info in header.items()
-                   if key != "__metadata__" and info["data_offsets"][0] < info["data_offsets"][1])
-    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:], strict=False):
-        if start_b < end_a:
-            raise InputError(f"{path}: tensors '{a}' and '{b}' overlap in the data (offsets {start_b} < {end_a})")
+            raise InputError(f"{path}: tensor {_short(key)} of shape {_short(shape)} {dtype} needs {need} bytes, its "
+                             f"offsets {start}..{end} hold {end - start}")
+        spans.append((start, end, key))
+    covered, last = 0, None  # the tensors tile [0, data_size): each starts where the ones before it end
+    for start, end, key in sorted(spans):
+        if start < covered:
+            raise InputError(f"{path}: tensors {_short(last)} and {_short(key)} overlap in the data "
+                             f"(offsets {start} < {covered})")
+        if start > covered:
+            raise InputError(f"{path}: corrupt safetensors header: tensor {_short(key)} starts at {start}, the tensors "
+                             f"before it end at {covered} (a gap in the data)")
+        covered, last = end, key
+    if covered != data_size:
+        raise InputError(f"{path}: corrupt safetensors header: the tensors hold {covered} bytes, the file's "
+                         f"data is {data_size}")
     return 8 + n, header
+
+
+def _fs_name(name: str) -> bool:
+    """``name`` can name a file on this system (no NUL byte, encodable in the file-system encoding)."""
+    try:
+        return "\0" not in name and bool(os.fsencode(name))
+    except UnicodeEncodeError:
+        return False
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -90,24 +187,33 @@ def checkpoint_files(path: Path) -> list[Path]:
     single = path / "model.safetensors"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as e:
-            raise InputError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                                       for k, v in weight_map.items()):
-            raise InputError(f"{index}: 'weight_map' must map tensor names to shard file names (strings)")
+            data = loads(index.read_bytes())
+        except (OSError, ValueError) as e:
+            raise InputError(f"{index}: not a valid safetensors index ({type(e).__name__}: {_line(e)})") from None
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise InputError(f"{index}: not a valid safetensors index (needs a non-empty object 'weight_map', "
+                             f"got {_short(weight_map) if isinstance(data, dict) else type(data).__name__})")
+        bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
+        if bad is not None:
+            raise InputError(f"{index}: 'weight_map' entry {_short(bad[0])} is {_short(bad[1])}; it must be a "
+                             "shard file name (a string)")
         root = path.resolve()
         files = []
         for name in sorted(set(weight_map.values())):
-            f = path / name
             # a shard is a plain file name in the checkpoint folder: never a path that leaves it
-            if Path(name).name != name or name in ("", ".", "..") or not name.endswith(".safetensors"):
-                raise InputError(f"{index}: shard name {name!r} is not a .safetensors file name in {path}")
-            if f.resolve().parent != root:
-                raise InputError(f"{index}: shard {name!r} resolves outside {path} (a symlink to "
-                                 f"{f.resolve()}); refusing to read it")
-            if not f.is_file():
-                raise InputError(f"{index}: names shard '{name}', which does not exist")
+            if (Path(name).name != name or name in ("", ".", "..") or not name.endswith(".safetensors")
+                    or not _fs_name(name)):
+                raise InputError(f"{index}: shard name {_short(name)} is not a .safetensors file name in {path}")
+            f = path / name
+            try:
+                if f.resolve().parent != root:
+                    raise InputError(f"{index}: shard {_short(name)} resolves outside {path} (a symlink to "
+                                     f"{f.resolve()}); refusing to read it")
+                if not f.is_file():
+                    raise InputError(f"{index}: names shard {_short(name)}, which does not exist")
+            except OSError as e:  # a name too long for the file system, a symlink loop
+                raise InputError(f"{index}: shard {_short(name)} cannot be opened ({e.strerror or _line(e)})") from None
             files.append(f)
         return files
     if single.is_file():

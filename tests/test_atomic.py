@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -68,21 +69,6 @@ def test_fixtures_refuses_a_folder_it_did_not_write(tmp_path, capsys):
     assert (tmp_path / "models" / "precious").read_text() == "keep me"
 
 
-def test_sigterm_mid_run_publishes_nothing_and_leaves_no_temporary_folder(tmp_path):
-    import signal
-    import time
-
-    out = tmp_path / "reports"
-    proc = subprocess.Popen([sys.executable, "-m", "parity.cli", "run", "--report-dir", str(out / "r")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    time.sleep(12)  # mid-run: the models are loaded, cases are running
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
-    assert "interrupted" in err and "Traceback" not in err
-    assert not out.exists() or list(out.iterdir()) == []  # no report, no .r.rmlx-* folder
-
-
 def _run_args(tmp_path, *extra):
     return ["run", "--model", str(FIXTURES / "models" / "tiny"), "--case", "text-4", "--no-oracle", *extra]
 
@@ -131,3 +117,80 @@ def test_a_failed_publish_leaves_neither_the_json_nor_the_reports(tmp_path, caps
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
+
+
+def _fsize_limited(limit: int):
+    """A preexec_fn: the child may write no file past ``limit`` bytes (a full disk, as ``ulimit -f``
+    makes one), and SIGXFSZ is ignored so that the write fails with EFBIG instead of killing it."""
+    import resource
+    import signal
+
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return limit_writes
+
+
+@pytest.mark.parametrize("outputs,limit,culprit", [
+    # the reports and --json (< 45 kB each) fit, a dump (386 kB) does not: safetensors' own writer fails
+    (("--report-dir", "rep", "--json", "r.json", "--dump", "dump"), 100_000, "dump/tiny__text-only"),
+    (("--report-dir", "rep", "--json", "r.json"), 20_000, "r.json"),  # the staged --json (34 kB), first
+    (("--report-dir", "rep"), 20_000, "rep"),  # report.json (34 kB)
+], ids=["dump", "json", "reports"])
+def test_a_full_disk_under_rlimit_fsize_is_one_line_and_publishes_nothing(tmp_path, outputs, limit, culprit):
+    out = tmp_path / "out"
+    argv = ["run", "--model", str(FIXTURES / "models" / "tiny"), "--case", "text-only", "--no-oracle",
+            *(a if a.startswith("--") else str(out / a) for a in outputs)]
+    proc = subprocess.run([sys.executable, "-m", "parity.cli", *argv], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, preexec_fn=_fsize_limited(limit))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"(File too large: {out / culprit})" in lines[0] and "nothing was published" in lines[0], lines[0]
+    assert not out.exists() or sorted(os.listdir(out)) == []  # no report, dump or --json, no temporary
+
+
+def test_an_empty_report_folder_is_kept_when_the_run_is_then_refused(tmp_path, capsys):
+    """The output check before the run takes an empty folder as it is (a mount point, say): a run
+    refused after it (a bad checkpoint) leaves it there, empty."""
+    import shutil
+
+    ckpt = Path(shutil.copytree(FIXTURES / "models" / "tiny", tmp_path / "ckpt"))
+    (ckpt / "model.safetensors").write_bytes(b"not a safetensors file")
+    rep = tmp_path / "rep"
+    rep.mkdir()
+    assert main(["run", "--model", str(ckpt), "--case", "text-4", "--report-dir", str(rep)]) == 2
+    assert "model.safetensors" in capsys.readouterr().err
+    assert rep.is_dir() and list(rep.iterdir()) == []
+
+
+def test_file_names_that_are_not_utf8_are_reported(tmp_path):
+    """An image and output paths whose names are not UTF-8 (bytes a Linux file system allows): the
+    run passes, and every output lands under its own (undecodable) name."""
+    import shutil
+
+    root = os.fsencode(tmp_path)
+    image = root + b"/red-\xff.png"
+    shutil.copy(FIXTURES / "images" / "solid-red.png", image)
+    argv = ["run", "--model", str(FIXTURES / "models" / "tiny"), "--image", os.fsdecode(image), "--case", "image/*",
+            "--no-oracle", "--report-dir", os.fsdecode(root + b"/rep-\xfe"),
+            "--json", os.fsdecode(root + b"/r-\xfd.json")]
+    proc = subprocess.run([sys.executable, "-m", "parity.cli", *argv], cwd=tmp_path, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
+    assert b"Traceback" not in proc.stderr
+    assert os.path.isfile(root + b"/rep-\xfe/report.md") and os.path.isfile(root + b"/r-\xfd.json")
+    rec = json.loads(open(root + b"/r-\xfd.json", "rb").read())
+    assert rec["passed"] and "red-" in rec["cases"][0]["image"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder: run as an ordinary user")
+def test_a_read_only_output_folder_is_refused_before_the_run(tmp_path, capsys):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        assert main(_run_args(tmp_path, "--report-dir", str(parent / "r"))) == 2
+        assert "is not writable" in capsys.readouterr().err
+    finally:
+        parent.chmod(0o755)

@@ -289,6 +289,21 @@ def test_missing_fixtures_cannot_test_this_revision(capfd, tmp_path, monkeypatch
     ("tie_word_embeddings", "yes", "'tie_word_embeddings' must be true or false"),
     ("text_config.rms_norm_eps", "1e-6", "'rms_norm_eps' must be a positive finite number"),
     ("vision_config.patch_size", True, "'patch_size' must be an integer, got True"),
+    # issue 18 review: values that reached the model (exit 1) or a message without the key
+    ("text_config.rope_parameters.full_attention.rope_theta", "x",
+     "text_config.rope_parameters.full_attention: 'rope_theta' must be a positive finite number, got 'x'"),
+    ("text_config.rope_parameters.sliding_attention.partial_rotary_factor", 2.0,
+     "'partial_rotary_factor' = 2.0 is out of range (0, 1.0]"),
+    ("text_config.rope_theta", "x", "text_config: 'rope_theta' must be a positive finite number, got 'x'"),
+    ("text_config.per_layer_config.1.head_dim", "x",
+     "text_config.per_layer_config.1: 'head_dim' must be an integer, got 'x'"),
+    ("text_config.per_layer_config.1", 7, "per_layer_config['1'] must be an object of overrides, got 7"),
+    ("text_config.per_layer_config.1.num_key_value_heads", 3, "not a multiple of layer 1's num_key_value_heads=3"),
+    ("text_config.layer_types", 5, "'layer_types' must be a list of strings, got 5"),
+    ("text_config.per_layer_config", [1], "'per_layer_config' must be an object, got [1]"),
+    ("vision_config", "x", "'vision_config' must be an object, got 'x'"),
+    ("audio_config.audio_embed_dim", "640", "'audio_embed_dim' must be an integer, got '640'"),
+    ("quantization", [1], "'quantization' must be an object, got [1]"),
 ])
 def test_a_config_value_of_the_wrong_type_or_range_is_named(tmp_path, capsys, key, value, message):
     ckpt = tmp_path / "ckpt"
@@ -318,9 +333,56 @@ def test_deeply_nested_config_json_is_bad_input(tmp_path, capsys):
 @pytest.mark.parametrize("argv,env,message", [
     (["run", "--threads", "100000"], {}, "--threads must be in 1..256"),
     (["run"], {"RMLX_BLAS": "bogus"}, "RMLX_BLAS='bogus'"),
+    (["run"], {"RMLX_NATIVE_MATH": "yes"}, "RMLX_NATIVE_MATH='yes' is not '0' or '1'"),
+    (["run"], {"RMLX_NATIVE_KERNELS": "2"}, "RMLX_NATIVE_KERNELS='2' is not '0' or '1'"),
 ])
 def test_bad_threads_and_blas_choice_are_bad_input(tmp_path, capsys, monkeypatch, argv, env, message):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     assert main([*argv, "--report-dir", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["", "0", "1"])
+def test_the_native_switches_take_0_1_or_nothing(monkeypatch, capsys, value):
+    monkeypatch.setenv("RMLX_NATIVE_MATH", value)
+    monkeypatch.setenv("RMLX_NATIVE_KERNELS", value)
+    assert main(["faults"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_a_gemma4_config_value_of_the_wrong_type_is_named(tmp_path):
+    """The gemma4 family reads config.json through the same reader: its keys are checked alike."""
+    from rmlx.errors import InputError
+    from rmlx.models.gemma4.config import ModelArgs
+
+    for key, value, message in (("rope_parameters", 5, "vision_config: 'rope_parameters' must be an object, got 5"),
+                                ("head_dim", "x", "vision_config: 'head_dim' must be an integer, got 'x'"),
+                                ("head_dim", -8, "vision_config: 'head_dim' = -8 is out of range")):
+        cfg = json.loads((FIXTURES / "models" / "gemma4-tiny" / "config.json").read_text())
+        cfg["vision_config"][key] = value
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        with pytest.raises(InputError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+            ModelArgs.from_file(tmp_path / "config.json")
+        assert str(tmp_path / "config.json") in str(e.value)
+
+
+def test_a_deeply_nested_baseline_is_bad_input(tmp_path, capsys):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200_000 + "]" * 200_000)
+    rc = main(["gate", "--record", str(FIXTURES / "recorded" / "tiny-text-4.json"), "--baseline", str(deep)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1, err
+    assert str(deep) in err and "nested too deeply" in err and "Traceback" not in err
+
+
+def test_a_message_quoting_a_newline_is_still_one_line(tmp_path, capsys):
+    """A key (or a file name) with a newline in it is quoted escaped: stderr gets one line."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "models" / "tiny", ckpt)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["text_config"]["per_layer_config"] = {"1\nInjected: line": {"head_dim": 32}}
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    assert main(["run", "--model", str(ckpt), "--case", "text-4", "--report-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "per_layer_config key '1\\nInjected: line'" in err, err

@@ -668,12 +668,32 @@ def _raw_safetensors(path: Path, header: dict, data: bytes) -> None:
     ({"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, "needs 12 bytes"),
     ({"a": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, "corrupt safetensors header entry"),
     ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0.0, 8]}}, "corrupt safetensors header entry"),
+    # issue 18 review: an unhashable dtype was a TypeError (exit 1 in run, a traceback in compare)
+    ({"a": {"dtype": [], "shape": [4], "data_offsets": [0, 16]}}, "entry for 'a' \\(dtype \\[\\]"),
+    ({"a": {"dtype": {}, "shape": [4], "data_offsets": [0, 16]}}, "entry for 'a' \\(dtype \\{\\}"),
+    # the tensors tile the data exactly, as the safetensors library requires
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [1], "data_offsets": [12, 16]}}, "tensor 'b' starts at 12.*a gap"),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, "the tensors hold 8 bytes, the file's data is 16"),
+    ({"__metadata__": {"format": 1}, "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}},
+     "'__metadata__' must be an object of strings"),
+    ({"__metadata__": [], "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, "'__metadata__'"),
 ])
 def test_a_safetensors_header_that_lies_is_refused(tmp_path, header, message):
     f = tmp_path / "model.safetensors"
     _raw_safetensors(f, header, bytes(16))
     with pytest.raises(InputError, match=message):
         read_safetensors_header(f)
+
+
+def test_what_safetensors_writers_write_is_accepted(tmp_path):
+    """MLX writes ``"__metadata__": null``; a zero-size tensor sits at any offset the others end at."""
+    f = tmp_path / "model.safetensors"
+    _raw_safetensors(f, {"__metadata__": None, "e": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]},
+                         "b": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [8, 16]},
+                         "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                         "z": {"dtype": "I8", "shape": [0, 3], "data_offsets": [16, 16]}}, bytes(16))
+    assert sorted(read_safetensors_header(f)) == ["__metadata__", "a", "b", "e", "z"]
 
 
 def test_a_deeply_nested_safetensors_header_is_refused(tmp_path):
