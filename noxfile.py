@@ -2,7 +2,8 @@
 lines and branches of rmlx/ the default `rmlx-parity run` executes; docs/coverage.md), parity (the
 self-test, the gates against the committed baselines, and the embedded default in every policy, dtype
 and mode, and quantized), bench (benchmarks/bench.py: JSON + Markdown under reports/), wheel (a
-non-editable install runs the quick start), core (the core install: compare, gate --record, report)."""
+non-editable install runs the quick start), core (the core install: compare, gate --record, report), fuzz
+(tests/test_fuzz.py with the long Hypothesis profile)."""
 
 import shutil
 
@@ -37,6 +38,15 @@ def sweep(session):
     """The configuration sweep of tests/test_config_sweep.py with 200 drawn configurations."""
     session.install("-e", ".[dev]")
     session.run("python", "-m", "pytest", "-n", "0", "tests/test_config_sweep.py", env={"RMLX_SWEEP_EXAMPLES": "200"})
+
+
+@nox.session(python=PYTHON)
+def fuzz(session):
+    """The parser fuzz suite (tests/test_fuzz.py) under its fuzz-long profile: 20 times the examples of
+    the default run, with Hypothesis's statistics (docs/reliability.md)."""
+    session.install("-e", ".[dev]")
+    session.run("python", "-m", "pytest", "-n", "0", "tests/test_fuzz.py", "--hypothesis-show-statistics",
+                "--durations=0", *session.posargs, env={"RMLX_FUZZ_PROFILE": "fuzz-long"})
 
 
 @nox.session(python=PYTHON)

@@ -61,6 +61,10 @@ def load_record(path: Path) -> dict:
     missing = [k for k in KEYED if k not in data["settings"]]
     if missing:
         raise InputError(f"record {path}: settings lack {missing}")
+    bad = next((k for k in KEYED if isinstance(data["settings"][k], dict | list)), None)
+    if bad is not None:
+        raise InputError(f"record {path}: settings '{bad}' is {_short(data['settings'][bad])}; expected a "
+                         "string, a number or null")
     for i, case in enumerate(data["cases"]):
         if not (isinstance(case, dict) and isinstance(case.get("name"), str) and isinstance(case.get("stages"), list)
                 and isinstance(case.get("decode", []), list)):
@@ -180,7 +184,7 @@ def check_settings(settings: dict, baseline: dict, source: str = "baseline") -> 
     """A baseline recorded under other settings cannot gate this run (``InputError``, before any work)."""
     diff = {k: (baseline["settings"][k], settings[k]) for k in KEYED if baseline["settings"][k] != settings[k]}
     if diff:
-        shown = ", ".join(f"{k}: baseline {a!r}, run {b!r}" for k, (a, b) in diff.items())
+        shown = ", ".join(f"{k}: baseline {_short(a)}, run {_short(b)}" for k, (a, b) in diff.items())
         raise InputError(f"{source}: recorded with other settings ({shown}); run with the baseline's settings "
                          "or record a new one with --update-baseline")
 

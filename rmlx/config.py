@@ -119,6 +119,9 @@ def _rope_parameters(d: dict, kinds: set[str], where: str) -> dict:
             raise InputError(f"{at} = {_short(r)} is not supported (rope_type 'default' or 'proportional')")
         if r.get("rope_theta") is None:
             raise InputError(f"{at}: missing required key 'rope_theta'")
+        for key in ("partial_rotary_factor", "factor"):  # the model reads these with a default: null is no number
+            if key in r and r[key] is None:
+                raise InputError(f"{at}: '{key}' must be a positive finite number, got None")
         _float(r, "rope_theta", at, None)
         _float(r, "partial_rotary_factor", at, None, hi=1.0)
         _float(r, "factor", at, None)

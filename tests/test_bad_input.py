@@ -295,6 +295,8 @@ def test_missing_fixtures_cannot_test_this_revision(capfd, tmp_path, monkeypatch
     ("text_config.rope_parameters.sliding_attention.partial_rotary_factor", 2.0,
      "'partial_rotary_factor' = 2.0 is out of range (0, 1.0]"),
     ("text_config.rope_theta", "x", "text_config: 'rope_theta' must be a positive finite number, got 'x'"),
+    ("text_config.rope_parameters.full_attention.partial_rotary_factor", None,  # found by tests/test_fuzz.py
+     "rope_parameters['full_attention']: 'partial_rotary_factor' must be a positive finite number, got None"),
     ("text_config.per_layer_config.1.head_dim", "x",
      "text_config.per_layer_config.1: 'head_dim' must be an integer, got 'x'"),
     ("text_config.per_layer_config.1", 7, "per_layer_config['1'] must be an object of overrides, got 7"),
