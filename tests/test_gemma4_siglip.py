@@ -184,3 +184,34 @@ def test_vision_matches_float64_oracle(ckpt):
         for side, got in (("rmlx", mine[name]), ("HF", ref[name])):
             np.testing.assert_allclose(got.astype(np.float64), expected, atol=2 * tol.atol, rtol=tol.rtol,
                                        err_msg=f"{side} {name}")
+
+
+def test_float64_runner_computes_the_decoder_in_float64(ckpt):
+    """The decoder's oracle (``hf.Runner`` in float64): transformers' gemma4 RMSNorm and text RoPE compute in
+    float32 whatever the dtype; the float64 runner's do not (``hf.compute_in_float64``), so a norm and a
+    rotated q agree with a float64 computation to float64 rounding, not fp32's."""
+    d = ckpt[0]
+    runner = hf.Runner(d, "float64", "eager_float64")
+    ids = np.array([[2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]], np.int64)
+    points = {"embeds": (hf.LM, "kwarg:inputs_embeds"),  # layer 0's input (no per-layer inputs here)
+              "norm": (f"{hf.LM}.layers.0.input_layernorm", "output"),
+              "q_normed": (f"{hf.LM}.layers.0.self_attn.q_norm", "output"),
+              "q": (f"{hf.LM}.layers.0.self_attn.q_norm", "rope")}
+    cap, *_ = runner.forward({"input_ids": ids, "mm_token_type_ids": np.zeros_like(ids)}, "official", points)
+    assert all(v.dtype == np.float64 for v in cap.values())
+    layer = runner.model.model.language_model.layers[0]
+    x = cap["embeds"]
+    w = layer.input_layernorm.weight.detach().numpy()
+    expected = x / np.sqrt((x * x).mean(-1, keepdims=True) + layer.input_layernorm.eps) * w
+    assert np.abs(cap["norm"] - expected).max() < 0.01 * 2.0**-24 * np.abs(expected).max()
+    rope = runner.config.get_text_config().rope_parameters[layer.self_attn.layer_type]
+    half = cap["q"].shape[-1] // 2
+    inv = float(rope["rope_theta"]) ** (-np.arange(half) / half)
+    if rope.get("rope_type") == "proportional":
+        inv[int(rope["partial_rotary_factor"] * half):] = 0.0
+    angle = np.arange(ids.shape[1])[:, None] * np.concatenate([inv, inv])  # (L, d)
+    qn = cap["q_normed"]
+    rotated = np.concatenate([-qn[..., half:], qn[..., :half]], -1)
+    expected = qn * np.cos(angle)[None, :, None] + rotated * np.sin(angle)[None, :, None]
+    # float64 rounding: a hundredth of one fp32 unit roundoff of the values (fp32 cos/sin would be ~1)
+    assert np.abs(cap["q"] - expected).max() < 0.01 * 2.0**-24 * np.abs(qn).max()

@@ -23,7 +23,9 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
-from reference.hf import bool_mask, to_numpy
+from reference.hf import FLOAT64_ATTENTION, bool_mask, register_float64_attention, to_numpy
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 VT = "model.vision_tower"
 LM = "model.language_model"
@@ -178,6 +180,55 @@ def forward(model, inputs: Mapping[str, np.ndarray], points: Mapping[str, tuple[
     return captured
 
 
+def float64_inv_freq(rotary, layer_type: str) -> torch.Tensor:
+    """The text RoPE inverse frequencies of ``layer_type`` in float64, by the formula transformers computes
+    in float32 whatever the model's dtype (the two rope types the port takes): ``default`` theta^(-2i/d) for
+    the d/2 pairs; ``proportional`` the same over the first int(partial_rotary_factor * d // 2) pairs and 0
+    for the rest, divided by ``factor``. d is the layer type's head size (twice the float32 table's length).
+    Checked against that table: the float64 one must round to it."""
+    table = getattr(rotary, f"{layer_type}_inv_freq")
+    params = rotary.config.rope_parameters[layer_type]
+    kind, half = params.get("rope_type", "default"), table.shape[0]
+    i = torch.arange(half, dtype=torch.float64)
+    inv = 1.0 / (float(params["rope_theta"]) ** (2 * i / (2 * half)))
+    if kind == "proportional":
+        rotated = int(float(params.get("partial_rotary_factor", 1.0)) * 2 * half // 2)
+        inv = torch.where(i < rotated, inv, 0.0) / float(params.get("factor", 1.0))
+    elif kind != "default":
+        raise ValueError(f"rope_type '{kind}' has no float64 table here")
+    if not torch.allclose(inv.float(), table.float(), rtol=2 ** -22, atol=0.0):
+        raise ValueError(f"the float64 RoPE table of {layer_type} does not round to transformers' own")
+    return inv
+
+
+def compute_in_float64(model: torch.nn.Module) -> None:
+    """Make a float64 gemma4 model float64 throughout its decoder. transformers' code computes some steps in
+    float32 whatever the model's dtype, which leaves fp32 rounding, shared with an fp32 reference, in a
+    float64 oracle: ``Gemma4RMSNorm`` (``hidden_states.float()``, ``weight.float()``) and the text RoPE
+    (inverse frequencies, angles, cos and sin in float32). Here each such module of ``model`` gets a forward
+    that computes the same formula in float64 (an instance attribute: other models are untouched). The
+    vision path has more (the pooler, the standardisation, its RoPE); the decoder's oracle takes the float64
+    NumPy vision oracle's soft tokens instead (``Runner.forward``'s ``image_features``)."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
+
+    def rms_norm(self, hidden_states):
+        normed = self._norm(hidden_states)
+        return normed * self.weight if self.with_scale else normed
+
+    def rotary(self, x, position_ids, layer_type):
+        freqs = position_ids[..., None].to(torch.float64) * self.float64_inv_freq[layer_type]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        scaling = getattr(self, f"{layer_type}_attention_scaling")
+        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
+
+    for module in model.modules():
+        if isinstance(module, Gemma4RMSNorm):
+            module.forward = rms_norm.__get__(module)
+        elif isinstance(module, Gemma4TextRotaryEmbedding):
+            module.float64_inv_freq = {t: float64_inv_freq(module, t) for t in module.rope_init_fns}
+            module.forward = rotary.__get__(module)
+
+
 MASK_POLICIES = ("official", "hf-forward")
 
 
@@ -193,10 +244,16 @@ class Runner:
     """
 
     def __init__(self, model_dir, dtype: str = "float32", attn_implementation: str = "eager", threads: int = 1):
+        """``dtype="float64"`` with ``attn_implementation="eager_float64"`` (``reference.hf.eager_float64``:
+        the softmax in float64 too) is the decoder's float64 oracle (``parity.adapters.gemma4``); a float64
+        model's RMSNorms and text RoPE compute in float64 too (``compute_in_float64``)."""
         torch.set_num_threads(threads)  # 1: reproducible sgemm across processes (see reference/hf.py)
+        if attn_implementation == FLOAT64_ATTENTION:
+            register_float64_attention()
         self.model_dir = model_dir
-        self.model = load(model_dir, {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype],
-                          attn_implementation)
+        self.model = load(model_dir, DTYPES[dtype], attn_implementation)
+        if dtype == "float64":
+            compute_in_float64(self.model)
         self.config = self.model.config
 
     def preprocess(self, images: list[np.ndarray], max_soft_tokens: int) -> dict[str, np.ndarray]:
@@ -248,19 +305,27 @@ class Runner:
 
     @torch.no_grad()
     def forward(self, inputs: Mapping[str, np.ndarray], policy: str, points: Mapping[str, tuple[str, str]],
-                decode_steps: int = 0, other_masks: dict | None = None
-                ) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[int], float]:
+                decode_steps: int = 0, other_masks: dict | None = None, consistency: bool = True
+                ) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[int], float | None]:
         """Prefill with hooks under ``policy``, then ``decode_steps`` greedy steps with HF's cache.
 
         Returns (capture incl. ``logits``, each decode step's logits, the greedy tokens, self-consistency =
         max |logits(policy) - logits(HF's own forward)|: 0 under ``official``, which *is* HF's own forward).
         ``other_masks``: filled with the ``mask`` points as the other policy builds them (no extra forward).
+        ``consistency=False``: no second forward under ``hf-forward`` (the float64 oracle's run); None returned.
+        ``inputs["image_features"]`` (N, hidden), instead of pixel_values: the soft tokens scattered into the
+        prompt (HF's ``mm_encoder_outputs``), the vision tower not run.
         """
         ids = torch.from_numpy(inputs["input_ids"])
         kw = {"input_ids": ids, "mm_token_type_ids": torch.from_numpy(inputs["mm_token_type_ids"])}
         if "pixel_values" in inputs:
             kw["pixel_values"] = torch.from_numpy(inputs["pixel_values"])
             kw["image_position_ids"] = torch.from_numpy(inputs["image_position_ids"])
+        if "image_features" in inputs:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            features = torch.from_numpy(inputs["image_features"]).to(self.model.dtype)
+            kw["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=(features,))}
         own = dict(kw)
         if policy == "hf-forward":
             kw["attention_mask"] = self.masks(policy, ids, kw["mm_token_type_ids"])
@@ -270,9 +335,12 @@ class Runner:
         with hooks(self.model, points, captured):
             out = self.model(**kw, use_cache=decode_steps > 0)
         captured["logits"] = to_numpy(out.logits)
-        consistency = 0.0
-        if policy != "official":
+        if not consistency:
+            consistency = None
+        elif policy != "official":
             consistency = float((self.model(**own, use_cache=False).logits - out.logits).abs().max())
+        else:
+            consistency = 0.0
         if other_masks is not None:
             other = self.masks("hf-forward" if policy == "official" else "official", ids, kw["mm_token_type_ids"])
             types = self.config.get_text_config().layer_types

@@ -7,6 +7,7 @@ cases; the ones with audio are not supported (this port has no audio tower).
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
 import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.py)
@@ -118,12 +119,38 @@ class Gemma4Adapter:
             mx.eval(logits)
         return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 
-    def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
-        """Float64 vision path (``reference/gemma4/numpy_oracle.py``) on the reference's preprocessed pixels
-        (preprocessing itself is compared exactly against HF's processor)."""
-        if not scenario.images:
-            return {}
-        from reference.gemma4.numpy_oracle import vision
+    @cached_property
+    def hf64(self) -> ghf.Runner:
+        """HF's model in float64, softmax included (``reference.hf.eager_float64``), its RMSNorms and RoPE
+        in float64 too (``reference.gemma4.hf.compute_in_float64``): the decoder's oracle."""
+        return ghf.Runner(self.model_dir, "float64", "eager_float64")
 
-        pre = self._pre(scenario, decoded, settings.max_soft_tokens)
-        return vision(self.model_dir, pre["pixel_values"], pre["image_position_ids"])
+    def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
+        """Float64 values: the vision path in NumPy (``reference/gemma4/numpy_oracle.py``) on the reference's
+        preprocessed pixels (preprocessing itself is compared exactly against HF's processor), and every
+        other stage from HF's own model run in float64 on the same inputs, its soft tokens the NumPy
+        oracle's, when the candidate is fp32 (the unified family's condition: a bf16 reference's rounding
+        has no fixed ratio to another correct bf16 implementation's; this family has no quantized run)."""
+        cap: Capture = {}
+        if scenario.images:
+            from reference.gemma4.numpy_oracle import vision
+
+            pre = self._pre(scenario, decoded, settings.max_soft_tokens)
+            cap = vision(self.model_dir, pre["pixel_values"], pre["image_position_ids"])
+        if settings.dtype == "float32" and not self.quantized:
+            cap = self._hf64_capture(scenario, decoded, settings, cap.get("vision.soft_tokens")) | cap
+        return cap
+
+    def _hf64_capture(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings,
+                      soft_tokens: np.ndarray | None) -> Capture:
+        """The decoder's stages from the float64 model, given the NumPy oracle's ``soft_tokens`` (1, N, H) for the
+        images (HF's vision pooler and standardisation compute in float32 whatever the dtype): its vision
+        tower does not run."""
+        inputs, _ = self.inputs(scenario, decoded, settings)
+        feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
+        if soft_tokens is not None:
+            feed["image_features"] = soft_tokens[0]
+        points = {k: v for k, v in hook_points(self.stages(scenario)).items()
+                  if v[1] != "mask" and not k.startswith(("image.", "vision."))}
+        cap, *_ = self.hf64.forward(feed, settings.mask_policy, points, 0, consistency=False)
+        return {k: v for k, v in cap.items() if np.issubdtype(v.dtype, np.floating)}

@@ -1,17 +1,21 @@
 """The Gemma 4 (SigLIP-style vision) defect catalog: real porting bugs of the vision path, planted into
-``rmlx.models.gemma4`` from outside (``parity.defects.patched`` / ``wrapped``). A patched body is the
-buggy code a porter would have written; the stage is the first one each must hit teacher-forced.
+``rmlx.models.gemma4`` from outside (``parity.defects.patched`` / ``wrapped``), and the decoder defect at
+fp32 rounding scale of the unified catalog, the same patch (the decoder, ``rmlx.text``, is shared). A
+patched body is the buggy code a porter would have written; the stage is the first one each must hit
+teacher-forced.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.py)
 
 # isort: split
 import mlx.core as mx
 
+from parity.adapters.gemma4_unified import defects as unified
 from parity.defects import Defect, patched, wrapped
 from rmlx.models.gemma4 import image as gimage
 from rmlx.models.gemma4 import vision
@@ -118,6 +122,9 @@ CATALOG: dict[str, Defect] = {
                "left out", "vision.pooled", _pooler_scale_missing),
         Defect("g4-standardize-skipped", "pooler", "standardize=true ignored: (x - std_bias) * std_scale "
                "never applied to the pooled features", "vision.standardized", _standardize_skipped),
+        # the shared decoder's (its own name: catalogs are keyed by name across families): only the float64
+        # noise floor sees it free-running (docs/verdicts.md)
+        replace(unified.CATALOG["decoder-norm-eps-1e-5"], name="g4-decoder-norm-eps-1e-5"),
     )
 }
 
