@@ -32,6 +32,36 @@ GROUP = "rmlx.parity.families"
 
 
 @dataclass(frozen=True)
+class Option:
+    """A run setting a family adds to the core's (``Family.options``): a command-line flag of ``run``,
+    ``gate`` and ``debug``, a value its adapter reads as ``settings.<name>``, a key of the record's
+    ``settings`` and of dump metadata. ``keyed``: a baseline holds only for runs with the same value.
+    ``candidate_of``: the candidate side's own value of another option (None: the same), so dumps
+    record it as that option of the candidate side."""
+
+    name: str
+    default: object
+    help: str
+    type: Any = str
+    choices: tuple | None = None
+    keyed: bool = True
+    candidate_of: str | None = None
+    label: str = ""  # how reports name it (default: its name)
+    headline: bool = False  # shown in the first line of a run's report
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, text: str | None) -> object:
+        """A value as dump metadata states it (text) in this option's type; unparsable text as it is."""
+        try:
+            return None if text is None else self.type(text)
+        except (TypeError, ValueError):
+            return text
+
+
+@dataclass(frozen=True)
 class Scenario:
     """A prompt. ``parts``: ("text", (ids...)), ("image", Path) or ("audio", n_frames), in prompt order;
     a family may define other kinds (its adapter reads them)."""
@@ -86,6 +116,7 @@ class Family(Protocol):
     model_type: str
     defects: Mapping[str, Defect]
     selftest_settings: Mapping[str, object]  # run settings of the self-test cases (e.g. a small image budget)
+    options: tuple[Option, ...]  # the family's own run settings (flags), beside the core's
 
     def check_settings(self, settings: Any) -> None:
         """Refuse settings this family cannot run (an ``InputError`` naming the value)."""
@@ -149,6 +180,32 @@ def families() -> dict[str, Family]:
             if ep.name not in _REGISTERED:
                 _REGISTERED[ep.name] = ep.load()
     return dict(_REGISTERED)
+
+
+def options() -> dict[str, Option]:
+    """Every registered family's options by name; two families may share an option only if they declare
+    it alike (one flag, one meaning)."""
+    out: dict[str, Option] = {}
+    for kind, fam in families().items():
+        for opt in getattr(fam, "options", ()):
+            if out.setdefault(opt.name, opt) != opt:
+                raise RuntimeError(f"option '{opt.name}' of family '{kind}' differs from another family's")
+    return out
+
+
+def option_facts(settings: Mapping[str, object], headline: bool = False) -> list[str]:
+    """``label value`` of each family option a record's settings state (None left out; an option that is
+    the candidate's own value of another shown only where the two differ); ``headline``: only those
+    declared for a report's first line."""
+    out = []
+    for name, opt in options().items():
+        value = settings.get(name)
+        if value is None or (headline and not opt.headline):
+            continue
+        if opt.candidate_of is not None and value == settings.get(opt.candidate_of):
+            continue
+        out.append(f"{opt.label or name} {value}")
+    return out
 
 
 def model_type(model_dir: Path) -> str:

@@ -110,7 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an image file (repeatable; default: the fixture battery)")
     r.add_argument("--case", action="append", metavar="GLOB",
                    help="run only the scenarios matching GLOB (repeatable), e.g. 'two-images', 'image/solid-*'")
-    r.add_argument("--max-soft-tokens", type=int, default=280, help="70, 140, 280, 560 or 1120 (default 280)")
     r.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     r.add_argument("--mode", choices=("free", "teacher"), default="free",
                    help="free: each side runs its own forward; "
@@ -120,11 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF attention implementation (default eager)")
     r.add_argument("--inject", action="append", default=[], metavar="NAME",
                    help="plant a defect from the family's catalog (repeatable; see 'rmlx-parity faults')")
-    r.add_argument("--mask-policy", choices=("official", "hf-forward"), default="official",
-                   help="attention-mask policy of both sides (default official; see docs/verdicts.md)")
-    r.add_argument("--candidate-mask-policy", choices=("official", "hf-forward"), default=None,
-                   help="give the candidate a different policy than the reference (shows the harness "
-                        "naming a mask difference)")
+    _family_options(r)
     r.add_argument("--decode-steps", type=int, default=4, metavar="N",
                    help="greedy decode steps after the prefill, logits compared at each (default 4)")
     r.add_argument("--quantize", choices=("mxfp8",), default=None,
@@ -244,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--image", action="append", type=Path, metavar="PATH", help="(repeatable) default: the battery")
     dp.add_argument("--case", action="append", metavar="GLOB",
                     help="the scenarios measured (repeatable; default: text-only and image/gradient)")
-    dp.add_argument("--max-soft-tokens", type=int, default=280)
+    _family_options(dp)
     dp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     dp.add_argument("--report-dir", type=Path, metavar="DIR",
                     help="precision.json (the table) and keep.json (for convert --keep); default "
@@ -262,15 +257,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _family_options(parser) -> None:
+    """The registered families' own settings (``parity.adapter.Option``) as flags of ``parser``."""
+    from parity.adapter import options
+
+    for opt in options().values():
+        parser.add_argument(opt.flag, dest=opt.name, type=opt.type, choices=opt.choices, default=opt.default,
+                            help=opt.help)
+
+
+def _option_args(args) -> dict:
+    from parity.adapter import options
+
+    return {name: getattr(args, name) for name in options()}
+
+
 def _settings(args):
     from parity.runner import Settings
 
-    return Settings(mode=args.mode, dtype=args.dtype, max_soft_tokens=args.max_soft_tokens,
-                    stages=tuple(args.stages or ()), attn_implementation=args.attn_implementation,
-                    inject=tuple(args.inject) + _env_inject(), oracle=not args.no_oracle, mask_policy=args.mask_policy,
-                    candidate_mask_policy=args.candidate_mask_policy, decode_steps=args.decode_steps,
-                    quantize=args.quantize, shard=args.shard, stream=args.stream,
-                    threads=args.threads, tol_overrides=tuple(args.tol or ()))
+    return Settings.of(mode=args.mode, dtype=args.dtype, stages=tuple(args.stages or ()),
+                       attn_implementation=args.attn_implementation, inject=tuple(args.inject) + _env_inject(),
+                       oracle=not args.no_oracle, decode_steps=args.decode_steps, quantize=args.quantize,
+                       shard=args.shard, stream=args.stream, threads=args.threads,
+                       tol_overrides=tuple(args.tol or ()), **_option_args(args))
 
 
 def _check_outputs(args, *folders: Path | None) -> None:
@@ -471,7 +480,6 @@ def _exit(rec: dict) -> int:
 
 
 def cmd_gate(args) -> int:
-    from dataclasses import asdict
 
     from parity import gate, report
 
@@ -483,8 +491,7 @@ def cmd_gate(args) -> int:
     else:  # a bad baseline, or one of other settings, fails before the run
         baseline = gate.load(args.baseline)
         settings = _settings(args)
-        gate.check_settings(asdict(settings) | {"candidate_mask_policy": settings.candidate_policy}, baseline,
-                            str(args.baseline))
+        gate.check_settings(settings.to_record(), baseline, str(args.baseline))
     rec, report_dir, dumps = _run(args)
     if args.update_baseline:
         baseline_text = {args.baseline: report.json_text(gate.from_record(rec))} if rec["passed"] else {}
@@ -618,7 +625,7 @@ def cmd_debug(args) -> int:
     if args.target_kl is not None and not args.target_kl >= 0:
         raise InputError(f"--target-kl {args.target_kl}: must be >= 0")
     target_kl = 1e-3 if args.target_kl is None and args.target_top1 is None else args.target_kl
-    settings = Settings(dtype=args.dtype, max_soft_tokens=args.max_soft_tokens, oracle=False, decode_steps=0)
+    settings = Settings.of(dtype=args.dtype, oracle=False, decode_steps=0, **_option_args(args))
     fam = family_of(model)
     fam.check_settings(settings)
     images = args.image or default_images()

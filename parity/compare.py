@@ -35,6 +35,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from parity.adapter import option_facts, options
 from parity.metrics import StageDiff, compare_all, logits_agreement
 from parity.runner import CaseResult, Settings, record
 from parity.stages import classify, matches_any, order_key
@@ -279,8 +280,7 @@ def compare_paths(ref: Path, cand: Path | None, dtype: str = "auto", mode: str =
     for case, (ref_meta, cand_meta) in zip(rec["cases"], metas, strict=True):
         stated = _stated(ref_meta, cand_meta)
         case |= {"compare": sections[case["name"]], "model_dir": None, "image": None,
-                 "max_soft_tokens": stated["max_soft_tokens"], "mask_policy": stated["mask_policy"],
-                 "candidate_mask_policy": stated["candidate_mask_policy"],
+                 **{k: stated[k] for k in options()},
                  "reference_self_consistency": {"max_abs_logits": None, "what": "not measured: compared from dumps"}}
     union = {k: sorted({n for s in sections.values() for n in s[k]}, key=order_key)
              for k in ("compared", "missing_in_candidate", "extra_in_candidate", "unknown")}
@@ -306,12 +306,20 @@ def _agreed(metas: list[dict[str, str]]) -> dict[str, str]:
 
 
 def _stated(ref: dict[str, str], cand: dict[str, str]) -> dict:
-    """The run settings the dumps state (None where they do not): the reference's, else the candidate's;
-    the candidate's mask policy is the candidate dump's own."""
-    msp = ref.get("max_soft_tokens", cand.get("max_soft_tokens"))
-    return {"max_soft_tokens": int(msp) if msp is not None and msp.isdigit() else msp,
-            "mask_policy": ref.get("mask_policy"), "candidate_mask_policy": cand.get("mask_policy"),
-            "attn_implementation": ref.get("attn_implementation", cand.get("attn_implementation"))}
+    """The run settings the dumps state (None where they do not): each family option as the reference's
+    dump states it, else the candidate's; an option that is the candidate's own value of another
+    (``candidate_of``) is that option as the candidate's dump states it, and that other option the
+    reference's own."""
+    declared = options()
+    per_side = {o.candidate_of for o in declared.values() if o.candidate_of is not None}
+    out: dict[str, object] = {}
+    for name, opt in declared.items():
+        if opt.candidate_of is not None:
+            out[name] = opt.parse(cand.get(opt.candidate_of))
+        else:
+            out[name] = opt.parse(ref.get(name) if name in per_side else ref.get(name, cand.get(name)))
+    out["attn_implementation"] = ref.get("attn_implementation", cand.get("attn_implementation"))
+    return out
 
 
 def report_files(rec: dict) -> dict[str, str]:
@@ -320,7 +328,7 @@ def report_files(rec: dict) -> dict[str, str]:
 
     shown = copy.deepcopy(rec)  # the HTML page takes strings where the record has nulls
     for entry in (shown["settings"], *shown["cases"]):
-        for key in ("max_soft_tokens", "mask_policy", "candidate_mask_policy", "attn_implementation"):
+        for key in (*options(), "attn_implementation"):
             if key in entry and entry[key] is None:
                 entry[key] = "not recorded"
     return {"report.json": json_text(rec), "report.md": to_markdown(rec), "report.html": html.to_html(shown),
@@ -332,11 +340,11 @@ def headline(rec: dict) -> list[str]:
     s = rec["settings"]
     n_pass = sum(c["passed"] for c in rec["cases"])
     facts = [f"mode {s['mode']}", f"dtype {s['dtype']}"]
-    facts += [f"{label} {s[key]}" for key, label in (("max_soft_tokens", "max_soft_tokens"),
-                                                     ("mask_policy", "mask policy"),
-                                                     ("attn_implementation", "attention")) if s.get(key) is not None]
-    if s.get("candidate_mask_policy") not in (None, s.get("mask_policy")):
-        facts.append(f"candidate mask policy {s['candidate_mask_policy']}")
+    sided = {n for n, o in options().items() if o.candidate_of is not None}  # the candidate's own values last
+    facts += option_facts({k: v for k, v in s.items() if k not in sided})
+    if s.get("attn_implementation") is not None:
+        facts.append(f"attention {s['attn_implementation']}")
+    facts += [f for f in option_facts(s) if f not in option_facts({k: v for k, v in s.items() if k not in sided})]
     return [f"rmlx parity compare {'PASS' if rec['passed'] else 'FAIL'}: {n_pass}/{len(rec['cases'])} cases passed "
             f"({', '.join(facts)})",
             f"{stage_counts(rec)}; wall time {rec['wall_time_s']:.1f} s"]

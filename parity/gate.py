@@ -26,8 +26,14 @@ SCHEMA = "rmlx.baseline/1"
 DEFAULT_RATIO = 2.0
 DEFAULT_FLOOR = 1e-5
 # Settings that change what is measured: a baseline recorded under others cannot gate this run.
-KEYED = ("mode", "dtype", "max_soft_tokens", "attn_implementation", "mask_policy", "candidate_mask_policy",
-         "decode_steps", "quantize")
+CORE_KEYED = ("mode", "dtype", "attn_implementation", "decode_steps", "quantize")
+
+
+def keyed() -> tuple[str, ...]:
+    """The core's keyed settings and every registered family's options declared ``keyed``."""
+    from parity.adapter import options
+
+    return CORE_KEYED + tuple(name for name, opt in options().items() if opt.keyed)
 
 
 def from_record(rec: dict) -> dict:
@@ -41,7 +47,7 @@ def from_record(rec: dict) -> dict:
         cases[c["name"]] = entry
     return {"schema": SCHEMA, "created": rec["created"], "recorded_from": rec["run_id"],
             "command": rec["command"], "versions": rec["versions"],
-            "settings": {k: rec["settings"][k] for k in KEYED}, "cases": cases}
+            "settings": {k: rec["settings"][k] for k in keyed()}, "cases": cases}
 
 
 RECORD_SCHEMA = "rmlx.parity/2"  # parity.runner.SCHEMA (not imported: this module stays free of the runner)
@@ -58,10 +64,10 @@ def load_record(path: Path) -> dict:
     for key, kind in (("settings", dict), ("cases", list), ("versions", dict), ("passed", bool)):
         if not isinstance(data.get(key), kind):
             raise InputError(f"record {path}: missing or malformed '{key}' (expected a JSON {kind.__name__})")
-    missing = [k for k in KEYED if k not in data["settings"]]
+    missing = [k for k in keyed() if k not in data["settings"]]
     if missing:
         raise InputError(f"record {path}: settings lack {missing}")
-    bad = next((k for k in KEYED if isinstance(data["settings"][k], dict | list)), None)
+    bad = next((k for k in keyed() if isinstance(data["settings"][k], dict | list)), None)
     if bad is not None:
         raise InputError(f"record {path}: settings '{bad}' is {_short(data['settings'][bad])}; expected a "
                          "string, a number or null")
@@ -150,10 +156,10 @@ def load(path: Path) -> dict:
     for key in ("settings", "cases"):
         if not isinstance(data.get(key), dict):
             raise InputError(f"baseline {path}: missing or malformed '{key}'")
-    missing = [k for k in KEYED if k not in data["settings"]]
+    missing = [k for k in keyed() if k not in data["settings"]]
     if missing:
         raise InputError(f"baseline {path}: settings lack {missing}")
-    bad = next((k for k in KEYED if isinstance(data["settings"][k], dict | list)), None)
+    bad = next((k for k in keyed() if isinstance(data["settings"][k], dict | list)), None)
     if bad is not None:
         raise InputError(f"baseline {path}: settings '{bad}' is {_short(data['settings'][bad])}; expected a "
                          "string, a number or null")
@@ -182,7 +188,7 @@ def check_drift(ratio: float, floor: float) -> None:
 
 def check_settings(settings: dict, baseline: dict, source: str = "baseline") -> None:
     """A baseline recorded under other settings cannot gate this run (``InputError``, before any work)."""
-    diff = {k: (baseline["settings"][k], settings[k]) for k in KEYED if baseline["settings"][k] != settings[k]}
+    diff = {k: (baseline["settings"][k], settings[k]) for k in keyed() if baseline["settings"][k] != settings[k]}
     if diff:
         shown = ", ".join(f"{k}: baseline {_short(a)}, run {_short(b)}" for k, (a, b) in diff.items())
         raise InputError(f"{source}: recorded with other settings ({shown}); run with the baseline's settings "

@@ -7,7 +7,7 @@ self-contained HTML page: the first jump per stage, the runs, and one log-scale 
 the commits along the x axis. CI appends by running it again with new records and the same database.
 
 The jump rule (:func:`jumps`) runs per case: a case's error at a stage is compared with the same
-case's error at that stage in the previous run with the same settings (``parity.gate.KEYED``: mode,
+case's error at that stage in the previous run with the same settings (``parity.gate.keyed``: mode,
 dtype, mask policies, ...), in commit order. It jumped when it
 
 - grew by more than ``factor`` (default 10) over ``max(previous, floor)`` (``floor`` defaults to the
@@ -35,7 +35,7 @@ from html import escape
 from pathlib import Path
 
 from parity.atomic import write_text
-from parity.gate import DEFAULT_FLOOR, KEYED, RECORD_SCHEMA
+from parity.gate import DEFAULT_FLOOR, RECORD_SCHEMA, keyed
 from parity.metrics import fmt
 from parity.stages import decode_stage
 from rmlx.errors import InputError
@@ -282,8 +282,8 @@ def ingest(db_path: Path, record_paths: Iterable[Path]) -> dict:
 
 
 def like(settings: dict) -> str:
-    """The settings that make two runs comparable (``parity.gate.KEYED``), as a canonical JSON text."""
-    return json.dumps({k: settings.get(k) for k in KEYED}, sort_keys=True)
+    """The settings that make two runs comparable (``parity.gate.keyed``), as a canonical JSON text."""
+    return json.dumps({k: settings.get(k) for k in keyed()}, sort_keys=True)
 
 
 def short(commit: str | None) -> str:
@@ -476,7 +476,7 @@ def _slug(name: str) -> str:
 def _labels(runs: list[dict]) -> dict[str, str]:
     """A short label per settings group: the keys in which the groups differ ("" for a single group)."""
     groups = {r["like"]: r["settings"] for r in runs}
-    varying = [k for k in KEYED if len({json.dumps(s.get(k)) for s in groups.values()}) > 1]
+    varying = [k for k in keyed() if len({json.dumps(s.get(k)) for s in groups.values()}) > 1]
     return {g: " ".join(f"{k}={s.get(k)}" for k in varying) for g, s in groups.items()}
 
 

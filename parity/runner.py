@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -41,34 +41,68 @@ from rmlx.imagefile import load_image
 SCHEMA = "rmlx.parity/2"
 MODES = ("free", "teacher")
 MAX_THREADS = 256  # more than any CPU here; a larger number is a typo, not a request
-MASK_POLICIES = ("official", "hf-forward")  # the attention-mask policies a family may follow
 
 
 @dataclass(frozen=True)
 class Settings:
     mode: str = "free"
     dtype: str = "float32"
-    max_soft_tokens: int = 280
     stages: tuple[str, ...] = ()
     attn_implementation: str = "eager"
     inject: tuple[str, ...] = ()
     oracle: bool = True
-    mask_policy: str = "official"
-    candidate_mask_policy: str | None = None  # None: the same as the reference's
     decode_steps: int = 4
     quantize: str | None = None  # "mxfp8": the candidate quantizes on load
     shard: tuple[int, int] | None = None  # (K, N): run only the K-th of N deterministic slices of the cases
     stream: bool = False  # one decoder layer at a time on both sides (parity.stream)
     threads: int = 1  # intra-op threads (torch, and the BLAS under MLX); 1 is bit-reproducible across processes
     tol_overrides: tuple[Override, ...] = ()  # --tol: (stage glob, atol, rtol or None), last match wins
+    options: tuple[tuple[str, object], ...] = ()  # the families' own settings (parity.adapter.Option), by name
+
+    @classmethod
+    def of(cls, **kw) -> Settings:
+        """Settings from keywords: the core's fields by name, every other keyword a family's option."""
+        names = {f.name for f in fields(cls)}
+        core = {k: v for k, v in kw.items() if k in names}
+        extra = {k: v for k, v in kw.items() if k not in names}
+        return cls(**core, options=tuple(sorted((dict(core.pop("options", ())) | extra).items())))
+
+    def __getattr__(self, name: str):
+        """A family's option as an attribute (``settings.<name>``, what its adapter reads)."""
+        if name.startswith("__"):
+            raise AttributeError(name)
+        values = self.option_values()
+        if name not in values:
+            raise AttributeError(f"'Settings' has no field or family option '{name}'")
+        return values[name]
+
+    def option_values(self) -> dict[str, object]:
+        """Every registered family's options: the value given, else the option's default; an option that
+        is the candidate's own value of another (``candidate_of``) left None takes that option's value."""
+        from parity.adapter import options as declared
+
+        given, decl = dict(object.__getattribute__(self, "options")), declared()
+        unknown = sorted(set(given) - set(decl))
+        if unknown:
+            raise InputError(f"unknown setting(s) {unknown}: no registered family declares them")
+        values = {n: given.get(n, o.default) for n, o in decl.items()}
+        for n, o in decl.items():
+            if o.candidate_of is not None and values[n] is None:
+                values[n] = values[o.candidate_of]
+        return values
 
     def tol(self, cls: str, stage: str) -> Tol:
         """The tolerance of ``stage`` (of class ``cls``) under these settings, ``--tol`` applied."""
         return tolerance(cls, self.dtype, self.mode, stage, self.tol_overrides)
 
-    @property
-    def candidate_policy(self) -> str:
-        return self.candidate_mask_policy or self.mask_policy
+    def to_record(self) -> dict:
+        """The record's ``settings``: the core's fields and every family option, flat."""
+        return {"mode": self.mode, "dtype": self.dtype, "stages": list(self.stages),
+                "attn_implementation": self.attn_implementation, "inject": sorted(set(self.inject)),
+                "decode_steps": self.decode_steps, "quantize": self.quantize,
+                "shard": None if self.shard is None else "{}/{}".format(*self.shard),
+                "stream": self.stream, "threads": self.threads,
+                "tol_overrides": overrides_record(self.tol_overrides), **self.option_values()}
 
 
 @dataclass
@@ -144,9 +178,12 @@ def runnable(models: list[Path], settings: Settings) -> tuple[list[Path], dict[P
 def validate(settings: Settings) -> None:
     if settings.mode not in MODES:
         raise InputError(f"mode={settings.mode!r} is not one of {MODES}")
-    for policy in (settings.mask_policy, settings.candidate_policy):
-        if policy not in MASK_POLICIES:
-            raise InputError(f"mask policy {policy!r} is not one of {MASK_POLICIES}")
+    from parity.adapter import options as declared
+
+    for name, value in settings.option_values().items():  # a family option's value among its choices
+        choices = declared()[name].choices
+        if choices is not None and value not in choices and value is not None:
+            raise InputError(f"{name}={value!r} is not one of {choices}")
     if settings.decode_steps < 0:
         raise InputError(f"--decode-steps must be >= 0, got {settings.decode_steps}")
     if not 1 <= settings.threads <= MAX_THREADS:
@@ -264,8 +301,8 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
                             ) if settings.oracle else {}
     diffs = noise_floor(diffs, oracle, {s.name: s.tol for s in stages}, settings.dtype)
     diffs = decisive_flips(diffs, agreement)
-    viz = case_viz(cand, ref, other_masks, settings.mask_policy, inputs.get("input.mm_token_type_ids"),
-                   agreement.pop("kl", None), [d.stage for d in diffs])
+    viz = case_viz(cand, ref, other_masks, settings.option_values().get("mask_policy"),
+                   inputs.get("input.mm_token_type_ids"), agreement.pop("kl", None), [d.stage for d in diffs])
     return case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz, oracle,
                        time.perf_counter() - t0, self_consistency=consistency, quantization_cost=cost,
                        reference=dict(ref) | inputs, candidate=dict(cand) | inputs, greedy=greedy)
@@ -486,6 +523,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
     (a NaN KL from NaN logits, say) become JSON's "inf" / null, so a broken port still gets its report."""
     cases = []
     first = None
+    options = settings.option_values()
     for r in results:
         div = divergence(r, settings.dtype)
         fd = None if div is None else div[0]
@@ -501,10 +539,8 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
             "scenario": r.scenario.name if r.scenario else r.name.partition("/")[2] or r.name,
             "image": ", ".join(str(p) for p in r.scenario.images) or None if r.scenario else None,
             "image_sizes": r.image_sizes, "audio": r.scenario.has_audio if r.scenario else None,
-            "max_soft_tokens": settings.max_soft_tokens,
             "n_soft_tokens": r.n_soft_tokens, "dtype": settings.dtype, "mode": settings.mode,
-            "mask_policy": settings.mask_policy,
-            "candidate_mask_policy": settings.candidate_policy,
+            **options,
             "reference_self_consistency": {"max_abs_logits": r.self_consistency,
                                            "what": "max |logits(policy) - logits(HF's own forward)|"},
             "passed": r.passed,
@@ -524,14 +560,7 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
         "command": " ".join(["rmlx-parity"] + (sys.argv[1:] if argv is None else argv)),
         "versions": versions(),
         "git": git(),
-        "settings": {"mode": settings.mode, "dtype": settings.dtype, "max_soft_tokens": settings.max_soft_tokens,
-                     "stages": list(settings.stages), "attn_implementation": settings.attn_implementation,
-                     "inject": sorted(set(settings.inject)), "mask_policy": settings.mask_policy,
-                     "candidate_mask_policy": settings.candidate_policy,
-                     "decode_steps": settings.decode_steps, "quantize": settings.quantize,
-                     "shard": None if settings.shard is None else "{}/{}".format(*settings.shard),
-                     "stream": settings.stream, "threads": settings.threads,
-                     "tol_overrides": overrides_record(settings.tol_overrides)},
+        "settings": settings.to_record(),
         # a kernel that computed the candidate in place of MLX's own and failed its check fails the run
         "passed": all(r.passed for r in results) and (kernels is None or kernels["passed"]),
         "kernels": kernels,

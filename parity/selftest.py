@@ -99,7 +99,7 @@ def _memoized_oracle(oracle):
     kept: dict = {}
 
     def call(scenario, decoded, settings):
-        key = (scenario, settings.mask_policy, settings.dtype, settings.max_soft_tokens)
+        key = (scenario, settings.dtype, tuple(sorted(settings.option_values().items(), key=str)))
         if key not in kept:
             kept[key] = oracle(scenario, decoded, settings)
         return kept[key]
@@ -113,7 +113,8 @@ def _memoized(reference):
     kept: dict = {}
 
     def call(scenario, inputs, pre, settings, decode_steps, unquantized=False, **out: dict):
-        key = (scenario, settings.mask_policy, settings.dtype, decode_steps, unquantized,
+        key = (scenario, settings.dtype, tuple(sorted(settings.option_values().items(), key=str)), decode_steps,
+               unquantized,
                inputs["input.input_ids"].tobytes(), tuple(sorted(out)))
         if key not in kept:
             filled = {k: {} for k in out}
@@ -220,7 +221,7 @@ def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | No
             continue
         cases = fam.selftest_scenarios(fixture_images)
         all_cases += [s.name for s in cases if s.name not in all_cases]
-        base = Settings(dtype=dtype, decode_steps=decode_steps, **dict(fam.selftest_settings))
+        base = Settings.of(dtype=dtype, decode_steps=decode_steps, **dict(fam.selftest_settings))
         groups: dict[tuple, list[Defect]] = {(): []}  # the clean run of the plain setting always runs
         for d in picked:
             groups.setdefault(d.settings, []).append(d)

@@ -36,7 +36,7 @@ def test_every_stage_resolves_on_both_sides(model, adapters, scenario):
     for path, _ in hook_points(stages).values():
         adapter.hf.model.get_submodule(path)  # raises AttributeError when HF renames a module
     decoded = {p: load_image(p) for p in sc.images}
-    settings = Settings(max_soft_tokens=70)
+    settings = Settings.of(max_soft_tokens=70)
     inputs, pre = adapter.inputs(sc, decoded, settings)
     ref, *_ = adapter.reference(sc, inputs, pre, settings, 0)
     cand, _ = adapter.candidate(sc, inputs, decoded, settings, [])

@@ -85,9 +85,11 @@ def _headline(rec: dict, short: bool = False) -> list[str]:
     n_pass = sum(c["passed"] for c in rec["cases"])
     s = rec["settings"]
     versions = {k: v for k, v in rec["versions"].items() if k in ("transformers", "torch", "mlx", "numpy", "blas")}
+    from parity.adapter import option_facts  # (the registry's modules import this package)
+
     mode = f"{s['mode']}, {s['dtype']}" if short else f"mode {s['mode']}, dtype {s['dtype']}"
     return [f"rmlx parity {status}: {n_pass}/{len(rec['cases'])} cases passed "
-            f"({mode}, max_soft_tokens {s['max_soft_tokens']}"
+            f"({', '.join([mode, *option_facts(s, headline=True)])}"
             + (f", injected {','.join(s['inject'])}" if s["inject"] else "") + ")",
             f"wall time {rec['wall_time_s']:.1f} s; " + ", ".join(f"{k} {v}" for k, v in versions.items())]
 
@@ -264,7 +266,8 @@ def case_logit_lines(cases: list[dict]) -> list[str]:
     for c in rows:
         lg = c["logits"]
         out.append(f"| {c['name']} | {lg.get('positions', '-')} | {lg['top1_agreement']:.2%} ± "
-                   f"{lg.get('top1_agreement_se', 0):.2%} | {lg.get('top1_flips', 0)} ({lg.get('top1_flips_decisive', 0)})"
+                   f"{lg.get('top1_agreement_se', 0):.2%} | {lg.get('top1_flips', 0)} "
+                   f"({lg.get('top1_flips_decisive', 0)})"
                    f" | {fmt(lg.get('kl_mean'))} ± {fmt(lg.get('kl_se'))} | "
                    + " / ".join(fmt(lg.get(k)) for k in ("kl_median", "kl_p90", "kl_p99", "kl_p999"))
                    + f" | {fmt(lg.get('kl_max'))} | {fmt(lg.get('dp_mean'))} | {fmt(lg.get('dp_p1'))} / "
@@ -487,19 +490,26 @@ def write_report_dir(report_dir: Path, rec: dict, dumps: dict[str, dict[str, dic
         (tmp / "report.html").write_text(html.to_html(rec), encoding="utf-8", errors="backslashreplace")
         (tmp / "junit.xml").write_text(junit.to_junit(rec), encoding="utf-8", errors="backslashreplace")
         if with_dumps:
+            from parity.adapter import options  # (the report package is imported by the registry's users)
+
             st = rec["settings"]
+            declared = options()
             meta = {"schema": rec["schema"], "run_id": rec["run_id"], "dtype": st["dtype"], "mode": st["mode"],
-                    "attn_implementation": st["attn_implementation"], "max_soft_tokens": str(st["max_soft_tokens"]),
+                    "attn_implementation": st["attn_implementation"],
+                    **{n: str(st[n]) for n, o in declared.items() if o.candidate_of is None and st.get(n) is not None},
                     **{f"version.{k}": str(v) for k, v in rec["versions"].items()
                        if k in ("transformers", "torch", "mlx", "numpy")}}
-            policy = {"reference": st["mask_policy"], "candidate": st["candidate_mask_policy"]}
+            # an option that is the candidate's own value of another is that option in the candidate's dump
+            sided = {o.candidate_of: st[n] for n, o in declared.items() if o.candidate_of is not None
+                     and st.get(n) is not None}
             model_dirs = {c["name"]: c.get("model_dir") for c in rec["cases"]}
             for case_name, sides in dumps.items():
                 folder = folders[1] / case_name.replace("/", "__")
                 folder.mkdir(parents=True)
                 digest = _config_digest(model_dirs.get(case_name))
                 for side, capture in sides.items():
-                    side_meta = meta | {"side": side, "mask_policy": policy.get(side, st["mask_policy"])}
+                    side_meta = meta | {"side": side} | ({k: str(v) for k, v in sided.items()}
+                                                         if side == "candidate" else {})
                     if digest:
                         side_meta["config_sha256"] = digest
                     if hasattr(capture, "finish"):  # a streamed run's parity.dumps.Spool

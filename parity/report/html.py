@@ -646,8 +646,10 @@ def to_html(rec: dict) -> str:
     ok = bool(rec["passed"])
     s = rec["settings"]
     v = rec["versions"]
-    chips = [("mode", s["mode"]), ("dtype", s["dtype"]), ("max soft tokens", s["max_soft_tokens"]),
-             ("mask policy", s["mask_policy"]), ("candidate mask policy", s["candidate_mask_policy"]),
+    from parity.adapter import options  # the families' own settings, as the record states them
+
+    chips = [("mode", s["mode"]), ("dtype", s["dtype"]),
+             *((o.label or n.replace("_", " "), s[n]) for n, o in options().items() if s.get(n) is not None),
              ("attention", s["attn_implementation"]), ("decode steps", s["decode_steps"])]
     chips += [("stages", ", ".join(s["stages"]))] if s.get("stages") else []
     chips += [("injected", ", ".join(s["inject"]))] if s.get("inject") else []

@@ -115,7 +115,7 @@ class Gemma4Adapter:
                     [decoded[p] for p in scenario.images], settings.max_soft_tokens, v.patch_size,
                     v.pooling_kernel_size)
             logits = model(inputs["input.input_ids"], None, pixel_values, position_ids, cache, 0,
-                           settings.candidate_policy)
+                           settings.candidate_mask_policy)
             mx.eval(logits)
         return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 

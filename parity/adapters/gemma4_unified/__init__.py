@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from parity.adapter import Adapter, Scenario
+from parity.adapter import Adapter, Option, Scenario
 from parity.adapters.gemma4_unified import stages
 from parity.defects import Defect
 from parity.stages import Stage
@@ -39,8 +39,21 @@ def unique_image_scenarios(images: list[Path]) -> list[Scenario]:
     return out
 
 
+MASK_POLICIES = ("official", "hf-forward")
+OPTIONS = (
+    Option("max_soft_tokens", 280, "soft tokens per image: 70, 140, 280, 560 or 1120 (default 280)", int,
+           headline=True),
+    Option("mask_policy", "official", "attention-mask policy of both sides (default official; see docs/verdicts.md)",
+           choices=MASK_POLICIES, label="mask policy"),
+    Option("candidate_mask_policy", None, "give the candidate a different policy than the reference (shows the "
+           "harness naming a mask difference)", choices=MASK_POLICIES, candidate_of="mask_policy",
+           label="candidate mask policy"),
+)
+
+
 class Gemma4UnifiedFamily:
     model_type = "gemma4_unified"
+    options = OPTIONS
     # the smallest image budget: every image still spans several sliding windows of the fixtures
     selftest_settings = {"max_soft_tokens": 70}
     selftest_cases = SELFTEST_CASES

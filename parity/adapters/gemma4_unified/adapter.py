@@ -235,7 +235,7 @@ class Gemma4UnifiedAdapter:
                 pixel_values, position_ids = rimage.preprocess_batch(
                     [decoded[p] for p in scenario.images], settings.max_soft_tokens, *self.patch_geometry)
             logits = model(inputs["input.input_ids"], None, pixel_values,
-                           position_ids, inputs.get("input.audio_frames"), settings.candidate_policy, cache, 0)
+                           position_ids, inputs.get("input.audio_frames"), settings.candidate_mask_policy, cache, 0)
             mx.eval(logits)
         return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 
@@ -256,7 +256,7 @@ class Gemma4UnifiedAdapter:
                 pixel_values, position_ids = rimage.preprocess_batch(
                     [decoded[p] for p in scenario.images], settings.max_soft_tokens, *self.patch_geometry)
             out.append(to_numpy(model(inputs["input.input_ids"], None, pixel_values, position_ids,
-                                      inputs.get("input.audio_frames"), settings.candidate_policy,
+                                      inputs.get("input.audio_frames"), settings.candidate_mask_policy,
                                       model.make_cache(), 0)))
         return out
 

@@ -159,7 +159,7 @@ class Lockstep:
             with tapping(self.recorder):
                 self.h, self.masks = self.model.embed_inputs(
                     self.inputs["input.input_ids"], None, *self._pixels(), self.inputs.get("input.audio_frames"),
-                    self.settings.candidate_policy, self.cache, 0)
+                    self.settings.candidate_mask_policy, self.cache, 0)
                 mx.eval(self.h, self.masks)
         else:
             self.h, _ = self.model.embed_inputs(np.array([[self.token]]), cache=self.cache,
