@@ -85,13 +85,10 @@ _WIDE_HELP = "print every column of the stage table (default: a table that fits 
 def _version() -> str:
     """``rmlx-parity X (transformers Y, torch Z, mlx W, numpy V)``: the package and what it is tested
     with, from package metadata (nothing imported; "not installed" for an absent extra)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from parity.provenance import package_version
 
     def of(dist: str) -> str:
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            return "not installed"
+        return package_version(dist) or "not installed"
 
     deps = ", ".join(f"{d} {of(d)}" for d in ("transformers", "torch", "mlx", "numpy"))
     return f"rmlx-parity {of('rmlx')} ({deps})"

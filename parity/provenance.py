@@ -15,7 +15,8 @@ _PACKAGES = {"transformers": "transformers", "torch": "torch", "mlx": "mlx", "nu
              "safetensors": "safetensors", "pillow": "pillow", "rmlx": "rmlx"}
 
 
-def _version(dist: str) -> str | None:
+def package_version(dist: str) -> str | None:
+    """An installed distribution's version (None: not installed), from its metadata: nothing imported."""
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -27,7 +28,7 @@ def versions() -> dict[str, str | None]:
     Python, the platform and the BLAS MLX calls."""
     from rmlx import blas as rmlx_blas
 
-    out: dict[str, str | None] = {k: _version(d) for k, d in _PACKAGES.items()}
+    out: dict[str, str | None] = {k: package_version(d) for k, d in _PACKAGES.items()}
     out.update({"python": platform.python_version(), "platform": platform.platform(),
                 "blas": "{blas} ({why})".format(**rmlx_blas.in_use())})
     return out
