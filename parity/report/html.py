@@ -20,6 +20,7 @@ from html import escape
 import numpy as np
 from PIL import Image
 
+from parity.metrics import fmt
 from parity.report.viz import VISION_STAGES, unpack_array, unpack_bool
 
 PASS, FAIL, MUTED, INK, GRID = "#1a7f37", "#cf222e", "#8c959f", "#1f2328", "#d8dee4"
@@ -35,11 +36,8 @@ def _e(x) -> str:
 
 
 def _num(v, spec: str = ".3g") -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, str):
-        return v
-    return "0" if v == 0 else format(v, spec)
+    """:func:`parity.metrics.fmt` with the page's conventions: a dash for null, a bare 0."""
+    return "0" if v == 0 and not isinstance(v, str) else fmt(v, spec, null="–")
 
 
 def _float(v) -> float:
