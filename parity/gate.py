@@ -92,8 +92,84 @@ def load_record(path: Path) -> dict:
                              "an object 'logits')")
         if cost and cost.get("logits") and "kl_max" in cost["logits"]:
             _error_value(cost["logits"]["kl_max"], path, f"cases[{i}].quantization_cost.logits.kl_max")
+    _bounded_pictures(data, path)
     _renders(data, path)
     return data
+
+
+MAX_PICTURE = 1 << 24  # elements of one packed array of a record's pictures (a 4096 x 4096 mask)
+_WIDTH = {"float16": 2, "float32": 4, "int16": 2}  # bytes per element of parity.report.viz.ARRAY_DTYPES
+
+
+def _bounded_pictures(rec: dict, path: Path) -> None:
+    """The packed arrays behind the HTML report's pictures (``parity.report.viz``: ``{"shape", "b64"}``,
+    with ``"dtype"`` for numbers, zlib-packed bits without) hold as many bytes as their shapes say, and
+    at most ``MAX_PICTURE`` elements; a prompt's ``token_types`` runs add up to at most as many tokens.
+    A record's shapes size the renderer's arrays: a shape the bytes do not back would be a memory bomb."""
+    import base64
+    import binascii
+    import zlib
+
+    def walk(v, at: str, depth: int = 0) -> None:
+        if depth > 32:
+            return
+        if isinstance(v, list):
+            for i, x in enumerate(v):
+                walk(x, f"{at}[{i}]", depth + 1)
+            return
+        if not isinstance(v, dict):
+            return
+        if "b64" in v:
+            _packed(v, at)
+        if at.endswith(".patch_error") and isinstance(v.get("positions"), dict) and "b64" in v["positions"]:
+            _grid(v["positions"], f"{at}.positions")
+        tokens = v.get("token_types")
+        if tokens is not None and not (isinstance(tokens, list) and all(
+                isinstance(t, list) and len(t) == 2 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0
+                                                            for x in t) for t in tokens)
+                and sum(c for _, c in tokens) <= MAX_PICTURE):
+            raise InputError(f"record {path}: '{one_line(at)}.token_types' must be [[type, count], ...] of at most "
+                             f"{MAX_PICTURE} tokens")
+        for k, x in v.items():
+            walk(x, f"{at}.{k}" if at else str(k), depth + 1)
+
+    def _packed(v: dict, at: str) -> None:
+        shape = v.get("shape")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                for d in shape) and isinstance(v["b64"], str)):
+            raise InputError(f"record {path}: '{one_line(at)}' is not a packed array (a 'shape' of sizes, a "
+                             "'b64' string)")
+        n = math.prod(shape)
+        if n > MAX_PICTURE:
+            raise InputError(f"record {path}: '{one_line(at)}' has shape {_short(shape)}: more than {MAX_PICTURE} "
+                             "elements")
+        try:
+            raw = base64.b64decode(v["b64"], validate=True)
+            if "dtype" in v:
+                width = _WIDTH.get(v["dtype"]) if isinstance(v["dtype"], str) else None
+                ok = width is not None and len(raw) == n * width
+            else:  # packed bits: inflate no more than the shape needs, plus one byte to see a longer stream
+                inflate = zlib.decompressobj()
+                ok = len(inflate.decompress(raw, (n + 7) // 8 + 1)) == (n + 7) // 8 and inflate.eof
+        except (binascii.Error, ValueError, zlib.error):
+            ok = False
+        if not ok:
+            raise InputError(f"record {path}: '{one_line(at)}' does not hold the {n} elements of its shape "
+                             f"{_short(shape)}")
+
+    def _grid(positions: dict, at: str) -> None:
+        """The (x, y) of each patch (``patch_error.positions``): the picture spans the largest of them."""
+        import numpy as np
+
+        _packed(positions, at)
+        if positions.get("dtype") not in _WIDTH:
+            return  # not a numeric array: the renderer says so
+        xy = np.frombuffer(base64.b64decode(positions["b64"]), dtype=np.dtype(positions["dtype"]).newbyteorder("<"))
+        if xy.size and (float(np.nanmax(np.abs(xy))) + 1) ** 2 > MAX_PICTURE:
+            raise InputError(f"record {path}: '{one_line(at)}' places a patch at {float(np.nanmax(np.abs(xy))):g}: "
+                             f"a patch grid of more than {MAX_PICTURE} cells")
+
+    walk(rec, "")
 
 
 def _finite(v) -> bool:

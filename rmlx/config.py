@@ -257,10 +257,13 @@ class TextConfig:
                 raise InputError(f"text_config: per_layer_config names layer {i}, the model has "
                                  f"{self.num_hidden_layers} layers")
         for i in range(self.num_hidden_layers):  # grouped-query attention: whole groups of query heads
-            kv = self.layer(i).num_key_value_heads
-            if self.num_attention_heads % kv:
+            spec = self.layer(i)
+            if self.num_attention_heads % spec.num_key_value_heads:
                 raise InputError(f"text_config: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                                 f"layer {i}'s num_key_value_heads={kv}")
+                                 f"layer {i}'s num_key_value_heads={spec.num_key_value_heads}")
+            if self.num_attention_heads * spec.head_dim > MAX_DIM:  # q_proj's output: one dimension of a weight
+                raise InputError(f"text_config: num_attention_heads={self.num_attention_heads} x layer {i}'s "
+                                 f"head_dim={spec.head_dim} is more than {MAX_DIM}")
 
     def layer(self, i: int) -> LayerSpec:
         over = self.per_layer_config.get(i, {})
@@ -298,6 +301,9 @@ class VisionConfig:
         )
 
     def __post_init__(self):
+        if self.patch_dim > MAX_DIM:  # one flattened patch is a row of patch_dense's input
+            raise InputError(f"vision_config: patch_size={self.patch_size} x pooling_kernel_size="
+                             f"{self.pooling_kernel_size} makes a {self.patch_dim}-value patch, more than {MAX_DIM}")
         if self.output_proj_dims != self.mm_embed_dim:
             # The pre-projection RMSNorm has no weight, so a mismatch would only surface at the projection.
             raise InputError(f"vision_config: output_proj_dims={self.output_proj_dims} must equal "

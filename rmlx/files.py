@@ -14,7 +14,7 @@ import os
 import struct
 from pathlib import Path
 
-from rmlx.errors import InputError
+from rmlx.errors import InputError, one_line  # noqa: F401 (one_line: also rmlx.files.one_line)
 
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "U16": 2,
                 "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "E8M0": 1, "F8_E8M0": 1}
@@ -48,13 +48,6 @@ def read_json(path: Path, what: str, schema: str | None = None, hint: str = ""):
 def _line(e: BaseException) -> str:
     """An exception's text on one line (a message is one line of stderr)."""
     return " ".join(str(e).split())
-
-
-def one_line(text: str, limit: int = 2000) -> str:
-    """``text`` with its control characters escaped (a newline in a key or file name becomes ``\\n``),
-    at most ``limit`` characters: a message is one line of stderr."""
-    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _short(v, limit: int = 120) -> str:

@@ -52,6 +52,22 @@ def fuzz(share: float = 1.0):
     return settings(PROFILE, max_examples=max(10, int(PROFILE.max_examples * share)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def memory_cap():
+    """At most 4 GiB more address space than the process has now: a parser or renderer that sizes an
+    allocation by a value of the file fails here with MemoryError, instead of the kernel's OOM killer
+    taking this process (or a neighbour) down."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as f:
+        now = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    cap = now + (4 << 30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap if hard == resource.RLIM_INFINITY else min(cap, hard), hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
 @pytest.fixture(scope="module")
 def scratch():
     """One folder for the whole module (no function-scoped fixture under @given): each example
@@ -67,7 +83,7 @@ def allowed(fn, *args, **kwargs) -> str:
     except InputError as e:
         msg = str(e)
         assert msg.strip() and "\n" not in msg and "\r" not in msg, f"not one line: {msg!r}"
-        assert len(msg) < 2000, f"a {len(msg)}-character message"
+        assert len(msg) <= 2000, f"a {len(msg)}-character message"
         outcome = "refused"
     else:
         outcome = "accepted"
@@ -418,6 +434,43 @@ def test_fuzz_run_record(scratch, raw):
     f = scratch / "record.json"
     f.write_bytes(raw)
     allowed(_gate_and_render_record, f)
+
+
+def _bombs() -> dict:
+    """Records whose pictures a renderer would size by a value the file does not back."""
+    import base64
+    import zlib
+
+    import numpy as np
+
+    from parity.report.viz import pack_array, pack_bool
+
+    def masks(rec, value):
+        rec["cases"][0]["viz"]["masks"]["official"]["full_attention"] = value
+
+    def tokens(rec, value):
+        rec["cases"][0]["viz"]["masks"]["token_types"] = value
+
+    def positions(rec, value):  # the text record gets an image's patch picture
+        rec["cases"][0]["viz"]["patch_error"] = {"positions": value, "patches": [256], "stages": {}, "padding_max": {}}
+
+    big = {"shape": [10**6, 10**6], "b64": pack_bool(np.zeros((2, 2), bool))["b64"]}
+    bomb = {"shape": [8, 8], "b64": base64.b64encode(zlib.compress(bytes(1 << 26))).decode()}  # 64 MiB of zeros
+    far = pack_array(np.array([[0, 0], [32767, 32767]] * 128), "int16")
+    return {"mask-shape-not-backed": (masks, big), "zlib-bomb": (masks, bomb),
+            "a-trillion-tokens": (tokens, [[0, 10**12]]), "patch-at-32767": (positions, far)}
+
+
+@pytest.mark.parametrize("kind", sorted(_bombs()))
+def test_a_record_whose_pictures_do_not_fit_is_refused(tmp_path, kind):
+    """A record's shapes size the HTML report's arrays: load_record refuses one its bytes do not back
+    before any renderer allocates (tests/test_fuzz.py found the first by running out of memory)."""
+    edit, value = _bombs()[kind]
+    rec = copy.deepcopy(RECORD_DATA)
+    edit(rec, value)
+    (tmp_path / "r.json").write_text(json.dumps(rec))
+    with pytest.raises(InputError, match="r.json"):
+        gate.load_record(tmp_path / "r.json")
 
 
 def test_the_unmutated_files_are_accepted(scratch, sharded):
