@@ -223,6 +223,11 @@ def _short(v, limit: int = 80) -> str:
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
+# the largest error a baseline may hold: far above any float32 / bfloat16 difference (< 7e38), and far enough
+# below float64's limit that the allowance, baseline * ratio + floor, stays finite (for a ratio below 1e8)
+MAX_ERROR = 1e300
+
+
 def load(path: Path) -> dict:
     """Read and validate a baseline; every problem is an ``InputError`` naming the file and the key."""
     if not path.is_file():
@@ -250,9 +255,9 @@ def load(path: Path) -> dict:
         if "quantization_kl_max" in entry:
             values.append(("value", "quantization_kl_max", entry["quantization_kl_max"]))
         for what, name, v in values:
-            if not _finite(v) or v < 0:
+            if not _finite(v) or not 0 <= v <= MAX_ERROR:
                 raise InputError(f"baseline {path}: case {_short(case)} {what} {_short(name)} has value {_short(v)}; "
-                                 "expected a finite error >= 0")
+                                 f"expected an error in [0, {MAX_ERROR:g}]")
     return data
 
 

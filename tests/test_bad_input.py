@@ -388,3 +388,16 @@ def test_a_message_quoting_a_newline_is_still_one_line(tmp_path, capsys):
     assert main(["run", "--model", str(ckpt), "--case", "text-4", "--report-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "per_layer_config key '1\\nInjected: line'" in err, err
+
+
+def test_a_baseline_error_too_large_for_an_allowance_is_bad_input(tmp_path, capsys):
+    """Found by tests/test_fuzz.py: an error of 1e308 made the allowance infinite and the summary raise."""
+    from parity import gate
+
+    record = FIXTURES / "recorded" / "tiny-text-4.json"
+    baseline = gate.from_record(json.loads(record.read_text()))
+    baseline["cases"]["tiny/text-4"]["stages"][""] = 1e308
+    (tmp_path / "b.json").write_text(json.dumps(baseline))
+    assert main(["gate", "--record", str(record), "--baseline", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "has value 1e+308; expected an error in [0, 1e+300]" in err, err
