@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from reference import float64
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "eager_float64")
 FLOAT64_ATTENTION = "eager_float64"
@@ -48,6 +50,27 @@ def register_float64_attention() -> None:
 
     AttentionInterface.register(FLOAT64_ATTENTION, eager_float64)
     AttentionMaskInterface.register(FLOAT64_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # eager's masks
+
+
+def compute_in_float64(model: torch.nn.Module) -> None:
+    """Make a float64 gemma4_unified model float64 throughout. transformers' code computes some steps in
+    float32 whatever the model's dtype, which leaves fp32 rounding, shared with an fp32 reference, in a
+    float64 oracle: ``Gemma4UnifiedRMSNorm`` (``hidden_states.float()``, ``weight.float()``: every norm of
+    the decoder layers, q/k/v norms, the final norm, and the vision and audio embedders' pre-projection
+    norm, whose output is the soft tokens the float64 run scatters into its prompt) and the text RoPE
+    (``Gemma4UnifiedTextRotaryEmbedding``: inverse frequencies, angles, cos and sin in float32, the
+    proportional type's included). Each such module gets a forward that computes the same formula in
+    float64 (``reference.float64.compute_in_float64``, shared with the SigLIP family). The rest of the
+    path is in the model's dtype already (LayerNorms, linears, GELU, the logit softcap) and the attention
+    softmax is :func:`eager_float64`'s."""
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import (
+        Gemma4UnifiedRMSNorm,
+        Gemma4UnifiedTextRotaryEmbedding,
+    )
+
+    float64.compute_in_float64(model, (Gemma4UnifiedRMSNorm,), (Gemma4UnifiedTextRotaryEmbedding,))
+
+
 Capture = dict[str, np.ndarray]
 
 
@@ -75,7 +98,11 @@ class HFRunner:
                  threads: int = 1):
         """``threads``: torch's intra-op threads for this process. 1 by default: with 2 threads the
         MKL sgemm behind ``nn.Linear`` is not reproducible across processes (measured: 2 of 8 runs of
-        the same case differed by 5e-4 at ``layers.1.attn.q``; 10 of 10 agreed bit for bit with 1)."""
+        the same case differed by 5e-4 at ``layers.1.attn.q``; 10 of 10 agreed bit for bit with 1).
+
+        ``dtype="float64"`` with ``attn_implementation="eager_float64"`` is the decoder's float64 oracle
+        (``parity.adapters.gemma4_unified``): a float64 model's RMSNorms and text RoPE compute in float64
+        too (:func:`compute_in_float64`)."""
         from transformers import Gemma4UnifiedForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
@@ -92,6 +119,8 @@ class HFRunner:
             self.model_dir, dtype=DTYPES[dtype], attn_implementation=attn_implementation,
             use_safetensors=True, local_files_only=True,
         ).eval()
+        if dtype == "float64":
+            compute_in_float64(self.model)
         self.config = self.model.config
         self.capture_seconds = 0.0  # spent copying captures out in hooks (a harness cost)
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from parity.cli import main
 from parity.metrics import logits_agreement, oracle_distance
@@ -89,3 +90,83 @@ def test_logit_statistics_match_a_direct_computation():
     assert out["top1_agreement"] == same.mean() and out["top1_flips"] == (~same).sum()
     np.testing.assert_allclose(out["top1_agreement_se"], np.sqrt(same.mean() * (1 - same.mean()) / 200))
     assert out["top1_flips_decisive"] <= out["top1_flips"]
+
+
+FLOAT64_CLOSE = 8 * 2.0**-52  # 1.8e-15: a few float64 units (measured <= 7.2e-16); fp32's is 2^-24 = 6e-8
+
+
+def _relative(got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got - expected| over max |expected|."""
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+@pytest.mark.parametrize("model", MODELS, ids=[m.name for m in MODELS])
+def test_the_unified_float64_oracle_computes_its_norms_and_rope_in_float64(model):
+    """The unified decoder's oracle (``HFRunner`` in float64): transformers' ``Gemma4UnifiedRMSNorm`` and
+    text RoPE compute in float32 whatever the dtype; the float64 runner's do not
+    (``reference.hf.compute_in_float64``). Each norm of a forward (every decoder norm, the final norm and
+    the vision embedder's pre-projection norm, whose output is the soft tokens) and each rotated q/k of
+    both layer types (default and proportional RoPE) agree with a NumPy float64 computation to float64
+    rounding (~1e-15 relative), not fp32's (~1e-7: transformers' own forward is checked to be that far)."""
+    from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4UnifiedRMSNorm
+
+    from reference.hf import HFRunner
+
+    runner = HFRunner(model, "float64", "eager_float64")
+    text = runner.model.model.language_model
+    cfg = runner.config.get_text_config()
+    lm = "model.language_model"
+    ids = np.array([[2, *range(10, 40)]], np.int64)  # 31 positions
+    points = {"embeds": (lm, "kwarg:inputs_embeds"), "final.in": (f"{lm}.norm", "input"),
+              "final": (f"{lm}.norm", "output")}
+    for i in range(cfg.num_hidden_layers):
+        p = f"{lm}.layers.{i}"
+        points |= {f"{i}.norm.in": (f"{p}.input_layernorm", "input"), f"{i}.norm": (f"{p}.input_layernorm", "output"),
+                   f"{i}.pre_ff.in": (f"{p}.pre_feedforward_layernorm", "input"),
+                   f"{i}.pre_ff": (f"{p}.pre_feedforward_layernorm", "output"),
+                   f"{i}.q_normed": (f"{p}.self_attn.q_norm", "output"), f"{i}.q": (f"{p}.self_attn.q_norm", "rope")}
+    cap, *_ = runner.forward({"input_ids": ids, "mm_token_type_ids": np.zeros_like(ids)}, "official", points, 0,
+                             consistency=False)
+    assert all(v.dtype == np.float64 for v in cap.values())
+
+    def rms_norm(x, module):
+        y = x / np.sqrt((x * x).mean(-1, keepdims=True) + module.eps)
+        return y * module.weight.detach().numpy() if module.with_scale else y
+
+    checked = {"norm": 0, "rope": set()}
+    for i, layer in enumerate(text.layers):
+        for point, module in (("norm", layer.input_layernorm), ("pre_ff", layer.pre_feedforward_layernorm)):
+            assert _relative(cap[f"{i}.{point}"], rms_norm(cap[f"{i}.{point}.in"], module)) < FLOAT64_CLOSE, (i, point)
+            checked["norm"] += 1
+        layer_type = cfg.layer_types[i]
+        rope = cfg.rope_parameters[layer_type]
+        qn = cap[f"{i}.q_normed"]
+        half = qn.shape[-1] // 2
+        inv = 1.0 / float(rope["rope_theta"]) ** (np.arange(half) / half)
+        if rope.get("rope_type") == "proportional":
+            inv[int(rope["partial_rotary_factor"] * 2 * half // 2):] = 0.0
+            inv /= float(rope.get("factor", 1.0))
+        angle = np.arange(ids.shape[1])[:, None] * np.concatenate([inv, inv])  # (L, d)
+        rotated = np.concatenate([-qn[..., half:], qn[..., :half]], -1)
+        expected = qn * np.cos(angle)[None, :, None] + rotated * np.sin(angle)[None, :, None]
+        assert _relative(cap[f"{i}.q"], expected) < FLOAT64_CLOSE, (i, layer_type)
+        checked["rope"].add(rope.get("rope_type", "default"))
+    assert _relative(cap["final"], rms_norm(cap["final.in"], text.norm)) < FLOAT64_CLOSE
+    assert checked == {"norm": 2 * cfg.num_hidden_layers, "rope": {"default", "proportional"}}
+
+    # the vision embedder's pre-projection norm (no scale): its output is what the float64 run scatters
+    embedder = runner.model.model.embed_vision.multimodal_embedder
+    path = "model.embed_vision.multimodal_embedder.embedding_pre_projection_norm"
+    image = np.random.default_rng(0).integers(0, 256, (96, 144, 3), dtype=np.uint8)
+    pre = runner.preprocess(image, 70, model)
+    _, vcap = runner.image_features(pre["pixel_values"].astype(np.float64), pre["image_position_ids"],
+                                    {"in": (path, "input"), "out": (path, "output")})
+    norm = embedder.embedding_pre_projection_norm
+    assert not norm.with_scale and vcap["out"].dtype == np.float64
+    assert _relative(vcap["out"], rms_norm(vcap["in"], norm)) < FLOAT64_CLOSE
+
+    # discriminating: transformers' own forward (its float32 steps) is at fp32 rounding from the same values
+    x = torch.from_numpy(cap["0.norm.in"])
+    layer0 = text.layers[0].input_layernorm
+    assert _relative(Gemma4UnifiedRMSNorm.forward(layer0, x).detach().numpy(), cap["0.norm"]) > 1e-9
+    assert all("forward" in vars(m) for m in runner.model.modules() if isinstance(m, Gemma4UnifiedRMSNorm))

@@ -23,6 +23,8 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import torch
 
+from reference import float64
+from reference.float64 import float64_inv_freq  # noqa: F401  (re-exported)
 from reference.hf import FLOAT64_ATTENTION, bool_mask, register_float64_attention, to_numpy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -180,53 +182,18 @@ def forward(model, inputs: Mapping[str, np.ndarray], points: Mapping[str, tuple[
     return captured
 
 
-def float64_inv_freq(rotary, layer_type: str) -> torch.Tensor:
-    """The text RoPE inverse frequencies of ``layer_type`` in float64, by the formula transformers computes
-    in float32 whatever the model's dtype (the two rope types the port takes): ``default`` theta^(-2i/d) for
-    the d/2 pairs; ``proportional`` the same over the first int(partial_rotary_factor * d // 2) pairs and 0
-    for the rest, divided by ``factor``. d is the layer type's head size (twice the float32 table's length).
-    Checked against that table: the float64 one must round to it."""
-    table = getattr(rotary, f"{layer_type}_inv_freq")
-    params = rotary.config.rope_parameters[layer_type]
-    kind, half = params.get("rope_type", "default"), table.shape[0]
-    i = torch.arange(half, dtype=torch.float64)
-    inv = 1.0 / (float(params["rope_theta"]) ** (2 * i / (2 * half)))
-    if kind == "proportional":
-        rotated = int(float(params.get("partial_rotary_factor", 1.0)) * 2 * half // 2)
-        inv = torch.where(i < rotated, inv, 0.0) / float(params.get("factor", 1.0))
-    elif kind != "default":
-        raise ValueError(f"rope_type '{kind}' has no float64 table here")
-    if not torch.allclose(inv.float(), table.float(), rtol=2 ** -22, atol=0.0):
-        raise ValueError(f"the float64 RoPE table of {layer_type} does not round to transformers' own")
-    return inv
-
-
 def compute_in_float64(model: torch.nn.Module) -> None:
     """Make a float64 gemma4 model float64 throughout its decoder. transformers' code computes some steps in
     float32 whatever the model's dtype, which leaves fp32 rounding, shared with an fp32 reference, in a
     float64 oracle: ``Gemma4RMSNorm`` (``hidden_states.float()``, ``weight.float()``) and the text RoPE
-    (inverse frequencies, angles, cos and sin in float32). Here each such module of ``model`` gets a forward
-    that computes the same formula in float64 (an instance attribute: other models are untouched). The
-    vision path has more (the pooler, the standardisation, its RoPE); the decoder's oracle takes the float64
-    NumPy vision oracle's soft tokens instead (``Runner.forward``'s ``image_features``)."""
+    (inverse frequencies, angles, cos and sin in float32). Each such module of ``model`` gets a forward that
+    computes the same formula in float64 (``reference.float64.compute_in_float64``, shared with the unified
+    family's ``reference.hf.HFRunner``). The vision path has more (the pooler, the standardisation, its
+    RoPE); the decoder's oracle takes the float64 NumPy vision oracle's soft tokens instead
+    (``Runner.forward``'s ``image_features``)."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
 
-    def rms_norm(self, hidden_states):
-        normed = self._norm(hidden_states)
-        return normed * self.weight if self.with_scale else normed
-
-    def rotary(self, x, position_ids, layer_type):
-        freqs = position_ids[..., None].to(torch.float64) * self.float64_inv_freq[layer_type]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        scaling = getattr(self, f"{layer_type}_attention_scaling")
-        return (emb.cos() * scaling).to(x.dtype), (emb.sin() * scaling).to(x.dtype)
-
-    for module in model.modules():
-        if isinstance(module, Gemma4RMSNorm):
-            module.forward = rms_norm.__get__(module)
-        elif isinstance(module, Gemma4TextRotaryEmbedding):
-            module.float64_inv_freq = {t: float64_inv_freq(module, t) for t in module.rope_init_fns}
-            module.forward = rotary.__get__(module)
+    float64.compute_in_float64(model, (Gemma4RMSNorm,), (Gemma4TextRotaryEmbedding,))
 
 
 MASK_POLICIES = ("official", "hf-forward")
