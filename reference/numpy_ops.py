@@ -87,17 +87,22 @@ def patches(resized: np.ndarray, max_soft_tokens: int, side: int = 48) -> tuple[
 
 def load_vision_weights(model_dir: str | Path) -> dict[str, np.ndarray]:
     """The vision tensors of a checkpoint, by on-disk name without the prefix (either spelling).
-    Only those tensors are read (bf16 widened to fp32), from the validated shard list (``rmlx.files``)."""
+    Only the shards holding them are opened, and only those tensors are read (bf16 widened to fp32)."""
     import torch
     from safetensors import safe_open
 
-    from rmlx.files import checkpoint_files
-
     prefixes = ("model.vision_embedder.", "model.embed_vision.multimodal_embedder.", "model.embed_vision.")
     model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if k.startswith(prefixes)})
+    else:
+        files = ["model.safetensors"]
     out = {}
-    for f in checkpoint_files(model_dir):
-        with safe_open(f, framework="pt") as h:
+    for f in files:
+        with safe_open(model_dir / f, framework="pt") as h:
             for key in h.keys():
                 prefix = next((p for p in prefixes if key.startswith(p)), None)
                 if prefix is not None:

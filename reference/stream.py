@@ -22,6 +22,7 @@ gemma4_unified (``vision_embedder.* -> embed_vision.*``), as ``from_pretrained``
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -37,10 +38,24 @@ from safetensors import safe_open
 from torch import nn
 
 from reference.hf import DTYPES, HFRunner
-from rmlx.files import checkpoint_files, safetensors_layout  # the validated reader (no MLX)
 
 VOCAB_CHUNK = 16384
 _MAPPED = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16), "F32": (np.float32, torch.float32)}
+
+
+def _shards(model_dir: Path) -> list[Path]:
+    """The safetensors files of a checkpoint folder (validated strictly by the rmlx side beforehand)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        return [model_dir / f for f in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    return [model_dir / "model.safetensors"]
+
+
+def _header(path: Path) -> tuple[int, dict]:
+    """(byte offset of the data, the safetensors header)."""
+    with path.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        return 8 + n, json.loads(f.read(n))
 
 
 @contextlib.contextmanager
@@ -67,8 +82,8 @@ class Weights:
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.spans: dict[str, tuple[int, int]] = {}  # HF name -> (byte offset in its file, length)
         self.stored: dict[str, str] = {}  # HF name -> safetensors dtype
-        for f in checkpoint_files(Path(model_dir)):  # validated: shards inside the folder, headers sound
-            data_start, header = safetensors_layout(f)
+        for f in _shards(model_dir):
+            data_start, header = _header(f)
             for key, info in header.items():
                 if key == "__metadata__":
                     continue
