@@ -855,8 +855,13 @@ def _main(argv: list[str] | None) -> int:
         print(f"rmlx-parity: error: {bad_env}", file=sys.stderr)
         return EXIT_BAD_INPUT
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:  # the families' options are flags: the parser imports the registry, which a broken revision fails
+        parser = build_parser()
+    except Exception as e:  # ImportError, SyntaxError, anything raised at import time
+        print(f"rmlx-parity: cannot test this revision: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_UNTESTABLE
     try:
-        args = build_parser().parse_args(argv)
+        args = parser.parse_args(argv)
     except SystemExit as e:  # bad usage (2) or --help (0): a return code, like every other outcome
         return int(e.code or 0)
     args.argv = argv
