@@ -262,8 +262,9 @@ def load(path: Path) -> dict:
 
 
 def check_drift(ratio: float, floor: float) -> None:
-    if not (math.isfinite(ratio) and math.isfinite(floor) and ratio >= 1 and floor >= 0):
-        raise InputError(f"--drift-ratio must be finite and >= 1 and --drift-floor finite and >= 0; "
+    # bounded: a baseline error (at most MAX_ERROR) times the ratio plus the floor stays finite
+    if not (math.isfinite(ratio) and math.isfinite(floor) and 1 <= ratio <= 1e6 and 0 <= floor <= 1e6):
+        raise InputError(f"--drift-ratio must be finite, in [1, 1e6], and --drift-floor finite, in [0, 1e6]; "
                          f"got ratio {ratio}, floor {floor}")
 
 
@@ -355,13 +356,13 @@ def summary(result: dict) -> str:
     if regs:
         first = regs[0]
         lines.append(f"First regression: {first['stage']} in case {first['case']}: max_abs {fmt(first['max_abs'])} > "
-                     f"allowed {first['allowed']:.3g} (baseline {first['baseline']:.3g})")
-        lines += [f"  {r['case']} {r['stage']}: {fmt(r['max_abs'])} > {r['allowed']:.3g} "
-                  f"(baseline {r['baseline']:.3g})" for r in regs[1:8]]
+                     f"allowed {fmt(first['allowed'])} (baseline {fmt(first['baseline'])})")
+        lines += [f"  {r['case']} {r['stage']}: {fmt(r['max_abs'])} > {fmt(r['allowed'])} "
+                  f"(baseline {fmt(r['baseline'])})" for r in regs[1:8]]
         if len(regs) > 8:
             lines.append(f"  ... {len(regs) - 8} more")
     else:
-        lines += [f"  closest: {e['case']} {e['stage']}: {fmt(e['max_abs'])} of allowed {e['allowed']:.3g}"
+        lines += [f"  closest: {e['case']} {e['stage']}: {fmt(e['max_abs'])} of allowed {fmt(e['allowed'])}"
                   for e in result["closest"][:3]]
     if result["not_run"]:
         lines.append(f"baseline cases not run: {len(result['not_run'])}")

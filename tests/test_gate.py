@@ -82,7 +82,8 @@ def test_settings_mismatch_is_bad_input_before_the_run(tmp_path, capsys):
                  "--report-dir", str(tmp_path / "rep")])
     assert code == 2 and "mode: baseline 'teacher', run 'free'" in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()
-    for drift in (["--drift-ratio", "0.5"], ["--drift-floor", "inf"], ["--drift-ratio", "nan"]):
+    for drift in (["--drift-ratio", "0.5"], ["--drift-floor", "inf"], ["--drift-ratio", "nan"],
+                  ["--drift-ratio", "1e300"]):
         assert main(["gate", "--baseline", str(BASELINES / "float32-free.json"), *ONE_CASE, *drift,
                      "--report-dir", str(tmp_path / "rep")]) == 2
         assert "--drift-ratio must be finite" in capsys.readouterr().err
