@@ -81,10 +81,14 @@ def _one_interrupt_line(err: str, signum: int) -> None:
     assert "Traceback" not in err, err
 
 
-SIGNALS = pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+SLOW = pytest.mark.slow  # the other signal of each phase: `nox -s slow` (the default run keeps one of each)
+SIGNALS_CASES = pytest.mark.parametrize("signum", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=SLOW)],
+                                        ids=["SIGINT", "SIGTERM"])
+SIGNALS_PUBLISH = pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=SLOW), signal.SIGTERM],
+                                          ids=["SIGINT", "SIGTERM"])
 
 
-@SIGNALS
+@SIGNALS_CASES
 def test_a_signal_while_the_cases_run(tmp_path, signum):
     """The run signals itself once its first case is done (the models loaded, seven cases to go)."""
     out = tmp_path / "out"
@@ -100,7 +104,7 @@ def test_a_signal_while_the_cases_run(tmp_path, signum):
     assert [n for n in os.listdir(tmp_path / "tmp") if n.startswith("tmp")] == []
 
 
-@SIGNALS
+@SIGNALS_PUBLISH
 def test_a_signal_from_outside_while_the_outputs_are_published(tmp_path, signum):
     """The test sends the signal while the run is inside its publication: the staging folders of the
     report and the dumps and the staged --json file exist at that moment, and none is left."""
