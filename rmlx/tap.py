@@ -24,7 +24,8 @@ LAYER_POINTS = ("input_layernorm", "attn.q", "attn.k", "attn.v", "attn.out", "ml
 
 def layer_stages(i: int) -> dict[str, str]:
     """The public stage names of decoder layer ``i``, built once per layer (the only place rmlx builds
-    per-layer names; ``parity/stages.py`` builds the same table, and a test keeps them in step)."""
+    per-layer names; the family's stage table, ``parity/adapters/gemma4_unified/stages.py``, writes
+    the same names, and ``tests/test_stages.py`` keeps them in step)."""
     return {point: f"layers.{i}.{point}" for point in LAYER_POINTS}
 
 
