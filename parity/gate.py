@@ -20,7 +20,7 @@ from pathlib import Path
 from parity.metrics import _json_float, fmt
 from parity.stages import decode_stage, order_key
 from rmlx.errors import InputError
-from rmlx.files import one_line, read_json, track
+from rmlx.files import finite_number, one_line, read_json, short, track
 
 SCHEMA = "rmlx.baseline/1"
 DEFAULT_RATIO = 2.0
@@ -64,13 +64,7 @@ def load_record(path: Path) -> dict:
     for key, kind in (("settings", dict), ("cases", list), ("versions", dict), ("passed", bool)):
         if not isinstance(data.get(key), kind):
             raise InputError(f"record {path}: missing or malformed '{key}' (expected a JSON {kind.__name__})")
-    missing = [k for k in keyed() if k not in data["settings"]]
-    if missing:
-        raise InputError(f"record {path}: settings lack {missing}")
-    bad = next((k for k in keyed() if isinstance(data["settings"][k], dict | list)), None)
-    if bad is not None:
-        raise InputError(f"record {path}: settings '{bad}' is {_short(data['settings'][bad])}; expected a "
-                         "string, a number or null")
+    _check_keyed(data["settings"], f"record {path}")
     for i, case in enumerate(data["cases"]):
         if not (isinstance(case, dict) and isinstance(case.get("name"), str) and isinstance(case.get("stages"), list)
                 and isinstance(case.get("decode", []), list)):
@@ -172,19 +166,9 @@ def _bounded_pictures(rec: dict, path: Path) -> None:
     walk(rec, "")
 
 
-def _finite(v) -> bool:
-    """A JSON number that is a finite float (an integer of 400 digits is not: it has no float)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
-
-
 def _error_value(v, path: Path, key: str) -> None:
     """A record's error number: a JSON number, "inf" / "-inf", or null (NaN), as the runner writes it."""
-    if not (v is None or v in ("inf", "-inf") or _finite(v) or isinstance(v, float)):
+    if not (v is None or v in ("inf", "-inf") or finite_number(v) or isinstance(v, float)):
         raise InputError(f"record {path}: '{key}' is {_short(v)}; expected a number, \"inf\" or null")
 
 
@@ -218,9 +202,21 @@ def _renders(rec: dict, path: Path) -> None:
                          f"{text}); the reports cannot be rendered from it") from None
 
 
-def _short(v, limit: int = 80) -> str:
-    r = repr(v)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
+def _check_keyed(settings: dict, source: str) -> None:
+    """A record's or baseline's ``settings`` hold every keyed setting (:func:`keyed`), each a string, a
+    number or null: what :func:`check_settings` compares."""
+    missing = [k for k in keyed() if k not in settings]
+    if missing:
+        raise InputError(f"{source}: settings lack {missing}")
+    bad = next((k for k in keyed() if isinstance(settings[k], dict | list)), None)
+    if bad is not None:
+        raise InputError(f"{source}: settings '{bad}' is {_short(settings[bad])}; expected a string, a number "
+                         "or null")
+
+
+def _short(v) -> str:
+    """A value quoted in a message (:func:`rmlx.files.short`, 80 characters)."""
+    return short(v, 80)
 
 
 # the largest error a baseline may hold: far above any float32 / bfloat16 difference (< 7e38), and far enough
@@ -237,13 +233,7 @@ def load(path: Path) -> dict:
     for key in ("settings", "cases"):
         if not isinstance(data.get(key), dict):
             raise InputError(f"baseline {path}: missing or malformed '{key}'")
-    missing = [k for k in keyed() if k not in data["settings"]]
-    if missing:
-        raise InputError(f"baseline {path}: settings lack {missing}")
-    bad = next((k for k in keyed() if isinstance(data["settings"][k], dict | list)), None)
-    if bad is not None:
-        raise InputError(f"baseline {path}: settings '{bad}' is {_short(data['settings'][bad])}; expected a "
-                         "string, a number or null")
+    _check_keyed(data["settings"], f"baseline {path}")
     for case, entry in data["cases"].items():
         if not isinstance(entry, dict) or not isinstance(entry.get("stages"), dict):
             raise InputError(f"baseline {path}: case {_short(case)} has no 'stages' table")
@@ -255,7 +245,7 @@ def load(path: Path) -> dict:
         if "quantization_kl_max" in entry:
             values.append(("value", "quantization_kl_max", entry["quantization_kl_max"]))
         for what, name, v in values:
-            if not _finite(v) or not 0 <= v <= MAX_ERROR:
+            if not finite_number(v) or not 0 <= v <= MAX_ERROR:
                 raise InputError(f"baseline {path}: case {_short(case)} {what} {_short(name)} has value {_short(v)}; "
                                  f"expected an error in [0, {MAX_ERROR:g}]")
     return data

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from rmlx.errors import InputError
-from rmlx.files import loads, one_line, track
+from rmlx.files import finite_number, loads, one_line, short, track
 
 T = TypeVar("T")
 
@@ -63,13 +63,8 @@ def _float(d: dict, key: str, where: str, default: float | None, hi: float = flo
 
 
 def _positive_finite(v: Any) -> bool:
-    """A JSON number > 0 that is a finite float (an integer of 400 digits is not: it has no float)."""
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        return False
-    try:
-        return 0 < float(v) < float("inf")
-    except OverflowError:
-        return False
+    """A JSON number > 0 that is a finite float (:func:`rmlx.files.finite_number`)."""
+    return finite_number(v) and float(v) > 0
 
 
 def _section(d: dict, key: str, where: str, required: bool = False) -> dict | None:
@@ -88,10 +83,9 @@ def _str(d: dict, key: str, where: str, default: Any) -> Any:
     return v
 
 
-def _short(v: Any, limit: int = 80) -> str:
-    """``repr(v)`` on one line, at most ``limit`` characters (a value quoted in a message)."""
-    r = repr(v)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
+def _short(v: Any) -> str:
+    """A value quoted in a message (:func:`rmlx.files.short`, 80 characters)."""
+    return short(v, 80)
 
 
 def _bool(d: dict, key: str, where: str, default: bool) -> bool:

@@ -41,7 +41,7 @@ def read_json(path: Path, what: str, schema: str | None = None, hint: str = ""):
         raise InputError(f"{what} {path}: not readable JSON ({type(e).__name__}: {_line(e)})") from None
     if schema is not None and (not isinstance(data, dict) or data.get("schema") != schema):
         got = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise InputError(f"{what} {path}: schema is {_short(got)}, expected {schema!r}{hint}")
+        raise InputError(f"{what} {path}: schema is {short(got)}, expected {schema!r}{hint}")
     return data
 
 
@@ -50,7 +50,17 @@ def _line(e: BaseException) -> str:
     return " ".join(str(e).split())
 
 
-def _short(v, limit: int = 120) -> str:
+def finite_number(v) -> bool:
+    """A JSON number that is a finite float (not a bool; an integer of 400 digits is not: it has no float)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def short(v, limit: int = 120) -> str:
     """``repr(v)`` on one line, at most ``limit`` characters (a value quoted in a message)."""
     r = repr(v)
     return r if len(r) <= limit else r[: limit - 3] + "..."
@@ -132,32 +142,32 @@ def safetensors_layout(path: Path) -> tuple[int, dict]:
         if key == "__metadata__":
             if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
                 raise InputError(f"{path}: corrupt safetensors header: '__metadata__' must be an object of "
-                                 f"strings, got {_short(info)}")
+                                 f"strings, got {short(info)}")
             continue
         try:
             dtype, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (TypeError, KeyError, ValueError):
-            raise InputError(f"{path}: corrupt safetensors header entry for {_short(key)} (needs 'dtype', 'shape' "
+            raise InputError(f"{path}: corrupt safetensors header entry for {short(key)} (needs 'dtype', 'shape' "
                              "and 'data_offsets' [start, end])") from None
         ints = [start, end, *shape] if isinstance(shape, list) else None
         if (not isinstance(dtype, str) or dtype not in _ST_DTYPES or ints is None
                 or any(isinstance(i, bool) or not isinstance(i, int) for i in ints)
                 or not 0 <= start <= end <= data_size or any(d < 0 for d in shape)):
-            raise InputError(f"{path}: corrupt safetensors header entry for {_short(key)} (dtype {_short(dtype)}, "
-                             f"shape {_short(shape)}, offsets {_short(start)}..{_short(end)}, data is "
+            raise InputError(f"{path}: corrupt safetensors header entry for {short(key)} (dtype {short(dtype)}, "
+                             f"shape {short(shape)}, offsets {short(start)}..{short(end)}, data is "
                              f"{data_size} bytes)")
         need = math.prod(shape) * _ST_ITEMSIZE[dtype]
         if need != end - start:
-            raise InputError(f"{path}: tensor {_short(key)} of shape {_short(shape)} {dtype} needs {need} bytes, its "
+            raise InputError(f"{path}: tensor {short(key)} of shape {short(shape)} {dtype} needs {need} bytes, its "
                              f"offsets {start}..{end} hold {end - start}")
         spans.append((start, end, key))
     covered, last = 0, None  # the tensors tile [0, data_size): each starts where the ones before it end
     for start, end, key in sorted(spans):
         if start < covered:
-            raise InputError(f"{path}: tensors {_short(last)} and {_short(key)} overlap in the data "
+            raise InputError(f"{path}: tensors {short(last)} and {short(key)} overlap in the data "
                              f"(offsets {start} < {covered})")
         if start > covered:
-            raise InputError(f"{path}: corrupt safetensors header: tensor {_short(key)} starts at {start}, the tensors "
+            raise InputError(f"{path}: corrupt safetensors header: tensor {short(key)} starts at {start}, the tensors "
                              f"before it end at {covered} (a gap in the data)")
         covered, last = end, key
     if covered != data_size:
@@ -186,10 +196,10 @@ def checkpoint_files(path: Path) -> list[Path]:
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise InputError(f"{index}: not a valid safetensors index (needs a non-empty object 'weight_map', "
-                             f"got {_short(weight_map) if isinstance(data, dict) else type(data).__name__})")
+                             f"got {short(weight_map) if isinstance(data, dict) else type(data).__name__})")
         bad = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str)), None)
         if bad is not None:
-            raise InputError(f"{index}: 'weight_map' entry {_short(bad[0])} is {_short(bad[1])}; it must be a "
+            raise InputError(f"{index}: 'weight_map' entry {short(bad[0])} is {short(bad[1])}; it must be a "
                              "shard file name (a string)")
         root = path.resolve()
         files = []
@@ -197,16 +207,16 @@ def checkpoint_files(path: Path) -> list[Path]:
             # a shard is a plain file name in the checkpoint folder: never a path that leaves it
             if (Path(name).name != name or name in ("", ".", "..") or not name.endswith(".safetensors")
                     or not _fs_name(name)):
-                raise InputError(f"{index}: shard name {_short(name)} is not a .safetensors file name in {path}")
+                raise InputError(f"{index}: shard name {short(name)} is not a .safetensors file name in {path}")
             f = path / name
             try:
                 if f.resolve().parent != root:
-                    raise InputError(f"{index}: shard {_short(name)} resolves outside {path} (a symlink to "
+                    raise InputError(f"{index}: shard {short(name)} resolves outside {path} (a symlink to "
                                      f"{f.resolve()}); refusing to read it")
                 if not f.is_file():
-                    raise InputError(f"{index}: names shard {_short(name)}, which does not exist")
+                    raise InputError(f"{index}: names shard {short(name)}, which does not exist")
             except OSError as e:  # a name too long for the file system, a symlink loop
-                raise InputError(f"{index}: shard {_short(name)} cannot be opened ({e.strerror or _line(e)})") from None
+                raise InputError(f"{index}: shard {short(name)} cannot be opened ({e.strerror or _line(e)})") from None
             files.append(f)
         return files
     if single.is_file():
