@@ -193,14 +193,17 @@ def options() -> dict[str, Option]:
     return out
 
 
-def option_facts(settings: Mapping[str, object], headline: bool = False) -> list[str]:
+def option_facts(settings: Mapping[str, object], headline: bool = False, sided: bool | None = None) -> list[str]:
     """``label value`` of each family option a record's settings state (None left out; an option that is
     the candidate's own value of another shown only where the two differ); ``headline``: only those
-    declared for a report's first line."""
+    declared for a report's first line; ``sided``: only the candidate's own values (True) or only the
+    others (False)."""
     out = []
     for name, opt in options().items():
         value = settings.get(name)
         if value is None or (headline and not opt.headline):
+            continue
+        if sided is not None and sided != (opt.candidate_of is not None):
             continue
         if opt.candidate_of is not None and value == settings.get(opt.candidate_of):
             continue

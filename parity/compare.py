@@ -340,11 +340,10 @@ def headline(rec: dict) -> list[str]:
     s = rec["settings"]
     n_pass = sum(c["passed"] for c in rec["cases"])
     facts = [f"mode {s['mode']}", f"dtype {s['dtype']}"]
-    sided = {n for n, o in options().items() if o.candidate_of is not None}  # the candidate's own values last
-    facts += option_facts({k: v for k, v in s.items() if k not in sided})
+    facts += option_facts(s, sided=False)
     if s.get("attn_implementation") is not None:
         facts.append(f"attention {s['attn_implementation']}")
-    facts += [f for f in option_facts(s) if f not in option_facts({k: v for k, v in s.items() if k not in sided})]
+    facts += option_facts(s, sided=True)  # the candidate's own values last
     return [f"rmlx parity compare {'PASS' if rec['passed'] else 'FAIL'}: {n_pass}/{len(rec['cases'])} cases passed "
             f"({', '.join(facts)})",
             f"{stage_counts(rec)}; wall time {rec['wall_time_s']:.1f} s"]

@@ -180,8 +180,9 @@ def validate(settings: Settings) -> None:
         raise InputError(f"mode={settings.mode!r} is not one of {MODES}")
     from parity.adapter import options as declared
 
+    decl = declared()
     for name, value in settings.option_values().items():  # a family option's value among its choices
-        choices = declared()[name].choices
+        choices = decl[name].choices
         if choices is not None and value not in choices and value is not None:
             raise InputError(f"{name}={value!r} is not one of {choices}")
     if settings.decode_steps < 0:

@@ -94,12 +94,17 @@ class _Side:
             a.candidate_model = self.clean[m]
 
 
+def _options_key(settings: Settings) -> tuple:
+    """The families' options of ``settings``, defaults filled in, as a hashable key."""
+    return tuple(sorted(settings.option_values().items(), key=str))
+
+
 def _memoized_oracle(oracle):
     """The adapter's float64 oracle keyed by its case: reference-side code, the same whatever is planted."""
     kept: dict = {}
 
     def call(scenario, decoded, settings):
-        key = (scenario, settings.dtype, tuple(sorted(settings.option_values().items(), key=str)))
+        key = (scenario, settings.dtype, _options_key(settings))
         if key not in kept:
             kept[key] = oracle(scenario, decoded, settings)
         return kept[key]
@@ -113,8 +118,7 @@ def _memoized(reference):
     kept: dict = {}
 
     def call(scenario, inputs, pre, settings, decode_steps, unquantized=False, **out: dict):
-        key = (scenario, settings.dtype, tuple(sorted(settings.option_values().items(), key=str)), decode_steps,
-               unquantized,
+        key = (scenario, settings.dtype, _options_key(settings), decode_steps, unquantized,
                inputs["input.input_ids"].tobytes(), tuple(sorted(out)))
         if key not in kept:
             filled = {k: {} for k in out}
@@ -190,8 +194,10 @@ def _evidence(r: CaseResult, d) -> dict:
         return out | {"kind": "raised", "error": f"{r.error['type']}", "bound": "-"}
     if d.error and d.stage.startswith("logits@decode"):
         step = next(s for s in r.decode if not s["passed"])
-        kind = "absolute" if step["max_abs"] > d.tolerance.atol else "decisive top-1 flip"
-        return out | {"kind": kind, "error": f"{step['max_abs']:.3g}", "bound": f"{d.tolerance.atol:g}"}
+        if step["max_abs"] > d.tolerance.atol:
+            return out | {"kind": "absolute", "error": f"{step['max_abs']:.3g}", "bound": f"{d.tolerance.atol:g}"}
+        return out | {"kind": "decisive top-1 flip", "error": f"{step['top1_flips_decisive']} flip(s)",
+                      "bound": f"near-tie margin {step['tie_margin']:.3g}"}
     if d.max_abs > d.tolerance.atol or d.tolerance.atol == 0:
         exact = d.tolerance.atol == 0 and d.tolerance.rtol == 0
         return out | {"kind": "exact" if exact else "absolute", "error": f"{d.max_abs:.3g}",
