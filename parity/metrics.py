@@ -363,16 +363,22 @@ def oracle_distance(reference: np.ndarray, candidate: np.ndarray, oracle: np.nda
     oracle does not make any candidate error infinitely worse); an all-zero oracle floors it at one unit
     roundoff absolute (values at unit scale), so that an exact-zero stage is not failed by any nonzero
     error of the candidate's however small. None: shapes differ or a value is not finite."""
-    r, c, o = (np.asarray(x, np.float64) for x in (reference, candidate, oracle))
+    r, c, o = (np.asarray(x) for x in (reference, candidate, oracle))
     if not (r.shape == c.shape == o.shape) or o.size == 0:
         return None
-    if not (np.isfinite(r).all() and np.isfinite(c).all() and np.isfinite(o).all()):
+    o = o.astype(np.float64, copy=False)
+    stats = []
+    for side in (r, c):
+        d = np.subtract(side, o, dtype=np.float64)  # widened element by element: one temporary
+        top = float(np.abs(d, out=d).max())
+        stats.append((top, math.sqrt(float(np.einsum("i,i->", d.reshape(-1), d.reshape(-1))) / d.size)))
+    (ref_top, ref_rms), (cand_top, cand_rms) = stats
+    scale = math.sqrt(float(np.einsum("i,i->", o.reshape(-1), o.reshape(-1))) / o.size)
+    # a non-finite value anywhere makes a maximum or a sum of squares non-finite (NaN - x is NaN, inf - inf too)
+    if not all(map(math.isfinite, (ref_top, cand_top, ref_rms, cand_rms, scale))):
         return None
-    rms = lambda x: float(np.sqrt(np.mean(np.square(x))))  # noqa: E731
-    ref_rms, cand_rms = rms(r - o), rms(c - o)
-    scale = rms(o)
     floor = UNIT_ROUNDOFF.get(dtype, 2.0**-24) * (scale if scale > 0 else 1.0)
-    return {"reference_max_abs": float(np.abs(r - o).max()), "candidate_max_abs": float(np.abs(c - o).max()),
+    return {"reference_max_abs": ref_top, "candidate_max_abs": cand_top,
             "reference_rms": ref_rms, "candidate_rms": cand_rms, "floor": floor,
             "ratio": cand_rms / max(ref_rms, floor)}
 
