@@ -7,9 +7,10 @@ register theirs through the entry-point group ``rmlx.parity.families`` (``name =
 and a test or script may call :func:`register`.
 
 A family gives, per checkpoint, an :class:`Adapter`: both sides loaded once, producing a
-:data:`Capture` each for every case. The core runs the case (``parity.runner.run_case``): it asks the
-adapter for the case's stages and inputs, the reference's capture, the candidate's capture (teacher-
-forced when the mode says so), the optional float64 oracle, and compares them.
+:data:`Capture` each for every case. The core runs the case (``parity.pipeline.CaseRun``, driven by
+``parity.runner.run_case`` or by the family's layer-by-layer driver): it asks the adapter for the case's
+stages and inputs, the reference's capture, the candidate's capture (teacher-forced when the mode says
+so), the optional float64 oracle and the optional pictures of the HTML report, and compares them.
 """
 
 from __future__ import annotations
@@ -98,9 +99,10 @@ class Adapter(Protocol):
         """(the case's ``input.*`` arrays, the reference's own preprocessing for :meth:`reference`)."""
 
     def reference(self, scenario: Scenario, inputs: Capture, pre: dict[str, np.ndarray], settings: Any,
-                  decode_steps: int, unquantized: bool = False, other_masks: Capture | None = None
-                  ) -> tuple[Capture, list[np.ndarray], list[int], float | None]:
-        """(capture, each decode step's logits, the greedy tokens, self-consistency or None)."""
+                  decode_steps: int, unquantized: bool = False) -> tuple:
+        """(capture, each decode step's logits, the greedy tokens, self-consistency or None[, extras]).
+        ``extras``, optional: a dict of what the reference computed beside its stages that only this
+        family's :meth:`viz` reads (the core passes it through untouched)."""
 
     def candidate(self, scenario: Scenario, inputs: Capture, decoded: dict[Path, np.ndarray], settings: Any,
                   tokens: list[int], teacher: Capture | None = None) -> tuple[Capture, list[np.ndarray]]:
@@ -108,6 +110,12 @@ class Adapter(Protocol):
 
     def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings: Any) -> Capture:
         """Float64 values of the stages the family has an oracle for ({} when none)."""
+
+    # Optional: ``viz(ref, cand, extras, inputs, settings, stage_names) -> dict``, the case's pictures in the
+    # HTML report, built with ``parity.report.viz``'s generic builders (``patch_error``, ``masks``,
+    # ``stage_groups``) from the captures, the reference's ``extras``, the case's inputs and settings, and
+    # the names of its compared stages. An adapter without one gets the core's: the per-position KL and
+    # max |reference| per stage.
 
 
 class Family(Protocol):

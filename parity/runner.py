@@ -7,34 +7,35 @@ so bad input fails fast with exit 2 and nothing written.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import sys
 import time
-import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from parity.adapter import Adapter, Family, Scenario, families, family_of
 from parity.defects import Defect, check, planted
-from parity.metrics import (
-    StageDiff,
-    Tol,
-    _json_float,
-    compare,
-    compare_all,
-    first_divergence,
-    logit_statistics,
-    logits_agreement,
-    oracle_distance,
+from parity.metrics import StageDiff, Tol, _json_float, compare, first_divergence, logit_statistics, logits_agreement
+from parity.pipeline import (  # noqa: F401  (the pipeline's helpers are importable from here too)
+    LOGITS,
+    CaseResult,
+    CaseRun,
+    case_error,
+    case_result,
+    decisive_flips,
+    decode_entries,
+    error_result,
+    greedy_agreement,
+    noise_floor,
+    oracle_columns,
+    side_of,
 )
 from parity.provenance import git, versions
-from parity.report.viz import case_viz
-from parity.stages import decode_stage, order_key, select
-from parity.tolerances import Override, noise_ratio, overrides_record, tolerance
+from parity.stages import decode_stage, order_key
+from parity.tolerances import Override, overrides_record, tolerance
 from rmlx.errors import InputError
 from rmlx.imagefile import load_image
 
@@ -54,7 +55,7 @@ class Settings:
     decode_steps: int = 4
     quantize: str | None = None  # "mxfp8": the candidate quantizes on load
     shard: tuple[int, int] | None = None  # (K, N): run only the K-th of N deterministic slices of the cases
-    stream: bool = False  # one decoder layer at a time on both sides (parity.stream)
+    stream: bool = False  # one decoder layer at a time on both sides (the family's layer-by-layer driver)
     threads: int = 1  # intra-op threads (torch, and the BLAS under MLX); 1 is bit-reproducible across processes
     tol_overrides: tuple[Override, ...] = ()  # --tol: (stage glob, atol, rtol or None), last match wins
     options: tuple[tuple[str, object], ...] = ()  # the families' own settings (parity.adapter.Option), by name
@@ -103,40 +104,6 @@ class Settings:
                 "shard": None if self.shard is None else "{}/{}".format(*self.shard),
                 "stream": self.stream, "threads": self.threads,
                 "tol_overrides": overrides_record(self.tol_overrides), **self.option_values()}
-
-
-@dataclass
-class CaseResult:
-    name: str
-    model: Path
-    scenario: Scenario | None  # None: compared from dumps, which carry the inputs, not the prompt
-    settings: Settings
-    diffs: list[StageDiff]
-    decode: list[dict] = field(default_factory=list)
-    logits: dict = field(default_factory=dict)
-    self_consistency: float = 0.0
-    oracle: dict[str, dict] = field(default_factory=dict)
-    quantization_cost: dict | None = None
-    seconds: float = 0.0
-    image_sizes: list = field(default_factory=list)
-    n_soft_tokens: int = 0
-    classes: dict[str, str] = field(default_factory=dict)
-    viz: dict = field(default_factory=dict)  # parity.report.viz.case_viz: what the HTML report draws
-    stream: dict | None = None  # a streamed case: timings, layer reads, peak RSS (parity.stream)
-    reference: dict[str, np.ndarray] | None = None
-    candidate: dict[str, np.ndarray] | None = None
-    error: dict | None = None  # the case raised (:func:`case_error`): which side, where, at which stage
-    positions: dict[str, np.ndarray] | None = None  # per-position logit agreement (pooled over the run)
-    greedy: dict | None = None  # :func:`greedy_agreement`, with the prefill's choice as step 0
-
-    @property
-    def passed(self) -> bool:
-        return self.error is None and all(d.passed for d in self.diffs) and all(s["passed"] for s in self.decode)
-
-    @property
-    def untestable(self) -> bool:
-        """The reference or the harness raised: nothing is known of the port (exit 125)."""
-        return self.error is not None and self.error["side"] != "candidate"
 
 
 def default_scenarios(images: list[Path], fixture_images: Path | None, models: list[Path] | None = None
@@ -261,68 +228,38 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
 
 def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
              settings: Settings) -> CaseResult:
+    """The resident driver: the reference's capture, then the candidate's (teacher-forced from it when the
+    mode says so), both settled at once; the pipeline (:class:`parity.pipeline.CaseRun`) does the rest."""
     from parity.capture import watching  # MLX: here, so compare/gate/report import this module without it
 
-    t0 = time.perf_counter()
-    all_stages = adapter.stages(scenario)
-    stages = select(list(settings.stages), all_stages)
-    tols = [(s.name, settings.tol(s.tol, s.name)) for s in stages]
-    inputs, pre = adapter.inputs(scenario, decoded, settings)
-    other_masks: dict[str, np.ndarray] = {}  # the reference's masks under the other policy
+    run = CaseRun(adapter, model, scenario, decoded, settings)
     try:
-        ref, ref_steps, tokens, consistency = adapter.reference(scenario, inputs, pre, settings,
-                                                                settings.decode_steps, other_masks=other_masks)
+        ref, ref_steps, tokens, consistency, *more = adapter.reference(scenario, run.inputs, run.pre, settings,
+                                                                       settings.decode_steps)
     except Exception as e:
-        return error_result(adapter, model, scenario, decoded, settings, e, "reference", {}, inputs, t0)
+        return run.error(e, "reference", {})
+    extras = more[0] if more else {}
     with watching() as recorders:  # the candidate's partial capture, should it raise
         try:
-            cand, cand_steps = adapter.candidate(scenario, inputs, decoded, settings, tokens,
+            cand, cand_steps = adapter.candidate(scenario, run.inputs, decoded, settings, tokens,
                                                  teacher=ref if settings.mode == "teacher" else None)
         except Exception as e:  # the port raised (its own validation of a valid input included): a verdict
             partial = recorders[-1].capture if recorders else {}
-            return error_result(adapter, model, scenario, decoded, settings, e, "candidate", partial, inputs, t0,
-                                reference=ref)
-    diffs = compare_all(cand, ref, tols, settings.dtype)
-    agreement = (logits_agreement(cand["logits"], ref["logits"], per_position=True)
-                 if "logits" in cand and "logits" in ref else {})
-    decode = decode_entries(cand_steps, ref_steps, tokens, settings.dtype, settings.tol_overrides,
-                            agreement.get("tie_margin"))
-    greedy = greedy_agreement(decode, (cand["logits"], ref["logits"]) if agreement else None,
-                              agreement.get("tie_margin"))
+            return run.error(e, "candidate", partial, reference=ref)
     cost = None
     if getattr(adapter, "hf_float", None) is not None:  # the cost of quantization: vs the unquantized model
-        flt, *_ = adapter.reference(scenario, inputs, pre, settings, 0, unquantized=True)
-        cost = {"stages": {s.name: compare(s.name, cand[s.name], flt[s.name], tols[i][1], settings.dtype).nmse_db
-                           for i, s in enumerate(stages) if s.name in flt and s.name in cand},
+        flt, *_ = adapter.reference(scenario, run.inputs, run.pre, settings, 0, unquantized=True)
+        cost = {"stages": {s.name: compare(s.name, cand[s.name], flt[s.name], run.tols[s.name], settings.dtype).nmse_db
+                           for s in run.stages if s.name in flt and s.name in cand},
                 "logits": logits_agreement(cand["logits"], flt["logits"]) if "logits" in flt else {},
                 "quantized_modules": sorted(adapter.quantized),
                 "left_unquantized": {p: s for p, s in adapter.candidate_model.quant_status.items()
                                      if s != "quantized"}}
-    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), ref, cand, dict(tols), settings.dtype
-                            ) if settings.oracle else {}
-    diffs = noise_floor(diffs, oracle, {s.name: s.tol for s in stages}, settings.dtype)
-    diffs = decisive_flips(diffs, agreement)
-    viz = case_viz(cand, ref, other_masks, settings.option_values().get("mask_policy"),
-                   inputs.get("input.mm_token_type_ids"), agreement.pop("kl", None), [d.stage for d in diffs])
-    return case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz, oracle,
-                       time.perf_counter() - t0, self_consistency=consistency, quantization_cost=cost,
-                       reference=dict(ref) | inputs, candidate=dict(cand) | inputs, greedy=greedy)
-
-
-def case_result(model: Path, scenario: Scenario, settings: Settings, decoded: dict[Path, np.ndarray],
-                inputs: dict[str, np.ndarray], all_stages, diffs: list[StageDiff], decode: list[dict],
-                agreement: dict, viz: dict, oracle: dict, seconds: float, **driver) -> CaseResult:
-    """A case's result, whichever driver ran it (resident here, a family's layer-by-layer one):
-    ``driver`` holds what only that driver has (captures, self-consistency, stream timings)."""
-    types = inputs.get("input.mm_token_type_ids")
-    agreement = dict(agreement)
-    driver.setdefault("positions", agreement.pop("positions_data", None))
-    return CaseResult(
-        name=f"{model.name}/{scenario.name}", model=model, scenario=scenario, settings=settings, diffs=diffs,
-        decode=decode, logits=agreement, viz=viz, oracle=oracle, seconds=seconds,
-        image_sizes=[list(decoded[p].shape[:2]) for p in scenario.images],
-        n_soft_tokens=0 if types is None else int((types == 1).sum()),
-        classes={s.name: s.tol for s in all_stages}, **driver)
+    # the reference's capture may be shared (the self-test memoizes it): settled from copies
+    run.settle([n for n in run.names if n != LOGITS], dict(ref), dict(cand))
+    return run.finish((cand.get(LOGITS), ref.get(LOGITS)), ref_steps, cand_steps, tokens, extras,
+                      self_consistency=consistency, quantization_cost=cost,
+                      reference=dict(ref) | run.inputs, candidate=dict(cand) | run.inputs)
 
 
 class _TableOnly:
@@ -333,163 +270,6 @@ class _TableOnly:
 
     def stages(self, scenario: Scenario):
         return self.family.stage_table(self.model)
-
-
-def side_of(exc: BaseException, family, otherwise: str) -> str:
-    """"candidate" when the traceback passes through the candidate's packages (a family may name them
-    in ``candidate_packages``; the port of this repository by default), else ``otherwise``."""
-    packages = tuple(getattr(family, "candidate_packages", ("rmlx",)))
-    tb = exc.__traceback__
-    while tb is not None:
-        name = tb.tb_frame.f_globals.get("__name__", "")
-        if any(name == p or name.startswith(p + ".") for p in packages):
-            return "candidate"
-        tb = tb.tb_next
-    return otherwise
-
-
-def case_error(exc: BaseException, side: str, stage: str | None, last: str | None) -> dict:
-    """The record's ``error`` of a case: the exception, the innermost frame, the stage being computed
-    and the last stage the candidate captured before it."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f"{frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name}" if frames else None
-    return {"side": side, "type": type(exc).__name__, "message": str(exc)[:2000], "where": where,
-            "stage": stage, "last_stage": last,
-            "traceback": "".join(traceback.format_exception(exc))[-6000:]}
-
-
-def error_result(adapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray], settings: Settings,
-                 exc: BaseException, side: str, partial: dict[str, np.ndarray], inputs: dict | None = None,
-                 t0: float | None = None, reference: dict[str, np.ndarray] | None = None) -> CaseResult:
-    """The result of a case that raised. The candidate's stages captured before it raised are compared
-    as usual; the stage it was computing fails with the exception; later stages fail as not reached.
-    A reference or harness error fails every stage as not run (the case is untestable)."""
-    try:
-        all_stages = list(adapter.stages(scenario))
-    except Exception:
-        all_stages = []
-    selected = {s.name for s in (select(list(settings.stages), all_stages) if all_stages else ())}
-    names = [s.name for s in all_stages]
-    captured = [n for n in names if n in partial]
-    crashed_at = next((n for n in names if n not in partial), decode_stage(1)) if side == "candidate" else None
-    err = case_error(exc, side, crashed_at, captured[-1] if captured else None)
-    what = f"{err['type']}: {err['message'].splitlines()[0] if err['message'] else ''}"
-    diffs = []
-    for s in all_stages:  # the selected stages, and the one the candidate crashed in whether selected or not
-        if s.name not in selected and s.name != crashed_at:
-            continue
-        tol = settings.tol(s.tol, s.name)
-        if side == "candidate" and s.name in partial and reference is not None and s.name in reference:
-            diffs.append(compare(s.name, partial[s.name], reference[s.name], tol, settings.dtype))
-        elif s.name == crashed_at:
-            diffs.append(StageDiff(s.name, False, tol, settings.dtype, (), error=(
-                f"The candidate raised {what} while computing this stage (at {err['where']}; the last stage "
-                f"it captured: {err['last_stage'] or 'none'})")))
-        else:
-            why = (f"not reached: the candidate raised at {crashed_at}" if side == "candidate"
-                   else f"not run: the {side} raised {what}")
-            diffs.append(StageDiff(s.name, False, tol, settings.dtype, (), error=why[0].upper() + why[1:]))
-    if crashed_at == decode_stage(1):  # the prefill completed: a decode step raised
-        diffs.append(StageDiff(crashed_at, False, settings.tol("logits", crashed_at), settings.dtype, (),
-                               error=f"The candidate raised {what} in a decode step (at {err['where']})"))
-    seconds = 0.0 if t0 is None else time.perf_counter() - t0
-    return case_result(model, scenario, settings, decoded, inputs or {}, all_stages, diffs, [], {}, {}, {},
-                       seconds, self_consistency=None, error=err)
-
-
-def decode_entries(cand_steps: list[np.ndarray], ref_steps: list[np.ndarray], tokens: list[int], dtype: str,
-                   overrides: tuple[Override, ...] = (), tie_margin: float | None = None) -> list[dict]:
-    """The record's ``decode`` list: each greedy step's logits compared, with their agreement. Both
-    sides are fed ``token`` (the reference's greedy choice at the step before); ``reference_token``
-    and ``candidate_token`` are what each side's logits at this step choose next. Where they differ,
-    ``near_tie`` says whether the reference's log-prob margin was within ``tie_margin`` (the prefill's,
-    :func:`parity.metrics.logit_statistics`: one position has no error distribution of its own); a
-    decisive difference fails the step."""
-    out = []
-    for step, (a, e, token) in enumerate(zip(cand_steps, ref_steps, tokens, strict=True)):
-        tol = tolerance("logits", dtype, "free", decode_stage(step + 1), overrides)
-        d = compare("logits", a, e, tol, dtype)
-        lg = logits_agreement(a, e, tie_margin=tie_margin)
-        own, ref = _next_token(a), _next_token(e)
-        out.append({"step": step + 1, "token": token, "reference_token": ref, "candidate_token": own,
-                    "passed": d.passed and lg["top1_flips_decisive"] == 0, "max_abs": d.max_abs,
-                    "mismatched": d.mismatched,
-                    "near_tie": None if own == ref else lg["top1_flips_decisive"] == 0, **lg})
-    return out
-
-
-def decisive_flips(diffs: list[StageDiff], agreement: dict) -> list[StageDiff]:
-    """Fail the ``logits`` stage when a top-1 choice differs at a wide margin: the reference prefers its
-    token by more than the near-tie margin (twice the 99th percentile of the per-position logit error,
-    :func:`parity.metrics.logit_statistics`). A flip at a near tie is rounding; one past it is a defect,
-    even when every logit is within the absolute tolerance."""
-    n = agreement.get("top1_flips_decisive") or 0
-    out = []
-    for d in diffs:
-        if d.stage == "logits" and d.passed and n:
-            d = dataclasses.replace(d, passed=False, error=(
-                f"{n} top-1 choice(s) differ where the reference's log-prob margin exceeds the near-tie margin "
-                f"{agreement.get('tie_margin', float('nan')):.3g} (of {agreement.get('top1_flips', n)} flips)"))
-        out.append(d)
-    return out
-
-
-def _next_token(logits: np.ndarray) -> int | None:
-    """The greedy choice at the last position (None when its logits are not all finite)."""
-    last = np.asarray(logits).reshape(-1, np.shape(logits)[-1])[-1]
-    return int(np.argmax(last)) if np.isfinite(last).all() else None
-
-
-def greedy_agreement(decode: list[dict], prefill: tuple[np.ndarray, np.ndarray] | None = None,
-                     tie_margin: float | None = None) -> dict:
-    """Greedy decoding on both sides: the tokens each side chooses -- step 0 from the prefill's last
-    position (``prefill``: candidate and reference logits), step k from decode step k -- the first
-    step whose choices differ, and whether that difference was a near tie (noise) or decisive (a
-    defect), by the prefill's ``tie_margin``."""
-    chosen = [(d["step"], d.get("reference_token"), d.get("candidate_token"), d.get("near_tie")) for d in decode]
-    if prefill is not None:
-        a, e = (np.asarray(x).reshape(-1, np.shape(x)[-1])[-1:] for x in prefill)
-        own, ref = _next_token(a), _next_token(e)
-        near = None if own == ref else logits_agreement(a, e, tie_margin=tie_margin)["top1_flips_decisive"] == 0
-        chosen.insert(0, (0, ref, own, near))
-    first = next((c for c in chosen if c[1] != c[2]), None)
-    return {"steps": len(chosen), "reference": [c[1] for c in chosen], "candidate": [c[2] for c in chosen],
-            "first_difference": None if first is None else first[0],
-            "near_tie": None if first is None else first[3]}
-
-
-def oracle_columns(orc: dict[str, np.ndarray], ref: dict[str, np.ndarray], cand: dict[str, np.ndarray],
-                   tols: dict, dtype: str = "float32") -> dict[str, dict]:
-    """Both sides' distance to the float64 oracle (:func:`parity.metrics.oracle_distance`), for the
-    stages all three have."""
-    out = {}
-    for name in tols:
-        if name in orc and name in ref and name in cand and np.issubdtype(np.asarray(orc[name]).dtype, np.floating):
-            d = oracle_distance(ref[name], cand[name], orc[name], dtype)
-            if d is not None:
-                out[name] = d
-    return out
-
-
-def noise_floor(diffs: list[StageDiff], oracle: dict[str, dict], classes: dict[str, str], dtype: str
-                ) -> list[StageDiff]:
-    """Fail a stage whose candidate is more than its class's ratio times farther from the float64
-    oracle than the reference is (:data:`parity.tolerances.NOISE_RATIOS`), even within its absolute
-    tolerance: the bound is the reference's own rounding error, measured, not a worst case."""
-    out = []
-    for d in diffs:
-        o = oracle.get(d.stage)
-        k = noise_ratio(classes.get(d.stage, ""), dtype)
-        if o is not None and k is not None:
-            o["allowed_ratio"] = k
-            if d.passed and o["ratio"] > k:
-                d = dataclasses.replace(d, passed=False, error=(
-                    f"Farther from float64 than the reference: the candidate's RMS error {o['candidate_rms']:.3g} "
-                    f"is {o['ratio']:.1f}x the reference's {max(o['reference_rms'], o['floor']):.3g} (up to {k:g}x "
-                    f"allowed); max |delta| to the reference {d.max_abs:.3g} is within the absolute tolerance "
-                    f"{d.tolerance.atol:g}"))
-        out.append(d)
-    return out
 
 
 def divergence(r: CaseResult, dtype: str) -> tuple[StageDiff, tuple] | None:

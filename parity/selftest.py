@@ -113,21 +113,16 @@ def _memoized_oracle(oracle):
 
 
 def _memoized(reference):
-    """The adapter's reference() keyed by its case: the reference is the same whatever the candidate.
-    Keyword out-parameters (dicts the reference fills, e.g. ``other_masks``) are kept and refilled."""
+    """The adapter's reference() keyed by its case: the reference is the same whatever the candidate (its
+    extras too; the pipeline settles copies of the capture, never the kept one)."""
     kept: dict = {}
 
-    def call(scenario, inputs, pre, settings, decode_steps, unquantized=False, **out: dict):
+    def call(scenario, inputs, pre, settings, decode_steps, unquantized=False):
         key = (scenario, settings.dtype, _options_key(settings), decode_steps, unquantized,
-               inputs["input.input_ids"].tobytes(), tuple(sorted(out)))
+               inputs["input.input_ids"].tobytes())
         if key not in kept:
-            filled = {k: {} for k in out}
-            kept[key] = (reference(scenario, inputs, pre, settings, decode_steps, unquantized=unquantized,
-                                   **filled), filled)
-        result, filled = kept[key]
-        for k, target in out.items():
-            target.update(filled[k])
-        return result
+            kept[key] = reference(scenario, inputs, pre, settings, decode_steps, unquantized=unquantized)
+        return kept[key]
 
     return call
 

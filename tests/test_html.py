@@ -198,6 +198,11 @@ def test_record_viz(runs):
         assert (full["hf-forward"] != causal).any() == bool(case["image_sizes"])
         assert unpack_array(viz["kl_per_position"]).shape == (length,)
         assert len(viz["ref_max_abs"]) == len(case["stages"])
+        # the labels the page shows travel with the record (the page knows no family)
+        assert viz["masks"]["views"] == ["official", "hf-forward"] and viz["masks"]["in_use"] == "official"
+        assert [name for _, name, _ in viz["masks"]["token_legend"]] == ["text", "image", "video", "audio"]
+        assert sum(n for _, n in viz["stage_groups"]) == len(case["stages"])
+        assert viz["stage_groups"][-1] == ["head", 2]  # text.norm, logits
         if case["image_sizes"]:
             sliding = unpack_bool(viz["masks"]["official"]["sliding_attention"])
             cand = unpack_bool(viz["masks"]["candidate"]["sliding_attention"])
@@ -210,6 +215,23 @@ def test_record_viz(runs):
             assert np.isclose(unpack_array(pe["stages"]["vision.soft_tokens"]).max(), soft["max_abs"], rtol=1e-3)
         else:
             assert viz["patch_error"] is None and viz["masks"]["candidate"] == {}
+
+
+def test_a_record_without_labels_renders(runs):
+    """A record whose ``viz`` carries no labels (an older record, another family's) still renders every
+    picture: views from its keys, the first in use; token types named by number; stages grouped by name."""
+    rec = json.loads(json.dumps(runs["failing"][1]))
+    for case in rec["cases"]:
+        case["viz"].pop("stage_groups")
+        for key in ("views", "in_use", "candidate_view", "token_legend"):
+            case["viz"]["masks"].pop(key)
+    page = to_html(rec)
+    assert page.count('class="mask-plot mask-ref') == 4 * len(rec["cases"])
+    assert page.count('class="heatmap"') == sum(8 * len(c["image_sizes"]) for c in rec["cases"])
+    assert "reference, official (in use)" in page and "may attend (type 1 key)" in page
+    assert ">layers.0</text>" in page and ">L0</text>" not in page
+    labelled = to_html(runs["failing"][1])
+    assert ">L0</text>" in labelled and "may attend (image key)" in labelled
 
 
 def test_masks_of_both_policies_agree_across_runs(runs):

@@ -2,10 +2,12 @@
 
 No network, no external CSS, JS or fonts: plots are inline SVG written here, pictures (masks,
 per-patch heat-maps) are PNG data URIs made with Pillow. Per case: the error at every stage along
-the forward pass against its tolerance, a heat-map of the vision stages' error over each image's
-patch grid, the reference's masks under both policies (and the candidate's, with a difference
-picture, when they differ), and the KL of the next-token distributions at every position and
-decode step. Every string from the record is escaped.
+the forward pass against its tolerance, and what the case's ``viz`` holds (``parity.report.viz``):
+a heat-map of each patch-grid stage's error over each image's grid, the reference's masks under
+each view the family gave (and the candidate's, with a difference picture, when they differ), and
+the KL of the next-token distributions at every position and decode step. The page knows no model:
+stage groups, mask labels and views, token-type names and colours are the record's. Every string
+from the record is escaped.
 """
 
 from __future__ import annotations
@@ -21,12 +23,11 @@ import numpy as np
 from PIL import Image
 
 from parity.metrics import fmt
-from parity.report.viz import VISION_STAGES, unpack_array, unpack_bool
+from parity.report.viz import MASK_KEYS, unpack_array, unpack_bool
 
 PASS, FAIL, MUTED, INK, GRID = "#1a7f37", "#cf222e", "#8c959f", "#1f2328", "#d8dee4"
-# HF's mm_token_type_ids: 0 text (boi/eoi too), 1 image, 2 video, 3 audio
-TOKEN_NAMES = {0: "text", 1: "image", 2: "video", 3: "audio"}
-TOKEN_COLOURS = {0: "#1f3a5f", 1: "#e8590c", 2: "#8250df", 3: "#1a7f37"}  # allowed mask cells, by the key's type
+# token-type colours of a record whose masks carry no ``token_legend`` (by type: 0 is plain, not outlined)
+TOKEN_PALETTE = ("#1f3a5f", "#e8590c", "#8250df", "#1a7f37")
 VIRIDIS = ["#440154", "#472d7b", "#3b528b", "#2c728e", "#21918c", "#28ae80", "#5ec962", "#addc30", "#fde725"]
 _VIRIDIS_RGB = np.array([[int(c[i:i + 2], 16) for i in (1, 3, 5)] for c in VIRIDIS], dtype=np.float64)
 
@@ -104,18 +105,32 @@ def _y_grid(axis: LogAxis, x0: float, x1: float, zero_y: float | None) -> list[s
 # ---------------------------------------------------------------------------------- (a) stage errors
 
 
-def _group(name: str) -> str:
-    if name.startswith(("image.", "vision.")):
-        return "vision"
-    if name.startswith("audio."):
-        return "audio"
-    if name.startswith("text.embed") or name.startswith("text.inputs"):
-        return "embed"
-    if name.startswith("mask."):
-        return "mask"
-    if name.startswith("layers."):
-        return "L" + name.split(".")[1]
-    return "head"
+def _fallback_group(name: str) -> str:
+    """A stage's group when the record names none: its first dotted component, with the index that
+    follows it if there is one (``layers.3.attn.q`` -> ``layers.3``)."""
+    head, _, rest = name.partition(".")
+    index = rest.partition(".")[0]
+    return f"{head}.{index}" if index.isdigit() else head
+
+
+def _groups(case: dict) -> list[tuple[str, int, int]]:
+    """(label, first, last stage index) of each run of stages under one label: the record's
+    ``viz.stage_groups`` (run-length, as the family groups its stages), else :func:`_fallback_group`."""
+    stages = case["stages"]
+    runs = (case.get("viz") or {}).get("stage_groups")
+    if not runs or sum(int(n) for _, n in runs) != len(stages):
+        runs = []
+        for st in stages:
+            g = _fallback_group(st["name"])
+            if runs and runs[-1][0] == g:
+                runs[-1][1] += 1
+            else:
+                runs.append([g, 1])
+    out, at = [], 0
+    for g, n in runs:
+        out.append((str(g), at, at + int(n) - 1))
+        at += int(n)
+    return out
 
 
 def stage_plot(case: dict) -> str:
@@ -138,13 +153,7 @@ def stage_plot(case: dict) -> str:
     axis = LogAxis([v for v in errs + allowed + [o or 0 for o in oracle] if math.isfinite(v)], bottom, top)
     parts = [f'<svg class="plot stage-plot" viewBox="0 0 {w} {h}" role="img" '
              f'aria-label="error per stage along the forward pass">']
-    groups: list[tuple[str, int, int]] = []
-    for i, st in enumerate(stages):
-        g = _group(st["name"])
-        if groups and groups[-1][0] == g:
-            groups[-1] = (g, groups[-1][1], i)
-        else:
-            groups.append((g, i, i))
+    groups = _groups(case)
     row_end = [-math.inf, -math.inf]  # group labels on two rows, each placed where it does not overlap
     for k, (g, i, j) in enumerate(groups):
         gx0, gx1 = x0 + dx * i, x0 + dx * (j + 1)
@@ -254,7 +263,7 @@ def heatmaps(case: dict) -> str:
                f'<i class="sw dot" style="--c:#ff00ff"></i>not finite</span></div>')
     else:
         lo_exp = hi_exp = 0.0
-        bar = '<p class="muted">Every vision stage is exact on every patch.</p>'
+        bar = '<p class="muted">Every stage is exact on every patch.</p>'
     rows = []
     start = 0
     for img, count in enumerate(counts):
@@ -264,10 +273,8 @@ def heatmaps(case: dict) -> str:
         if gh * scale < 24:  # a panorama: wider, so that it is not a hairline
             scale = max(scale, min(24 // gh, 240 // gw))
         figs = []
-        for name in VISION_STAGES:
-            if name not in errs:
-                continue
-            e = errs[name][start:start + count]
+        for name, err in errs.items():
+            e = err[start:start + count]
             grid = np.full((gh, gw), np.nan)
             grid[pos[:, 1], pos[:, 0]] = e
             rgb = np.full((gh, gw, 3), 0xE6, np.uint8)
@@ -296,9 +303,9 @@ def heatmaps(case: dict) -> str:
     if pad:
         rows.append('<p class="muted">Padding rows (not drawn), max error: '
                     + _e(", ".join(f"{k.split('.', 1)[1]} {_num(v)}" for k, v in pad.items())) + "</p>")
-    return (f'<div class="heatmaps"><h4>Per-patch error of the vision stages</h4><p class="muted">max over the '
-            f'feature axis of |candidate − reference| at each patch, one colour scale (log) for every stage and '
-            f'image of this case; a red frame marks a failing stage.</p>{bar}{"".join(rows)}</div>')
+    return (f'<div class="heatmaps"><h4>Per-patch error of the stages over the patch grid</h4><p class="muted">max '
+            f'over the feature axis of |candidate − reference| at each patch, one colour scale (log) for every stage '
+            f'and image of this case; a red frame marks a failing stage.</p>{bar}{"".join(rows)}</div>')
 
 
 # -------------------------------------------------------------------------------------- (c) masks
@@ -323,15 +330,19 @@ def _fit(rgb: np.ndarray, target: int = 240) -> np.ndarray:
     return np.asarray(Image.fromarray(rgb).resize((target, target), Image.Resampling.BOX))
 
 
-def _mask_svg(rgb: np.ndarray, length: int, spans, cls: str, label: str) -> str:
+def _colour(token_type: int, legend: dict[int, tuple[str, str]]) -> str:
+    return legend[token_type][1] if token_type in legend else MUTED
+
+
+def _mask_svg(rgb: np.ndarray, length: int, spans, legend: dict[int, tuple[str, str]], cls: str, label: str) -> str:
     pic = _fit(rgb)
     size = pic.shape[0]
     outlines = "".join(f'<rect x="{a}" y="{a}" width="{b - a}" height="{b - a}" fill="none" '
-                       f'stroke="{_colour(t)}" stroke-width="1.5" vector-effect="non-scaling-stroke"/>'
+                       f'stroke="{_colour(t, legend)}" stroke-width="1.5" vector-effect="non-scaling-stroke"/>'
                        for t, a, b in spans)
     ticks = "".join(f'<rect x="{a}" y="-{length * 0.028:.2f}" width="{b - a}" height="{length * 0.016:.2f}" '
-                    f'fill="{_colour(t)}"/><rect y="{a}" x="-{length * 0.028:.2f}" height="{b - a}" '
-                    f'width="{length * 0.016:.2f}" fill="{_colour(t)}"/>' for t, a, b in spans)
+                    f'fill="{_colour(t, legend)}"/><rect y="{a}" x="-{length * 0.028:.2f}" height="{b - a}" '
+                    f'width="{length * 0.016:.2f}" fill="{_colour(t, legend)}"/>' for t, a, b in spans)
     pad = length * 0.035
     return (f'<svg class="mask-plot {cls}" viewBox="{-pad:.2f} {-pad:.2f} {length + pad:.2f} {length + pad:.2f}" '
             f'width="{size + 12}" height="{size + 12}" role="img" aria-label="{_e(label)}">'
@@ -344,46 +355,66 @@ def _rgb(colour: str) -> tuple[int, int, int]:
     return int(colour[1:3], 16), int(colour[3:5], 16), int(colour[5:7], 16)
 
 
-def _colour(token_type: int) -> str:
-    return TOKEN_COLOURS.get(token_type, MUTED)
+def _legend(viz: dict) -> dict[int, tuple[str, str]]:
+    """{token type: (name, colour)} of a case: the record's ``masks.token_legend``, else a generic one
+    (``type N``, :data:`TOKEN_PALETTE`)."""
+    given = ((viz or {}).get("masks") or {}).get("token_legend")
+    if given is not None:
+        return {int(t): (str(name), str(colour)) for t, name, colour in given}
+    return {t: (f"type {t}", c) for t, c in enumerate(TOKEN_PALETTE)}
 
 
-def _mask_rgb(mask: np.ndarray, key_types: np.ndarray) -> np.ndarray:
+def _mask_rgb(mask: np.ndarray, key_types: np.ndarray, legend: dict[int, tuple[str, str]]) -> np.ndarray:
     rgb = np.full(mask.shape + (3,), 255, np.uint8)
-    rgb[mask] = _rgb(MUTED)  # a token type this report does not know
-    for t, colour in TOKEN_COLOURS.items():
+    rgb[mask] = _rgb(MUTED)  # a token type the legend does not name
+    for t, (_, colour) in legend.items():
         rgb[mask & (key_types == t)[None, :]] = _rgb(colour)
     return rgb
+
+
+def _views(mv: dict) -> tuple[list[str], str | None]:
+    """(the reference's mask views in order, the one in use). A record without ``views`` keeps them as
+    every other key, the one in use first."""
+    views = mv.get("views")
+    if views is None:
+        views = [k for k, v in mv.items() if k not in MASK_KEYS and isinstance(v, dict)]
+        return views, views[0] if views else None
+    return [str(v) for v in views], mv.get("in_use")
 
 
 def masks(case: dict) -> str:
     mv = (case.get("viz") or {}).get("masks")
     if not mv:
         return ""
-    policy, cand_policy = case["mask_policy"], case.get("candidate_mask_policy", case["mask_policy"])
+    views, in_use = _views(mv)
+    cand_view = mv.get("candidate_view")
+    legend = _legend(case.get("viz"))
     token_types = mv.get("token_types") or []
     types = np.concatenate([np.full(c, t) for t, c in token_types]) if token_types else None
     spans = _spans(token_types)
+    labels = list(dict.fromkeys(label for v in views for label in mv.get(v) or {}))  # in the record's order
     rows, diff = [], False
-    for kind in ("full_attention", "sliding_attention"):
-        ref = {p: unpack_bool(mv[p][kind]) for p in ("official", "hf-forward") if kind in mv.get(p, {})}
+    for kind in labels:
+        ref = {p: unpack_bool(mv[p][kind]) for p in views if kind in (mv.get(p) or {})}
         if not ref:
             continue
         length = next(iter(ref.values())).shape[0]
         keys = types if types is not None and types.size == length else np.zeros(length, int)
         figs = []
         for p, m in ref.items():
-            use = " (in use)" if p == policy else ""
-            figs.append(_figure(_mask_svg(_mask_rgb(m, keys), length, spans, "mask-ref", f"{kind}, reference, {p}"),
+            use = " (in use)" if p == in_use else ""
+            figs.append(_figure(_mask_svg(_mask_rgb(m, keys, legend), length, spans, legend, "mask-ref",
+                                          f"{kind}, reference, {p}"),
                                 f"reference, {p}{use}: {int(m.sum())} of {length}² may attend",
                                 cls="mask" + (" in-use" if use else "")))
-        cand = mv.get("candidate", {}).get(kind)
+        cand = (mv.get("candidate") or {}).get(kind)
         if cand is not None:
             c = unpack_bool(cand)
-            r = ref.get(policy)
-            figs.append(_figure(_mask_svg(_mask_rgb(c, keys), length, spans, "mask-candidate",
+            r = ref.get(in_use)
+            figs.append(_figure(_mask_svg(_mask_rgb(c, keys, legend), length, spans, legend, "mask-candidate",
                                           f"{kind}, candidate"),
-                                f"candidate ({cand_policy}): {int(c.sum())} may attend", cls="mask"))
+                                f"candidate{f' ({cand_view})' if cand_view else ''}: {int(c.sum())} may attend",
+                                cls="mask"))
             if r is not None and r.shape == c.shape:
                 extra, missing = c & ~r, ~c & r
                 rgb = np.full(c.shape + (3,), 255, np.uint8)
@@ -391,21 +422,24 @@ def masks(case: dict) -> str:
                 rgb[extra] = (207, 34, 46)
                 rgb[missing] = (9, 105, 218)
                 figs.append(_figure(
-                    _mask_svg(rgb, length, spans, "mask-diff", f"{kind}: candidate vs reference ({policy})"),
-                    f"candidate − reference ({policy}): {int(extra.sum())} cells extra, {int(missing.sum())} "
+                    _mask_svg(rgb, length, spans, legend, "mask-diff", f"{kind}: candidate vs reference ({in_use})"),
+                    f"candidate − reference ({in_use}): {int(extra.sum())} cells extra, {int(missing.sum())} "
                     "missing", cls="mask diff"))
                 diff = True
         rows.append(f'<div class="mask-row"><div class="mask-title">{_e(kind)}</div>'
                     f'<div class="mask-figs">{"".join(figs)}</div></div>')
     present = {t for t, _ in token_types} | {0}
-    legend = [_swatch(c, f"may attend ({TOKEN_NAMES[t]} key)") for t, c in TOKEN_COLOURS.items() if t in present]
-    legend.append(_swatch("#ffffff", "masked"))
+    keys_legend = [_swatch(c, f"may attend ({name} key)") for t, (name, c) in legend.items() if t in present]
+    keys_legend.append(_swatch("#ffffff", "masked"))
     if diff:
-        legend += ['<span class="key sep">difference:</span>', _swatch("#cf222e", "candidate attends, reference not"),
-                   _swatch("#0969da", "reference attends, candidate not"), _swatch("#d0d7de", "both attend")]
+        keys_legend += ['<span class="key sep">difference:</span>',
+                        _swatch("#cf222e", "candidate attends, reference not"),
+                        _swatch("#0969da", "reference attends, candidate not"), _swatch("#d0d7de", "both attend")]
+    blocks = [f"{legend[t][0] if t in legend else f'type {t}'}" for t in dict.fromkeys(t for t, _, _ in spans)]
+    outlined = (f'<p class="muted">Boxes outline the {_e(" and ".join(blocks))} token blocks (colours as in the '
+                f'legend); the strips on the axes mark their positions.</p>' if blocks else "")
     return (f'<div class="masks"><h4>Attention masks (batch 0; row = query, column = key)</h4>'
-            f'<p class="muted">Boxes outline the image (orange), video (purple) and audio (green) token blocks; the '
-            f'strips on the axes mark their positions.</p><div class="legend">{"".join(legend)}</div>'
+            f'{outlined}<div class="legend">{"".join(keys_legend)}</div>'
             f'{"".join(rows)}</div>')
 
 
@@ -430,12 +464,14 @@ def kl_plot(case: dict) -> str:
              f'<text x="14" y="{(top + bottom) / 2:.0f}" class="tick" text-anchor="middle" '
              f'transform="rotate(-90 14 {(top + bottom) / 2:.0f})">KL (nats)</text>']
     at = 0
+    legend = _legend(viz)
     for t, count in (viz.get("masks") or {}).get("token_types") or []:
         if t != 0 and n:
+            name = legend[t][0] if t in legend else f"type {t}"
             parts.append(f'<rect x="{x0 + dx * at:.1f}" y="{top}" width="{dx * count:.1f}" height="{zero_y - top}" '
-                         f'fill="{_colour(t)}" opacity="0.09"/><text x="{x0 + dx * (at + count / 2):.1f}" '
-                         f'y="{zero_y + 20}" class="tick" text-anchor="middle" fill="{_colour(t)}">'
-                         f'{TOKEN_NAMES.get(t, "type " + str(t))} tokens</text>')
+                         f'fill="{_colour(t, legend)}" opacity="0.09"/><text x="{x0 + dx * (at + count / 2):.1f}" '
+                         f'y="{zero_y + 20}" class="tick" text-anchor="middle" fill="{_colour(t, legend)}">'
+                         f'{_e(name)} tokens</text>')
         at += count
     parts += _y_grid(axis, x0, x1, zero_y)
 
@@ -524,6 +560,20 @@ def _case_index(rec: dict, slugs: list[str]) -> str:
             f'<tbody>{"".join(rows)}</tbody></table>')
 
 
+def _option_facts(c: dict) -> list[tuple[str, object]]:
+    """(label, value) of each family option the case states (``parity.adapter.Option``); an option that is
+    the candidate's own value of another only where the two differ."""
+    from parity.adapter import options
+
+    out = []
+    for name, opt in options().items():
+        value = c.get(name)
+        if value is None or (opt.candidate_of is not None and value == c.get(opt.candidate_of)):
+            continue
+        out.append((opt.label or name.replace("_", " "), value))
+    return out
+
+
 def _case(c: dict, slug: str) -> str:
     from parity.report import greedy_cell  # report imports this module
 
@@ -534,8 +584,7 @@ def _case(c: dict, slug: str) -> str:
              ("images", ", ".join("×".join(map(str, s)) for s in c.get("image_sizes") or []) or "none"),
              ("soft tokens", c.get("n_soft_tokens")),
              ("audio", {True: "yes", False: "no"}.get(c.get("audio"), "unknown")),
-             ("mask policy", c.get("mask_policy") + ("" if c.get("candidate_mask_policy") == c.get("mask_policy")
-                                                     else f" (candidate {c.get('candidate_mask_policy')})")),
+             *_option_facts(c),
              ("top-1 agreement", f"{lg.get('top1_agreement', 0):.1%}"),
              ("KL mean / max", f"{_num(lg.get('kl_mean'), '.2e')} / {_num(lg.get('kl_max'), '.2e')}"),
              ("greedy decode", greedy_cell(c.get("greedy"))),

@@ -17,8 +17,9 @@ import mlx.core as mx
 import numpy as np
 
 from parity.adapter import Scenario
+from parity.adapters.gemma4 import viz
 from parity.adapters.gemma4.stages import stages_for
-from parity.adapters.gemma4_unified.adapter import decode_steps, preprocessed, prompt_ids
+from parity.adapters.gemma4_unified.adapter import decode_steps, other_policy_masks, preprocessed, prompt_ids
 from parity.capture import Capture, Recorder
 from parity.stages import Stage, hook_points
 from reference.gemma4 import hf as ghf
@@ -86,19 +87,27 @@ class Gemma4Adapter:
         return {"input.input_ids": input_ids, "input.mm_token_type_ids": self.hf.token_types(input_ids)}, pre
 
     def reference(self, scenario: Scenario, inputs: dict[str, np.ndarray], pre: dict[str, np.ndarray], settings,
-                  decode_steps: int, unquantized: bool = False, other_masks: Capture | None = None
-                  ) -> tuple[Capture, list[np.ndarray], list[int], float]:
-        """HF's capture of the case under the run's mask policy, then greedy decode steps with HF's cache."""
+                  decode_steps: int, unquantized: bool = False
+                  ) -> tuple[Capture, list[np.ndarray], list[int], float, dict]:
+        """HF's capture of the case under the run's mask policy, then greedy decode steps with HF's cache; the
+        extras (for :meth:`viz`): the masks under the other policy, built by the same forward."""
         if unquantized:
             raise InputError("the gemma4 family has no quantized run")
         feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
         if scenario.images:
             feed["pixel_values"], feed["image_position_ids"] = pre["pixel_values"], pre["image_position_ids"]
         points = hook_points(self.stages(scenario))
-        cap, steps, tokens, consistency = self.hf.forward(feed, settings.mask_policy, points, decode_steps, other_masks)
+        other: Capture = {}
+        cap, steps, tokens, consistency = self.hf.forward(feed, settings.mask_policy, points, decode_steps, other)
         if scenario.images:
             cap["image.pixel_values"], cap["image.position_ids"] = pre["pixel_values"], pre["image_position_ids"]
-        return cap, steps, tokens, consistency
+        return cap, steps, tokens, consistency, other_policy_masks(settings, other)
+
+    def viz(self, ref: Capture, cand: Capture, extras: dict, inputs: Capture, settings, stage_names: list[str]
+            ) -> dict:
+        """The case's pictures in the HTML report (``parity.adapters.gemma4.viz``)."""
+        v = self.args.vision
+        return viz.pictures(ref, cand, extras, inputs, settings, stage_names, 0 if v is None else v.num_hidden_layers)
 
     def candidate(self, scenario: Scenario, inputs: dict[str, np.ndarray], decoded: dict[Path, np.ndarray],
                   settings, tokens: list[int], teacher: Capture | None = None) -> tuple[Capture, list[np.ndarray]]:

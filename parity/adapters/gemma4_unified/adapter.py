@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from parity.adapter import Scenario
+from parity.adapters.gemma4_unified import MASK_POLICIES, viz
 from parity.adapters.gemma4_unified.stages import stages_for
 from parity.capture import Capture, Recorder, to_numpy
 from parity.stages import Stage, hook_points
@@ -123,6 +124,12 @@ def image_stages(cap: Capture, pre: dict[str, np.ndarray]) -> None:
     cap["vision.soft_tokens"] = proj.reshape(-1, proj.shape[-1])[valid][None]  # (B, P, H) -> (1, N, H)
 
 
+def other_policy_masks(settings, masks: Capture) -> dict:
+    """The reference's extras: ``masks`` (the mask stages under the policy not in use) keyed by that policy."""
+    other = next(p for p in MASK_POLICIES if p != settings.mask_policy)
+    return {viz.OTHER_MASKS: {other: masks}}
+
+
 def audio_frames(n: int, seed: int = 0) -> np.ndarray:
     """Deterministic raw audio: n frames of 640 samples of a two-tone signal, (1, n, 640) float32."""
     t = np.arange(n * AUDIO_FRAME) / 16000.0
@@ -202,10 +209,11 @@ class Gemma4UnifiedAdapter:
         return inputs, pre
 
     def reference(self, scenario: Scenario, inputs: dict[str, np.ndarray], pre: dict[str, np.ndarray],
-                  settings, decode_steps: int, unquantized: bool = False, other_masks: Capture | None = None
-                  ) -> tuple[Capture, list[np.ndarray], list[int], float]:
+                  settings, decode_steps: int, unquantized: bool = False
+                  ) -> tuple[Capture, list[np.ndarray], list[int], float, dict]:
         """HF's capture of the case. ``unquantized=True``: the unquantized model of a quantized run.
-        ``other_masks``: filled with the ``mask.*`` stages under the other policy (``HFRunner.forward``)."""
+        The extras (for :meth:`viz`): the ``mask.*`` stages under the other policy, built by the same
+        forward (``HFRunner.forward``)."""
         stages = self.stages(scenario)
         runner = self.hf_float if unquantized else self.hf
         feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
@@ -213,13 +221,19 @@ class Gemma4UnifiedAdapter:
             feed["pixel_values"], feed["image_position_ids"] = pre["pixel_values"], pre["image_position_ids"]
         if "input.audio_frames" in inputs:
             feed["audio_frames"] = inputs["input.audio_frames"]
+        other: Capture = {}
         cap, steps, tokens, consistency = runner.forward(feed, settings.mask_policy, hook_points(stages), decode_steps,
-                                                         other_masks)
+                                                         None if unquantized else other)
         if not unquantized:
             cap.update(self.reference_weights)
         if scenario.images:
             image_stages(cap, pre)
-        return cap, steps, tokens, consistency
+        return cap, steps, tokens, consistency, other_policy_masks(settings, other)
+
+    def viz(self, ref: Capture, cand: Capture, extras: dict, inputs: Capture, settings, stage_names: list[str]
+            ) -> dict:
+        """The case's pictures in the HTML report (``parity.adapters.gemma4_unified.viz``)."""
+        return viz.pictures(ref, cand, extras, inputs, settings, stage_names)
 
     def candidate(self, scenario: Scenario, inputs: dict[str, np.ndarray], decoded: dict[Path, np.ndarray],
                   settings, tokens: list[int], teacher: Capture | None = None

@@ -13,7 +13,8 @@ The reference is HF's own ``model(...)`` over a model whose layers live on disk
   behind the candidate's compute (HF casts from memory afterwards, on its own time);
 - when HF's forward returns: the candidate's head (final norm, tied lm_head).
 
-Layer i's compares run on ``--threads`` workers while HF goes on with layer i + 1, and once both
+The core's case pipeline (``parity.pipeline.CaseRun``) compares what the hooks settle: layer i's
+compares run on ``--threads`` workers while HF goes on with layer i + 1, and once both
 sides have read layer i its bytes are dropped from the page cache (``posix_fadvise`` DONTNEED), so the
 kernel never has to reclaim memory on the CPUs the forwards use.
 
@@ -28,8 +29,8 @@ keys and values of every layer).
 
 Not in a streamed run: HF's self-consistency forward (a second pass over the disk; recorded as
 null), the float64 run of the decoder (a third model; the vision stages keep their NumPy oracle and
-its noise floor), the other policy's masks in the HTML report and ``--quantize``. ``--dump`` writes each
-stage as it is settled (``parity.dumps.Spool``), so a dump never holds more than the lockstep does.
+its noise floor), the other policy's masks in the HTML report and ``--quantize``'s cost. ``--dump`` writes
+each stage as it is settled (``parity.dumps.Spool``), so a dump never holds more than the lockstep does.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import resource
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import rmlx  # noqa: F401  (before mlx: it loads the BLAS MLX calls, rmlx/blas.py)
@@ -50,10 +50,8 @@ from parity.adapter import Scenario
 from parity.adapters.gemma4_unified.adapter import Gemma4UnifiedAdapter, hf_module, image_stages
 from parity.adapters.gemma4_unified.stages import MASK_KINDS
 from parity.capture import Capture, Recorder, to_numpy
-from parity.dumps import Spool
-from parity.metrics import StageDiff, compare, logits_agreement, missing
-from parity.report.viz import case_viz, ref_max_abs
-from parity.stages import hook_points, select
+from parity.pipeline import CaseRun
+from parity.stages import hook_points
 from reference.hf import bool_mask
 from reference.hf import to_numpy as torch_to_numpy
 from reference.stream import HFStreamRunner
@@ -62,7 +60,7 @@ from rmlx.quant import dequantized_name, dequantized_weights
 from rmlx.stream import StreamedModel
 from rmlx.tap import tap, tapping
 
-_KEEP = ("image.", "vision.", "mask.")  # small stages the HTML report and the oracle still need
+_KEEP = ("image.", "vision.", "mask.")  # small stages the float64 oracle and the HTML report's pictures read
 _HEAD = ("text.norm", "logits")
 LAYER_CACHE = 3 << 30  # bytes of freed MLX buffers kept for reuse while the decoder layers run
 
@@ -109,28 +107,21 @@ class StreamAdapter(Gemma4UnifiedAdapter):
 class Lockstep:
     """The hooks that run the candidate inside HF's streamed forward (see the module docstring)."""
 
-    def __init__(self, adapter: StreamAdapter, scenario: Scenario, inputs: dict[str, np.ndarray],
-                 pre: dict[str, np.ndarray], decoded: dict[Path, np.ndarray], settings, names: list[str],
-                 tols: dict, spools: dict | None = None):
-        self.adapter, self.scenario, self.inputs, self.pre, self.decoded = adapter, scenario, inputs, pre, decoded
-        self.settings, self.names, self.tols = settings, names, tols
+    def __init__(self, adapter: StreamAdapter, run: CaseRun):
+        self.adapter, self.run = adapter, run
+        self.scenario, self.inputs, self.pre, self.decoded = run.scenario, run.inputs, run.pre, run.decoded
+        self.settings, self.names = run.settings, run.names
         self.ref: Capture = {}
-        self.recorder = Recorder(self.ref if settings.mode == "teacher" else None)
-        self.diffs: dict[str, StageDiff] = {}
-        self.ref_max: dict[str, float | None] = {}
-        self.kept_ref: Capture = {}
-        self.kept_cand: Capture = {}
+        self.recorder = Recorder(self.ref if self.settings.mode == "teacher" else None)
         self.model = adapter.candidate_model
         self.text = self.model.language_model
         # the KV cache only feeds decode steps (0.9 GiB at 1127 tokens of the 12B shapes: not held for none)
-        self.cache = self.model.make_cache() if settings.decode_steps > 0 else None
+        self.cache = self.model.make_cache() if self.settings.decode_steps > 0 else None
         self.forward = -1  # 0: the prefill; k: decode step k
+        self.cand_logits: np.ndarray | None = None
         self.step_logits: list[np.ndarray] = []
-        self.seconds = {"candidate": 0.0, "compare": 0.0}
-        self.pool = ThreadPoolExecutor(max_workers=settings.threads)  # NumPy releases the GIL in its loops
-        self.running: list = []  # compares in flight (``settle``)
-        self.length = int(inputs["input.input_ids"].shape[1])
-        self.spools = spools  # --dump: {"reference": Spool, "candidate": Spool}, the selected stages
+        self.seconds = {"candidate": 0.0}
+        self.length = int(self.inputs["input.input_ids"].shape[1])
 
     # -- hooks ---------------------------------------------------------------------------------
     def install(self) -> list:
@@ -180,7 +171,7 @@ class Lockstep:
             done = {k: read.pop(k) for k in [k for k in read if k.startswith(f"layers.{i}.")]}
             with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
                 if self.forward == 0:
-                    self.ref.update({k: v for k, v in done.items() if k in self.tols})
+                    self.ref.update({k: v for k, v in done.items() if k in self.run.tols})
                     for name, weight in dequantized_weights(layer, f"language_model.layers.{i}.").items():
                         tap(name, weight)  # record-only, as Model.embed_inputs taps the resident ones
                 self.h = self.text.step(i, layer, self.h, self.masks, self.cache, offset, self.attended)
@@ -226,64 +217,30 @@ class Lockstep:
         return rimage.preprocess_batch([self.decoded[p] for p in self.scenario.images],
                                        self.settings.max_soft_tokens, *self.adapter.patch_geometry)
 
-    # -- compare and drop ------------------------------------------------------------------------
+    def take_logits(self) -> np.ndarray | None:
+        """The candidate's prefill logits, no longer held here (the pipeline drops them when done)."""
+        logits, self.cand_logits = self.cand_logits, None
+        return logits
+
     def settle(self, names: list[str]) -> None:
-        """Compare these stages (when selected) and drop both sides' captures. The compares run on
-        ``--threads`` workers *behind* the forward: they overlap HF's next layer, and the previous
-        batch is collected first (so at most two layers' captures are held)."""
-        self.collect()
-        t0 = time.perf_counter()
-        cand = self.recorder.capture
-        pairs = [(n, self.ref.pop(n), cand.pop(n)) for n in names if n in self.ref and n in cand]  # else: missing
-
-        def one(pair):
-            name, r, c = pair
-            return name, ref_max_abs(r), compare(name, c, r, self.tols[name], self.settings.dtype)
-
-        self.running = [self.pool.submit(one, p) for p in pairs if p[0] in self.tols]
-        if self.spools is not None:
-            for name, r, c in pairs:
-                if name in self.tols:
-                    self.spools["reference"].add(name, r)
-                    self.spools["candidate"].add(name, c)
-        for name, r, c in pairs:
-            if name.startswith(_KEEP):
-                self.kept_ref[name], self.kept_cand[name] = r, c
-        self.seconds["compare"] += time.perf_counter() - t0
-
-    def collect(self) -> None:
-        """Wait for the compares in flight and record their results."""
-        t0 = time.perf_counter()
-        for future in self.running:
-            name, top, diff = future.result()
-            self.ref_max[name], self.diffs[name] = top, diff
-        self.running = []
-        self.seconds["compare"] += time.perf_counter() - t0
+        """Hand these stages of both sides to the pipeline, which compares them behind the forward and
+        drops them (``CaseRun.settle``)."""
+        self.run.settle(names, self.ref, self.recorder.capture)
 
 
 def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
                       settings, keep_captures: bool = False):
-    """One case, streamed: the same CaseResult as ``parity.runner.run_case`` (captures not kept), plus
+    """One case, streamed: the core's case pipeline (``parity.pipeline.CaseRun``) fed layer by layer, so
+    the same CaseResult as ``parity.runner.run_case`` (captures spooled for ``--dump``, not kept), plus
     ``stream``: layer reads, the process's peak RSS, and where the time went. ``*_forward_s`` is each
     model's own time, reading its weights included (``*_load_s`` of it); ``capture_s`` (copying stage
     values out), ``compare_s`` (metrics, oracle, viz) and ``setup_s`` (inputs, hooks) are the harness's."""
-    from parity.runner import case_result, decisive_flips, decode_entries, greedy_agreement, noise_floor, oracle_columns
-
-    t0 = time.perf_counter()
-    all_stages = adapter.stages(scenario)
-    stages = select(list(settings.stages), all_stages)
-    tols = {s.name: settings.tol(s.tol, s.name) for s in stages}
-    inputs, pre = adapter.inputs(scenario, decoded, settings)
-    names = [s.name for s in all_stages]
-    spools = None
-    if keep_captures:  # --dump: the case's inputs, then each selected stage as it is settled
-        spools = {"reference": Spool(), "candidate": Spool()}
-        for k, v in inputs.items():
-            spools["reference"].add(k, v)
-            spools["candidate"].add(k, v)
-    lock = Lockstep(adapter, scenario, inputs, pre, decoded, settings, names, tols, spools)
+    run = CaseRun(adapter, model, scenario, decoded, settings, keep=lambda name: name.startswith(_KEEP),
+                  spool=keep_captures, workers=settings.threads)
+    inputs, pre = run.inputs, run.pre
+    lock = Lockstep(adapter, run)
     # text.inputs_embeds and the masks are read when HF enters its language model (Lockstep._prefix)
-    points = {k: v for k, v in hook_points(all_stages).items()
+    points = {k: v for k, v in hook_points(run.all_stages).items()
               if k != "text.inputs_embeds" and not k.startswith("mask.")}
     feed = {"input_ids": inputs["input.input_ids"], "mm_token_type_ids": inputs["input.mm_token_type_ids"]}
     if scenario.images:
@@ -297,49 +254,25 @@ def run_case_streamed(adapter: StreamAdapter, model: Path, scenario: Scenario, d
     try:
         captured, ref_steps, tokens, _ = adapter.hf.forward(feed, settings.mask_policy, points, settings.decode_steps,
                                                             consistency=False, captured=lock.ref)
-        lock.collect()
+        run.collect()
     finally:
         for h in handles:
             h.remove()
-        lock.pool.shutdown()
+        run.close()
     t_forward = time.perf_counter() - t_forward
-    ref_logits, cand_logits = captured.pop("logits"), lock.cand_logits
+    settled = run.seconds  # the compares on the forward's thread (the rest overlapped HF's next layer)
     t1 = time.perf_counter()
-    if "logits" in tols:
-        lock.ref_max["logits"] = ref_max_abs(ref_logits)
-        lock.diffs["logits"] = compare("logits", cand_logits, ref_logits, tols["logits"], settings.dtype,
-                                       workers=settings.threads)
-    if spools is not None and "logits" in tols:
-        spools["reference"].add("logits", ref_logits)
-        spools["candidate"].add("logits", cand_logits)
-    agreement = logits_agreement(cand_logits, ref_logits, per_position=True, workers=settings.threads)
-    kl = agreement.pop("kl")
-    decode = decode_entries(lock.step_logits, ref_steps, tokens, settings.dtype, settings.tol_overrides,
-                            agreement.get("tie_margin"))
-    greedy = greedy_agreement(decode, (cand_logits, ref_logits), agreement.get("tie_margin"))
-    del ref_logits, cand_logits
-    # a stage never settled is one a side did not capture (settle pops the captures it compares)
-    diffs = [lock.diffs[s.name] if s.name in lock.diffs  # (a StageDiff is falsy when it fails: no `or`)
-             else missing(s.name, tols[s.name], settings.dtype, lock.recorder.capture, lock.ref) for s in stages]
-    oracle = oracle_columns(adapter.oracle(scenario, decoded, settings), lock.kept_ref,
-                            lock.kept_cand, tols, settings.dtype) if settings.oracle else {}
-    diffs = decisive_flips(noise_floor(diffs, oracle, {s.name: s.tol for s in stages}, settings.dtype), agreement)
-    viz = case_viz(lock.kept_cand, lock.kept_ref, {}, settings.mask_policy, inputs["input.mm_token_type_ids"], kl,
-                   [d.stage for d in diffs], lock.ref_max)
+    result = run.finish((lock.take_logits(), captured.pop("logits")), ref_steps, lock.step_logits, tokens,
+                        self_consistency=None)
     after = time.perf_counter() - t1
-    seconds = time.perf_counter() - t0
     capture = {"reference": adapter.hf.capture_seconds - hf_capture0, "candidate": lock.recorder.seconds}
-    reference_s = t_forward - lock.seconds["candidate"] - lock.seconds["compare"] - capture["reference"]
-    stream = {"reference_forward_s": round(reference_s, 3),
-              "candidate_forward_s": round(lock.seconds["candidate"] - capture["candidate"], 3),
-              "capture_s": round(capture["reference"] + capture["candidate"], 3),
-              "reference_load_s": round(adapter.hf.load_seconds - hf_load0, 3),
-              "candidate_load_s": round(adapter.streamed.load_seconds - cand_load0, 3),
-              "compare_s": round(lock.seconds["compare"] + after, 3),
-              "setup_s": round(seconds - t_forward - after, 3),
-              "layer_reads": adapter.hf.layer_reads - reads0, "peak_rss_gib": round(peak_rss_gib(), 3)}
-    result = case_result(model, scenario, settings, decoded, inputs, all_stages, diffs, decode, agreement, viz,
-                         oracle, seconds, self_consistency=None, stream=stream, greedy=greedy)
-    if spools is not None:
-        result.reference, result.candidate = spools["reference"], spools["candidate"]
+    reference_s = t_forward - lock.seconds["candidate"] - settled - capture["reference"]
+    result.stream = {"reference_forward_s": round(reference_s, 3),
+                     "candidate_forward_s": round(lock.seconds["candidate"] - capture["candidate"], 3),
+                     "capture_s": round(capture["reference"] + capture["candidate"], 3),
+                     "reference_load_s": round(adapter.hf.load_seconds - hf_load0, 3),
+                     "candidate_load_s": round(adapter.streamed.load_seconds - cand_load0, 3),
+                     "compare_s": round(settled + after, 3),
+                     "setup_s": round(result.seconds - t_forward - after, 3),
+                     "layer_reads": adapter.hf.layer_reads - reads0, "peak_rss_gib": round(peak_rss_gib(), 3)}
     return result
