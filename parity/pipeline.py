@@ -84,11 +84,12 @@ class CaseRun:
     pictures read them); None keeps every one. ``spool``: ``--dump`` -- the case's inputs, then each
     selected stage as it is settled, go to two :class:`parity.dumps.Spool` files, which become the
     result's ``reference`` and ``candidate``. ``workers``: threads that compare a settled batch while
-    the driver goes on (0: compared at once, on the caller's thread)."""
+    the driver goes on (0: compared at once, on the caller's thread). ``pictures=False``: no HTML
+    pictures (``viz`` stays empty; the self-test reads verdicts only)."""
 
     def __init__(self, adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
                  settings: Settings, keep: Callable[[str], bool] | None = None, spool: bool = False,
-                 workers: int = 0):
+                 workers: int = 0, pictures: bool = True):
         self.t0 = time.perf_counter()
         self.adapter, self.model, self.scenario = adapter, model, scenario
         self.decoded, self.settings = decoded, settings
@@ -97,6 +98,7 @@ class CaseRun:
         self.tols = {s.name: settings.tol(s.tol, s.name) for s in self.stages}
         self.inputs, self.pre = adapter.inputs(scenario, decoded, settings)
         self.keep = keep
+        self.pictures = pictures
         self.diffs: dict[str, StageDiff] = {}
         self.ref_max: dict[str, float | None] = {}
         self.kept_ref: Capture = {}
@@ -205,7 +207,7 @@ class CaseRun:
         diffs = decisive_flips(diffs, agreement)
         names = [d.stage for d in diffs]
         viz = case_viz(getattr(self.adapter, "viz", None), self.kept_cand, self.kept_ref, extras or {}, self.inputs,
-                       s, kl, names, [self.ref_max.get(n) for n in names])
+                       s, kl, names, [self.ref_max.get(n) for n in names]) if self.pictures else {}
         if self.spools is not None:
             driver["reference"], driver["candidate"] = self.spools["reference"], self.spools["candidate"]
         return case_result(self.model, self.scenario, s, self.decoded, self.inputs, self.all_stages, diffs, decode,

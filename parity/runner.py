@@ -227,12 +227,13 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
 
 
 def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Path, np.ndarray],
-             settings: Settings) -> CaseResult:
+             settings: Settings, pictures: bool = True) -> CaseResult:
     """The resident driver: the reference's capture, then the candidate's (teacher-forced from it when the
-    mode says so), both settled at once; the pipeline (:class:`parity.pipeline.CaseRun`) does the rest."""
+    mode says so), both settled at once; the pipeline (:class:`parity.pipeline.CaseRun`) does the rest
+    (``pictures``: the HTML report's, see there)."""
     from parity.capture import watching  # MLX: here, so compare/gate/report import this module without it
 
-    run = CaseRun(adapter, model, scenario, decoded, settings)
+    run = CaseRun(adapter, model, scenario, decoded, settings, pictures=pictures)
     try:
         ref, ref_steps, tokens, consistency, *more = adapter.reference(scenario, run.inputs, run.pre, settings,
                                                                        settings.decode_steps)

@@ -137,7 +137,7 @@ def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settin
     for m, a in side.adapters.items():
         for s in scenarios:
             if a.supports(s):
-                r = run_case(a, m, s, decoded, settings)
+                r = run_case(a, m, s, decoded, settings, pictures=False)  # verdicts only
                 r.reference = r.candidate = None
                 results.append(r)
     return results

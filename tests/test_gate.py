@@ -20,7 +20,7 @@ TINY = next(m for m in MODELS if m.name == "tiny")
 ONE_CASE = ["--model", str(TINY), "--case", "image/gradient", "--no-oracle"]
 
 
-@pytest.mark.parametrize("mode", ["free", "teacher"])
+@pytest.mark.parametrize("mode", ["free", pytest.param("teacher", marks=pytest.mark.slow)])
 def test_committed_baseline_passes_on_the_default_run(default_runs, mode):
     """The same record `rmlx-parity gate --baseline fixtures/baselines/float32-<mode>.json` gates."""
     code, rec, _ = default_runs("float32", mode, "official")

@@ -41,7 +41,10 @@ def want_stages(case: dict) -> list[str]:
     return [s.name for s in stages_for(ARGS[case["model"]].text, bool(case["image_sizes"]), case["audio"])]
 
 
-RUNS = [("float32", "free", "official"), ("float32", "teacher", "official"), ("bfloat16", "free", "official"),
+# the default test run: fp32 free-running (the gate's run); every other combination: `nox -s slow`
+RUNS = [("float32", "free", "official"),
+        pytest.param(("float32", "teacher", "official"), marks=pytest.mark.slow),
+        pytest.param(("bfloat16", "free", "official"), marks=pytest.mark.slow),
         pytest.param(("float32", "free", "hf-forward"), marks=pytest.mark.slow),
         pytest.param(("float32", "teacher", "hf-forward"), marks=pytest.mark.slow),
         pytest.param(("bfloat16", "teacher", "official"), marks=pytest.mark.slow),
