@@ -11,7 +11,7 @@ and the range of the per-round ratios is reported next to the ratio of the media
 
 - gemm: fp32 280x6912 @ 6912x3840 (the vision patch_dense at 280 soft tokens) in MLX, torch and NumPy;
   bf16 in MLX and torch; MXFP8 in MLX (``mx.quantized_matmul``, mode "mxfp8").
-- kernels: the candidate's bf16 and mxfp8 products (``rmlx.kernels``) at the same shape, against
+- kernels: the candidate's bf16 and mxfp8 products (``rmlx.nn.kernels``) at the same shape, against
   torch's bf16 GEMM and torch's fp32 GEMM on the dequantized weights, and MLX's own kernels.
 - vision: the vision embedder at the real shape (6912 -> 3840 -> 3840) at 280 and 1120 soft tokens.
 - masks: both mask policies at 8k and 32k tokens (an 8k-token image block in the middle).
@@ -109,14 +109,14 @@ def bench_gemm(repeat: int) -> list[dict]:
 
 
 def bench_kernels(repeat: int) -> list[dict]:
-    """The candidate's products (``rmlx.kernels``) at 280x6912 @ 6912x3840, each against what issue
+    """The candidate's products (``rmlx.nn.kernels``) at 280x6912 @ 6912x3840, each against what issue
     #20 sets it against, timed in alternating rounds: bf16 against torch's bf16 GEMM; mxfp8 against
     torch's fp32 GEMM on the dequantized weights. MLX's own kernel (``RMLX_NATIVE_KERNELS=1``'s path)
     is timed once for the record (seconds each)."""
     import mlx.core as mx
     import torch
 
-    from rmlx import kernels
+    from rmlx.nn import kernels
 
     m, k, n = 280, 6912, 3840
     rng = np.random.default_rng(0)
@@ -134,12 +134,12 @@ def bench_kernels(repeat: int) -> list[dict]:
         torch.from_numpy(deq)
     rows = []
     for case, ours, theirs in (
-            ("bf16 GEMM: rmlx.kernels / torch bf16", lambda: mx.eval(lin16(ma16)), lambda: ta16 @ tw16.T),
-            ("mxfp8 GEMM, fp32 activations: rmlx.kernels / torch fp32 on dequantized weights",
+            ("bf16 GEMM: rmlx.nn.kernels / torch bf16", lambda: mx.eval(lin16(ma16)), lambda: ta16 @ tw16.T),
+            ("mxfp8 GEMM, fp32 activations: rmlx.nn.kernels / torch fp32 on dequantized weights",
              lambda: mx.eval(q(ma)), lambda: ta @ tdeq.T)):
         row = ratio_row(case, paired({"mlx": ours, "torch": theirs}, repeat))
         rows.append(row)
-    rows.append({"case": "mxfp8 GEMM, bf16 activations: rmlx.kernels",
+    rows.append({"case": "mxfp8 GEMM, bf16 activations: rmlx.nn.kernels",
                  "mlx s": timed(lambda: mx.eval(q(ma16)), repeat)})
     rows.append({"case": "MLX's own bf16 GEMM (x @ w.T)", "mlx s": timed(lambda: mx.eval(ma16 @ mw16.T), 1)})
     rows.append({"case": "MLX's own mxfp8 quantized_matmul, fp32 activations",
@@ -153,9 +153,9 @@ def bench_vision(repeat: int) -> list[dict]:
     from transformers import Gemma4UnifiedConfig
     from transformers.models.gemma4_unified.modeling_gemma4_unified import Gemma4UnifiedVisionEmbedder
 
-    from rmlx.config import VisionConfig
-    from rmlx.image import preprocess_batch
-    from rmlx.vision import VisionEmbedder
+    from rmlx.models.gemma4_unified.config import VisionConfig
+    from rmlx.models.gemma4_unified.image import preprocess_batch
+    from rmlx.models.gemma4_unified.vision import VisionEmbedder
 
     cfg = Gemma4UnifiedConfig(text_config=dict(hidden_size=3840), vision_config=dict(
         mm_embed_dim=3840, output_proj_dims=3840, mm_posemb_size=1120))
@@ -164,7 +164,7 @@ def bench_vision(repeat: int) -> list[dict]:
     ours = VisionEmbedder(VisionConfig(16, 3, 3840, 1120, 3840), 3840)
     from mlx.utils import tree_unflatten
 
-    from rmlx.model import module_path
+    from rmlx.models.gemma4_unified.model import module_path
     state = {module_path("model.embed_vision." + k)[len("vision_embedder."):]: mx.array(v.detach().numpy())
              for k, v in hf.state_dict().items()}
     ours.update(tree_unflatten(list(state.items())))
@@ -187,7 +187,7 @@ def bench_masks(repeat: int) -> list[dict]:
     import torch
     from transformers import Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration
 
-    from rmlx.base import attention_masks
+    from rmlx.nn.base import attention_masks
 
     cfg = Gemma4UnifiedConfig(text_config=dict(hidden_size=8, num_hidden_layers=2, sliding_window=1024,
                                                layer_types=["sliding_attention", "full_attention"]))
@@ -266,8 +266,8 @@ def bench_layers(repeat: int) -> list[dict]:
 
     from reference.hf import bool_mask
     from reference.synthetic import config
-    from rmlx.config import TextConfig
-    from rmlx.text import DecoderLayer
+    from rmlx.nn.config import TextConfig
+    from rmlx.nn.text import DecoderLayer
 
     cfg = config("12b", layers=6)
     cfg._attn_implementation = cfg.text_config._attn_implementation = "eager"

@@ -745,7 +745,7 @@ def cmd_fixtures(args) -> int:
 # the modules each command imports before it starts (the port and harness for the gating commands)
 _NEEDS = {"run": ("parity.runner",), "gate": ("parity.gate", "parity.runner"), "selftest": ("parity.selftest",),
           "compare": ("parity.compare",), "stages": ("parity.stages",),
-          "faults": ("parity.adapter",), "convert": ("rmlx.load",),
+          "faults": ("parity.adapter",), "convert": ("parity.adapter",),
           "fixtures": ("reference.fixtures",), "report": ("parity.report", "parity.gate"),
           "debug": ("parity.precision", "parity.runner"),
           "history": ("parity.history",)}

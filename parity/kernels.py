@@ -1,10 +1,10 @@
-"""The check of every kernel that computes the candidate in place of MLX's own (``rmlx.kernels``).
+"""The check of every kernel that computes the candidate in place of MLX's own (``rmlx.nn.kernels``).
 
 A speed-up must never hide a kernel difference. For each distinct (kernel, K, N) a run uses, the
 first call's output is checked on ``ROWS`` rows spread over its input:
 
 - against the exact product (float64: the products of bf16 or fp32 values are exact there, and their
-  sum is within 2^-53 K of exact): every element within ``rmlx.kernels.bound`` -- the fp32 summation
+  sum is within 2^-53 K of exact): every element within ``rmlx.nn.kernels.bound`` -- the fp32 summation
   bound, plus half a bf16 ulp when the output is rounded to bf16. This decides ``passed``;
 - against MLX's own kernel on the same rows (how MLX would have computed the candidate): how many
   elements are bit-identical, the largest difference, and whether MLX's own kernel meets the same
@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 
 from parity.capture import to_numpy
-from rmlx import kernels
+from rmlx.nn import kernels
 
 ROWS = 8
 _CHUNK = 2048  # weight rows per float64 block (bounds memory at real sizes: 2048 x 15360 x 8 B = 252 MB)
@@ -34,7 +34,7 @@ def _f64(a: mx.array) -> np.ndarray:
 
 
 class KernelCheck:
-    """An observer for ``rmlx.kernels.observe``: checks the first call of each distinct kernel shape."""
+    """An observer for ``rmlx.nn.kernels.observe``: checks the first call of each distinct kernel shape."""
 
     def __init__(self, rows: int = ROWS):
         self.rows = rows

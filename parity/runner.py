@@ -181,7 +181,7 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
               progress: Callable[[int, int, str], None] | None = None, kernel_check=None) -> list[CaseResult]:
     """Every planned case (a crash is a verdict). ``kernel_check``: a ``parity.kernels.KernelCheck``
     that sees every product the port computes in place of MLX's own kernel."""
-    from rmlx import kernels  # MLX: here, as run_case imports the capture
+    from rmlx.nn import kernels  # MLX: here, as run_case imports the capture
 
     validate(settings)
     plan = plan_cases(models, scenarios, settings.shard)

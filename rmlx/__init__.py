@@ -1,4 +1,8 @@
-"""rmlx: an MLX port of Gemma 4 unified (encoder-free vision and audio).
+"""rmlx: MLX ports of Gemma 4 unified (encoder-free vision and audio) and Gemma 4 (SigLIP vision tower).
+
+Layout: ``rmlx.models.<family>`` (each family's embedders, preprocessing, config, model), ``rmlx.nn`` (the
+layers they share: the decoder, norms, Linear kernels, the MX codec), and at the top the plumbing (strict
+checkpoint and image readers, the BLAS loader, the capture seam ``rmlx.tap``).
 
 Imports mlx and numpy only; knows nothing of torch, transformers or the parity harness.
 """

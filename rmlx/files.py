@@ -112,7 +112,7 @@ def read_safetensors_header(path: Path) -> dict:
 
 def safetensors_layout(path: Path) -> tuple[int, dict]:
     """(the byte offset where the data starts, the validated header): what a reader of raw tensor
-    bytes needs (``rmlx.stream``); the header's ``data_offsets`` count from that offset.
+    bytes needs (``rmlx.models.gemma4_unified.stream``); the header's ``data_offsets`` count from that offset.
 
     Valid means what the safetensors library itself accepts: a JSON object of tensor entries, each
     ``{"dtype": <known>, "shape": [ints >= 0], "data_offsets": [start, end]}`` whose byte length is

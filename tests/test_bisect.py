@@ -2,8 +2,9 @@
 
 A throwaway history is built from this checkout's own code: a good base, harmless commits, a commit
 that breaks the import of the port (exit 125: bisect skips it), its fix, the commit that plants a real
-defect in the source (not through the fault switch: LayerNorm eps 1e-5 -> 1e-6 in ``rmlx/vision.py``),
-and more harmless commits. The baseline is recorded at the base with ``--update-baseline``.
+defect in the source (not through the fault switch: LayerNorm eps 1e-5 -> 1e-6 in
+``rmlx/models/gemma4_unified/vision.py``), and more harmless commits. The baseline is recorded at the base
+with ``--update-baseline``.
 """
 
 import os
@@ -61,7 +62,7 @@ def history(tmp_path_factory):
     shas["broken"] = commit(repo, "refactor errors (breaks the import)")
     edit(errors, "class InputError(\n", "class InputError")
     shas["fixed"] = commit(repo, "fix the import")
-    edit(repo / "rmlx" / "vision.py", "LAYER_NORM_EPS = 1e-5", "LAYER_NORM_EPS = 1e-6")
+    edit(repo / "rmlx" / "models" / "gemma4_unified" / "vision.py", "LAYER_NORM_EPS = 1e-5", "LAYER_NORM_EPS = 1e-6")
     shas["defect"] = commit(repo, "vision: share the eps constant (plants the defect)")
     for i in range(2, 4):
         (repo / "NOTES.md").write_text(f"history {i}\n")

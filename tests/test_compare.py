@@ -19,7 +19,7 @@ from parity.adapters.gemma4_unified.stages import _LINEARS, stages_for
 from parity.cli import main
 from parity.stages import classify, order_key
 from parity.tolerances import tolerance
-from rmlx.config import ModelArgs
+from rmlx.models.gemma4_unified.config import ModelArgs
 from tests.conftest import MODELS
 
 TINY = Path(__file__).resolve().parents[1] / "fixtures" / "models" / "tiny"

@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers.models.gemma4_unified.modeling_gemma4_unified import apply_rotary_pos_emb
 
-from rmlx.base import RoPE
 from rmlx.errors import InputError
-from rmlx.load import load_model
+from rmlx.models.gemma4_unified.load import load_model
+from rmlx.nn.base import RoPE
 
 
 @pytest.mark.parametrize("layer_type", ["sliding_attention", "full_attention"])

@@ -10,7 +10,7 @@ import numpy as np
 
 from parity.cli import main
 from parity.metrics import logits_agreement
-from rmlx import text
+from rmlx.nn import text
 from tests.conftest import MODELS
 
 MODEL = MODELS[0]
@@ -99,7 +99,7 @@ def test_a_candidate_quantizing_other_layers_gets_stage_verdicts(tmp_path):
     not ours: the reference dequantizes what it has a stage for, the rest shows at the stages it feeds."""
     import mlx.nn as nn
 
-    from rmlx import quant
+    from rmlx.nn import quant
 
     def quantize(model, mode, overrides=None):
         status = {}

@@ -1,5 +1,5 @@
-"""rmlx.fastmath (exp-based kernels for MLX's CPU backend) against float64, torch and MLX's own ops,
-and the blocked attention of rmlx.text against the whole-array one."""
+"""rmlx.nn.fastmath (exp-based kernels for MLX's CPU backend) against float64, torch and MLX's own ops,
+and the blocked attention of rmlx.nn.text against the whole-array one."""
 
 import math
 import time
@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from rmlx import fastmath, text
+from rmlx.nn import fastmath, text
 
 
 def gelu64(x: np.ndarray) -> np.ndarray:

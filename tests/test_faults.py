@@ -14,9 +14,9 @@ import pytest
 from parity.adapters.gemma4_unified.defects import CATALOG, expected_stage
 from parity.cli import main
 from parity.defects import check, matches, planted
-from rmlx import base, text
-from rmlx.config import ModelArgs
 from rmlx.errors import InputError
+from rmlx.models.gemma4_unified.config import ModelArgs
+from rmlx.nn import base, text
 from tests.conftest import ALL_MODELS, MODELS
 
 

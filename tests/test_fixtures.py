@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.numpy import load_file
 
 from parity.cli import main
-from rmlx.image import target_size
+from rmlx.models.gemma4_unified.image import target_size
 from tests.conftest import FIXTURES, IMAGES
 
 

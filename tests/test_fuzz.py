@@ -279,7 +279,8 @@ def safetensors_bytes(path: Path) -> st.SearchStrategy[bytes]:
 
 
 def _layout_and_read(path: Path) -> None:
-    """What a reader of raw tensor bytes does with a header (rmlx.stream): read each tensor's span."""
+    """What a reader of raw tensor bytes does with a header (rmlx.models.gemma4_unified.stream): read each
+    tensor's span."""
     from rmlx.files import safetensors_layout
 
     start, header = safetensors_layout(path)
@@ -324,8 +325,8 @@ def _build(path: Path, model_type: str) -> None:
         from rmlx.models.gemma4.config import ModelArgs
         from rmlx.models.gemma4.model import Model
     else:
-        from rmlx.config import ModelArgs
-        from rmlx.model import Model
+        from rmlx.models.gemma4_unified.config import ModelArgs
+        from rmlx.models.gemma4_unified.model import Model
     args = ModelArgs.from_file(path)
     Model(args)
 

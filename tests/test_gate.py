@@ -11,8 +11,8 @@ from parity import gate
 from parity.adapters.gemma4_unified.defects import CATALOG, expected_stage
 from parity.cli import main
 from parity.defects import matches
-from rmlx.config import ModelArgs
 from rmlx.errors import InputError
+from rmlx.models.gemma4_unified.config import ModelArgs
 from tests.conftest import FIXTURES, MODELS
 
 BASELINES = FIXTURES / "baselines"

@@ -13,9 +13,9 @@ from transformers.models.gemma4_unified.image_processing_gemma4_unified import (
 from parity.adapters.gemma4_unified.defects import CATALOG
 from parity.defects import check, planted
 from reference.hf import HFRunner
-from rmlx import image as rimage
 from rmlx.errors import InputError
-from rmlx.image import load_image, patchify, preprocess, target_size, to_rgb
+from rmlx.models.gemma4_unified import image as rimage
+from rmlx.models.gemma4_unified.image import load_image, patchify, preprocess, target_size, to_rgb
 from tests.conftest import IMAGES
 
 SOFT = st.sampled_from([70, 140, 280, 560, 1120])

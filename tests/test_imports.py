@@ -7,14 +7,15 @@ import sys
 import pytest
 
 CASES = [
-    ("rmlx, rmlx.load, rmlx.image, rmlx.vision, rmlx.model, rmlx.tap, rmlx.quant, rmlx.text, "
-     "rmlx.stream",
+    ("rmlx, rmlx.load, rmlx.models.gemma4_unified.image, rmlx.models.gemma4_unified.vision, "
+     "rmlx.models.gemma4_unified.model, rmlx.tap, rmlx.nn.quant, rmlx.nn.text, rmlx.models.gemma4_unified.stream, "
+     "rmlx.models.gemma4.model",
      ["torch", "transformers", "parity", "reference"]),
     ("reference, reference.hf, reference.numpy_ops, reference.fixtures, reference.mxfp8, reference.synthetic, "
      "reference.stream",
      ["mlx", "rmlx", "parity"]),
     # parity's package init imports rmlx's (the BLAS loader, rmlx/blas.py: ctypes, no mlx) and nothing else of rmlx
-    ("parity.metrics", ["mlx", "torch", "transformers", "reference", "rmlx.model", "rmlx.load", "rmlx.base"]),
+    ("parity.metrics", ["mlx", "torch", "transformers", "reference", "rmlx.models", "rmlx.load", "rmlx.nn"]),
     # the core install's commands (compare, gate --record, report, history) and the families' stage
     # vocabulary they order and classify stages with: no MLX, torch or transformers
     ("parity.compare, parity.gate, parity.report, parity.report.html, parity.report.junit, parity.history, "

@@ -1,4 +1,4 @@
-"""rmlx.kernels (the bf16 and MX-quantized products MLX's Linux CPU backend computes slowly) and their
+"""rmlx.nn.kernels (the bf16 and MX-quantized products MLX's Linux CPU backend computes slowly) and their
 check (parity.kernels): the stated bound holds for them and for MLX's own kernels; a kernel error
 smaller than every stage tolerance still fails the run; every record names the kernels."""
 
@@ -17,7 +17,7 @@ import pytest
 from parity.cli import main
 from parity.defects import patched
 from parity.kernels import KernelCheck
-from rmlx import kernels
+from rmlx.nn import kernels
 from tests.conftest import FIXTURES
 
 TINY = FIXTURES / "models" / "tiny"

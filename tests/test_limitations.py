@@ -15,7 +15,7 @@ import pytest
 from parity.adapters.gemma4_unified.stages import VISION
 from parity.capture import Recorder
 from parity.stages import hook_points
-from rmlx.image import load_image, preprocess
+from rmlx.models.gemma4_unified.image import load_image, preprocess
 from rmlx.tap import tapping
 from tests.conftest import FIXTURES
 

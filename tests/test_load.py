@@ -1,4 +1,4 @@
-"""The strict checkpoint loader (rmlx.load) and config reader (rmlx.config), on real files.
+"""The strict checkpoint loader (rmlx.load) and config reader (rmlx.models.gemma4_unified.config), on real files.
 
 Every checkpoint here is a real file: a copy of a committed fixture edited with safetensors, or one
 written by transformers' own ``save_pretrained`` (sharded with an index) / ``state_dict`` (HF's
@@ -21,10 +21,11 @@ import pytest
 from mlx.utils import tree_flatten
 from safetensors.numpy import load_file, save_file
 
-from rmlx.config import ModelArgs, TextConfig
 from rmlx.errors import InputError
 from rmlx.files import checkpoint_files, read_safetensors_header
-from rmlx.load import load_model
+from rmlx.models.gemma4_unified.config import ModelArgs
+from rmlx.models.gemma4_unified.load import load_model
+from rmlx.nn.config import TextConfig
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MODELS = FIXTURES / "models"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from rmlx.base import MASK_POLICIES, attention_masks, block_ids
+from rmlx.nn.base import MASK_POLICIES, attention_masks, block_ids
 
 TYPES = st.lists(st.sampled_from([0, 0, 0, 1, 1, 2, 3]), min_size=1, max_size=40)
 WINDOW = st.integers(1, 12)

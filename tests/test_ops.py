@@ -7,7 +7,7 @@ import numpy as np
 from hypothesis import given, settings
 
 from reference import numpy_ops
-from rmlx.base import layer_norm
+from rmlx.nn.base import layer_norm
 
 
 @settings(deadline=None, max_examples=30)
@@ -54,11 +54,11 @@ def test_layer_norm_is_more_accurate_than_mx_fast_on_pixel_rows():
 
 
 def test_halves_is_bit_identical_to_the_whole_computation():
-    """rmlx.base.halves splits row-independent work over two CPU streams: the same bits as unsplit,
+    """rmlx.nn.base.halves splits row-independent work over two CPU streams: the same bits as unsplit,
     at sizes that split (odd row counts too) and at sizes that do not."""
     import mlx.nn as nn
 
-    from rmlx import base
+    from rmlx.nn import base
 
     rng = np.random.default_rng(3)
     for shape in [(1, 1127, 1024), (1, 4, 9, 16)]:
@@ -78,12 +78,12 @@ def test_halves_is_bit_identical_to_the_whole_computation():
 
 
 def test_vision_embedder_in_row_halves_gives_the_unsplit_bits(model_dir, monkeypatch):
-    """The vision embedder keeps its rows in two halves between matmuls (rmlx.base.split_rows): with
+    """The vision embedder keeps its rows in two halves between matmuls (rmlx.nn.base.split_rows): with
     every step split (threshold 2 values) the soft tokens and every tapped stage equal the unsplit run's,
     for one image (valid rows lead: a view) and for two images of different sizes (padding inside: a gather)."""
-    from rmlx import base
-    from rmlx.image import preprocess_batch
-    from rmlx.load import load_model
+    from rmlx.models.gemma4_unified.image import preprocess_batch
+    from rmlx.models.gemma4_unified.load import load_model
+    from rmlx.nn import base
     from rmlx.tap import tapping
 
     embedder = load_model(model_dir).vision_embedder

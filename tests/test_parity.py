@@ -16,7 +16,7 @@ from parity.adapters.gemma4_unified.adapter import special_scenarios
 from parity.adapters.gemma4_unified.stages import stages_for
 from parity.cli import main
 from parity.tolerances import tolerance
-from rmlx.config import ModelArgs
+from rmlx.models.gemma4_unified.config import ModelArgs
 from tests.conftest import FIXTURES, GEMMA4_MODELS, IMAGES, MODELS, UNIFIED_MODELS
 
 STAGE_FIELDS = {"name", "passed", "max_abs", "max_abs_index", "max_rel", "mismatched", "numel", "max_ulp",

@@ -8,7 +8,7 @@ import pytest
 
 from parity.cli import main
 from parity.metrics import logits_agreement
-from rmlx.load import load_model
+from rmlx.models.gemma4_unified.load import load_model
 from tests.conftest import FIXTURES
 
 TINY = FIXTURES / "models" / "tiny"
@@ -40,7 +40,7 @@ def test_the_chosen_set_measures_as_reported(searched):
     _, _, rec = searched
     from parity.adapter import family_of
     from parity.runner import Settings
-    from rmlx.image import load_image
+    from rmlx.models.gemma4_unified.image import load_image
 
     settings = Settings(oracle=False, decode_steps=0)
     adapter = family_of(TINY).load(TINY, settings)

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file, save_file
 
 from parity.cli import main
 from rmlx.errors import InputError
-from rmlx.load import load_model
+from rmlx.models.gemma4_unified.load import load_model
 from tests.conftest import FIXTURES, MODELS
 
 TINY = next(m for m in MODELS if m.name == "tiny")

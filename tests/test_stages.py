@@ -9,8 +9,8 @@ from parity.adapters.gemma4_unified.adapter import special_scenarios
 from parity.adapters.gemma4_unified.stages import VISION, stages_for
 from parity.runner import Settings
 from parity.stages import hook_points, matches_any, select
-from rmlx.config import ModelArgs
-from rmlx.image import load_image
+from rmlx.models.gemma4_unified.config import ModelArgs
+from rmlx.models.gemma4_unified.image import load_image
 from rmlx.tap import LAYER_POINTS
 from tests.conftest import FIXTURES, MODELS
 

@@ -68,7 +68,7 @@ def test_one_layer_at_a_time_on_both_sides(tmp_path):
     """HF's layers are back on the meta device after every call; the candidate holds no layer at all
     between calls, and never the vocabulary table."""
     from reference.stream import HFStreamRunner
-    from rmlx.stream import StreamedModel
+    from rmlx.models.gemma4_unified.stream import StreamedModel
 
     model_dir = MODELS[0]
     hf = HFStreamRunner(model_dir)
@@ -138,7 +138,7 @@ def test_a_bad_checkpoint_is_refused_before_any_layer_is_read(tmp_path):
     import shutil
 
     from rmlx.errors import InputError
-    from rmlx.stream import StreamedModel
+    from rmlx.models.gemma4_unified.stream import StreamedModel
 
     bad = tmp_path / "m"
     shutil.copytree(FIXTURES / "models" / MODELS[0].name, bad)

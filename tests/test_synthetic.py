@@ -10,7 +10,7 @@ from safetensors import safe_open
 from parity.cli import main
 from reference import synthetic
 from reference.fixtures import build_model
-from rmlx.load import load_model
+from rmlx.models.gemma4_unified.load import load_model
 from tests.conftest import FIXTURES
 
 

@@ -20,7 +20,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from parity.cli import main
-from rmlx.load import load_model
+from rmlx.models.gemma4_unified.load import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "fixtures" / "models" / "tiny"

@@ -1,1 +1,2 @@
-"""Ports of model families other than the first (Gemma 4 unified, at the top of rmlx/)."""
+"""One package per model family: gemma4_unified (encoder-free vision, audio) and gemma4 (SigLIP vision tower);
+the layers they share are in rmlx.nn."""

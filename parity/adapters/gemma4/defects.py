@@ -1,6 +1,6 @@
 """The Gemma 4 (SigLIP-style vision) defect catalog: real porting bugs of the vision path, planted into
 ``rmlx.models.gemma4`` from outside (``parity.defects.patched`` / ``wrapped``), and the decoder defect at
-fp32 rounding scale of the unified catalog, the same patch (the decoder, ``rmlx.text``, is shared). A
+fp32 rounding scale of the unified catalog, the same patch (the decoder, ``rmlx.nn.text``, is shared). A
 patched body is the buggy code a porter would have written; the stage is the first one each must hit
 teacher-forced.
 """

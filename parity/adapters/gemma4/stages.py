@@ -1,5 +1,5 @@
 """The Gemma 4 (SigLIP-style vision, ``model_type: gemma4``) stage table: every vision stage declared here,
-in forward order; the text decoder's stages are the unified family's (``rmlx.text`` is the same decoder,
+in forward order; the text decoder's stages are the unified family's (``rmlx.nn.text`` is the same decoder,
 at the same HF module paths under ``model.language_model``), so they are delegated to
 ``parity.adapters.gemma4_unified.stages``.
 
@@ -19,7 +19,7 @@ import re
 
 from parity.adapters.gemma4_unified import stages as unified
 from parity.stages import Stage, with_ports
-from rmlx.config import TextConfig
+from rmlx.nn.config import TextConfig
 
 # Where rmlx computes each vision stage (its ``tap`` call), one hop from this table to the code; the text
 # stages point into the shared decoder (``parity.adapters.gemma4_unified.stages.PORTS``).
@@ -39,8 +39,8 @@ PORTS = {
     "vision.soft_tokens": "rmlx.models.gemma4.model:Model.image_features",
     "text.embed_tokens": "rmlx.models.gemma4.model:Model.embed_inputs",
     "text.inputs_embeds": "rmlx.models.gemma4.model:Model.embed_inputs",
-    "mask.full_attention": "rmlx.model:decoder_masks",
-    "mask.sliding_attention": "rmlx.model:decoder_masks",
+    "mask.full_attention": "rmlx.models.gemma4_unified.model:decoder_masks",
+    "mask.sliding_attention": "rmlx.models.gemma4_unified.model:decoder_masks",
 }
 
 _VT = "model.vision_tower"

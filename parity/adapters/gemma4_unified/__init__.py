@@ -17,9 +17,9 @@ from parity.adapter import Adapter, Option, Scenario
 from parity.adapters.gemma4_unified import stages
 from parity.defects import Defect
 from parity.stages import Stage
-from rmlx.config import ModelArgs
 from rmlx.errors import InputError
-from rmlx.image import check_max_soft_tokens
+from rmlx.models.gemma4_unified.config import ModelArgs
+from rmlx.models.gemma4_unified.image import check_max_soft_tokens
 
 # Small, and together they exercise every defect: an image, two images (block structure), image +
 # audio, and a text-only prompt longer than every sliding window (the decode steps reach the cache).
@@ -88,7 +88,7 @@ class Gemma4UnifiedFamily:
         return run_case_streamed(adapter, model, scenario, decoded, settings, keep_captures)
 
     def convert(self, src: Path, dst: Path, quantize: str, keep: list[str]) -> dict[str, str]:
-        from rmlx.load import save_quantized
+        from rmlx.models.gemma4_unified.load import save_quantized
 
         return save_quantized(src, dst, quantize, keep)
 

@@ -22,11 +22,11 @@ from parity.capture import Capture, Recorder, to_numpy
 from parity.stages import Stage, hook_points
 from reference import numpy_ops
 from reference.hf import HFRunner
-from rmlx import image as rimage
-from rmlx.config import ModelArgs
 from rmlx.errors import InputError
-from rmlx.load import load_model
-from rmlx.quant import dequantized_name
+from rmlx.models.gemma4_unified import image as rimage
+from rmlx.models.gemma4_unified.config import ModelArgs
+from rmlx.models.gemma4_unified.load import load_model
+from rmlx.nn.quant import dequantized_name
 from rmlx.tap import tapping
 
 AUDIO_FRAME = 640  # samples per audio soft token (16 kHz / 25 fps)

@@ -18,7 +18,9 @@ import mlx.nn as nn
 import numpy as np
 
 from parity.defects import Defect, patched, wrapped
-from rmlx import base, config, image, model, quant, resize, text, vision
+from rmlx import resize
+from rmlx.models.gemma4_unified import image, model, vision
+from rmlx.nn import base, config, quant, text
 from rmlx.tap import tap
 
 
@@ -264,7 +266,7 @@ def _patch_geometry_default():
 def _rope_default_factor():
     rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.5, "rope_theta": 1_000_000.0}}
-    return patched((config, "_DEFAULT_ROPE", rope))
+    return patched((config, "_DEFAULT_ROPE", rope))  # the shared decoder config reader (rmlx.nn.config)
 
 
 def _gate_up_swapped():

@@ -15,33 +15,33 @@ from __future__ import annotations
 import re
 
 from parity.stages import Stage, with_ports
-from rmlx.config import TextConfig
+from rmlx.nn.config import TextConfig
 
 # Where rmlx computes each stage (its ``tap`` call), one hop from this table to the code.
 PORTS = {
-    "image.pixel_values": "rmlx.image:preprocess_batch",
-    "image.position_ids": "rmlx.image:preprocess_batch",
-    "vision.patch_ln1": "rmlx.vision:VisionEmbedder.__call__",
-    "vision.patch_dense": "rmlx.vision:VisionEmbedder.__call__",
-    "vision.patch_ln2": "rmlx.vision:VisionEmbedder.__call__",
-    "vision.pos_embed": "rmlx.vision:VisionEmbedder.position_embedding",
-    "vision.pos_norm": "rmlx.vision:VisionEmbedder.__call__",
-    "vision.mm_prenorm": "rmlx.vision:VisionEmbedder.__call__",
-    "vision.soft_tokens": "rmlx.vision:VisionEmbedder.__call__",
-    "audio.soft_tokens": "rmlx.model:AudioEmbedder.__call__",
-    "text.embed_tokens": "rmlx.model:Model.embed_inputs",
-    "text.inputs_embeds": "rmlx.model:Model.embed_inputs",
-    "mask.full_attention": "rmlx.model:decoder_masks",
-    "mask.sliding_attention": "rmlx.model:decoder_masks",
-    "layers.{i}.input_layernorm": "rmlx.text:DecoderLayer.__call__",
-    "layers.{i}.attn.q": "rmlx.text:Attention.__call__",
-    "layers.{i}.attn.k": "rmlx.text:Attention.__call__",
-    "layers.{i}.attn.v": "rmlx.text:Attention.v_norm",
-    "layers.{i}.attn.out": "rmlx.text:attention",
-    "layers.{i}.mlp.out": "rmlx.text:MLP.__call__",
-    "layers.{i}.out": "rmlx.text:DecoderLayer.__call__",
-    "text.norm": "rmlx.text:TextModel.head",
-    "logits": "rmlx.text:TextModel.head",
+    "image.pixel_values": "rmlx.models.gemma4_unified.image:preprocess_batch",
+    "image.position_ids": "rmlx.models.gemma4_unified.image:preprocess_batch",
+    "vision.patch_ln1": "rmlx.models.gemma4_unified.vision:VisionEmbedder.__call__",
+    "vision.patch_dense": "rmlx.models.gemma4_unified.vision:VisionEmbedder.__call__",
+    "vision.patch_ln2": "rmlx.models.gemma4_unified.vision:VisionEmbedder.__call__",
+    "vision.pos_embed": "rmlx.models.gemma4_unified.vision:VisionEmbedder.position_embedding",
+    "vision.pos_norm": "rmlx.models.gemma4_unified.vision:VisionEmbedder.__call__",
+    "vision.mm_prenorm": "rmlx.models.gemma4_unified.vision:VisionEmbedder.__call__",
+    "vision.soft_tokens": "rmlx.models.gemma4_unified.vision:VisionEmbedder.__call__",
+    "audio.soft_tokens": "rmlx.models.gemma4_unified.model:AudioEmbedder.__call__",
+    "text.embed_tokens": "rmlx.models.gemma4_unified.model:Model.embed_inputs",
+    "text.inputs_embeds": "rmlx.models.gemma4_unified.model:Model.embed_inputs",
+    "mask.full_attention": "rmlx.models.gemma4_unified.model:decoder_masks",
+    "mask.sliding_attention": "rmlx.models.gemma4_unified.model:decoder_masks",
+    "layers.{i}.input_layernorm": "rmlx.nn.text:DecoderLayer.__call__",
+    "layers.{i}.attn.q": "rmlx.nn.text:Attention.__call__",
+    "layers.{i}.attn.k": "rmlx.nn.text:Attention.__call__",
+    "layers.{i}.attn.v": "rmlx.nn.text:Attention.v_norm",
+    "layers.{i}.attn.out": "rmlx.nn.text:attention",
+    "layers.{i}.mlp.out": "rmlx.nn.text:MLP.__call__",
+    "layers.{i}.out": "rmlx.nn.text:DecoderLayer.__call__",
+    "text.norm": "rmlx.nn.text:TextModel.head",
+    "logits": "rmlx.nn.text:TextModel.head",
 }
 
 _VE = "model.embed_vision"
@@ -123,7 +123,7 @@ def weight_stage(name: str) -> Stage:
     """The dequantized weight of a quantized linear (``vision.patch_dense.weight``,
     ``layers.3.attn.q_proj.weight``): the reference encodes HF's weight with its own MX codec."""
     return Stage(name, "qweight", name, "quantized", "dequantized MXFP8 weight (out, in)",
-                 "rmlx.quant:dequantized_weights")
+                 "rmlx.nn.quant:dequantized_weights")
 
 
 def stages_for(cfg: TextConfig, image: bool, audio: bool, quantized: frozenset[str] = frozenset()

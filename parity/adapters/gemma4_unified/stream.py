@@ -1,8 +1,8 @@
 """Layer streaming (``rmlx-parity run --stream``): both sides one decoder layer at a time.
 
 The reference is HF's own ``model(...)`` over a model whose layers live on disk
-(``reference.stream.HFStreamRunner``). The candidate (``rmlx.stream.StreamedModel``) runs in lockstep
-*inside* that forward, from hooks:
+(``reference.stream.HFStreamRunner``). The candidate
+(``rmlx.models.gemma4_unified.stream.StreamedModel``) runs in lockstep *inside* that forward, from hooks:
 
 - when HF enters its language model (soft tokens merged, masks built): the candidate's
   ``Model.embed_inputs``; every stage before the first layer is compared;
@@ -55,9 +55,9 @@ from parity.stages import hook_points
 from reference.hf import bool_mask
 from reference.hf import to_numpy as torch_to_numpy
 from reference.stream import HFStreamRunner
-from rmlx import image as rimage
-from rmlx.quant import dequantized_name, dequantized_weights
-from rmlx.stream import StreamedModel
+from rmlx.models.gemma4_unified import image as rimage
+from rmlx.models.gemma4_unified.stream import StreamedModel
+from rmlx.nn.quant import dequantized_name, dequantized_weights
 from rmlx.tap import tap, tapping
 
 _KEEP = ("image.", "vision.", "mask.")  # small stages the float64 oracle and the HTML report's pictures read

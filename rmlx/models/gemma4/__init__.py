@@ -1,4 +1,4 @@
-"""Gemma 4 (``model_type: "gemma4"``): SigLIP-style vision tower + the unified text decoder (rmlx.text)."""
+"""Gemma 4 (``model_type: "gemma4"``): SigLIP-style vision tower + the unified text decoder (rmlx.nn.text)."""
 
 from rmlx.models.gemma4.config import ModelArgs, VisionConfig, text_config
 from rmlx.models.gemma4.image import image_prompt, preprocess, preprocess_batch

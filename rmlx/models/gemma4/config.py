@@ -3,7 +3,7 @@
 Field names are the HF names. Shape-defining keys are required (a missing one is an error naming it);
 keys HF gives a default to take HF's default (transformers 5.24 ``configuration_gemma4.py``).
 
-The text decoder is ``rmlx.text.TextModel``: :func:`text_config` builds its ``rmlx.config.TextConfig``
+The text decoder is ``rmlx.nn.text.TextModel``: :func:`text_config` builds its ``rmlx.nn.config.TextConfig``
 from the gemma4 ``text_config`` after refusing every gemma4-only feature the unified decoder does not
 compute (per-layer input embeddings, MoE blocks, fully bidirectional attention, attention biases).
 """
@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rmlx.config import MAX_ID, MAX_LAYERS, TextConfig, _bool, _float, _int, read_config
 from rmlx.errors import InputError
+from rmlx.nn.config import MAX_ID, MAX_LAYERS, TextConfig, _bool, _float, _int, read_config
 
-# HF Gemma4TextConfig default values that differ from what rmlx.config.TextConfig.from_dict assumes for a
+# HF Gemma4TextConfig default values that differ from what rmlx.nn.config.TextConfig.from_dict assumes for a
 # missing key (it follows gemma4_unified): a gemma4 config.json without them must mean HF's value.
 _TEXT_DEFAULTS = {"sliding_window": 512, "use_bidirectional_attention": None}
 _ACTIVATIONS = ("gelu_pytorch_tanh", "gelu_tanh")
@@ -30,9 +30,9 @@ def _require(d: dict, key: str, where: str) -> Any:
 
 
 def text_config(d: dict, where: str = "text_config") -> TextConfig:
-    """A gemma4 ``text_config`` dict -> the ``rmlx.config.TextConfig`` of the same decoder.
+    """A gemma4 ``text_config`` dict -> the ``rmlx.nn.config.TextConfig`` of the same decoder.
 
-    Gemma4TextModel computes what ``rmlx.text.TextModel`` computes when: no per-layer input embeddings
+    Gemma4TextModel computes what ``rmlx.nn.text.TextModel`` computes when: no per-layer input embeddings
     (``hidden_size_per_layer_input`` 0 or null), no MoE block (``enable_moe_block`` false), no
     attention biases, ``use_bidirectional_attention`` null or "vision" ("all" also halves the sliding
     window and drops causality). Anything else is refused here, naming the field.

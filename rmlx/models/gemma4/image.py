@@ -6,7 +6,7 @@ already right) -> float32(x) * float32(1/255) (no normalisation: the patch embed
 [-1, 1] itself) -> ``patch_size`` x ``patch_size`` x 3 HWC patches in raster order with (x, y)
 positions -> each image padded on its own to ``max_soft_tokens * k^2`` rows (pixels 0, positions -1).
 
-Only the patch size differs from the unified processor (``rmlx.image``), whose pieces are reused:
+Only the patch size differs from the unified processor (``rmlx.models.gemma4_unified.image``), whose pieces are reused:
 the same size policy, the byte-exact torchvision resize, the same patch layout and positions.
 """
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from rmlx.errors import InputError
-from rmlx.image import check_max_soft_tokens, patchify, resize, target_size
+from rmlx.models.gemma4_unified.image import check_max_soft_tokens, patchify, resize, target_size
 from rmlx.tap import tap
 
 

@@ -1,5 +1,5 @@
 """Gemma 4 (``model_type: "gemma4"``, HF ``Gemma4ForConditionalGeneration``): SigLIP-style vision tower,
-multimodal embedder, and the unified text decoder ``rmlx.text.TextModel`` (reused, not copied).
+multimodal embedder, and the unified text decoder ``rmlx.nn.text.TextModel`` (reused, not copied).
 
 Checkpoint keys -> module paths: ``model.vision_tower.*`` -> ``vision_tower.*``, ``model.embed_vision.*``
 -> ``embed_vision.*``, ``model.language_model.*`` -> ``language_model.*``; ``lm_head.weight`` is the tied
@@ -14,15 +14,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from rmlx.base import rms_norm
 from rmlx.errors import InputError
-from rmlx.kernels import Linear
 from rmlx.load import load_checkpoint
-from rmlx.model import decoder_masks, rename_keys, scatter
 from rmlx.models.gemma4.config import ModelArgs
 from rmlx.models.gemma4.vision import VisionModel
+from rmlx.models.gemma4_unified.model import decoder_masks, rename_keys, scatter
+from rmlx.nn.base import rms_norm
+from rmlx.nn.kernels import Linear
+from rmlx.nn.text import KVCache, TextModel
 from rmlx.tap import tap
-from rmlx.text import KVCache, TextModel
 
 _PREFIXES = (  # (checkpoint prefix, module path)
     ("model.vision_tower.", "vision_tower."),
@@ -70,7 +70,7 @@ class Model(nn.Module):
                  pixel_values: np.ndarray | None = None, image_position_ids: np.ndarray | None = None,
                  cache: list[KVCache | None] | None = None, offset: int = 0, policy: str = "official") -> mx.array:
         """Prefill (offset 0) or one decode step (offset > 0, one token, with ``cache``) -> logits (1, L, V).
-        ``policy``: the attention-mask policy of the prefill (``rmlx.base.attention_masks``; HF's gemma4
+        ``policy``: the attention-mask policy of the prefill (``rmlx.nn.base.attention_masks``; HF's gemma4
         forward builds ``official``)."""
         h, masks = self.embed_inputs(input_ids, mm_token_type_ids, pixel_values, image_position_ids, cache, offset,
                                      policy)

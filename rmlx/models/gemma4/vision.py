@@ -20,13 +20,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from rmlx import fastmath
-from rmlx.base import RMSNorm, rms_norm
 from rmlx.errors import InputError
-from rmlx.kernels import Linear
 from rmlx.models.gemma4.config import VisionConfig
+from rmlx.nn import fastmath
+from rmlx.nn.base import RMSNorm, rms_norm
+from rmlx.nn.kernels import Linear
+from rmlx.nn.text import attention
 from rmlx.tap import tap
-from rmlx.text import attention
 
 LAYER_POINTS = ("attn.q", "attn.k", "attn.v", "attn.out", "mlp.out", "out")
 

@@ -12,9 +12,9 @@ import math
 import numpy as np
 from PIL import Image
 
-from rmlx.config import SUPPORTED_SOFT_TOKENS
 from rmlx.errors import InputError
 from rmlx.imagefile import load_image, to_rgb  # noqa: F401  (the port's image entry points)
+from rmlx.models.gemma4_unified.config import SUPPORTED_SOFT_TOKENS
 from rmlx.resize import resize_bicubic_aa_uint8
 from rmlx.tap import tap
 

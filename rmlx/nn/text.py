@@ -14,10 +14,10 @@ import math
 import mlx.core as mx
 import mlx.nn as nn
 
-from rmlx import fastmath
-from rmlx.base import RMSNorm, RoPE, cpu_streams, halves, rms_norm
-from rmlx.config import LayerSpec, TextConfig
-from rmlx.kernels import Linear, bmm_t, matmul_t
+from rmlx.nn import fastmath
+from rmlx.nn.base import RMSNorm, RoPE, cpu_streams, halves, rms_norm
+from rmlx.nn.config import LayerSpec, TextConfig
+from rmlx.nn.kernels import Linear, bmm_t, matmul_t
 from rmlx.tap import layer_stages, tap
 
 
@@ -210,8 +210,8 @@ class TextModel(nn.Module):
 
     def head(self, h: mx.array) -> mx.array:
         """Final norm, tied lm_head (``embed_tokens.as_linear``), optional soft-cap: (B, L, H) -> (B, L, V).
-        A streamed model's embedding (``rmlx.stream.RowsEmbedding``, not an ``nn`` one) applies the
-        soft-cap to each vocabulary chunk of its product; otherwise it runs on row halves of the whole."""
+        A streamed model's embedding (``rmlx.models.gemma4_unified.stream.RowsEmbedding``, not an ``nn`` one)
+        applies the soft-cap to each vocabulary chunk of its product; otherwise it runs on row halves of the whole."""
         h = tap("text.norm", self.norm(h))
         cap = self.cfg.final_logit_softcapping
         if "lm_head" in self:
@@ -221,11 +221,11 @@ class TextModel(nn.Module):
         def softcap(x: mx.array) -> mx.array:
             return mx.tanh(x / cap) * cap
 
-        if isinstance(self.embed_tokens, nn.Embedding):  # embed_tokens.as_linear, on rmlx.kernels' GEMM
+        if isinstance(self.embed_tokens, nn.Embedding):  # embed_tokens.as_linear, on rmlx.nn.kernels' GEMM
             logits = matmul_t(h, self.embed_tokens.weight)
         elif isinstance(self.embed_tokens, nn.QuantizedEmbedding):
             logits = self.embed_tokens.as_linear(h)
-        else:  # rmlx.stream.RowsEmbedding: the soft-cap on each vocabulary chunk
+        else:  # rmlx.models.gemma4_unified.stream.RowsEmbedding: the soft-cap on each vocabulary chunk
             return tap("logits", self.embed_tokens.as_linear(h, None if cap is None else softcap))
         return tap("logits", logits if cap is None else halves(softcap, logits, axis=-2))
 

@@ -36,7 +36,7 @@ import mlx.nn as nn
 import numpy as np
 
 from rmlx import blas
-from rmlx.base import cpu_streams
+from rmlx.nn.base import cpu_streams
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
 _MX_MODES = ("mxfp8", "mxfp4")  # block-scaled by powers of two: dequantization is exact

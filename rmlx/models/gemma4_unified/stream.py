@@ -23,15 +23,15 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
-from rmlx import quant
-from rmlx.base import cpu_streams
-from rmlx.config import ModelArgs
 from rmlx.errors import InputError
 from rmlx.files import checkpoint_files, safetensors_layout
-from rmlx.kernels import matmul_t
 from rmlx.load import DTYPES, check_weights
-from rmlx.model import Model
-from rmlx.text import DecoderLayer
+from rmlx.models.gemma4_unified.config import ModelArgs
+from rmlx.models.gemma4_unified.model import Model, checkpoint_key
+from rmlx.nn import quant
+from rmlx.nn.base import cpu_streams
+from rmlx.nn.kernels import matmul_t
+from rmlx.nn.text import DecoderLayer
 
 EMBED = "language_model.embed_tokens.weight"
 VOCAB_CHUNK = 16384  # rows of the vocabulary table per lm_head chunk (240 MiB in fp32 at hidden 3840)
@@ -125,7 +125,8 @@ class StreamedModel:
                     shapes[key] = _Meta(info["shape"])
                     self.tensors[key] = TensorFile(f, data_start, info)
         renamed, source = self.model.sanitize(shapes)
-        check_weights(self.model, renamed, source)  # strict: every name and shape, before any data is read
+        # strict: every name and shape, before any data is read
+        check_weights(self.model, renamed, source, checkpoint_key)
         self.source = source  # module path -> checkpoint key
         text = self.model.language_model
         text.layers = []  # decoder layers exist only while ``layer(i)`` is in use

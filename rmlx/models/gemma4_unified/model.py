@@ -10,15 +10,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from rmlx.base import attention_masks, rms_norm
-from rmlx.config import AudioConfig, ModelArgs
 from rmlx.errors import InputError
-from rmlx.kernels import Linear
-from rmlx.quant import dequantized_weights
+from rmlx.models.gemma4_unified.config import AudioConfig, ModelArgs
+from rmlx.models.gemma4_unified.vision import VisionEmbedder
+from rmlx.nn.base import attention_masks, rms_norm
+from rmlx.nn.kernels import Linear
+from rmlx.nn.quant import dequantized_weights
+from rmlx.nn.text import KVCache, TextModel
 from rmlx.tap import active as tap_active
 from rmlx.tap import tap
-from rmlx.text import KVCache, TextModel
-from rmlx.vision import VisionEmbedder
 
 
 class AudioEmbedder(nn.Module):

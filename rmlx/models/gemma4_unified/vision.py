@@ -10,7 +10,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from rmlx.base import (
+from rmlx.errors import InputError
+from rmlx.models.gemma4_unified.config import VisionConfig
+from rmlx.nn.base import (
     LayerNorm,
     join_rows,
     layer_norm_rows,
@@ -19,9 +21,7 @@ from rmlx.base import (
     split_like,
     split_rows,
 )
-from rmlx.config import VisionConfig
-from rmlx.errors import InputError
-from rmlx.kernels import Linear
+from rmlx.nn.kernels import Linear
 from rmlx.tap import active as tap_active
 from rmlx.tap import tap
 
@@ -55,7 +55,7 @@ class VisionEmbedder(nn.Module):
 
         Valid rows of every image, in order, concatenated (what HF scatters into the image slots).
         Every step is row-wise: at real size the norms and the position embedding run on two halves of
-        the rows at once, on two CPU streams (:func:`rmlx.base.split_rows`), and the halves are joined
+        the rows at once, on two CPU streams (:func:`rmlx.nn.base.split_rows`), and the halves are joined
         only where a matmul needs the whole (measured: a matmul on each half in turn is 5-10 % slower).
         """
         pos_np = np.asarray(position_ids)
