@@ -203,7 +203,7 @@ class Runner:
     """One gemma4 checkpoint on the HF side, loaded once: preprocessing, a prefill under a mask policy with
     hooks, and greedy decode steps with HF's own cache (the parity adapter's reference).
 
-    Mask policies (``rmlx.base.attention_masks`` names them): ``official`` is what
+    Mask policies (``rmlx.nn.base.attention_masks`` names them): ``official`` is what
     ``Gemma4Model.forward`` builds itself (``create_masks_for_vision_model``: full causal, sliding
     (causal | block) & window); ``hf-forward`` is what the *unified* forward builds (full causal | block,
     sliding (causal & window) | block), made here by transformers' own mask functions and handed to the
