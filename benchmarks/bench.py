@@ -264,8 +264,8 @@ def bench_layers(repeat: int) -> list[dict]:
         Gemma4UnifiedTextRotaryEmbedding,
     )
 
-    from reference.hf import bool_mask
     from reference.synthetic import config
+    from reference.torch_ops import bool_mask
     from rmlx.nn.config import TextConfig
     from rmlx.nn.text import DecoderLayer
 

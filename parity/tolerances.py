@@ -126,7 +126,7 @@ def overrides_record(overrides: tuple[Override, ...]) -> list[dict]:
 
 # The noise-floor bound (parity.runner.noise_floor): a stage fails when the candidate's RMS distance to
 # the float64 oracle is more than this many times the reference's (fp32 only; the oracle of the decoder
-# is HF's own model in float64 with a float64 softmax, reference.hf.eager_float64). Measured worst
+# is HF's own model in float64 with a float64 softmax, reference.torch_ops.eager_float64). Measured worst
 # clean ratios over the embedded default, every stage of every case (97 cases, 3201 stage-case pairs):
 #   decoder stages: 3.3 free / 2.0 teacher (`rmlx-parity run [--mode teacher]`), 4.6 under
 #   `--mask-policy hf-forward`, 3.2 at `--max-soft-tokens 1120`;

@@ -1,6 +1,6 @@
 """Float64 forwards for the modules transformers computes in float32 whatever the model's dtype.
 
-A float64 HF model is the float64 oracle of the decoder stages (``reference.hf.HFRunner`` for the
+A float64 HF model is the float64 oracle of the decoder stages (``reference.gemma4_unified.hf.HFRunner`` for the
 unified family, ``reference.gemma4.hf.Runner`` for the SigLIP one). transformers' Gemma 4 code (both
 ``modeling_gemma4`` and ``modeling_gemma4_unified``) computes two kinds of module in float32 even in a
 float64 model, which leaves fp32 rounding in the oracle, shared with the fp32 reference:

@@ -69,7 +69,7 @@ def test_a_port_raising_in_a_decode_step_is_named_there(tmp_path):
 
 
 def test_a_reference_that_raises_makes_the_run_untestable_with_a_report(tmp_path):
-    from reference import hf
+    from reference.gemma4_unified import hf
 
     def broken(self, *a, **k):
         raise RuntimeError("planted: the reference is broken")

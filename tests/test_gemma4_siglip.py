@@ -55,7 +55,7 @@ def gradient(h: int, w: int, phase: int = 0) -> np.ndarray:
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     d = make_tiny_checkpoint(tmp_path_factory.mktemp("gemma4") / "tiny", seed=0)
-    torch.set_num_threads(1)  # reproducible sgemm (see reference/hf.py)
+    torch.set_num_threads(1)  # reproducible sgemm (see reference/gemma4_unified/hf.py)
     return d, hf.load(d), load_model(d)
 
 

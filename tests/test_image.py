@@ -12,7 +12,7 @@ from transformers.models.gemma4_unified.image_processing_gemma4_unified import (
 
 from parity.adapters.gemma4_unified.defects import CATALOG
 from parity.defects import check, planted
-from reference.hf import HFRunner
+from reference.gemma4_unified.hf import HFRunner
 from rmlx.errors import InputError
 from rmlx.models.gemma4_unified import image as rimage
 from rmlx.models.gemma4_unified.image import load_image, patchify, preprocess, target_size, to_rgb

@@ -11,8 +11,8 @@ CASES = [
      "rmlx.models.gemma4_unified.model, rmlx.tap, rmlx.nn.quant, rmlx.nn.text, rmlx.models.gemma4_unified.stream, "
      "rmlx.models.gemma4.model",
      ["torch", "transformers", "parity", "reference"]),
-    ("reference, reference.hf, reference.numpy_ops, reference.fixtures, reference.mxfp8, reference.synthetic, "
-     "reference.stream",
+    ("reference, reference.torch_ops, reference.gemma4_unified.hf, reference.gemma4_unified.numpy_oracle, "
+     "reference.fixtures, reference.mxfp8, reference.synthetic, reference.gemma4_unified.stream, reference.gemma4.hf",
      ["mlx", "rmlx", "parity"]),
     # parity's package init imports rmlx's (the BLAS loader, rmlx/blas.py: ctypes, no mlx) and nothing else of rmlx
     ("parity.metrics", ["mlx", "torch", "transformers", "reference", "rmlx.models", "rmlx.load", "rmlx.nn"]),

@@ -67,7 +67,7 @@ def test_a_planted_defect_is_named_when_streamed(tmp_path):
 def test_one_layer_at_a_time_on_both_sides(tmp_path):
     """HF's layers are back on the meta device after every call; the candidate holds no layer at all
     between calls, and never the vocabulary table."""
-    from reference.stream import HFStreamRunner
+    from reference.gemma4_unified.stream import HFStreamRunner
     from rmlx.models.gemma4_unified.stream import StreamedModel
 
     model_dir = MODELS[0]

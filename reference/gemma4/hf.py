@@ -1,7 +1,7 @@
 """HF reference for the gemma4 port: the stage table (name -> module path under
 ``Gemma4ForConditionalGeneration`` + how to read it) and a forward-hook capture.
 
-Read kinds (``reference.hf.HFRunner.hooks`` has the first five; ``rope2d`` and ``output_batched`` are
+Read kinds (``reference.gemma4_unified.hf.HFRunner.hooks`` has the first five; ``rope2d`` and ``output_batched`` are
 new here):
   ``output``          the module's output (first element of a tuple / ModelOutput)
   ``output_batched``  the same with a leading batch axis added ((N, D) -> (1, N, D))
@@ -25,7 +25,7 @@ import torch
 
 from reference import float64
 from reference.float64 import float64_inv_freq  # noqa: F401  (re-exported)
-from reference.hf import FLOAT64_ATTENTION, bool_mask, register_float64_attention, to_numpy
+from reference.torch_ops import FLOAT64_ATTENTION, bool_mask, register_float64_attention, to_numpy
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -188,7 +188,7 @@ def compute_in_float64(model: torch.nn.Module) -> None:
     float64 oracle: ``Gemma4RMSNorm`` (``hidden_states.float()``, ``weight.float()``) and the text RoPE
     (inverse frequencies, angles, cos and sin in float32). Each such module of ``model`` gets a forward that
     computes the same formula in float64 (``reference.float64.compute_in_float64``, shared with the unified
-    family's ``reference.hf.HFRunner``). The vision path has more (the pooler, the standardisation, its
+    family's ``reference.gemma4_unified.hf.HFRunner``). The vision path has more (the pooler, the standardisation, its
     RoPE); the decoder's oracle takes the float64 NumPy vision oracle's soft tokens instead
     (``Runner.forward``'s ``image_features``)."""
     from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm, Gemma4TextRotaryEmbedding
@@ -211,10 +211,10 @@ class Runner:
     """
 
     def __init__(self, model_dir, dtype: str = "float32", attn_implementation: str = "eager", threads: int = 1):
-        """``dtype="float64"`` with ``attn_implementation="eager_float64"`` (``reference.hf.eager_float64``:
+        """``dtype="float64"`` with ``attn_implementation="eager_float64"`` (``reference.torch_ops.eager_float64``:
         the softmax in float64 too) is the decoder's float64 oracle (``parity.adapters.gemma4``); a float64
         model's RMSNorms and text RoPE compute in float64 too (``compute_in_float64``)."""
-        torch.set_num_threads(threads)  # 1: reproducible sgemm across processes (see reference/hf.py)
+        torch.set_num_threads(threads)  # 1: reproducible sgemm across processes (see reference/gemma4_unified/hf.py)
         if attn_implementation == FLOAT64_ATTENTION:
             register_float64_attention()
         self.model_dir = model_dir

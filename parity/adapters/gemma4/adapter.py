@@ -130,7 +130,7 @@ class Gemma4Adapter:
 
     @cached_property
     def hf64(self) -> ghf.Runner:
-        """HF's model in float64, softmax included (``reference.hf.eager_float64``), its RMSNorms and RoPE
+        """HF's model in float64, softmax included (``reference.torch_ops.eager_float64``), its RMSNorms and RoPE
         in float64 too (``reference.gemma4.hf.compute_in_float64``): the decoder's oracle."""
         return ghf.Runner(self.model_dir, "float64", "eager_float64")
 

@@ -20,8 +20,8 @@ from parity.adapters.gemma4_unified import MASK_POLICIES, viz
 from parity.adapters.gemma4_unified.stages import stages_for
 from parity.capture import Capture, Recorder, to_numpy
 from parity.stages import Stage, hook_points
-from reference import numpy_ops
-from reference.hf import HFRunner
+from reference.gemma4_unified import numpy_oracle
+from reference.gemma4_unified.hf import HFRunner
 from rmlx.errors import InputError
 from rmlx.models.gemma4_unified import image as rimage
 from rmlx.models.gemma4_unified.config import ModelArgs
@@ -177,7 +177,7 @@ class Gemma4UnifiedAdapter:
 
     @cached_property
     def oracle_weights(self) -> dict[str, np.ndarray]:
-        return numpy_ops.load_vision_weights(self.model_dir)
+        return numpy_oracle.load_vision_weights(self.model_dir)
 
     def supports(self, scenario: Scenario) -> bool:
         return supports(self.args, scenario)
@@ -282,7 +282,7 @@ class Gemma4UnifiedAdapter:
 
     @cached_property
     def hf64(self) -> HFRunner:
-        """HF's model in float64, softmax included (``reference.hf.eager_float64``): the decoder's oracle."""
+        """HF's model in float64, softmax included (``reference.torch_ops.eager_float64``): the decoder's oracle."""
         return HFRunner(self.model_dir, "float64", "eager_float64")
 
     def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
@@ -316,11 +316,11 @@ class Gemma4UnifiedAdapter:
         for p in scenario.images:
             image = decoded[p]
             side = self.patch_geometry[0] * self.patch_geometry[1]
-            th, tw = numpy_ops.soft_token_grid(image.shape[0], image.shape[1], max_soft_tokens, side)
+            th, tw = numpy_oracle.soft_token_grid(image.shape[0], image.shape[1], max_soft_tokens, side)
             resized = image if image.shape[:2] == (th, tw) else self.hf.resize(image, th, tw)
-            parts.append(numpy_ops.patches(resized, max_soft_tokens, side))
+            parts.append(numpy_oracle.patches(resized, max_soft_tokens, side))
         pixel_values = np.concatenate([p[0] for p in parts])
         positions = np.concatenate([p[1] for p in parts])
-        cap = numpy_ops.vision_embedder(self.oracle_weights, pixel_values, positions, self.args.vision.rms_norm_eps)
+        cap = numpy_oracle.vision_embedder(self.oracle_weights, pixel_values, positions, self.args.vision.rms_norm_eps)
         cap["image.pixel_values"], cap["image.position_ids"] = pixel_values, positions
         return cap

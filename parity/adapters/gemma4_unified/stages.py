@@ -2,7 +2,7 @@
 
 Each stage names its tolerance class and where the HF reference produces it: a module path under
 ``Gemma4UnifiedForConditionalGeneration`` and how that module is read (``output``, ``input``,
-``kwarg:NAME``, ``mask``, ``rope`` -- see ``reference.hf.HFRunner.hooks``), or a key of the HF image
+``kwarg:NAME``, ``mask``, ``rope`` -- see ``reference.gemma4_unified.hf.HFRunner.hooks``), or a key of the HF image
 processor's output (``processor``). The rmlx side produces the same name at its ``tap`` point.
 
 Order: preprocessing, vision embedder, audio projection, token embedding, merged inputs, the two

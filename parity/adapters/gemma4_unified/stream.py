@@ -1,7 +1,7 @@
 """Layer streaming (``rmlx-parity run --stream``): both sides one decoder layer at a time.
 
 The reference is HF's own ``model(...)`` over a model whose layers live on disk
-(``reference.stream.HFStreamRunner``). The candidate
+(``reference.gemma4_unified.stream.HFStreamRunner``). The candidate
 (``rmlx.models.gemma4_unified.stream.StreamedModel``) runs in lockstep *inside* that forward, from hooks:
 
 - when HF enters its language model (soft tokens merged, masks built): the candidate's
@@ -52,9 +52,9 @@ from parity.adapters.gemma4_unified.stages import MASK_KINDS
 from parity.capture import Capture, Recorder, to_numpy
 from parity.pipeline import CaseRun
 from parity.stages import hook_points
-from reference.hf import bool_mask
-from reference.hf import to_numpy as torch_to_numpy
-from reference.stream import HFStreamRunner
+from reference.gemma4_unified.stream import HFStreamRunner
+from reference.torch_ops import bool_mask
+from reference.torch_ops import to_numpy as torch_to_numpy
 from rmlx.models.gemma4_unified import image as rimage
 from rmlx.models.gemma4_unified.stream import StreamedModel
 from rmlx.nn.quant import dequantized_name, dequantized_weights

@@ -18,79 +18,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from reference import float64
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "eager_float64")
-FLOAT64_ATTENTION = "eager_float64"
-
-
-def eager_float64(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
-    """transformers' eager attention with the softmax in the activations' dtype: its own eager upcasts
-    the softmax to float32 only, which in a float64 model would leave fp32 rounding in the float64
-    reference (``Gemma4UnifiedTextAttention`` and the SigLIP tower both dispatch through this name)."""
-    groups = getattr(module, "num_key_value_groups", 1)
-    k = key.repeat_interleave(groups, dim=1) if groups > 1 else key
-    v = value.repeat_interleave(groups, dim=1) if groups > 1 else value
-    weights = torch.matmul(query, k.transpose(2, 3)) * (module.head_dim ** -0.5 if scaling is None else scaling)
-    if softcap is not None:
-        weights = torch.tanh(weights / softcap) * softcap
-    if attention_mask is not None:  # transformers builds a boolean mask (True: attend) for a registered name
-        if attention_mask.dtype == torch.bool:
-            weights = weights.masked_fill(~attention_mask, -torch.inf)
-        else:
-            weights = weights + attention_mask
-    weights = torch.nn.functional.softmax(weights, dim=-1, dtype=query.dtype)
-    return torch.matmul(weights, v).transpose(1, 2).contiguous(), weights
-
-
-def register_float64_attention() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-
-    AttentionInterface.register(FLOAT64_ATTENTION, eager_float64)
-    AttentionMaskInterface.register(FLOAT64_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # eager's masks
-
-
-def compute_in_float64(model: torch.nn.Module) -> None:
-    """Make a float64 gemma4_unified model float64 throughout. transformers' code computes some steps in
-    float32 whatever the model's dtype, which leaves fp32 rounding, shared with an fp32 reference, in a
-    float64 oracle: ``Gemma4UnifiedRMSNorm`` (``hidden_states.float()``, ``weight.float()``: every norm of
-    the decoder layers, q/k/v norms, the final norm, and the vision and audio embedders' pre-projection
-    norm, whose output is the soft tokens the float64 run scatters into its prompt) and the text RoPE
-    (``Gemma4UnifiedTextRotaryEmbedding``: inverse frequencies, angles, cos and sin in float32, the
-    proportional type's included). Each such module gets a forward that computes the same formula in
-    float64 (``reference.float64.compute_in_float64``, shared with the SigLIP family). The rest of the
-    path is in the model's dtype already (LayerNorms, linears, GELU, the logit softcap) and the attention
-    softmax is :func:`eager_float64`'s."""
-    from transformers.models.gemma4_unified.modeling_gemma4_unified import (
-        Gemma4UnifiedRMSNorm,
-        Gemma4UnifiedTextRotaryEmbedding,
-    )
-
-    float64.compute_in_float64(model, (Gemma4UnifiedRMSNorm,), (Gemma4UnifiedTextRotaryEmbedding,))
-
-
-Capture = dict[str, np.ndarray]
-
-
-def to_numpy(t: torch.Tensor, copy: bool = True) -> np.ndarray:
-    """Detach to NumPy; bf16 is widened to float32 exactly (NumPy has no bf16). ``copy=False`` shares
-    the tensor's memory, for a tensor nothing writes to afterwards (the logits HF returns: 1.2 GiB at
-    the 12B shapes and 1127 tokens, which a copy would hold twice)."""
-    t = t.detach()
-    if t.dtype == torch.bfloat16:
-        t = t.float()
-    return t.cpu().numpy().copy() if copy else t.cpu().numpy()
-
-
-def bool_mask(m: torch.Tensor | None, length: int) -> torch.Tensor:
-    """A layer's ``attention_mask`` as boolean (B, Lq, Lk), True = may attend: additive float masks
-    read as ``== 0``; None (sdpa with no overlay: HF skips the mask and uses is_causal) is causal."""
-    if m is None:
-        m = torch.ones((1, 1, length, length), dtype=torch.bool).tril()
-    m = m[:, 0]  # (B, 1, Lq, Lk) -> (B, Lq, Lk)
-    return m if m.dtype == torch.bool else m == 0
+from reference.torch_ops import (
+    ATTN_IMPLEMENTATIONS,
+    DTYPES,
+    FLOAT64_ATTENTION,
+    Capture,
+    bool_mask,
+    compute_in_float64,
+    register_float64_attention,
+    to_numpy,
+)
 
 
 class HFRunner:

@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from torch import nn
 
-from reference.hf import DTYPES, HFRunner
+from reference.gemma4_unified.hf import HFRunner
+from reference.torch_ops import DTYPES
 
 VOCAB_CHUNK = 16384
 _MAPPED = {"BF16": (np.uint16, torch.bfloat16), "F16": (np.float16, torch.float16), "F32": (np.float32, torch.float32)}
