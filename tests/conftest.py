@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, settings
 
+import rmlx  # noqa: F401  (before any test module imports mlx: the BLAS MLX calls is loaded first, rmlx/blas.py)
+
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.register_profile("long", deadline=None, max_examples=1000)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True, max_examples=50,

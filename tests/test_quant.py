@@ -65,18 +65,25 @@ def test_quantized_kernel_uses_the_packed_weights():
     np.testing.assert_allclose(np.array(dense(x)), np.array(x @ deq.T + dense.bias), rtol=1e-5, atol=1e-4)
 
 
-@pytest.fixture(scope="module")
-def quantized_run(tmp_path_factory):
+# the default test run: every case of the tiny model; every fixture model (the whole baseline): `nox -s slow`
+SUBSETS = [("tiny",), pytest.param(None, marks=pytest.mark.slow, id="every-model")]
+
+
+@pytest.fixture(scope="module", params=SUBSETS, ids=lambda p: "-".join(p) if p else "every-model")
+def quantized_run(tmp_path_factory, request):
     out = tmp_path_factory.mktemp("quantized")
+    models = [a for m in request.param or () for a in ("--model", str(FIXTURES / "models" / m))]
     code = main(["gate", "--baseline", str(FIXTURES / "baselines" / "mxfp8-free.json"), "--quantize", "mxfp8",
-                 "--no-oracle", "--report-dir", str(out / "rep"), "--json", str(out / "r.json")])
-    return code, json.loads((out / "r.json").read_text())
+                 *models, "--no-oracle", "--report-dir", str(out / "rep"), "--json", str(out / "r.json")])
+    return code, json.loads((out / "r.json").read_text()), request.param
 
 
 def test_quantized_default_run_passes_against_the_dequantized_reference(quantized_run):
-    code, rec = quantized_run
-    assert code == 0 and rec["passed"], rec["first_divergence"]
+    code, rec, models = quantized_run
+    assert code == 0 and rec["passed"], (rec["first_divergence"], rec["gate"]["regressions"][:3])
     assert rec["gate"]["passed"]  # and the quantization cost is held to its committed baseline
+    assert {c["model"] for c in rec["cases"]} == set(models or {c["model"] for c in rec["cases"]})
+    assert rec["gate"]["checked"] > 0 and (models is not None or rec["gate"]["not_run"] == [])
     assert rec["settings"]["quantize"] == "mxfp8"
     for case in rec["cases"]:
         weights = [s for s in case["stages"] if s["class"] == "qweight"]
