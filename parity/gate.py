@@ -274,7 +274,8 @@ def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float 
 
     A setting that differs, or a case / stage of the run the baseline does not have, is an
     ``InputError`` (the baseline does not describe this run). A stage or decode step the baseline has
-    but the run lacks is a regression ("missing"), unless the run selected stages (``--stages``).
+    but the run lacks is a regression ("missing"), unless the run selected stages (``--stages``); so is
+    one the run could not measure ("failed": the candidate raised, a shape mismatch, non-finite values).
     Baseline cases the run skipped (``--case``) are counted, not failed. A NaN error is a regression."""
     check_drift(ratio, floor)
     check_settings(rec["settings"], baseline, source)
@@ -292,7 +293,8 @@ def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float 
     regressions, margins = [], []
     for ci, c in enumerate(rec["cases"]):
         b = baseline["cases"][c["name"]]
-        measured = [(s["name"], s["max_abs"], b["stages"][s["name"]]) for s in c["stages"]]
+        measured = [(s["name"], "failed" if _unmeasured(s) else s["max_abs"], b["stages"][s["name"]])
+                    for s in c["stages"]]
         measured += [(decode_stage(d["step"]), d["max_abs"], b.get("decode", {}).get(str(d["step"])))
                      for d in c["decode"]]
         q = (c.get("quantization_cost") or {}).get("logits") or {}
@@ -308,11 +310,11 @@ def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float 
                 continue
             allowed = base * ratio + floor
             entry = {"case": c["name"], "stage": name, "order": [*order_key(name)[:3], ci],
-                     "max_abs": now if now == "missing" else _number(now), "baseline": base, "allowed": allowed}
+                     "max_abs": now if now in NO_NUMBER else _number(now), "baseline": base, "allowed": allowed}
             margins.append(entry)
-            if now == "missing" or not _number(now) <= allowed:  # NaN: not <= anything
+            if now in NO_NUMBER or not _number(now) <= allowed:  # NaN: not <= anything
                 regressions.append(entry)
-    margins = [e for e in margins if e["max_abs"] != "missing"]
+    margins = [e for e in margins if e["max_abs"] not in NO_NUMBER]
     margins.sort(key=lambda e: -_share(e["max_abs"], e["allowed"]))
     regressions.sort(key=lambda e: e["order"])  # forward order over all cases: the earliest stage that grew
     return _json_float({"baseline": source, "ratio": ratio, "floor": floor,
@@ -320,6 +322,15 @@ def check(rec: dict, baseline: dict, ratio: float = DEFAULT_RATIO, floor: float 
                         "regressions": regressions, "closest": margins[:10], "checked": len(margins),
                         "cases": len(rec["cases"]),
                         "not_run": sorted(set(baseline["cases"]) - {c["name"] for c in rec["cases"]})})
+
+
+NO_NUMBER = ("missing", "failed")  # a stage the run lacks; one it has but could not measure
+
+
+def _unmeasured(stage: dict) -> bool:
+    """A failed stage without numbers: the candidate raised there or never reached it, a shape or dtype
+    mismatch, non-finite values (its error says which; every statistic is left at zero)."""
+    return not stage["passed"] and bool(stage.get("error")) and not stage.get("mismatched") and stage["max_abs"] == 0
 
 
 def _number(v) -> float:
