@@ -54,7 +54,8 @@ def _slug(i: int, name: str) -> str:
 
 def _png(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
-    # zlib level 6, not optimize=True: a 300x300 mask encodes in 1.6 ms instead of 5.2 (1.5 KB instead of 1.0)
+    # zlib level 6, not optimize=True: a 300x300 mask encodes in 1.6 ms against 5.2 (1.5 KB against 1.0;
+    # Image.save of one such mask, 50 times, timed with time.perf_counter)
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG", compress_level=6)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
