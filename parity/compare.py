@@ -37,7 +37,8 @@ import numpy as np
 
 from parity.adapter import option_facts, options
 from parity.metrics import StageDiff, compare_all, logits_agreement
-from parity.runner import CaseResult, Settings, record
+from parity.pipeline import CaseResult
+from parity.runner import Settings, record
 from parity.stages import classify, matches_any, order_key
 from parity.tolerances import EXACT, Override, tolerance
 from rmlx.errors import InputError
@@ -151,7 +152,7 @@ def _unknown(name: str, ref: Dump, cand: Dump, dtype: str) -> StageDiff:
 
 def compare_case(name: str, ref: Dump, cand: Dump, dtype: str, mode: str, patterns: list[str],
                  require_all: bool = False, overrides: tuple[Override, ...] = ()):
-    """One case -> (``runner.CaseResult``, the case's ``compare`` section). The stages of both dumps
+    """One case -> (``pipeline.CaseResult``, the case's ``compare`` section). The stages of both dumps
     are compared; with ``require_all`` a stage of one dump only is a failed stage too."""
     t0 = time.perf_counter()
     names = ref.stages.keys() | cand.stages.keys()

@@ -19,20 +19,7 @@ import numpy as np
 from parity.adapter import Adapter, Family, Scenario, families, family_of
 from parity.defects import Defect, check, planted
 from parity.metrics import StageDiff, Tol, _json_float, compare, first_divergence, logit_statistics, logits_agreement
-from parity.pipeline import (  # noqa: F401  (the pipeline's helpers are importable from here too)
-    LOGITS,
-    CaseResult,
-    CaseRun,
-    case_error,
-    case_result,
-    decisive_flips,
-    decode_entries,
-    error_result,
-    greedy_agreement,
-    noise_floor,
-    oracle_columns,
-    side_of,
-)
+from parity.pipeline import LOGITS, CaseResult, CaseRun, error_result, greedy_agreement, side_of
 from parity.provenance import git, versions
 from parity.stages import decode_stage, order_key
 from parity.tolerances import Override, overrides_record, tolerance

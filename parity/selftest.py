@@ -21,9 +21,10 @@ from pathlib import Path
 
 from parity.adapter import Adapter, Family, Scenario, family_of
 from parity.defects import Defect, check, matches, planted
+from parity.pipeline import CaseResult
 from parity.provenance import git, versions
 from parity.report import text_table
-from parity.runner import MODES, CaseResult, Settings, divergence, run_case
+from parity.runner import MODES, Settings, divergence, run_case
 from rmlx.errors import InputError
 from rmlx.imagefile import load_image
 

@@ -124,7 +124,7 @@ def overrides_record(overrides: tuple[Override, ...]) -> list[dict]:
     return [{"stages": g, "atol": a, "rtol": r} for g, a, r in overrides]
 
 
-# The noise-floor bound (parity.runner.noise_floor): a stage fails when the candidate's RMS distance to
+# The noise-floor bound (parity.pipeline.noise_floor): a stage fails when the candidate's RMS distance to
 # the float64 oracle is more than this many times the reference's (fp32 only; the oracle of the decoder
 # is HF's own model in float64 with a float64 softmax, reference.torch_ops.eager_float64). Measured worst
 # clean ratios over the embedded default, every stage of every case (97 cases, 3201 stage-case pairs):

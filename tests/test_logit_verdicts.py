@@ -7,7 +7,7 @@ import numpy as np
 
 from parity.cli import main
 from parity.metrics import compare, logits_agreement, oracle_distance
-from parity.runner import decisive_flips, decode_entries, greedy_agreement
+from parity.pipeline import decisive_flips, decode_entries, greedy_agreement
 from parity.tolerances import Tol
 from tests.conftest import MODELS
 

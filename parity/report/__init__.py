@@ -246,7 +246,7 @@ def logit_lines(lg: dict) -> list[str]:
 
 
 def greedy_cell(g: dict | None) -> str:
-    """A case's greedy decode agreement (``runner.greedy_agreement``) in a few words."""
+    """A case's greedy decode agreement (``pipeline.greedy_agreement``) in a few words."""
     if not g or not g.get("steps"):
         return "-"
     if g["first_difference"] is None:
