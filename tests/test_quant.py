@@ -66,7 +66,7 @@ def test_quantized_kernel_uses_the_packed_weights():
 
 
 # the default test run: every case of the tiny model; every fixture model (the whole baseline): `nox -s slow`
-SUBSETS = [("tiny",), pytest.param(None, marks=pytest.mark.slow, id="every-model")]
+SUBSETS = [("tiny",), pytest.param(None, marks=pytest.mark.slow)]
 
 
 @pytest.fixture(scope="module", params=SUBSETS, ids=lambda p: "-".join(p) if p else "every-model")

@@ -336,6 +336,10 @@ def _colour(token_type: int, legend: dict[int, tuple[str, str]]) -> str:
     return legend[token_type][1] if token_type in legend else MUTED
 
 
+def _name(token_type: int, legend: dict[int, tuple[str, str]]) -> str:
+    return legend[token_type][0] if token_type in legend else f"type {token_type}"
+
+
 def _mask_svg(rgb: np.ndarray, length: int, spans, legend: dict[int, tuple[str, str]], cls: str, label: str) -> str:
     pic = _fit(rgb)
     size = pic.shape[0]
@@ -437,7 +441,7 @@ def masks(case: dict) -> str:
         keys_legend += ['<span class="key sep">difference:</span>',
                         _swatch("#cf222e", "candidate attends, reference not"),
                         _swatch("#0969da", "reference attends, candidate not"), _swatch("#d0d7de", "both attend")]
-    blocks = [f"{legend[t][0] if t in legend else f'type {t}'}" for t in dict.fromkeys(t for t, _, _ in spans)]
+    blocks = [_name(t, legend) for t in dict.fromkeys(t for t, _, _ in spans)]
     outlined = (f'<p class="muted">Boxes outline the {_e(" and ".join(blocks))} token blocks (colours as in the '
                 f'legend); the strips on the axes mark their positions.</p>' if blocks else "")
     return (f'<div class="masks"><h4>Attention masks (batch 0; row = query, column = key)</h4>'
@@ -469,11 +473,10 @@ def kl_plot(case: dict) -> str:
     legend = _legend(viz)
     for t, count in (viz.get("masks") or {}).get("token_types") or []:
         if t != 0 and n:
-            name = legend[t][0] if t in legend else f"type {t}"
             parts.append(f'<rect x="{x0 + dx * at:.1f}" y="{top}" width="{dx * count:.1f}" height="{zero_y - top}" '
                          f'fill="{_colour(t, legend)}" opacity="0.09"/><text x="{x0 + dx * (at + count / 2):.1f}" '
                          f'y="{zero_y + 20}" class="tick" text-anchor="middle" fill="{_colour(t, legend)}">'
-                         f'{_e(name)} tokens</text>')
+                         f'{_e(_name(t, legend))} tokens</text>')
         at += count
     parts += _y_grid(axis, x0, x1, zero_y)
 
