@@ -526,3 +526,61 @@ def test_quantized_matmul_matches_float64_product_of_decoded_weights(m, n, k):
     err = np.abs(np.array(out).astype(np.float64) - exact)
     assert np.all(err <= gamma * magnitude), (
         f"max |err| / sum|x||w| = {(err / magnitude).max() / u:.2f} u, bound {steps} u")
+
+
+# --- reference.mxfp8_torch: the same round trip, computed by torch ---------------------------
+
+
+def assert_torch_roundtrip_is_the_codecs(w32: np.ndarray, dtype=F32) -> None:
+    """reference.mxfp8_torch.roundtrip gives decode(*encode(w)) bit for bit (NaN payloads included)."""
+    import torch
+
+    from reference.mxfp8_torch import roundtrip
+
+    w = w32.astype(dtype)
+    t = torch.from_numpy(w32.copy())
+    ours = roundtrip(t.to(torch.bfloat16) if dtype is BF16 else t).numpy()
+    theirs = np.asarray(decode(*encode(w)), F32)
+    assert ours.shape == theirs.shape
+    differ = ours.view(np.uint32) != theirs.view(np.uint32)
+    assert not differ.any(), (w.reshape(-1)[differ.reshape(-1)][:8], ours[differ][:8], theirs[differ][:8])
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", list(GENERATORS))
+def test_torch_roundtrip_equals_the_codec(kind, dtype):
+    assert_torch_roundtrip_is_the_codecs(GENERATORS[kind]((64, 6912)), dtype)
+
+
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_torch_roundtrip_at_every_scale_boundary(dtype):
+    """Block maxima around 448 * 2**k for every k a float32 holds (the tiny, wrapping scales of D3
+    included), companions down to the subnormal quotients, and NaN / inf blocks (D4)."""
+    base = np.ldexp(F32(448), np.arange(-157, 119)).astype(F32)
+    base = base[base > 0]
+    maxima = np.concatenate([np.nextafter(base, F32(0)), base, np.nextafter(base, F32(np.inf))])
+    companions = RNG.uniform(-1, 1, (maxima.size, BLOCK - 1)) * maxima[:, None] * 2.0 ** RNG.integers(
+        -160, 1, (maxima.size, 1))
+    w = np.concatenate([maxima[:, None], companions.astype(F32)], axis=1)
+    w[::97, 3] = np.nan
+    w[1::89, 5] = -np.inf
+    assert_torch_roundtrip_is_the_codecs(w, dtype)
+
+
+@settings(deadline=None)
+@given(nps.arrays(np.uint32, st.tuples(st.integers(1, 4), st.sampled_from([32, 64, 96])),
+                  elements=st.integers(0, 2**32 - 1)),
+       st.sampled_from([F32, BF16]))
+def test_torch_roundtrip_of_any_bit_pattern(bits, dtype):
+    assert_torch_roundtrip_is_the_codecs(bits.view(F32), dtype)
+
+
+def test_torch_roundtrip_refuses_what_the_codec_refuses():
+    import torch
+
+    from reference.mxfp8_torch import roundtrip
+
+    with pytest.raises(TypeError, match="float16"):
+        roundtrip(torch.zeros(2, 32, dtype=torch.float16))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        roundtrip(torch.zeros(2, 48))

@@ -13,7 +13,6 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 import torch
 from PIL import Image
@@ -149,18 +148,14 @@ class HFRunner:
             return False
 
     @torch.no_grad()
-    def quantize_dequantize(self, modules: Mapping[str, str], encode, decode) -> Capture:
+    def quantize_dequantize(self, modules: Mapping[str, str], roundtrip) -> Capture:
         """Replace the weight of each linear in ``modules`` = {module path: stage name} by
-        ``decode(*encode(w))`` (the reference's own MX codec): the reference then computes what the
-        quantized kernel should. Returns {stage name: dequantized weight}."""
+        ``roundtrip(w)`` (the reference's own MX codec, quantized and dequantized to float32): the
+        reference then computes what the quantized kernel should. Returns {stage name: dequantized weight}."""
         out: Capture = {}
         for path, stage in modules.items():
             linear = self.model.get_submodule(path)
-            w = linear.weight.detach().float().numpy()
-            if linear.weight.dtype == torch.bfloat16:  # the codec computes the scale in the input dtype
-                w = w.astype(ml_dtypes.bfloat16)
-            deq = np.asarray(decode(*encode(w)), dtype=np.float32)
-            linear.weight.copy_(torch.from_numpy(deq).to(linear.weight.dtype))
+            linear.weight.copy_(roundtrip(linear.weight.detach()))
             out[stage] = to_numpy(linear.weight)
         return out
 

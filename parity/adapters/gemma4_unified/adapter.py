@@ -159,7 +159,7 @@ class Gemma4UnifiedAdapter:
         self.unmatched: list[str] = []
         quantized = [p for p, s in self.candidate_model.quant_status.items() if s == "quantized"]
         if quantized:
-            from reference import mxfp8
+            from reference.mxfp8_torch import roundtrip
 
             self.hf_float = HFRunner(self.model_dir, dtype, attn_implementation, threads)
             # a candidate may quantize modules ours leaves alone (MLX's default predicate takes embeddings
@@ -168,7 +168,7 @@ class Gemma4UnifiedAdapter:
             modules = {hf_module(p): dequantized_name(p) for p in quantized
                        if dequantized_name(p) is not None and self.hf.is_linear(hf_module(p))}
             self.unmatched = sorted(p for p in quantized if hf_module(p) not in modules)
-            self.reference_weights = self.hf.quantize_dequantize(modules, mxfp8.encode, mxfp8.decode)
+            self.reference_weights = self.hf.quantize_dequantize(modules, roundtrip)
         self.quantized = frozenset(self.reference_weights)
 
     def load_candidate(self):

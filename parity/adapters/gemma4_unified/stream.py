@@ -87,15 +87,14 @@ class StreamAdapter(Gemma4UnifiedAdapter):
         self.unmatched: list[str] = []
         quantized = [p for p, s in self.streamed.quant_status.items() if s == "quantized"]
         if quantized:
-            from reference import mxfp8
+            from reference.mxfp8_torch import roundtrip
 
             modules = {hf_module(p): dequantized_name(p) for p in quantized if dequantized_name(p) is not None}
             layered = {m: s for m, s in modules.items() if m.startswith("model.language_model.layers.")}
             resident = {m: s for m, s in modules.items() if m not in layered}
             # the resident modules are loaded: dequantized now; each layer's weights when they are read
-            self.reference_weights = self.hf.quantize_dequantize(resident, mxfp8.encode, mxfp8.decode)
-            self.hf.weights.quantize_on_read({f"{m}.weight": s for m, s in layered.items()}, mxfp8.encode,
-                                             mxfp8.decode)
+            self.reference_weights = self.hf.quantize_dequantize(resident, roundtrip)
+            self.hf.weights.quantize_on_read({f"{m}.weight": s for m, s in layered.items()}, roundtrip)
             self.quantized = frozenset(modules.values())
         else:
             self.quantized = frozenset()
