@@ -82,6 +82,7 @@ class _Side:
         self.adapters: dict[Path, Adapter] = {m: family.load(m, settings) for m in models}
         self.clean = {m: a.candidate_model for m, a in self.adapters.items()}
         for a in self.adapters.values():
+            a.inputs = _memoized_inputs(a.inputs)
             a.reference = _memoized(a.reference)
             a.oracle = _memoized_oracle(a.oracle)
 
@@ -98,6 +99,20 @@ class _Side:
 def _options_key(settings: Settings) -> tuple:
     """The families' options of ``settings``, defaults filled in, as a hashable key."""
     return tuple(sorted(settings.option_values().items(), key=str))
+
+
+def _memoized_inputs(inputs):
+    """The adapter's case inputs (the prompt and the reference's preprocessing) keyed by its case: the
+    reference's side, the same whatever is planted in the candidate (never mutated downstream)."""
+    kept: dict = {}
+
+    def call(scenario, decoded, settings):
+        key = (scenario, _options_key(settings))
+        if key not in kept:
+            kept[key] = inputs(scenario, decoded, settings)
+        return kept[key]
+
+    return call
 
 
 def _memoized_oracle(oracle):

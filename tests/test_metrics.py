@@ -18,6 +18,7 @@ from parity.metrics import (
     first_divergence,
     max_ulp,
     missing_and_extra,
+    percentile,
     ulp_floor,
 )
 
@@ -219,3 +220,40 @@ def test_chunked_compare_equals_the_whole_array_formulas(monkeypatch, workers, c
     assert d.min_tolerance == {"atol": want["atol"], "rtol": want["rtol"]}
     assert d.mean_abs == pytest.approx(want["mean_abs"], rel=1e-12)
     assert d.cosine == pytest.approx(want["cosine"], rel=1e-12)
+
+
+@given(nps.arrays(np.float32, st.integers(1, 3000),
+                  elements=st.floats(0, 1e6, width=32) | st.sampled_from([0.0, 1.0, 2.0**-149])),
+       st.sampled_from([0.0, 50.0, 99.0, 99.9, 100.0]))
+def test_percentile_of_a_small_array_is_numpys(x, q):
+    """Below 2^16 values percentile() partitions once instead of calling np.percentile: the same number."""
+    assert percentile(x, q) == float(np.percentile(x, q))
+
+
+@pytest.mark.parametrize("chunk", [1 << 17, 1 << 6])
+@given(nps.arrays(st.sampled_from([np.float32, np.float64, np.float16, np.int64, np.int32, np.bool_]),
+                  nps.array_shapes(max_dims=3, max_side=40)),
+       st.sampled_from([Tol(0.0, 0.0), Tol(1e-5, 1e-6), Tol(0.0, 1e-3)]))
+def test_bit_identical_arrays_take_the_one_pass_path_with_the_same_result(chunk, x, tol):
+    """Two arrays with the same bytes are compared in one pass (metrics._identical): every field of the
+    StageDiff equals the full chunked path's, NaN/Inf arrays go to the full path (it names them)."""
+    import parity.metrics as metrics
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(metrics, "CHUNK", chunk)  # 1 << 6: several chunks and groups in a 40^3 array
+        fast = compare("s", x, x.copy(), tol)
+        mp.setattr(metrics, "_same_bits", lambda a, e: False)
+        assert fast == compare("s", x, x.copy(), tol)
+
+
+def test_bit_identical_bfloat16_and_signed_zeros():
+    """bfloat16 (a 2-byte dtype of ml_dtypes) takes the one-pass path; -0.0 against +0.0 is not the same
+    bytes, so it takes the full path, which finds them equal."""
+    import parity.metrics as metrics
+
+    b = np.linspace(-3, 3, 96, dtype=np.float32).astype(ml_dtypes.bfloat16).reshape(8, 12)
+    assert metrics._same_bits(b.reshape(-1), b.copy().reshape(-1))
+    assert compare("s", b, b.copy(), Tol(0, 0)).passed
+    z = np.zeros(64, np.float32)
+    assert not metrics._same_bits(-z, z)
+    assert compare("s", -z, z, Tol(0, 0)).passed
