@@ -12,8 +12,10 @@ import re
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from rmlx.errors import InputError
+from rmlx.nn.base import cpu_streams
 
 MODES = {"mxfp8": {"group_size": 32, "bits": 8}}
 _QUANTIZABLE = re.compile(
@@ -61,19 +63,38 @@ def quantize(model: nn.Module, mode: str, overrides: dict | None = None, prefix:
         status[path] = "quantized"
         return overrides.get(path) or True
 
-    nn.quantize(model, mode=mode, class_predicate=predicate, **MODES[mode])
+    leaves = tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module)  # nn.quantize's order
+    chosen = [(path, m, params) for path, m in leaves if (params := predicate(path, m))]
+    quantized = []
+    for (path, m, params), stream in zip(chosen, _spread([m.weight.size for _, m, _ in chosen]), strict=True):
+        with mx.stream(stream):  # mx.quantize runs on one thread per stream: the modules spread over two
+            quantized.append((path, m.to_quantized(**(params if isinstance(params, dict)
+                                                       else MODES[mode] | {"mode": mode}))))
+    if quantized:
+        model.update_modules(tree_unflatten(quantized))
     return status
+
+
+def _spread(sizes: list[int]) -> list[mx.Stream]:
+    """A stream for each of a list of jobs: on the CPU, each to the one of its two streams with the
+    less work so far (the same values whichever computes them); elsewhere the default stream."""
+    if mx.default_device() != mx.cpu:
+        return [mx.default_stream(mx.default_device())] * len(sizes)
+    streams, load, out = cpu_streams(), [0, 0], []
+    for size in sizes:
+        i = load.index(min(load))
+        load[i] += size
+        out.append(streams[i])
+    return out
 
 
 def dequantized_weights(model: nn.Module, prefix: str = "") -> dict[str, mx.array]:
     """{stage name: dequantized weight (out, in)} of every quantized linear, so that codec errors
     (the weights) and kernel errors (the activations) are told apart. ``prefix``: as in :func:`quantize`."""
+    named = [(name, m) for path, m in model.named_modules()
+             if isinstance(m, nn.QuantizedLinear) and (name := dequantized_name(prefix + path)) is not None]
     out = {}
-    for path, module in model.named_modules():
-        if isinstance(module, nn.QuantizedLinear):
-            name = dequantized_name(prefix + path)
-            if name is not None:
-                out[name] = mx.dequantize(module.weight, module.scales, module.get("biases"),
-                                          group_size=module.group_size, bits=module.bits, mode=module.mode,
-                                          dtype=mx.float32)
+    for (name, m), stream in zip(named, _spread([m.weight.size for _, m in named]), strict=True):
+        out[name] = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                                  mode=m.mode, dtype=mx.float32, stream=stream)
     return out
