@@ -43,9 +43,10 @@ def roundtrip(w: torch.Tensor) -> torch.Tensor:
 
 
 def _band(blocks: torch.Tensor, out: torch.Tensor) -> None:
+    """One band, computed in ``out`` in place (fresh temporaries of this size cost page faults)."""
     dt = blocks.dtype
-    f = blocks.float()
-    low, high = torch.aminmax(f, dim=-1)  # max |w| without an |w| copy; NaN propagates
+    out.copy_(blocks)  # float32, exact
+    low, high = torch.aminmax(out, dim=-1)  # max |w| without an |w| copy; NaN propagates
     k = torch.maximum(high, -low).div_(mxfp8.E4M3_MAX).to(dt).float()
     mant, exp = torch.frexp(k)  # k = mant * 2**exp, 0.5 <= mant < 1 (mant 0 for k 0)
     e = torch.where(mant == 0.5, exp - 1, exp)
@@ -53,9 +54,8 @@ def _band(blocks: torch.Tensor, out: torch.Tensor) -> None:
     pow2 = torch.ldexp(torch.ones_like(k), e)[:, None]
     # w / 2**e is exact in float32 unless the quotient is subnormal there (|q| < 2**-126); rounding
     # such a quotient to bfloat16 first, as MLX does, changes nothing: E4M3 takes it to +-0 either way
-    q = torch.div(f, pow2, out=f) if f is not blocks else f / pow2
-    code = q.clamp_(-mxfp8.E4M3_MAX, mxfp8.E4M3_MAX).to(torch.float8_e4m3fn)
-    torch.mul(code.float(), pow2, out=out)
+    code = out.div_(pow2).clamp_(-mxfp8.E4M3_MAX, mxfp8.E4M3_MAX).to(torch.float8_e4m3fn)
+    out.copy_(code).mul_(pow2)
     odd = ~torch.isfinite(k) | ((k > 0) & (e < -126))
     if bool(odd.any()):  # MLX's own arithmetic for non-finite and tiny blocks (module docstring)
         rows = blocks[odd].float().numpy()

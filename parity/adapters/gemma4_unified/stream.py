@@ -171,7 +171,9 @@ class Lockstep:
             with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
                 if self.forward == 0:
                     self.ref.update({k: v for k, v in done.items() if k in self.run.tols})
-                    for name, weight in dequantized_weights(layer, f"language_model.layers.{i}.").items():
+                    weights = dequantized_weights(layer, f"language_model.layers.{i}.")
+                    mx.eval(list(weights.values()))  # together: they are spread over the CPU streams
+                    for name, weight in weights.items():
                         tap(name, weight)  # record-only, as Model.embed_inputs taps the resident ones
                 self.h = self.text.step(i, layer, self.h, self.masks, self.cache, offset, self.attended)
                 mx.eval(self.h)
