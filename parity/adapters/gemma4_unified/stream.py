@@ -58,7 +58,7 @@ from reference.torch_ops import to_numpy as torch_to_numpy
 from rmlx.models.gemma4_unified import image as rimage
 from rmlx.models.gemma4_unified.stream import StreamedModel
 from rmlx.nn.quant import dequantized_name, dequantized_weights
-from rmlx.tap import tap, tapping
+from rmlx.tap import tapping
 
 _KEEP = ("image.", "vision.", "mask.")  # small stages the float64 oracle and the HTML report's pictures read
 _HEAD = ("text.norm", "logits")
@@ -173,8 +173,10 @@ class Lockstep:
                     self.ref.update({k: v for k, v in done.items() if k in self.run.tols})
                     weights = dequantized_weights(layer, f"language_model.layers.{i}.")
                     mx.eval(list(weights.values()))  # together: they are spread over the CPU streams
-                    for name, weight in weights.items():
-                        tap(name, weight)  # record-only, as Model.embed_inputs taps the resident ones
+                    for name, weight in weights.items():  # record-only, as Model.embed_inputs taps the
+                        # resident ones; views of fresh arrays that nothing writes (0.9 GiB a layer at the
+                        # 12B shapes: a copy would double it)
+                        self.recorder.capture[name] = np.asarray(memoryview(weight))
                 self.h = self.text.step(i, layer, self.h, self.masks, self.cache, offset, self.attended)
                 mx.eval(self.h)
             del layer
