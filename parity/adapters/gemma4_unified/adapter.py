@@ -177,7 +177,13 @@ class Gemma4UnifiedAdapter:
 
     @cached_property
     def oracle_weights(self) -> dict[str, np.ndarray]:
-        return numpy_oracle.load_vision_weights(self.model_dir)
+        """The vision weights of the NumPy oracle: the checkpoint's, but in a quantized run ``patch_dense``'s
+        dequantized weight, which the reference runs with (the oracle is of the model the kernel computes)."""
+        weights = numpy_oracle.load_vision_weights(self.model_dir)
+        dequantized = self.reference_weights.get("vision.patch_dense.weight")
+        if dequantized is not None:
+            weights["patch_dense.weight"] = dequantized
+        return weights
 
     def supports(self, scenario: Scenario) -> bool:
         return supports(self.args, scenario)
