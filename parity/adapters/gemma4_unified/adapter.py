@@ -294,7 +294,8 @@ class Gemma4UnifiedAdapter:
     def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
         """Float64 values: the independent NumPy preprocessing and vision embedder, and for every other
         stage HF's own model run in float64 on the same inputs (an fp32 candidate of an unquantized
-        checkpoint; a quantized one's target is the dequantized model, which has no float64 run)."""
+        checkpoint; a quantized one's target is the dequantized model: its vision path is the NumPy
+        oracle's with the dequantized ``patch_dense``, its decoder has no float64 run)."""
         float64_run = settings.dtype == "float32" and not self.quantized
         cap = self._hf64_capture(scenario, decoded, settings) if float64_run else {}
         cap.update(self._numpy_oracle(scenario, decoded, settings))
