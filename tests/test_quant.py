@@ -93,16 +93,17 @@ def test_quantized_default_run_passes_against_the_dequantized_reference(quantize
         assert cost["stages"]["logits"] < 0  # a real, finite cost in dB (NMSE vs the unquantized model)
 
 
-def test_the_vision_oracle_of_a_quantized_run_is_the_dequantized_model(tmp_path):
-    """In a quantized fp32 run the NumPy vision oracle takes patch_dense's dequantized weight: from
-    vision.patch_dense on, both sides sit at float32 rounding from it (with the checkpoint's own weight
-    they would sit at the quantization error, ~1e-2, and the noise floor could fail nothing)."""
+def test_the_oracle_of_a_quantized_run_is_the_dequantized_model(tmp_path):
+    """In a quantized fp32 run the NumPy vision oracle takes patch_dense's dequantized weight and HF's
+    float64 model every dequantized weight: both sides sit at float32 rounding from them (with the
+    checkpoint's own weights they would sit at the quantization error, ~1e-2, and the noise floor could
+    fail nothing), and every such stage gets the noise-floor verdict."""
     code = main(["run", "--quantize", "mxfp8", "--model", str(TINY), "--case", "image/gradient", "--report-dir",
                  str(tmp_path / "rep"), "--json", str(tmp_path / "r.json")])
     rec = json.loads((tmp_path / "r.json").read_text())
     assert code == 0 and rec["passed"]
     (case,) = rec["cases"]
     oracle = {s["name"]: s["oracle"] for s in case["stages"] if s.get("oracle")}
-    for name in ("vision.patch_dense", "vision.soft_tokens"):
+    for name in ("vision.patch_dense", "vision.soft_tokens", "layers.0.attn.q", "layers.1.mlp.out", "text.norm"):
         assert oracle[name]["reference_rms"] < 1e-5 and oracle[name]["candidate_rms"] < 1e-5, (name, oracle[name])
         assert oracle[name]["allowed_ratio"] is not None

@@ -148,6 +148,13 @@ class HFRunner:
             return False
 
     @torch.no_grad()
+    def set_weights(self, weights: Mapping[str, np.ndarray]) -> None:
+        """Give each linear in ``weights`` = {module path: weight} that weight, cast to the model's dtype."""
+        for path, w in weights.items():
+            linear = self.model.get_submodule(path)
+            linear.weight.copy_(torch.from_numpy(np.asarray(w)).to(linear.weight.dtype))
+
+    @torch.no_grad()
     def quantize_dequantize(self, modules: Mapping[str, str], roundtrip) -> Capture:
         """Replace the weight of each linear in ``modules`` = {module path: stage name} by
         ``roundtrip(w)`` (the reference's own MX codec, quantized and dequantized to float32): the

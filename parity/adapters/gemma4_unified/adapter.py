@@ -156,6 +156,7 @@ class Gemma4UnifiedAdapter:
         self.hf = HFRunner(self.model_dir, dtype, attn_implementation, threads)
         self.hf_float = None
         self.reference_weights: Capture = {}
+        self.dequantized_modules: dict[str, str] = {}  # {HF module path: stage} of the reference's codec
         self.unmatched: list[str] = []
         quantized = [p for p, s in self.candidate_model.quant_status.items() if s == "quantized"]
         if quantized:
@@ -169,6 +170,7 @@ class Gemma4UnifiedAdapter:
                        if dequantized_name(p) is not None and self.hf.is_linear(hf_module(p))}
             self.unmatched = sorted(p for p in quantized if hf_module(p) not in modules)
             self.reference_weights = self.hf.quantize_dequantize(modules, roundtrip)
+            self.dequantized_modules = modules
         self.quantized = frozenset(self.reference_weights)
 
     def load_candidate(self):
@@ -288,15 +290,18 @@ class Gemma4UnifiedAdapter:
 
     @cached_property
     def hf64(self) -> HFRunner:
-        """HF's model in float64, softmax included (``reference.torch_ops.eager_float64``): the decoder's oracle."""
-        return HFRunner(self.model_dir, "float64", "eager_float64")
+        """HF's model in float64, softmax included (``reference.torch_ops.eager_float64``): the decoder's oracle.
+        In a quantized run, with the reference's dequantized weights (exact in float64)."""
+        runner = HFRunner(self.model_dir, "float64", "eager_float64")
+        runner.set_weights({path: self.reference_weights[stage] for path, stage in self.dequantized_modules.items()})
+        return runner
 
     def oracle(self, scenario: Scenario, decoded: dict[Path, np.ndarray], settings) -> Capture:
         """Float64 values: the independent NumPy preprocessing and vision embedder, and for every other
-        stage HF's own model run in float64 on the same inputs (an fp32 candidate of an unquantized
-        checkpoint; a quantized one's target is the dequantized model: its vision path is the NumPy
-        oracle's with the dequantized ``patch_dense``, its decoder has no float64 run)."""
-        float64_run = settings.dtype == "float32" and not self.quantized
+        stage HF's own model run in float64 on the same inputs (an fp32 candidate; a quantized one's target
+        is the dequantized model: the NumPy oracle takes the dequantized ``patch_dense``, HF's float64 model
+        every dequantized weight)."""
+        float64_run = settings.dtype == "float32"
         cap = self._hf64_capture(scenario, decoded, settings) if float64_run else {}
         cap.update(self._numpy_oracle(scenario, decoded, settings))
         return cap
