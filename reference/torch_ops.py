@@ -72,6 +72,17 @@ def to_numpy(t: torch.Tensor, copy: bool = True) -> np.ndarray:
     return t.cpu().numpy().copy() if copy else t.cpu().numpy()
 
 
+def forward_kwargs(inputs: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """A Gemma 4 forward's keyword arguments from a case's arrays: the prompt's ids and token types, and
+    the image's pixel values and patch positions when the case has an image."""
+    kw = {"input_ids": torch.from_numpy(inputs["input_ids"]),
+          "mm_token_type_ids": torch.from_numpy(inputs["mm_token_type_ids"])}
+    if "pixel_values" in inputs:
+        kw["pixel_values"] = torch.from_numpy(inputs["pixel_values"])
+        kw["image_position_ids"] = torch.from_numpy(inputs["image_position_ids"])
+    return kw
+
+
 def bool_mask(m: torch.Tensor | None, length: int) -> torch.Tensor:
     """A layer's ``attention_mask`` as boolean (B, Lq, Lk), True = may attend: additive float masks
     read as ``== 0``; None (sdpa with no overlay: HF skips the mask and uses is_causal) is causal."""

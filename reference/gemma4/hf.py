@@ -25,7 +25,13 @@ import torch
 
 from reference import float64
 from reference.float64 import float64_inv_freq  # noqa: F401  (re-exported)
-from reference.torch_ops import FLOAT64_ATTENTION, bool_mask, register_float64_attention, to_numpy
+from reference.torch_ops import (
+    FLOAT64_ATTENTION,
+    bool_mask,
+    forward_kwargs,
+    register_float64_attention,
+    to_numpy,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -283,11 +289,8 @@ class Runner:
         ``inputs["image_features"]`` (N, hidden), instead of pixel_values: the soft tokens scattered into the
         prompt (HF's ``mm_encoder_outputs``), the vision tower not run.
         """
-        ids = torch.from_numpy(inputs["input_ids"])
-        kw = {"input_ids": ids, "mm_token_type_ids": torch.from_numpy(inputs["mm_token_type_ids"])}
-        if "pixel_values" in inputs:
-            kw["pixel_values"] = torch.from_numpy(inputs["pixel_values"])
-            kw["image_position_ids"] = torch.from_numpy(inputs["image_position_ids"])
+        kw = forward_kwargs(inputs)
+        ids = kw["input_ids"]
         if "image_features" in inputs:
             from transformers.modeling_outputs import BaseModelOutputWithPooling
 

@@ -24,6 +24,7 @@ from reference.torch_ops import (
     Capture,
     bool_mask,
     compute_in_float64,
+    forward_kwargs,
     register_float64_attention,
     to_numpy,
 )
@@ -203,11 +204,8 @@ class HFRunner:
         them, at no extra forward: under ``official``, hooked on the self-consistency forward (HF's
         own); under ``hf-forward``, read from the static ``official_masks`` dict.
         """
-        ids = torch.from_numpy(inputs["input_ids"])
-        kw = {"input_ids": ids, "mm_token_type_ids": torch.from_numpy(inputs["mm_token_type_ids"])}
-        if "pixel_values" in inputs:
-            kw["pixel_values"] = torch.from_numpy(inputs["pixel_values"])
-            kw["image_position_ids"] = torch.from_numpy(inputs["image_position_ids"])
+        kw = forward_kwargs(inputs)
+        ids = kw["input_ids"]
         if "audio_frames" in inputs:
             frames = torch.from_numpy(inputs["audio_frames"])
             kw["input_features"] = frames
