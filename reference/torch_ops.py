@@ -1,12 +1,10 @@
 """What every family's HF reference runner shares: the run dtypes, HF's eager attention in float64 (registered
-as ``eager_float64``), a model cast to float64, a tensor to NumPy, and a mask to its boolean view."""
+as ``eager_float64``), a tensor to NumPy, a mask to its boolean view, and a forward's keyword arguments."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from reference import float64
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "eager_float64")
@@ -38,25 +36,6 @@ def register_float64_attention() -> None:
 
     AttentionInterface.register(FLOAT64_ATTENTION, eager_float64)
     AttentionMaskInterface.register(FLOAT64_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["eager"])  # eager's masks
-
-
-def compute_in_float64(model: torch.nn.Module) -> None:
-    """Make a float64 gemma4_unified model float64 throughout. transformers' code computes some steps in
-    float32 whatever the model's dtype, which leaves fp32 rounding, shared with an fp32 reference, in a
-    float64 oracle: ``Gemma4UnifiedRMSNorm`` (``hidden_states.float()``, ``weight.float()``: every norm of
-    the decoder layers, q/k/v norms, the final norm, and the vision and audio embedders' pre-projection
-    norm, whose output is the soft tokens the float64 run scatters into its prompt) and the text RoPE
-    (``Gemma4UnifiedTextRotaryEmbedding``: inverse frequencies, angles, cos and sin in float32, the
-    proportional type's included). Each such module gets a forward that computes the same formula in
-    float64 (``reference.float64.compute_in_float64``, shared with the SigLIP family). The rest of the
-    path is in the model's dtype already (LayerNorms, linears, GELU, the logit softcap) and the attention
-    softmax is :func:`eager_float64`'s."""
-    from transformers.models.gemma4_unified.modeling_gemma4_unified import (
-        Gemma4UnifiedRMSNorm,
-        Gemma4UnifiedTextRotaryEmbedding,
-    )
-
-    float64.compute_in_float64(model, (Gemma4UnifiedRMSNorm,), (Gemma4UnifiedTextRotaryEmbedding,))
 
 
 Capture = dict[str, np.ndarray]

@@ -104,7 +104,7 @@ def _relative(got: np.ndarray, expected: np.ndarray) -> float:
 def test_the_unified_float64_oracle_computes_its_norms_and_rope_in_float64(model):
     """The unified decoder's oracle (``HFRunner`` in float64): transformers' ``Gemma4UnifiedRMSNorm`` and
     text RoPE compute in float32 whatever the dtype; the float64 runner's do not
-    (``reference.torch_ops.compute_in_float64``). Each norm of a forward (every decoder norm, the final norm and
+    (``reference.gemma4_unified.hf.compute_in_float64``). Each norm of a forward (every decoder norm, the final norm and
     the vision embedder's pre-projection norm, whose output is the soft tokens) and each rotated q/k of
     both layer types (default and proportional RoPE) agree with a NumPy float64 computation to float64
     rounding (~1e-15 relative), not fp32's (~1e-7: transformers' own forward is checked to be that far)."""
