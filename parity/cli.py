@@ -65,6 +65,16 @@ def _shard(text: str) -> tuple[int, int]:
     return int(k), int(n)
 
 
+def _jobs(text: str) -> int | str:
+    from parity.jobs import parse_jobs
+    from rmlx.errors import InputError
+
+    try:
+        return parse_jobs(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _tol(text: str):
     """``--tol STAGE_GLOB=ATOL[,RTOL]`` -> (glob, atol, rtol or None); bad text is a usage error."""
     from parity.tolerances import parse_override
@@ -137,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stream", action="store_true",
                    help="one decoder layer at a time on both sides, weights read from the memory-mapped "
                         "checkpoint: for models larger than memory (peak ~ small modules + one layer + logits)")
+    r.add_argument("--jobs", type=_jobs, default=os.environ.get("RMLX_PARITY_JOBS", "auto"), metavar="N",
+                   help="processes the cases are dealt to (default auto: one per core, at most 4, for checkpoints "
+                        "under 256 MiB in all, else 1; --stream: 1; env RMLX_PARITY_JOBS sets the default). "
+                        "The record is the same whatever N, but for its timings")
     r.add_argument("--threads", type=int, default=1, metavar="N",
                    help="intra-op threads of torch and of the BLAS under MLX (default 1: the same numbers in "
                         "every process; more threads are faster but MKL's sums may then differ run to run)")
@@ -347,13 +361,16 @@ def _run(args) -> tuple[dict, Path, dict | None]:
             raise InputError(f"--case {' '.join(args.case)} matches no scenario")
     report_dir = args.report_dir or default_report_dir()
     _check_outputs(args, report_dir, args.dump)
+    from parity.jobs import auto_jobs
     from parity.kernels import KernelCheck
 
     t0 = time.perf_counter()
     check = KernelCheck()
+    jobs = auto_jobs(models, settings.stream) if args.jobs == "auto" else args.jobs
     results = run_cases(models, scenarios, settings, keep_captures=args.dump is not None,
-                        progress=report.Progress(), kernel_check=check)
-    rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv, kernels=check.summary())
+                        progress=report.Progress(), kernel_check=check, jobs=jobs)
+    rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv, kernels=check.summary(),
+                 jobs=min(jobs, len(results)) if not settings.stream else 1)
     dumps = None
     if args.dump:  # the selected stages (--stages) and every input the dump's reader checks
         def kept(capture):  # a streamed run's parity.dumps.Spool holds the selected stages already

@@ -39,12 +39,16 @@ class KernelCheck:
     def __init__(self, rows: int = ROWS):
         self.rows = rows
         self.results: dict[tuple, dict] = {}
+        self.case = 0  # the plan index of the case running now (set by the runner)
+        self.first_case: dict[tuple, int] = {}  # the case each check comes from
+        self.used: dict[str, str] = {}  # kernels other processes of the run used (``merge``)
 
     def __call__(self, kind: str, x: mx.array, w: mx.array, bias: mx.array | None, y: mx.array, native) -> None:
         k, n = int(x.shape[-1]), int(w.shape[0])
         key = (kind, k, n)
         if key in self.results:
             return
+        self.first_case[key] = self.case
         x2, y2 = x.reshape(-1, k), y.reshape(-1, n)
         m = x2.shape[0]
         if m == 0:
@@ -84,8 +88,17 @@ class KernelCheck:
             "first_nonfinite": None if finite else [int(np.asarray(idx)[bad[0][0]]), int(bad[0][-1])],
         }
 
+    def merge(self, results: dict[tuple, dict], first_case: dict[tuple, int], used: dict[str, str]) -> None:
+        """Take in another process's checks of the same run (``parity.jobs``): of two checks of one
+        shape, the one from the earlier case in plan order, as one process would have kept."""
+        for key, r in results.items():
+            if key not in self.results or first_case[key] < self.first_case[key]:
+                self.results[key], self.first_case[key] = r, first_case[key]
+        self.used.update(used)
+
     def summary(self) -> dict:
         """The record's ``kernels`` section: what computed the candidate, and each check."""
         checks = sorted(self.results.values(), key=lambda r: (r["kernel"], r["k"], r["n"]))
-        return {"enabled": kernels.enabled(), "used": kernels.in_use(), "rows_per_shape": self.rows,
+        used = dict(sorted((self.used | kernels.in_use()).items()))
+        return {"enabled": kernels.enabled(), "used": used, "rows_per_shape": self.rows,
                 "checks": checks, "passed": all(c["passed"] for c in checks)}

@@ -165,21 +165,41 @@ def plan_cases(models: list[Path], scenarios: list[Scenario], shard: tuple[int, 
 
 
 def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings, keep_captures: bool = False,
-              progress: Callable[[int, int, str], None] | None = None, kernel_check=None) -> list[CaseResult]:
+              progress: Callable[[int, int, str], None] | None = None, kernel_check=None, jobs: int = 1
+              ) -> list[CaseResult]:
     """Every planned case (a crash is a verdict). ``kernel_check``: a ``parity.kernels.KernelCheck``
-    that sees every product the port computes in place of MLX's own kernel."""
-    from rmlx.nn import kernels  # MLX: here, as run_case imports the capture
-
+    that sees every product the port computes in place of MLX's own kernel. ``jobs`` > 1: the cases
+    are dealt to that many processes (``parity.jobs``), the results the same, in the same order."""
     validate(settings)
     plan = plan_cases(models, scenarios, settings.shard)
     paths = sorted({p for _, s in plan for p in s.images})
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
     for fam in {id(f): f for f in map(family_of, models)}.values():
         fam.check_settings(settings)
+    run_defects(models, settings.inject)  # an unknown defect name fails here, before any worker starts
+    jobs = 1 if settings.stream else max(1, min(jobs, len(plan)))
+    if jobs == 1:
+        return run_plan(list(enumerate(plan)), decoded, settings, keep_captures, progress, kernel_check)
+    from parity import jobs as workers
+
+    return workers.run_dealt(plan, decoded, settings, keep_captures, progress, kernel_check, jobs)
+
+
+def run_plan(items: list[tuple[int, tuple[Path, Scenario]]], decoded: dict[Path, np.ndarray], settings: Settings,
+             keep_captures: bool = False, progress: Callable[[int, int, str], None] | None = None,
+             kernel_check=None, total: int | None = None,
+             on_result: Callable[[int, CaseResult], None] | None = None) -> list[CaseResult]:
+    """Run ``items`` ((index in the plan, (model, scenario))) in this process: the checkpoints loaded
+    once each, the run's defects planted around it all. ``total``: the run's case count, for ``progress``;
+    ``on_result(index, result)`` as each case finishes."""
+    from rmlx.nn import kernels  # MLX: here, as run_case imports the capture
+
+    models = list(dict.fromkeys(m for _, (m, _) in items))
+    total = len(items) if total is None else total
     kernels.reset()
     watch = contextlib.nullcontext() if kernel_check is None else kernels.observe(kernel_check)
     with planted(run_defects(models, settings.inject)), watch:  # planted before loading: some act at load time
-        fams: dict[Path, Family] = {m: family_of(m) for m in dict.fromkeys(m for m, _ in plan)}
+        fams: dict[Path, Family] = {m: family_of(m) for m in models}
         adapters: dict[Path, Adapter] = {}
         load_errors: dict[Path, tuple[BaseException, str]] = {}
         for m, f in fams.items():
@@ -190,9 +210,11 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
             except Exception as e:  # a crash while loading: the port's (a verdict) or the reference's (125)
                 load_errors[m] = (e, side_of(e, f, "reference"))
         results: list[CaseResult] = []
-        for m, scenario in plan:
+        for i, (m, scenario) in items:
             if progress:
-                progress(len(results), len(plan), f"{m.name}/{scenario.name}")
+                progress(len(results), total, f"{m.name}/{scenario.name}")
+            if kernel_check is not None:
+                kernel_check.case = i  # a shape's check comes from its first case in plan order
             run = functools.partial(fams[m].run_streamed, keep_captures=keep_captures) if settings.stream else run_case
             if m in load_errors:
                 e, side = load_errors[m]
@@ -208,8 +230,10 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
             if not keep_captures:
                 result.reference = result.candidate = None
             results.append(result)
+            if on_result is not None:
+                on_result(i, result)
     if progress:
-        progress(len(plan), len(plan), "done")
+        progress(len(results), total, "done")
     return results
 
 
@@ -287,7 +311,7 @@ def run_logit_statistics(results: list[CaseResult]) -> dict:
 
 
 def record(results: list[CaseResult], settings: Settings, wall_time_s: float, run_id: str,
-           argv: list[str] | None = None, kernels: dict | None = None) -> dict:
+           argv: list[str] | None = None, kernels: dict | None = None, jobs: int = 1) -> dict:
     """The JSON record of a run (the schema every other report is rendered from). Non-finite numbers
     (a NaN KL from NaN logits, say) become JSON's "inf" / null, so a broken port still gets its report."""
     cases = []
@@ -341,5 +365,6 @@ def record(results: list[CaseResult], settings: Settings, wall_time_s: float, ru
             "error": first[1].error, "message": first[1].message(),
             "oracle": first[0].oracle.get(first[1].stage)},
         "wall_time_s": round(wall_time_s, 3),
+        "jobs": jobs,  # processes the cases were dealt to (parity.jobs): a timing, not a result
         "cases": cases,
     })

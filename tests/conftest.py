@@ -16,6 +16,9 @@ from hypothesis import HealthCheck, settings
 
 import rmlx  # noqa: F401  (before any test module imports mlx: the BLAS MLX calls is loaded first, rmlx/blas.py)
 
+# one process per run: pytest-xdist keeps every core busy already (tests/test_jobs.py deals cases to two)
+os.environ.setdefault("RMLX_PARITY_JOBS", "1")
+
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.register_profile("long", deadline=None, max_examples=1000)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True, max_examples=50,

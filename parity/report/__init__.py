@@ -395,7 +395,8 @@ def verdict_line(rec: dict, width: int | None = None) -> str:
     if rec.get("kernels") and not rec["kernels"].get("passed", True):
         untestable.append("a kernel check failed")
     stage = [f"first divergence {fd['stage']}"] if fd else []
-    seconds = f" ({rec['wall_time_s']:.1f} s)"
+    jobs = rec.get("jobs") or 1
+    seconds = f" ({rec['wall_time_s']:.1f} s{f', {jobs} processes' if jobs > 1 else ''})"
     line = ""
     for parts, tail in (([*head, *where, *logits, *untestable], seconds), ([*head, *where, *untestable], seconds),
                         ([*head, *where, *untestable], ""),  # the wall time is in the header too

@@ -1,0 +1,188 @@
+"""Cases dealt to worker processes (``rmlx-parity run --jobs N``).
+
+A run of small checkpoints is one core's work at a time: torch runs one intra-op thread (the sums are
+then the same in every process, ``Settings.threads``) and MLX's CPU kernels run small arrays on one
+thread. :func:`run_dealt` deals the plan's cases round-robin to ``jobs`` processes. This process runs
+cases 0, N, 2N, ...; each worker, a fresh interpreter (``multiprocessing``'s spawn start method,
+started before this process imports torch, so the imports overlap), runs its share and sends each
+result back as it finishes. The results go back into plan order, and the workers' kernel checks are
+merged by plan order (a shape's check comes from its first case, as in one process), so the record
+is the one a single process writes but for its timings (``tests/test_jobs.py``).
+
+Workers are daemons and end with this process; a worker that finds its parent gone stops. A worker
+that dies before it finishes (killed, out of memory) costs time, not cases: its unfinished cases run
+here, with a note on stderr.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import threading
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from rmlx.errors import InputError
+
+ENV = "RMLX_PARITY_JOBS"  # the default of --jobs: a number or "auto"
+MAX_AUTO = 4  # processes "auto" starts at most (each holds its own torch, transformers and checkpoints)
+AUTO_BYTES = 256 << 20  # "auto" deals cases only when the checkpoints' weights are this small in all
+
+
+def auto_jobs(models: list[Path], stream: bool) -> int:
+    """``--jobs auto``: one process per usable core (at most ``MAX_AUTO``) for checkpoints whose weight
+    files total at most ``AUTO_BYTES`` (each process loads every checkpoint); else, and when streamed, 1."""
+    if stream:
+        return 1
+    size = sum(f.stat().st_size for m in models for f in Path(m).glob("*.safetensors"))
+    if size > AUTO_BYTES:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, MAX_AUTO))
+
+
+def parse_jobs(text: str) -> int | str:
+    """``N`` (>= 1) or ``auto``; anything else: ``InputError`` naming the value."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InputError(f"expected a whole number >= 1 or 'auto', got {text!r}")
+    return n
+
+
+def run_dealt(plan: list, decoded: dict[Path, np.ndarray], settings, keep_captures: bool,
+              progress: Callable[[int, int, str], None] | None, kernel_check, jobs: int) -> list:
+    """``parity.runner.run_plan`` over ``plan``, its cases dealt round-robin to ``jobs`` processes."""
+    from parity.adapter import family_of
+    from parity.runner import run_plan
+
+    # the plan's families, registered in each worker as here (a family registered in code, not through
+    # the entry points, included); one that cannot be pickled keeps its share in this process
+    fams = list({id(f): f for f in (family_of(m) for m in dict.fromkeys(m for m, _ in plan))}.values())
+    items = list(enumerate(plan))
+    shares = [items[j::jobs] for j in range(jobs)]
+    workers = []
+    for share in shares[1:]:
+        try:
+            workers.append(_Worker(share, decoded, settings, keep_captures, kernel_check, fams))
+        except Exception as e:  # no process could be started here: the share runs in this process
+            print(f"rmlx-parity: note: a worker process did not start ({type(e).__name__}: {e}); "
+                  "its cases run in this one", file=sys.stderr)
+            shares[0] = shares[0] + share
+    shares[0].sort()
+
+    def tick(done: int, total: int, label: str) -> None:
+        if progress and label != "done":
+            progress(done + sum(len(w.results) for w in workers), total, label)
+
+    try:
+        results = dict(zip((i for i, _ in shares[0]),
+                           run_plan(shares[0], decoded, settings, keep_captures, tick, kernel_check, len(plan)),
+                           strict=True))
+        for w in workers:
+            w.join()
+            if w.raised is not None:
+                kind, message = w.raised
+                raise InputError(message) if kind == "InputError" else RuntimeError(f"worker process: {message}")
+            results.update(w.results)
+            if kernel_check is not None and w.kernels is not None:
+                kernel_check.merge(*w.kernels)
+            missing = [(i, case) for i, case in w.share if i not in w.results]
+            if missing:
+                print(f"rmlx-parity: note: a worker process ended early (exit code {w.process.exitcode}); "
+                      f"its {len(missing)} unfinished case(s) run in this one", file=sys.stderr)
+                if kernel_check is not None:  # run_plan starts the kernels' record afresh
+                    from rmlx.nn import kernels
+
+                    kernel_check.used.update(kernels.in_use())
+                results.update(zip((i for i, _ in missing),
+                                   run_plan(missing, decoded, settings, keep_captures, None, kernel_check),
+                                   strict=True))
+    finally:
+        for w in workers:
+            w.stop()
+    if progress:
+        progress(len(plan), len(plan), "done")
+    return [results[i] for i in range(len(plan))]
+
+
+class _Worker:
+    """One worker process and the thread here that receives what it sends (a result as it finishes,
+    so the worker never waits on a full pipe)."""
+
+    def __init__(self, share: list, decoded: dict, settings, keep_captures: bool, kernel_check, families: list):
+        ctx = multiprocessing.get_context("spawn")
+        self.share = share
+        self.results: dict[int, object] = {}
+        self.kernels: tuple | None = None
+        self.raised: tuple[str, str] | None = None
+        receive, send = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(target=work, args=(send, os.getpid(), share, decoded, settings, keep_captures,
+                                                      kernel_check, families), daemon=True, name="rmlx-parity worker")
+        self.process.start()
+        send.close()  # this process keeps only the receiving end: EOF once the worker is gone
+        self.thread = threading.Thread(target=self._receive, args=(receive,), daemon=True)
+        self.thread.start()
+
+    def _receive(self, conn) -> None:
+        try:
+            while True:
+                kind, *payload = conn.recv()
+                if kind == "result":
+                    self.results[payload[0]] = payload[1]
+                elif kind == "kernels":
+                    self.kernels = tuple(payload)
+                elif kind == "raised":
+                    self.raised = tuple(payload)
+                elif kind == "end":
+                    return
+        except (EOFError, OSError):  # the worker died: join() reports what is missing
+            return
+        finally:
+            conn.close()
+
+    def join(self) -> None:
+        self.thread.join()
+        self.process.join(timeout=30)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self.process.terminate()
+            self.process.join(timeout=5)
+
+
+def work(conn, parent: int, share: list, decoded: dict, settings, keep_captures: bool, kernel_check,
+         families: list) -> None:
+    """A worker process: run ``share`` and send each result, then the kernel checks, then "end"."""
+    import rmlx  # noqa: F401  (before mlx: the BLAS MLX calls, rmlx/blas.py)
+    from parity.adapter import register
+    from parity.runner import run_plan
+
+    for f in families:
+        register(f)
+
+    def send(i: int, result) -> None:
+        if os.getppid() != parent:  # the parent is gone: nobody reads what this worker would send
+            os._exit(1)
+        conn.send(("result", i, result))
+
+    try:
+        run_plan(share, decoded, settings, keep_captures, None, kernel_check, on_result=send)
+        if kernel_check is not None:
+            from rmlx.nn import kernels
+
+            conn.send(("kernels", kernel_check.results, kernel_check.first_case, kernels.in_use()))
+    except InputError as e:
+        conn.send(("raised", "InputError", str(e)))
+    except Exception as e:
+        conn.send(("raised", type(e).__name__, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    conn.send(("end",))
+    conn.close()

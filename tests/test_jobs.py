@@ -1,0 +1,94 @@
+"""`rmlx-parity run --jobs N` (parity/jobs.py): cases dealt to worker processes give the record one
+process gives -- every case in plan order, every metric, the kernel checks -- and a worker that dies
+costs time, not cases."""
+
+import json
+import os
+import signal
+
+import pytest
+
+from parity import jobs
+from parity.cli import main
+from parity.runner import Settings, run_cases
+from tests.conftest import ALL_MODELS, FIXTURES
+
+CASES = ["--case", "image/gradient", "--case", "text-only", "--decode-steps", "2"]
+TIMINGS = {"seconds", "wall_time_s", "created", "run_id", "command", "jobs"}
+
+
+def _strip(x):
+    """A record without its timings and identity (what differs between two runs of the same cases)."""
+    if isinstance(x, dict):
+        return {k: _strip(v) for k, v in x.items() if k not in TIMINGS}
+    if isinstance(x, list):
+        return [_strip(v) for v in x]
+    return x
+
+
+def _run(tmp_path, name: str, *extra: str) -> tuple[int, dict]:
+    code = main(["run", *CASES, *extra, "--report-dir", str(tmp_path / name),
+                 "--json", str(tmp_path / f"{name}.json")])
+    return code, json.loads((tmp_path / f"{name}.json").read_text())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dealt_cases_give_the_record_of_one_process(tmp_path, dtype):
+    """Every fixture model (both families), two scenarios: 2 processes against 1. In bf16 the candidate's
+    products go through rmlx.nn.kernels, so the kernel checks of both processes are merged too."""
+    models = [] if dtype == "float32" else ["--model", str(FIXTURES / "models" / "tiny"),
+                                            "--model", str(FIXTURES / "models" / "tiny-variant")]
+    one_code, one = _run(tmp_path, "one", "--dtype", dtype, "--jobs", "1", *models)
+    two_code, two = _run(tmp_path, "two", "--dtype", dtype, "--jobs", "2", *models)
+    assert (one["jobs"], two["jobs"]) == (1, 2)
+    assert one_code == two_code
+    assert [c["name"] for c in two["cases"]] == [c["name"] for c in one["cases"]]
+    assert len({c["model"] for c in one["cases"]}) == (len(ALL_MODELS) if dtype == "float32" else 2)
+    assert _strip(two) == _strip(one)
+    if dtype == "bfloat16":
+        assert one["kernels"]["checks"], "a bf16 run checks the kernels that computed the candidate"
+
+
+def test_a_worker_that_dies_costs_time_not_cases(tmp_path, capsys):
+    """The worker is killed as the first case here begins: its cases run in this process."""
+    import multiprocessing
+
+    models = [m for m in ALL_MODELS if m.name in ("tiny", "gemma4-tiny")]
+    from parity.runner import default_scenarios
+
+    scenarios = [s for s in default_scenarios([FIXTURES / "images" / "gradient.png"], FIXTURES / "images", models)
+                 if s.name in ("image/gradient", "text-only", "text-4")]
+    settings = Settings.of(decode_steps=1)
+    killed = []
+
+    def progress(done, total, label):
+        for child in multiprocessing.active_children():
+            if child.name == "rmlx-parity worker" and not killed:
+                os.kill(child.pid, signal.SIGKILL)
+                killed.append(child.pid)
+
+    dealt = run_cases(models, scenarios, settings, progress=progress, jobs=2)
+    assert killed
+    assert "a worker process ended early (exit code -9)" in capsys.readouterr().err
+    alone = run_cases(models, scenarios, settings, jobs=1)
+    assert [r.name for r in dealt] == [r.name for r in alone]
+    assert [[d.to_dict() for d in r.diffs] for r in dealt] == [[d.to_dict() for d in r.diffs] for r in alone]
+
+
+def test_auto_deals_small_checkpoints_only(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    assert jobs.auto_jobs(ALL_MODELS, stream=False) == max(1, min(cores, jobs.MAX_AUTO))
+    assert jobs.auto_jobs(ALL_MODELS, stream=True) == 1
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:  # sparse: the size auto reads, no disk used
+        f.truncate(jobs.AUTO_BYTES + 1)
+    assert jobs.auto_jobs([big], stream=False) == 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "two", "1.5"])
+def test_a_bad_jobs_value_is_one_line_and_exit_2(value, capsys):
+    assert main(["run", "--jobs", value]) == 2
+    err = capsys.readouterr().err
+    assert f"argument --jobs: expected a whole number >= 1 or 'auto', got {value!r}" in err
+    assert len(err.strip().splitlines()) == 1
