@@ -143,10 +143,11 @@ def _memoized(reference):
     return call
 
 
-def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settings, reload: bool = False
-         ) -> list[CaseResult]:
+def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settings, reload: bool = False,
+         first_failure: bool = False) -> list[CaseResult]:
     """Every supported case on every model; ``reload``: load the candidates again first, under whatever
-    defect is planted (some act at load time: the loader, the codec)."""
+    defect is planted (some act at load time: the loader, the codec). ``first_failure``: stop at the
+    first case that fails (detection needs one; a raise of the reference or harness is not one)."""
     if reload:
         side.reload_candidates()
     results = []
@@ -156,6 +157,8 @@ def _run(side: _Side, scenarios: list[Scenario], decoded: dict, settings: Settin
                 r = run_case(a, m, s, decoded, settings, pictures=False)  # verdicts only
                 r.reference = r.candidate = None
                 results.append(r)
+                if first_failure and not r.passed and not r.untestable:
+                    return results
     return results
 
 
@@ -263,7 +266,9 @@ def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | No
         for d in group:
             for mode in modes:
                 tick(f"{d.name} {mode}")
-                run = partial(_run, side, cases, decoded, replace(settings, mode=mode, inject=(d.name,)), reload=True)
+                # free-running only detection is judged: like a mutation tester, the first failing case ends it
+                run = partial(_run, side, cases, decoded, replace(settings, mode=mode, inject=(d.name,)), reload=True,
+                              first_failure=mode != "teacher")
                 with planted([d]):
                     try:
                         outcomes.append(_outcome(d.name, d, mode, side, run, dtype))
