@@ -24,6 +24,7 @@ from parity.provenance import git, versions
 from parity.stages import decode_stage, order_key
 from parity.tolerances import Override, overrides_record, tolerance
 from rmlx.errors import InputError
+from rmlx.files import safetensors_layout
 from rmlx.imagefile import load_image
 
 SCHEMA = "rmlx.parity/2"
@@ -176,6 +177,9 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
     decoded = {p: load_image(p) for p in paths}  # every image validated before any case runs
     for fam in {id(f): f for f in map(family_of, models)}.values():
         fam.check_settings(settings)
+    for m in dict.fromkeys(m for m, _ in plan):  # every safetensors header, before any model code is imported
+        for f in sorted(Path(m).glob("*.safetensors")):
+            safetensors_layout(f)
     run_defects(models, settings.inject)  # an unknown defect name fails here, before any worker starts
     jobs = 1 if settings.stream else max(1, min(jobs, len(plan)))
     if jobs == 1:

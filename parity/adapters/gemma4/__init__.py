@@ -32,6 +32,11 @@ SELFTEST_CASES = ("image/gradient", "two-images", "text-only")
 __all__ = ["FAMILY", "Gemma4Family"]
 
 
+def supports(args, scenario: Scenario) -> bool:
+    """No audio tower; images need a vision tower (``args``: ``rmlx.models.gemma4.config.ModelArgs``)."""
+    return not scenario.has_audio and (not scenario.images or args.vision is not None)
+
+
 class Gemma4Family(Gemma4UnifiedFamily):
     """The unified family's scenarios and self-test selection; its own port, stages and defects."""
 
@@ -71,8 +76,6 @@ class Gemma4Family(Gemma4UnifiedFamily):
         raise InputError(f"{model}: the gemma4 family has no layer-by-layer driver (--stream)")
 
     def supports(self, model_dir: Path, scenario: Scenario) -> bool:
-        from parity.adapters.gemma4.adapter import supports
-
         return supports(self.args(model_dir), scenario)
 
     def stage_table(self, model_dir: Path) -> tuple[Stage, ...]:

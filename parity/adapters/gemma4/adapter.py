@@ -17,7 +17,7 @@ import mlx.core as mx
 import numpy as np
 
 from parity.adapter import Scenario
-from parity.adapters.gemma4 import viz
+from parity.adapters.gemma4 import supports, viz
 from parity.adapters.gemma4.stages import stages_for
 from parity.adapters.gemma4_unified.adapter import decode_steps, other_policy_masks, preprocessed, prompt_ids
 from parity.capture import Capture, Recorder
@@ -28,11 +28,6 @@ from rmlx.models.gemma4 import config as gconfig
 from rmlx.models.gemma4 import image as gimage
 from rmlx.models.gemma4 import model as gmodel
 from rmlx.tap import tapping
-
-
-def supports(args: gconfig.ModelArgs, scenario: Scenario) -> bool:
-    """No audio tower; images need a vision tower."""
-    return not scenario.has_audio and (not scenario.images or args.vision is not None)
 
 
 class Gemma4Adapter:

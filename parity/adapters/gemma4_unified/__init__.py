@@ -29,7 +29,7 @@ SELFTEST_CASES = ("image/gradient", "two-images", "image-and-audio", "text-only"
 
 def unique_image_scenarios(images: list[Path]) -> list[Scenario]:
     """One single-image case per image; a repeated file name in another folder gets a suffix."""
-    from parity.adapters.gemma4_unified.adapter import image_scenario
+    from parity.adapters.gemma4_unified.scenarios import image_scenario
 
     out, seen = [], {}
     for p in images:
@@ -93,7 +93,7 @@ class Gemma4UnifiedFamily:
         return save_quantized(src, dst, quantize, keep)
 
     def scenarios(self, images: list[Path], fixture_images: Path | None) -> list[Scenario]:
-        from parity.adapters.gemma4_unified.adapter import special_scenarios
+        from parity.adapters.gemma4_unified.scenarios import special_scenarios
 
         specials = list(special_scenarios(fixture_images)) if fixture_images is not None else []
         return unique_image_scenarios(images) + specials
@@ -107,7 +107,7 @@ class Gemma4UnifiedFamily:
         return picked
 
     def supports(self, model_dir: Path, scenario: Scenario) -> bool:
-        from parity.adapters.gemma4_unified.adapter import supports
+        from parity.adapters.gemma4_unified.scenarios import supports
 
         return supports(self.args(model_dir), scenario)
 
