@@ -17,7 +17,7 @@ from parity.adapters.gemma4_unified.stages import stages_for
 from parity.cli import main
 from parity.tolerances import tolerance
 from rmlx.models.gemma4_unified.config import ModelArgs
-from tests.conftest import FIXTURES, GEMMA4_MODELS, IMAGES, MODELS, UNIFIED_MODELS
+from tests.conftest import ALL_MODELS, FIXTURES, GEMMA4_MODELS, IMAGES, MODELS, UNIFIED_MODELS
 
 STAGE_FIELDS = {"name", "passed", "max_abs", "max_abs_index", "max_rel", "mismatched", "numel", "max_ulp",
                 "cosine", "nmse_db", "tolerance", "min_tolerance"}
@@ -141,16 +141,23 @@ def test_oracle_agrees_with_both_sides_in_fp32(default_runs):
     assert checked > 0
 
 
-@pytest.mark.parametrize("mst", [70, pytest.param(1120, marks=pytest.mark.slow)])
-def test_default_run_at_other_budgets(mst, tmp_path):
-    """The smallest and the largest soft-token budgets (1120: minutes; run by `nox -s slow`). At 1120 the
-    1200x4 sliver's patch positions pass the SigLIP fixture's 1024-entry position table, which that
-    family refuses (exit 2): the largest budget runs the unified models."""
-    models = [a for m in UNIFIED_MODELS for a in ("--model", str(m))] if mst > 280 else []
+@pytest.mark.parametrize("mst,every", [(70, False), pytest.param(70, True, marks=pytest.mark.slow),
+                                       pytest.param(1120, True, marks=pytest.mark.slow)],
+                         ids=["70-tiny-models", "70", "1120"])
+def test_default_run_at_other_budgets(mst, every, tmp_path):
+    """The smallest and the largest soft-token budgets over the image battery (1120: minutes; it and the
+    70-token run of every fixture model are run by `nox -s slow`; the default runs the two families'
+    tiny models, and the self-test runs the configuration models at 70). At 1120 the 1200x4 sliver's
+    patch positions pass the SigLIP fixture's 1024-entry position table, which that family refuses
+    (exit 2): the largest budget runs the unified models."""
+    chosen = UNIFIED_MODELS if mst > 280 else ALL_MODELS if every else [m for m in ALL_MODELS
+                                                                        if m.name in ("tiny", "gemma4-tiny")]
+    models = [a for m in chosen for a in ("--model", str(m))]
     code = main(["run", "--max-soft-tokens", str(mst), "--case", "image/*", *models, "--report-dir",
                  str(tmp_path / "rep"), "--json", str(tmp_path / "r.json")])
     rec = json.loads((tmp_path / "r.json").read_text())
     assert code == 0 and rec["passed"], rec["first_divergence"]
+    assert {c["model"] for c in rec["cases"]} == {m.name for m in chosen}
 
 
 def test_dump_has_stage_keys_inputs_and_batch_axis(tmp_path):
