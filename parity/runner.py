@@ -260,7 +260,7 @@ def run_case(adapter: Adapter, model: Path, scenario: Scenario, decoded: dict[Pa
             cand, cand_steps = adapter.candidate(scenario, run.inputs, decoded, settings, tokens,
                                                  teacher=ref if settings.mode == "teacher" else None)
         except Exception as e:  # the port raised (its own validation of a valid input included): a verdict
-            partial = recorders[-1].capture if recorders else {}
+            partial = recorders[-1].settled() if recorders else {}
             return run.error(e, "candidate", partial, reference=ref)
     cost = None
     if getattr(adapter, "hf_float", None) is not None:  # the cost of quantization: vs the unquantized model

@@ -177,9 +177,7 @@ def test_file_names_that_are_not_utf8_are_reported(tmp_path):
     argv = ["run", "--model", str(FIXTURES / "models" / "tiny"), "--image", os.fsdecode(image), "--case", "image/*",
             "--no-oracle", "--report-dir", os.fsdecode(root + b"/rep-\xfe"),
             "--json", os.fsdecode(root + b"/r-\xfd.json")]
-    proc = subprocess.run([sys.executable, "-m", "parity.cli", *argv], cwd=tmp_path, capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
-    assert b"Traceback" not in proc.stderr
+    assert main(argv) == 0  # the names as Python hands a command line's bytes over (surrogate escapes)
     assert os.path.isfile(root + b"/rep-\xfe/report.md") and os.path.isfile(root + b"/r-\xfd.json")
     rec = json.loads(open(root + b"/r-\xfd.json", "rb").read())
     assert rec["passed"] and "red-" in rec["cases"][0]["image"]

@@ -109,7 +109,7 @@ class Gemma4Adapter:
         """Prefill under the tap recorder (teacher-forced when ``teacher`` is given; the port preprocesses its
         own images), then one decode step per reference token with the port's KV cache."""
         model = self.candidate_model
-        recorder = Recorder(teacher)
+        recorder = Recorder(teacher, defer=True)
         cache = model.make_cache()
         with tapping(recorder):
             pixel_values = position_ids = None
@@ -121,7 +121,7 @@ class Gemma4Adapter:
             logits = model(inputs["input.input_ids"], None, pixel_values, position_ids, cache, 0,
                            settings.candidate_mask_policy)
             mx.eval(logits)
-        return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
+        return recorder.settled(), decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 
     @cached_property
     def hf64(self) -> ghf.Runner:

@@ -214,7 +214,7 @@ class Gemma4UnifiedAdapter:
         """Prefill under the tap recorder (teacher-forced when ``teacher`` is given), then one decode
         step per reference token, with the candidate's own cache."""
         model = self.candidate_model
-        recorder = Recorder(teacher)
+        recorder = Recorder(teacher, defer=True)
         cache = model.make_cache()
         with tapping(recorder):
             pixel_values = position_ids = None
@@ -224,7 +224,7 @@ class Gemma4UnifiedAdapter:
             logits = model(inputs["input.input_ids"], None, pixel_values,
                            position_ids, inputs.get("input.audio_frames"), settings.candidate_mask_policy, cache, 0)
             mx.eval(logits)
-        return recorder.capture, decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
+        return recorder.settled(), decode_steps(model, cache, inputs["input.input_ids"].shape[1], tokens)
 
     def quantizable(self, mode: str) -> list[str]:
         """The module paths ``mode`` quantizes in this checkpoint (``rmlx-parity debug precision``)."""
