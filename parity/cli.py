@@ -173,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("selftest", help="plant every catalogued defect; the harness must catch and localise each")
     t.add_argument("--fault", action="append", metavar="NAME", help="only these defects (repeatable)")
+    t.add_argument("--jobs", type=_jobs, default=os.environ.get("RMLX_PARITY_JOBS", "auto"), metavar="N",
+                   help="processes the runs are dealt to (default auto, as for run; the outcomes are the same)")
     t.add_argument("--mode", choices=("both", "free", "teacher"), default="both")
     t.add_argument("--model", action="append", type=Path, metavar="DIR", help="default: every fixture model")
     t.add_argument("--json", type=Path, metavar="PATH", help="also write the self-test record here")
@@ -591,7 +593,10 @@ def cmd_selftest(args) -> int:
     report_dir = args.report_dir or default_report_dir("selftest-")
     _check_outputs(args, report_dir)
     modes = ("teacher", "free") if args.mode == "both" else (args.mode,)
-    rec = selftest.run_selftest(models, images, args.fault, modes, progress=report.Progress())
+    from parity.jobs import auto_jobs
+
+    jobs = auto_jobs(models, False) if args.jobs == "auto" else args.jobs
+    rec = selftest.run_selftest(models, images, args.fault, modes, progress=report.Progress(), jobs=jobs)
     rec["command"] = " ".join(["rmlx-parity", *args.argv])
     _publish(rec, report_dir, args, folder={"selftest.json": report.json_text(rec),
                                             "selftest.md": selftest.to_markdown(rec)})

@@ -67,66 +67,92 @@ def run_dealt(plan: list, decoded: dict[Path, np.ndarray], settings, keep_captur
     # the plan's families, registered in each worker as here (a family registered in code, not through
     # the entry points, included); one that cannot be pickled keeps its share in this process
     fams = list({id(f): f for f in (family_of(m) for m in dict.fromkeys(m for m, _ in plan))}.values())
-    items = list(enumerate(plan))
-    shares = [items[j::jobs] for j in range(jobs)]
+
+    def here(share: list, tick) -> dict[int, object]:
+        if kernel_check is not None:  # run_plan starts the kernels' record afresh: keep what it noted so far
+            from rmlx.nn import kernels
+
+            kernel_check.used.update(kernels.in_use())
+        return dict(zip((i for i, _ in share),
+                        run_plan(share, decoded, settings, keep_captures, tick, kernel_check, len(plan)), strict=True))
+
+    def merge(extra: tuple) -> None:
+        if kernel_check is not None:
+            kernel_check.merge(*extra)
+
+    results = deal(list(enumerate(plan)), jobs, here, work, (decoded, settings, keep_captures, kernel_check, fams),
+                   progress, merge, "case")
+    return [results[i] for i in range(len(plan))]
+
+
+def deal(items: list[tuple[int, object]], jobs: int, here: Callable[[list, Callable | None], dict[int, object]],
+         target: Callable, args: tuple, progress: Callable[[int, int, str], None] | None = None,
+         merge: Callable[[tuple], None] | None = None, what: str = "item",
+         unit: Callable[[tuple[int, object]], int] | None = None) -> dict[int, object]:
+    """Deal ``items`` ((index, item)) round-robin to ``jobs`` processes (by ``unit(item)`` when given:
+    items of one unit go together): ``here(share, tick)`` runs this process's share (and any a worker
+    could not finish), ``target(conn, parent, share, *args)`` a worker's, sending ("result", index,
+    value) as each finishes, optionally ("extra", ...) for ``merge``, then ("end",). Returns {index:
+    value} of every item."""
+    # OpenMP threads that wait passively: spinning after a parallel region (MKL's, under MLX), they take
+    # the core another process computes on (measured: a self-test of 6 defects on 2 processes, 27.2 s
+    # wall and 45.3 s CPU; waiting passively 20.0 s and 33.2 s). The thread counts stay as they are, so
+    # the sums do too (one thread per process, OMP_NUM_THREADS=1, changes MKL's fp32 sums under MLX).
+    # The workers inherit it, and so does this process when its OpenMP runtime is not loaded yet; a
+    # value the user set wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    shares: list[list] = [[] for _ in range(jobs)]
+    for n, item in enumerate(items):
+        shares[(n if unit is None else unit(item)) % jobs].append(item)
     workers = []
     for share in shares[1:]:
         try:
-            workers.append(_Worker(share, decoded, settings, keep_captures, kernel_check, fams))
+            workers.append(_Worker(target, share, args))
         except Exception as e:  # no process could be started here: the share runs in this process
             print(f"rmlx-parity: note: a worker process did not start ({type(e).__name__}: {e}); "
-                  "its cases run in this one", file=sys.stderr)
-            shares[0] = shares[0] + share
-    shares[0].sort()
+                  f"its {what}s run in this one", file=sys.stderr)
+            shares[0] = sorted(shares[0] + share, key=lambda item: item[0])
 
     def tick(done: int, total: int, label: str) -> None:
         if progress and label != "done":
             progress(done + sum(len(w.results) for w in workers), total, label)
 
     try:
-        results = dict(zip((i for i, _ in shares[0]),
-                           run_plan(shares[0], decoded, settings, keep_captures, tick, kernel_check, len(plan)),
-                           strict=True))
+        results = here(shares[0], tick)
         for w in workers:
             w.join()
             if w.raised is not None:
                 kind, message = w.raised
                 raise InputError(message) if kind == "InputError" else RuntimeError(f"worker process: {message}")
             results.update(w.results)
-            if kernel_check is not None and w.kernels is not None:
-                kernel_check.merge(*w.kernels)
-            missing = [(i, case) for i, case in w.share if i not in w.results]
+            if merge is not None and w.extra is not None:
+                merge(w.extra)
+            missing = [(i, item) for i, item in w.share if i not in w.results]
             if missing:
                 print(f"rmlx-parity: note: a worker process ended early (exit code {w.process.exitcode}); "
-                      f"its {len(missing)} unfinished case(s) run in this one", file=sys.stderr)
-                if kernel_check is not None:  # run_plan starts the kernels' record afresh
-                    from rmlx.nn import kernels
-
-                    kernel_check.used.update(kernels.in_use())
-                results.update(zip((i for i, _ in missing),
-                                   run_plan(missing, decoded, settings, keep_captures, None, kernel_check),
-                                   strict=True))
+                      f"its {len(missing)} unfinished {what}(s) run in this one", file=sys.stderr)
+                results.update(here(missing, None))
     finally:
         for w in workers:
             w.stop()
     if progress:
-        progress(len(plan), len(plan), "done")
-    return [results[i] for i in range(len(plan))]
+        progress(len(items), len(items), "done")
+    return results
 
 
 class _Worker:
     """One worker process and the thread here that receives what it sends (a result as it finishes,
     so the worker never waits on a full pipe)."""
 
-    def __init__(self, share: list, decoded: dict, settings, keep_captures: bool, kernel_check, families: list):
+    def __init__(self, target: Callable, share: list, args: tuple):
         ctx = multiprocessing.get_context("spawn")
         self.share = share
         self.results: dict[int, object] = {}
-        self.kernels: tuple | None = None
+        self.extra: tuple | None = None
         self.raised: tuple[str, str] | None = None
         receive, send = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(target=work, args=(send, os.getpid(), share, decoded, settings, keep_captures,
-                                                      kernel_check, families), daemon=True, name="rmlx-parity worker")
+        self.process = ctx.Process(target=target, args=(send, os.getpid(), share, *args), daemon=True,
+                                   name="rmlx-parity worker")
         self.process.start()
         send.close()  # this process keeps only the receiving end: EOF once the worker is gone
         self.thread = threading.Thread(target=self._receive, args=(receive,), daemon=True)
@@ -138,13 +164,13 @@ class _Worker:
                 kind, *payload = conn.recv()
                 if kind == "result":
                     self.results[payload[0]] = payload[1]
-                elif kind == "kernels":
-                    self.kernels = tuple(payload)
+                elif kind == "extra":
+                    self.extra = tuple(payload)
                 elif kind == "raised":
                     self.raised = tuple(payload)
                 elif kind == "end":
                     return
-        except (EOFError, OSError):  # the worker died: join() reports what is missing
+        except (EOFError, OSError):  # the worker died: deal() runs what is missing
             return
         finally:
             conn.close()
@@ -159,9 +185,30 @@ class _Worker:
             self.process.join(timeout=5)
 
 
+def serve(conn, parent: int, run: Callable[[Callable[[int, object], None]], tuple | None]) -> None:
+    """A worker's side of the pipe: ``run(send)`` calls ``send(index, value)`` as each item finishes
+    and returns an extra tuple for the parent's ``merge`` (or None); then "end". A raise is sent as
+    ("raised", kind, message); a parent that is gone ends the worker."""
+    def send(i: int, value) -> None:
+        if os.getppid() != parent:  # the parent is gone: nobody reads what this worker would send
+            os._exit(1)
+        conn.send(("result", i, value))
+
+    try:
+        extra = run(send)
+        if extra is not None:
+            conn.send(("extra", *extra))
+    except InputError as e:
+        conn.send(("raised", "InputError", str(e)))
+    except Exception as e:
+        conn.send(("raised", type(e).__name__, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+    conn.send(("end",))
+    conn.close()
+
+
 def work(conn, parent: int, share: list, decoded: dict, settings, keep_captures: bool, kernel_check,
          families: list) -> None:
-    """A worker process: run ``share`` and send each result, then the kernel checks, then "end"."""
+    """A worker process of ``run_dealt``: run ``share``, sending each result, then the kernel checks."""
     import rmlx  # noqa: F401  (before mlx: the BLAS MLX calls, rmlx/blas.py)
     from parity.adapter import register
     from parity.runner import run_plan
@@ -169,20 +216,12 @@ def work(conn, parent: int, share: list, decoded: dict, settings, keep_captures:
     for f in families:
         register(f)
 
-    def send(i: int, result) -> None:
-        if os.getppid() != parent:  # the parent is gone: nobody reads what this worker would send
-            os._exit(1)
-        conn.send(("result", i, result))
-
-    try:
+    def run(send) -> tuple | None:
         run_plan(share, decoded, settings, keep_captures, None, kernel_check, on_result=send)
-        if kernel_check is not None:
-            from rmlx.nn import kernels
+        if kernel_check is None:
+            return None
+        from rmlx.nn import kernels
 
-            conn.send(("kernels", kernel_check.results, kernel_check.first_case, kernels.in_use()))
-    except InputError as e:
-        conn.send(("raised", "InputError", str(e)))
-    except Exception as e:
-        conn.send(("raised", type(e).__name__, f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
-    conn.send(("end",))
-    conn.close()
+        return kernel_check.results, kernel_check.first_case, kernels.in_use()
+
+    serve(conn, parent, run)

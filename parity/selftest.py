@@ -223,17 +223,51 @@ def _evidence(r: CaseResult, d) -> dict:
 
 def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | None = None,
                  modes: tuple[str, ...] = MODES, dtype: str = "float32", decode_steps: int = 2,
-                 progress: Callable[[int, int, str], None] | None = None) -> dict:
+                 progress: Callable[[int, int, str], None] | None = None, jobs: int = 1) -> dict:
     """Run the clean port and every named defect (default: every defect of every model's family) in
-    ``modes`` on the family's self-test cases; return the self-test record (schema ``rmlx.selftest/1``)."""
+    ``modes`` on the family's self-test cases; return the self-test record (schema ``rmlx.selftest/1``).
+    ``jobs`` > 1: the runs (a defect in a mode, or the clean port in a mode) are dealt to that many
+    processes (``parity.jobs``), each computing the references it needs; the outcomes are the same."""
     t0 = time.perf_counter()
+    plan, all_cases = _plan(models, fixture_images, names, dtype, decode_steps)
+    decoded = {p: load_image(p) for _, _, cases, *_ in plan for s in cases for p in s.images}
+    tasks = list(enumerate(_tasks(plan, modes)))
+    if jobs > 1 and len(tasks) > 1:
+        from parity import jobs as workers
+
+        fams = list({id(f): f for f, *_ in plan}.values())
+        done = workers.deal(tasks, jobs, lambda share, tick: _run_tasks(share, plan, decoded, dtype, tick, len(tasks)),
+                            _work, (models, fixture_images, names, modes, dtype, decode_steps, fams), progress,
+                            what="self-test run", unit=_unit(tasks))
+    else:
+        done = _run_tasks(tasks, plan, decoded, dtype, progress, len(tasks))
+        if progress:
+            progress(len(tasks), len(tasks), "done")
+    outcomes = [done[i] for i, _ in tasks]
+    n_defects = sum(len(group) for *_, group in plan)
+    return _record(outcomes, n_defects, modes, dtype, decode_steps, all_cases, models, time.perf_counter() - t0)
+
+
+def _unit(tasks: list[tuple[int, tuple]]) -> Callable[[tuple[int, tuple]], int]:
+    """A defect's (or the clean port's) runs in every mode are one unit of the deal: its teacher-forced run
+    costs every case, its free-running run often one, so dealing runs one by one would give one process
+    every teacher-forced run."""
+    units: dict[tuple, int] = {}
+    for _, (k, name, _mode) in tasks:
+        units.setdefault((k, name), len(units))
+    return lambda item: units[item[1][:2]]
+
+
+def _plan(models: list[Path], fixture_images: Path, names: list[str] | None, dtype: str, decode_steps: int
+          ) -> tuple[list[tuple], list[str]]:
+    """[(family, models, cases, settings of the group, label, defects of the group)], every case name."""
     by_family: dict[str, tuple[Family, list[Path]]] = {}
     for m in models:
         fam = family_of(m)
         by_family.setdefault(fam.model_type, (fam, []))[1].append(m)
     catalog = {n: d for fam, _ in by_family.values() for n, d in fam.defects.items()}
     chosen = {d.name for d in check(catalog, names)} if names else set(catalog)
-    plan = []  # (family, models, cases, settings of the group, label, defects of the group)
+    plan = []
     all_cases: list[str] = []
     for fam, fam_models in by_family.values():
         picked = [d for n, d in fam.defects.items() if n in chosen]  # catalog order
@@ -248,35 +282,71 @@ def run_selftest(models: list[Path], fixture_images: Path, names: list[str] | No
         for extra, group in sorted(groups.items(), key=lambda kv: len(kv[0])):
             label = ", ".join(f"{k}={v}" for k, v in extra)
             plan.append((fam, fam_models, cases, replace(base, **dict(extra)), label, group))
-    decoded = {p: load_image(p) for _, _, cases, *_ in plan for s in cases for p in s.images}
-    total = sum((1 + len(group)) * len(modes) for *_, group in plan)
-    outcomes: list[Outcome] = []
+    return plan, all_cases
 
-    def tick(label: str) -> None:
-        if progress:
-            progress(len(outcomes), total, label)
 
-    for fam, fam_models, cases, settings, label, group in plan:
-        side = _Side(fam, fam_models, settings)
+def _tasks(plan: list[tuple], modes) -> list[tuple[int, str | None, str]]:
+    """The runs in record order, (plan entry, defect name or None for the clean port, mode): per entry,
+    the clean port in every mode (no false alarm in any), then each defect in every mode."""
+    out = []
+    for k, (*_, group) in enumerate(plan):
+        out += [(k, None, mode) for mode in modes]
+        out += [(k, d.name, mode) for d in group for mode in modes]
+    return out
+
+
+def _run_tasks(items: list[tuple[int, tuple]], plan: list[tuple], decoded: dict, dtype: str,
+               progress: Callable[[int, int, str], None] | None, total: int,
+               send: Callable[[int, Outcome], None] | None = None) -> dict[int, Outcome]:
+    """The outcome of each (index, run) of ``items``; a plan entry's adapters are loaded when its first
+    run comes and dropped after its last."""
+    last = {task[0]: i for i, task in items}
+    sides: dict[int, _Side] = {}
+    out: dict[int, Outcome] = {}
+    for i, (k, name, mode) in items:
+        fam, fam_models, cases, settings, label, group = plan[k]
+        if k not in sides:
+            sides[k] = _Side(fam, fam_models, settings)
+        side = sides[k]
         tag = ", ".join(x for x in (fam.model_type if len(plan) > 1 else "", label) if x)
-        for mode in modes:  # no false alarm: the clean port passes in every mode of every setting
-            tick(f"clean {mode} {tag}")
+        if progress:
+            progress(len(out), total, f"{name or 'clean'} {mode}" + (f" {tag}" if name is None and tag else ""))
+        if name is None:
             clean = partial(_run, side, cases, decoded, replace(settings, mode=mode))
-            outcomes.append(_outcome(CLEAN + (f" [{tag}]" if tag else ""), None, mode, side, clean, dtype))
-        for d in group:
-            for mode in modes:
-                tick(f"{d.name} {mode}")
-                # free-running only detection is judged: like a mutation tester, the first failing case ends it
-                run = partial(_run, side, cases, decoded, replace(settings, mode=mode, inject=(d.name,)), reload=True,
-                              first_failure=mode != "teacher")
-                with planted([d]):
-                    try:
-                        outcomes.append(_outcome(d.name, d, mode, side, run, dtype))
-                    finally:
-                        side.restore()
-    tick("done")
-    n_defects = sum(len(group) for *_, group in plan)
-    return _record(outcomes, n_defects, modes, dtype, decode_steps, all_cases, models, time.perf_counter() - t0)
+            out[i] = _outcome(CLEAN + (f" [{tag}]" if tag else ""), None, mode, side, clean, dtype)
+        else:
+            d = next(d for d in group if d.name == name)
+            # free-running only detection is judged: like a mutation tester, the first failing case ends it
+            run = partial(_run, side, cases, decoded, replace(settings, mode=mode, inject=(d.name,)), reload=True,
+                          first_failure=mode != "teacher")
+            with planted([d]):
+                try:
+                    out[i] = _outcome(d.name, d, mode, side, run, dtype)
+                finally:
+                    side.restore()
+        if send is not None:
+            send(i, out[i])
+        if last[k] == i:
+            del sides[k]
+    return out
+
+
+def _work(conn, parent: int, share: list, models, fixture_images, names, modes, dtype, decode_steps,
+          families: list) -> None:
+    """A worker process of a dealt self-test (``parity.jobs.deal``): the same plan, its share of the runs."""
+    import rmlx  # noqa: F401  (before mlx: the BLAS MLX calls, rmlx/blas.py)
+    from parity.adapter import register
+    from parity.jobs import serve
+
+    for f in families:
+        register(f)
+
+    def run(send) -> None:
+        plan, _ = _plan(models, fixture_images, names, dtype, decode_steps)
+        decoded = {p: load_image(p) for _, _, cases, *_ in plan for s in cases for p in s.images}
+        _run_tasks(share, plan, decoded, dtype, None, len(share), send)
+
+    serve(conn, parent, run)
 
 
 def _record(outcomes: list[Outcome], n_defects: int, modes, dtype, decode_steps, cases, models, wall) -> dict:

@@ -89,3 +89,15 @@ def test_a_bad_jobs_value_is_one_line_and_exit_2(value, capsys):
     err = capsys.readouterr().err
     assert f"argument --jobs: expected a whole number >= 1 or 'auto', got {value!r}" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_dealt_selftest_has_the_outcomes_of_one_process(tmp_path):
+    """The self-test's runs dealt to 2 processes (each computing the references it needs): the same outcomes."""
+    argv = ["selftest", "--model", str(FIXTURES / "models" / "gemma4-tiny"), "--fault", "g4-rescale-256",
+            "--fault", "g4-rope-axes-swapped", "--fault", "g4-standardize-skipped"]
+    records = []
+    for n in ("1", "2"):
+        assert main([*argv, "--jobs", n, "--json", str(tmp_path / f"{n}.json"), "--report-dir", str(tmp_path / n)]) == 0
+        records.append(json.loads((tmp_path / f"{n}.json").read_text()))
+    one, two = (_strip(r["outcomes"]) for r in records)
+    assert len(one) == 8 and two == one  # the clean port and 3 defects, both modes
