@@ -16,8 +16,11 @@ from hypothesis import HealthCheck, settings
 
 import rmlx  # noqa: F401  (before any test module imports mlx: the BLAS MLX calls is loaded first, rmlx/blas.py)
 
-# one process per run: pytest-xdist keeps every core busy already (tests/test_jobs.py deals cases to two)
+# one process per run: pytest-xdist keeps every core busy already (tests/test_jobs.py deals cases to two);
+# and OpenMP threads that wait passively, so that one worker's spinning threads do not take the core the
+# other computes on (parity/jobs.py; set before torch loads the OpenMP runtime)
 os.environ.setdefault("RMLX_PARITY_JOBS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.register_profile("long", deadline=None, max_examples=1000)
