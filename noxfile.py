@@ -54,8 +54,9 @@ def coverage(session):
     session.install("-e", ".[dev]")
     out = session.create_tmp()
     session.run("coverage", "erase")
-    session.run("coverage", "run", "-m", "parity.cli", "run", "--report-dir", f"{out}/coverage-run", "--json",
-                f"{out}/coverage-run.json", silent=True)
+    # one process: coverage traces this one, not the workers --jobs would start
+    session.run("coverage", "run", "-m", "parity.cli", "run", "--jobs", "1", "--report-dir", f"{out}/coverage-run",
+                "--json", f"{out}/coverage-run.json", silent=True)
     session.run("coverage", "report")
 
 
