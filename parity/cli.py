@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one decoder layer at a time on both sides, weights read from the memory-mapped "
                         "checkpoint: for models larger than memory (peak ~ small modules + one layer + logits)")
     r.add_argument("--jobs", type=_jobs, default=os.environ.get("RMLX_PARITY_JOBS", "auto"), metavar="N",
-                   help="processes the cases are dealt to (default auto: one per core, at most 4, for checkpoints "
-                        "under 256 MiB in all, else 1; --stream: 1; env RMLX_PARITY_JOBS sets the default). "
+                   help="processes the cases are dealt to (default auto: one per core, at most 4 and one per 16 "
+                        "cases, for checkpoints under 256 MiB in all, else 1; --stream: 1; env RMLX_PARITY_JOBS "
+                        "sets the default). "
                         "The record is the same whatever N, but for its timings")
     r.add_argument("--threads", type=int, default=1, metavar="N",
                    help="intra-op threads of torch and of the BLAS under MLX (default 1: the same numbers in "
@@ -368,7 +369,7 @@ def _run(args) -> tuple[dict, Path, dict | None]:
 
     t0 = time.perf_counter()
     check = KernelCheck()
-    jobs = auto_jobs(models, settings.stream) if args.jobs == "auto" else args.jobs
+    jobs = auto_jobs(models, settings.stream, len(models) * len(scenarios)) if args.jobs == "auto" else args.jobs
     results = run_cases(models, scenarios, settings, keep_captures=args.dump is not None,
                         progress=report.Progress(), kernel_check=check, jobs=jobs)
     rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv, kernels=check.summary(),

@@ -31,18 +31,21 @@ from rmlx.errors import InputError
 ENV = "RMLX_PARITY_JOBS"  # the default of --jobs: a number or "auto"
 MAX_AUTO = 4  # processes "auto" starts at most (each holds its own torch, transformers and checkpoints)
 AUTO_BYTES = 256 << 20  # "auto" deals cases only when the checkpoints' weights are this small in all
+AUTO_CASES = 16  # ... and gives each process at least this many cases
 
 
-def auto_jobs(models: list[Path], stream: bool) -> int:
-    """``--jobs auto``: one process per usable core (at most ``MAX_AUTO``) for checkpoints whose weight
-    files total at most ``AUTO_BYTES`` (each process loads every checkpoint); else, and when streamed, 1."""
+def auto_jobs(models: list[Path], stream: bool, cases: int | None = None) -> int:
+    """``--jobs auto``: one process per usable core (at most ``MAX_AUTO``, and at most one per
+    ``AUTO_CASES`` of ``cases`` when given: a worker's start-up, ~8 s of imports, must pay) for
+    checkpoints whose weight files total at most ``AUTO_BYTES`` (each process loads every checkpoint);
+    else, and when streamed, 1."""
     if stream:
         return 1
     size = sum(f.stat().st_size for m in models for f in Path(m).glob("*.safetensors"))
     if size > AUTO_BYTES:
         return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, MAX_AUTO))
+    return max(1, min(cores, MAX_AUTO, MAX_AUTO if cases is None else cases // AUTO_CASES))
 
 
 def parse_jobs(text: str) -> int | str:

@@ -76,6 +76,8 @@ def test_auto_deals_small_checkpoints_only(tmp_path):
     cores = len(os.sched_getaffinity(0))
     assert jobs.auto_jobs(ALL_MODELS, stream=False) == max(1, min(cores, jobs.MAX_AUTO))
     assert jobs.auto_jobs(ALL_MODELS, stream=True) == 1
+    assert jobs.auto_jobs(ALL_MODELS, stream=False, cases=jobs.AUTO_CASES * 2 - 1) == 1  # too few to pay a start-up
+    assert jobs.auto_jobs(ALL_MODELS, stream=False, cases=1000) == max(1, min(cores, jobs.MAX_AUTO))
     big = tmp_path / "big"
     big.mkdir()
     with open(big / "model.safetensors", "wb") as f:  # sparse: the size auto reads, no disk used
