@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -192,6 +193,9 @@ def serve(conn, parent: int, run: Callable[[Callable[[int, object], None]], tupl
     """A worker's side of the pipe: ``run(send)`` calls ``send(index, value)`` as each item finishes
     and returns an extra tuple for the parent's ``merge`` (or None); then "end". A raise is sent as
     ("raised", kind, message); a parent that is gone ends the worker."""
+    # Ctrl-C reaches every process of the terminal's group: the parent handles it and ends its workers
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def send(i: int, value) -> None:
         if os.getppid() != parent:  # the parent is gone: nobody reads what this worker would send
             os._exit(1)
