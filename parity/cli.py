@@ -75,6 +75,13 @@ def _jobs(text: str) -> int | str:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _jobs_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--jobs N|auto`` (``parity.jobs``), its default from the environment."""
+    from parity.jobs import ENV
+
+    parser.add_argument("--jobs", type=_jobs, default=os.environ.get(ENV, "auto"), metavar="N", help=help)
+
+
 def _tol(text: str):
     """``--tol STAGE_GLOB=ATOL[,RTOL]`` -> (glob, atol, rtol or None); bad text is a usage error."""
     from parity.tolerances import parse_override
@@ -147,11 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--stream", action="store_true",
                    help="one decoder layer at a time on both sides, weights read from the memory-mapped "
                         "checkpoint: for models larger than memory (peak ~ small modules + one layer + logits)")
-    r.add_argument("--jobs", type=_jobs, default=os.environ.get("RMLX_PARITY_JOBS", "auto"), metavar="N",
-                   help="processes the cases are dealt to (default auto: one per core, at most 4 and one per 16 "
-                        "cases, for checkpoints under 256 MiB in all, else 1; --stream: 1; env RMLX_PARITY_JOBS "
-                        "sets the default). "
-                        "The record is the same whatever N, but for its timings")
+    _jobs_option(r, "processes the cases are dealt to (default auto: one per core, at most 4 and one per 16 "
+                    "cases, for checkpoints under 256 MiB in all, else 1; --stream: 1; env RMLX_PARITY_JOBS sets "
+                    "the default). The record is the same whatever N, but for its timings")
     r.add_argument("--threads", type=int, default=1, metavar="N",
                    help="intra-op threads of torch and of the BLAS under MLX (default 1: the same numbers in "
                         "every process; more threads are faster but MKL's sums may then differ run to run)")
@@ -174,8 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("selftest", help="plant every catalogued defect; the harness must catch and localise each")
     t.add_argument("--fault", action="append", metavar="NAME", help="only these defects (repeatable)")
-    t.add_argument("--jobs", type=_jobs, default=os.environ.get("RMLX_PARITY_JOBS", "auto"), metavar="N",
-                   help="processes the runs are dealt to (default auto, as for run; the outcomes are the same)")
+    _jobs_option(t, "processes the runs are dealt to (default auto, as for run; the outcomes are the same)")
     t.add_argument("--mode", choices=("both", "free", "teacher"), default="both")
     t.add_argument("--model", action="append", type=Path, metavar="DIR", help="default: every fixture model")
     t.add_argument("--json", type=Path, metavar="PATH", help="also write the self-test record here")
@@ -342,7 +346,7 @@ def _writable_parent(path: Path) -> None:
 def _run(args) -> tuple[dict, Path, dict | None]:
     """Run the cases the options name: (record, report folder, dumps); nothing written yet."""
     from parity import report
-    from parity.runner import default_scenarios, record, run_cases, runnable
+    from parity.runner import dealt, default_scenarios, record, run_cases, runnable
     from parity.stages import matches_any
     from rmlx.errors import InputError
 
@@ -364,16 +368,16 @@ def _run(args) -> tuple[dict, Path, dict | None]:
             raise InputError(f"--case {' '.join(args.case)} matches no scenario")
     report_dir = args.report_dir or default_report_dir()
     _check_outputs(args, report_dir, args.dump)
-    from parity.jobs import auto_jobs
+    from parity.jobs import resolve
     from parity.kernels import KernelCheck
 
     t0 = time.perf_counter()
     check = KernelCheck()
-    jobs = auto_jobs(models, settings.stream, len(models) * len(scenarios)) if args.jobs == "auto" else args.jobs
+    jobs = resolve(args.jobs, models, settings.stream, len(models) * len(scenarios))
     results = run_cases(models, scenarios, settings, keep_captures=args.dump is not None,
                         progress=report.Progress(), kernel_check=check, jobs=jobs)
     rec = record(results, settings, time.perf_counter() - t0, args.run_id, argv=args.argv, kernels=check.summary(),
-                 jobs=min(jobs, len(results)) if not settings.stream else 1)
+                 jobs=dealt(jobs, settings, len(results)))
     dumps = None
     if args.dump:  # the selected stages (--stages) and every input the dump's reader checks
         def kept(capture):  # a streamed run's parity.dumps.Spool holds the selected stages already
@@ -594,10 +598,10 @@ def cmd_selftest(args) -> int:
     report_dir = args.report_dir or default_report_dir("selftest-")
     _check_outputs(args, report_dir)
     modes = ("teacher", "free") if args.mode == "both" else (args.mode,)
-    from parity.jobs import auto_jobs
+    from parity.jobs import resolve
 
-    jobs = auto_jobs(models, False) if args.jobs == "auto" else args.jobs
-    rec = selftest.run_selftest(models, images, args.fault, modes, progress=report.Progress(), jobs=jobs)
+    rec = selftest.run_selftest(models, images, args.fault, modes, progress=report.Progress(),
+                                jobs=resolve(args.jobs, models, False))
     rec["command"] = " ".join(["rmlx-parity", *args.argv])
     _publish(rec, report_dir, args, folder={"selftest.json": report.json_text(rec),
                                             "selftest.md": selftest.to_markdown(rec)})

@@ -49,6 +49,11 @@ def auto_jobs(models: list[Path], stream: bool, cases: int | None = None) -> int
     return max(1, min(cores, MAX_AUTO, MAX_AUTO if cases is None else cases // AUTO_CASES))
 
 
+def resolve(jobs: int | str, models: list[Path], stream: bool, cases: int | None = None) -> int:
+    """A ``--jobs`` value as a number: ``auto`` by :func:`auto_jobs`."""
+    return auto_jobs(models, stream, cases) if jobs == "auto" else jobs
+
+
 def parse_jobs(text: str) -> int | str:
     """``N`` (>= 1) or ``auto``; anything else: ``InputError`` naming the value."""
     if text.strip().lower() == "auto":

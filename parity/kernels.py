@@ -48,7 +48,6 @@ class KernelCheck:
         key = (kind, k, n)
         if key in self.results:
             return
-        self.first_case[key] = self.case
         x2, y2 = x.reshape(-1, k), y.reshape(-1, n)
         m = x2.shape[0]
         if m == 0:
@@ -77,6 +76,7 @@ class KernelCheck:
             mlx_ratio = float(np.nanmax(np.where(b > 0, mlx_own / b, np.where(mlx_own > 0, np.inf, 0.0))))
         bad = np.argwhere(~np.isfinite(ys64))
         finite = bad.size == 0
+        self.first_case[key] = self.case
         self.results[key] = {
             "kernel": kind, "how": kernels.in_use().get(kind, ""), "k": k, "n": n, "rows": int(idx.size),
             "output_dtype": out_dtype,

@@ -181,12 +181,17 @@ def run_cases(models: list[Path], scenarios: list[Scenario], settings: Settings,
         for f in sorted(Path(m).glob("*.safetensors")):
             safetensors_layout(f)
     run_defects(models, settings.inject)  # an unknown defect name fails here, before any worker starts
-    jobs = 1 if settings.stream else max(1, min(jobs, len(plan)))
+    jobs = dealt(jobs, settings, len(plan))
     if jobs == 1:
         return run_plan(list(enumerate(plan)), decoded, settings, keep_captures, progress, kernel_check)
     from parity import jobs as workers
 
     return workers.run_dealt(plan, decoded, settings, keep_captures, progress, kernel_check, jobs)
+
+
+def dealt(jobs: int, settings: Settings, cases: int) -> int:
+    """The processes ``jobs`` gives a run of ``cases``: at most one per case, one when streamed."""
+    return 1 if settings.stream else max(1, min(jobs, cases))
 
 
 def run_plan(items: list[tuple[int, tuple[Path, Scenario]]], decoded: dict[Path, np.ndarray], settings: Settings,
