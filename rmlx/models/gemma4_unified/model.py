@@ -167,9 +167,7 @@ class Model(nn.Module):
         text_ids = np.where(types > 0, a.text.pad_token_id, ids)  # soft-token slots embed the pad token
         h = tap("text.embed_tokens", self.language_model.embed(mx.array(text_ids)))
         if offset == 0 and tap_active():  # record-only: the kernels keep using the packed weights
-            weights = dequantized_weights(self)
-            mx.eval(list(weights.values()))  # together: they are spread over the CPU streams
-            for name, weight in weights.items():
+            for name, weight in dequantized_weights(self).items():
                 tap(name, weight)
         if offset == 0:  # decode steps embed a generated soft-token id as the pad token, as HF does
             h = self._scatter(h, types == 1, self._image_tokens(pixel_values, image_position_ids), "image")
