@@ -19,6 +19,7 @@ from pathlib import Path
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_UNTESTABLE = 0, 1, 2, 125
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as a shell reports them
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left (`| head`)
 # environment switches of the port: unset, empty, "0" (rmlx's own code) or "1" (MLX's own)
 SWITCHES = ("RMLX_NATIVE_MATH", "RMLX_NATIVE_KERNELS")
 
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="allowed = baseline * R + FLOOR (default 2.0)")
     g.add_argument("--drift-floor", type=float, default=1e-5, metavar="FLOOR",
                    help="absolute allowance on top (default 1e-5, torch.testing's atol)")
+    g.add_argument("--cross-machine-ratio", type=float, default=8.0, metavar="X",
+                   help="R for a baseline recorded on another machine (processor, vector extension, cores, BLAS "
+                        "or numeric packages differ; default 8.0)")
 
     t = sub.add_parser("selftest", help="plant every catalogued defect; the harness must catch and localise each")
     t.add_argument("--fault", action="append", metavar="NAME", help="only these defects (repeatable)")
@@ -504,7 +508,7 @@ def cmd_gate(args) -> int:
 
     from parity import gate, report
 
-    gate.check_drift(args.drift_ratio, args.drift_floor)
+    gate.check_drift(args.drift_ratio, args.drift_floor, args.cross_machine_ratio)
     if args.record is not None:
         return _gate_record(args)
     if args.update_baseline:
@@ -523,7 +527,8 @@ def cmd_gate(args) -> int:
             return EXIT_FAIL
         print(f"\nbaseline written: {args.baseline} ({len(rec['cases'])} cases)")
         return EXIT_PASS
-    rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline))
+    rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline),
+                             args.cross_machine_ratio)
     _publish(rec, report_dir, args, dumps)
     print(report.to_terminal(rec, wide=args.wide, notes=[f"report: {report_dir / 'report.md'}"]))
     print("\n" + gate.summary(rec["gate"]))  # last: the gate's verdict is this command's
@@ -540,7 +545,8 @@ def _gate_record(args) -> int:
     rec = gate.load_record(args.record)
     baseline = gate.load(args.baseline)
     _check_outputs(args, args.report_dir)
-    rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline))
+    rec["gate"] = gate.check(rec, baseline, args.drift_ratio, args.drift_floor, str(args.baseline),
+                             args.cross_machine_ratio)
     if args.report_dir is not None or args.json is not None:
         _publish_record(rec, args)
     print(gate.summary(rec["gate"]))
@@ -822,9 +828,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rmlx-parity: interrupted by {signal.Signals(signum).name}; temporary files removed, no output "
               "half-written", file=sys.stderr)
         return EXIT_TERMINATED if signum == signal.SIGTERM else EXIT_INTERRUPTED
+    except BrokenPipeError:
+        if not _reader_gone(sys.stdout):
+            raise  # another pipe (a worker's): a real error
+        # stdout's reader is gone (`rmlx-parity ... | head`): the rest of the output has no reader
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush is quiet
+        return EXIT_BROKEN_PIPE
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _reader_gone(stream) -> bool:
+    """True when ``stream`` is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(stream.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), no file descriptor
+        return False
 
 
 def _interrupt(signum, frame) -> None:

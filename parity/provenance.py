@@ -7,8 +7,10 @@ a package that is not installed is recorded as ``None``.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 _PACKAGES = {"transformers": "transformers", "torch": "torch", "mlx": "mlx", "numpy": "numpy",
@@ -30,8 +32,43 @@ def versions() -> dict[str, str | None]:
 
     out: dict[str, str | None] = {k: package_version(d) for k, d in _PACKAGES.items()}
     out.update({"python": platform.python_version(), "platform": platform.platform(),
-                "blas": "{blas} ({why})".format(**rmlx_blas.in_use())})
+                "blas": "{blas} ({why})".format(**rmlx_blas.in_use()), "cpu": cpu()})
     return out
+
+
+# the widest vector extension first: MKL, oneDNN and torch's kernels each pick their code path by it, so two
+# processors of one tier and model round alike and two of different tiers do not
+_X86_TIERS = ("avx512f", "avx2", "avx", "sse4_2")
+_ARM_TIERS = ("sve2", "sve", "asimd")
+
+
+def cpu() -> str:
+    """The processor the numbers come from: its model, the widest vector extension the kernels can use,
+    and the cores this process may run on (a BLAS splits a product by them), e.g. ``AMD EPYC, family
+    25 model 1; avx2; 2 cores``. Two runs of the same code differ in their last bits on two processors that differ here;
+    the gate widens its allowance for a baseline recorded on another one (:mod:`parity.gate`)."""
+    model, flags = platform.machine() or "unknown", set()
+    if sys.platform.startswith("linux"):
+        try:
+            text = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            text = ""
+        fields = dict(line.split(":", 1) for line in text.splitlines()[:64] if ":" in line)
+        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        model = fields.get("model name") or fields.get("CPU part") or model
+        if fields.get("cpu family") and fields.get("model"):  # a hypervisor may show only "AMD EPYC"
+            model += f", family {fields['cpu family']} model {fields['model']}"
+        flags = set((fields.get("flags") or fields.get("Features") or "").split())
+    elif sys.platform == "darwin":
+        try:
+            p = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                               timeout=10)
+            model = p.stdout.strip() or model
+        except (OSError, subprocess.SubprocessError):
+            pass
+    tier = next((t for t in _X86_TIERS + _ARM_TIERS if t in flags), None)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return "; ".join(p for p in (" ".join(model.split()), tier, f"{cores} cores") if p)
 
 
 def git(where: Path | None = None) -> dict[str, str | bool | None]:

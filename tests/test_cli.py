@@ -199,3 +199,16 @@ def test_compare_report_and_gate_need_no_mlx_torch_or_transformers(tmp_path):
     assert {"mlx", "torch", "transformers", "numpy"} <= set(rec["versions"])
     assert _without(hidden, ["report", str(RECORD), "--report-dir", "r"], tmp_path).returncode == 0
     assert _without(hidden, ["gate", "--record", str(RECORD), "--baseline", str(BASELINE)], tmp_path).returncode == 0
+
+
+def test_output_into_a_closed_pipe_is_exit_141_without_a_traceback():
+    """`rmlx-parity ... | head -1`: once the reader is gone the command stops quietly, as a shell tool
+    killed by SIGPIPE does (128 + 13), instead of printing a BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        p = subprocess.run([sys.executable, "-m", "parity.cli", "gate", "--baseline", str(BASELINE), "--record",
+                            str(RECORD)], stdout=write, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=120)
+    finally:
+        os.close(write)
+    assert (p.returncode, p.stderr) == (141, "")

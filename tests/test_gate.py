@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from parity import gate
+from parity import gate, provenance
 from parity.adapters.gemma4_unified import FAMILY
 from parity.adapters.gemma4_unified.defects import CATALOG, expected_stage
 from parity.cli import main
@@ -98,16 +98,45 @@ def test_drift_within_tolerance_is_caught(default_runs):
     assert gate.check(rec, base, ratio=1.0, floor=0.0)["passed"]  # a run equals its own baseline
 
 
+def test_a_baseline_from_another_machine_gets_the_cross_machine_ratio(default_runs):
+    """The last bits of a stage's error depend on the processor's kernels: against a baseline another
+    machine recorded (or one that does not say), the ratio is the cross-machine one, and the summary
+    names what differs."""
+    _, rec, _ = default_runs("float32", "free", "official")
+    assert rec["versions"]["cpu"] == provenance.cpu()
+    case = rec["cases"][0]["name"]
+    worst = max(rec["cases"][0]["stages"], key=lambda s: s["max_abs"])
+    base = gate.from_record(rec)
+    base["cases"][case]["stages"][worst["name"]] = worst["max_abs"] / 5  # grown 5x: past 2x, within 8x
+    here = gate.check(rec, base, floor=0.0)
+    assert here["machine"] == {"same": True, "differs": {}} and here["ratio"] == gate.DEFAULT_RATIO
+    assert [(r["case"], r["stage"]) for r in here["regressions"]] == [(case, worst["name"])]
+    assert "another machine" not in gate.summary(here)
+
+    for cpu in ("Intel(R) Xeon(R) Platinum 8488C; avx512f; 2 cores", None):
+        there = copy.deepcopy(base)
+        there["versions"]["cpu"] = cpu
+        result = gate.check(rec, there, floor=0.0)
+        assert result["passed"] and result["ratio"] == gate.DEFAULT_CROSS_RATIO
+        assert result["machine"] == {"same": False, "differs": {"cpu": [cpu, rec["versions"]["cpu"]]}}
+        said = "not recorded" if cpu is None else repr(cpu)
+        assert (f"recorded on another machine (cpu {said} there, {rec['versions']['cpu']!r} here): "
+                f"the last bits round differently, so the ratio is x 8, not x 2") in gate.summary(result)
+        assert not gate.check(rec, there, floor=0.0, cross_ratio=4.0)["passed"]
+    del there["versions"]
+    assert set(gate.check(rec, there)["machine"]["differs"]) == set(gate.MACHINE)
+
+
 def test_settings_mismatch_is_bad_input_before_the_run(tmp_path, capsys):
     code = main(["gate", "--baseline", str(BASELINES / "float32-teacher.json"), *ONE_CASE,
                  "--report-dir", str(tmp_path / "rep")])
     assert code == 2 and "mode: baseline 'teacher', run 'free'" in capsys.readouterr().err
     assert not (tmp_path / "rep").exists()
     for drift in (["--drift-ratio", "0.5"], ["--drift-floor", "inf"], ["--drift-ratio", "nan"],
-                  ["--drift-ratio", "1e300"]):
+                  ["--drift-ratio", "1e300"], ["--cross-machine-ratio", "0"], ["--cross-machine-ratio", "inf"]):
         assert main(["gate", "--baseline", str(BASELINES / "float32-free.json"), *ONE_CASE, *drift,
                      "--report-dir", str(tmp_path / "rep")]) == 2
-        assert "--drift-ratio must be finite" in capsys.readouterr().err
+        assert "--drift-ratio and --cross-machine-ratio must be finite" in capsys.readouterr().err
 
 
 def test_uncovered_cases_are_bad_input_and_missing_stages_regress(default_runs):
