@@ -31,24 +31,41 @@ TWO = [m for m in UNIFIED_MODELS if m.name in ("tiny", "hf-test-config")]
 
 
 @pytest.mark.parametrize("dtype,mode,every", [
-    ("float32", "free", True), ("float32", "teacher", False), ("bfloat16", "free", False),
+    ("float32", "teacher", False), ("bfloat16", "free", False),
     pytest.param("float32", "teacher", True, marks=pytest.mark.slow),
     pytest.param("bfloat16", "free", True, marks=pytest.mark.slow)])
 def test_streamed_record_equals_the_resident_record(tmp_path, dtype, mode, every):
     """Every number of every stage, the logits agreement and every decode step agree exactly with the
     resident run of the same cases: streaming changes where the weights are, not what is computed.
-    fp32 free-running on every fixture model; teacher-forced and bf16 on two of them (every model:
-    `nox -s slow`)."""
+    Teacher-forced and bf16 on two fixture models (every model: `nox -s slow`); fp32 free-running on
+    every model in the next test."""
     models = [] if every else [a for m in TWO for a in ("--model", str(m))]
     code, resident = _record(tmp_path, "resident", "--dtype", dtype, "--mode", mode, *models)
     assert code == 0
     code, streamed = _stream_record(tmp_path, "--dtype", dtype, "--mode", mode, *models)
-    assert code == 0 and streamed["settings"]["stream"] is True and resident["settings"]["stream"] is False
+    assert code == 0
+    _assert_same_record(streamed, resident, UNIFIED_MODELS if every else TWO)
+
+
+def test_streamed_fp32_record_equals_the_default_runs(tmp_path, default_runs):
+    """fp32 free-running on every fixture model: the streamed cases are the resident default run's cases,
+    number for number (the session's default run is the resident side)."""
+    _, resident, _ = default_runs("float32", "free", "official")
+    code, streamed = _stream_record(tmp_path)
+    assert code == 0
+    _assert_same_record(streamed, resident, UNIFIED_MODELS)
+
+
+def _assert_same_record(streamed: dict, resident: dict, models) -> None:
+    assert streamed["settings"]["stream"] is True and resident["settings"]["stream"] is False
+    assert {k: v for k, v in streamed["settings"].items() if k not in ("stream", "cases", "models")} == {
+        k: v for k, v in resident["settings"].items() if k not in ("stream", "cases", "models")}
     by_name = {c["name"]: c for c in resident["cases"]}
     # the families with a layer-by-layer driver (gemma4 sits out)
-    streamed_models = {m.name for m in (UNIFIED_MODELS if every else TWO)}
+    streamed_models = {m.name for m in models}
     assert {c["model"] for c in streamed["cases"]} == streamed_models
-    assert len(streamed["cases"]) == sum(1 for c in resident["cases"] if c["model"] in streamed_models) > len(CASES)
+    assert len(streamed["cases"]) == sum(1 for c in resident["cases"] if c["model"] in streamed_models
+                                         and c["scenario"] in CASES) > len(CASES)
     for case in streamed["cases"]:
         ref = by_name[case["name"]]
         assert [s["name"] for s in case["stages"]] == [s["name"] for s in ref["stages"]]
