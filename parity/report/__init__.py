@@ -84,7 +84,7 @@ def _headline(rec: dict, short: bool = False) -> list[str]:
     status = "PASS" if rec["passed"] else "FAIL"
     n_pass = sum(c["passed"] for c in rec["cases"])
     s = rec["settings"]
-    versions = {k: v for k, v in rec["versions"].items() if k in ("transformers", "torch", "mlx", "numpy", "blas")}
+    versions = {k: v for k, v in rec["versions"].items() if k in ("transformers", "torch", "mlx", "numpy", "blas", "cpu")}
     from parity.adapter import option_facts  # (the registry's modules import this package)
 
     mode = f"{s['mode']}, {s['dtype']}" if short else f"mode {s['mode']}, dtype {s['dtype']}"
