@@ -371,11 +371,12 @@ def _legend(viz: dict) -> dict[int, tuple[str, str]]:
 
 
 def _mask_rgb(mask: np.ndarray, key_types: np.ndarray, legend: dict[int, tuple[str, str]]) -> np.ndarray:
-    rgb = np.full(mask.shape + (3,), 255, np.uint8)
-    rgb[mask] = _rgb(MUTED)  # a token type the legend does not name
-    for t, (_, colour) in legend.items():
-        rgb[mask & (key_types == t)[None, :]] = _rgb(colour)
-    return rgb
+    """White where a query may not attend, else its key's token-type colour (one colour per key)."""
+    colour = np.empty((mask.shape[-1], 3), np.uint8)
+    colour[:] = _rgb(MUTED)  # a token type the legend does not name
+    for t, (_, c) in legend.items():
+        colour[key_types == t] = _rgb(c)
+    return np.where(mask[..., None], colour, np.uint8(255))
 
 
 def _views(mv: dict) -> tuple[list[str], str | None]:
