@@ -27,7 +27,6 @@ import os
 import re
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,14 +136,6 @@ class Weights:
             return
         for fd, offset, length in self._spans(prefix):
             os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
-
-    def warm(self, prefix: str, chunk: int = 8 << 20) -> None:
-        """Bring the bytes of every tensor under ``prefix`` into the page cache: ``os.preadv`` into one
-        reused buffer (a kernel copy, no page faults, no cast), so a later :meth:`read` finds them."""
-        buf = memoryview(bytearray(chunk))
-        for fd, offset, length in self._spans(prefix):
-            for at in range(offset, offset + length, chunk):
-                os.preadv(fd, [buf[:min(chunk, offset + length - at)]], at)
 
     def read(self, names: list[str], into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Whole tensors, cast to the run dtype. ``into``: tensors of the run dtype, by name, to cast into
@@ -279,16 +270,7 @@ class HFStreamRunner(HFRunner):
         self.model, self.config = model, model.config
         self.layer_reads = 0
         self.capture_seconds = 0.0
-        self.load_seconds = 0.0  # spent reading and casting decoder layers (waiting for a prefetch, if any)
-        self._reader = ThreadPoolExecutor(max_workers=1)
-        self._pending: Future | None = None  # a prefetch in flight
-
-    def prefetch(self, i: int) -> None:
-        """Start bringing decoder layer ``i``'s bytes into the page cache on a background thread
-        (:meth:`Weights.warm`); HF's pre-hook for the layer waits for it, then casts from memory. For a
-        caller with other work meanwhile: the thread mostly waits on the disk, so it overlaps the
-        candidate's compute without taking its cores (the cast stays in HF's time)."""
-        self._pending = self._reader.submit(self.weights.warm, f"model.language_model.layers.{i}.")
+        self.load_seconds = 0.0  # spent reading and casting decoder layers
 
     def _drop_buffers(self, module, args, output) -> None:
         """After the last decoder layer: free the tensors kept to read the next layer into (0.9 GiB in
@@ -298,9 +280,6 @@ class HFStreamRunner(HFRunner):
     def _materialize(self, prefix: str):
         def pre(module, args):
             t0 = time.perf_counter()
-            pending, self._pending = self._pending, None
-            if pending is not None:
-                pending.result()  # this layer's prefetch (raises what it raised), or a stray one's
             load_module(module, prefix, self.weights, self._buffers)
             self.layer_reads += 1
             self.load_seconds += time.perf_counter() - t0

@@ -8,9 +8,8 @@ The reference is HF's own ``model(...)`` over a model whose layers live on disk
   ``Model.embed_inputs``; every stage before the first layer is compared;
 - when HF is about to enter layer i + 1 (or its final norm, after the last layer), before HF reads
   that layer: the candidate's layer i; layer i's stages are compared and both sides' captures of
-  them dropped. Meanwhile a background thread brings HF's layer i + 1 off the disk into the page
-  cache (``HFStreamRunner.prefetch``): HF's read is mostly waiting on the disk, which this hides
-  behind the candidate's compute (HF casts from memory afterwards, on its own time);
+  them dropped. Nothing reads HF's next layer meanwhile: a read-ahead thread took the candidate's
+  cores (docs/streaming.md, "Measured and not used");
 - when HF's forward returns: the candidate's head (final norm, tied lm_head).
 
 The core's case pipeline (``parity.pipeline.CaseRun``) compares what the hooks settle: layer i's
@@ -163,8 +162,6 @@ class Lockstep:
             t0 = time.perf_counter()
             layer = self.adapter.streamed.layer(i)
             self.adapter.hf.weights.evict(f"model.language_model.layers.{i}.")  # both sides have read it
-            if i + 1 < self.text.cfg.num_hidden_layers:
-                self.adapter.hf.prefetch(i + 1)  # HF's next layer comes off the disk while ours computes
             offset = 0 if self.forward == 0 else self.length + self.forward - 1
             read = self.adapter.hf.weights.dequantized  # the reference's codec values (HF read this layer first)
             done = {k: read.pop(k) for k in [k for k in read if k.startswith(f"layers.{i}.")]}
