@@ -53,8 +53,8 @@ def cpu() -> str:
             text = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
             text = ""
-        fields = dict(line.split(":", 1) for line in text.splitlines()[:64] if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
+        first = text.split("\n\n", 1)[0]  # the first processor's block
+        fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in first.splitlines() if ":" in line)}
         model = fields.get("model name") or fields.get("CPU part") or model
         if fields.get("cpu family") and fields.get("model"):  # a hypervisor may show only "AMD EPYC"
             model += f", family {fields['cpu family']} model {fields['model']}"

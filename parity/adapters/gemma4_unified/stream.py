@@ -8,8 +8,8 @@ The reference is HF's own ``model(...)`` over a model whose layers live on disk
   ``Model.embed_inputs``; every stage before the first layer is compared;
 - when HF is about to enter layer i + 1 (or its final norm, after the last layer), before HF reads
   that layer: the candidate's layer i; layer i's stages are compared and both sides' captures of
-  them dropped. Nothing reads HF's next layer meanwhile: a read-ahead thread took the candidate's
-  cores (docs/streaming.md, "Measured and not used");
+  them dropped. Nothing reads HF's next layer meanwhile: a read-ahead thread competes for the
+  candidate's cores (docs/streaming.md, "Measured and not used");
 - when HF's forward returns: the candidate's head (final norm, tied lm_head).
 
 The core's case pipeline (``parity.pipeline.CaseRun``) compares what the hooks settle: layer i's
