@@ -105,6 +105,42 @@ def bench_gemm(repeat: int) -> list[dict]:
     torch_fp32 = rows[1]["seconds"]
     for r in rows:
         r["vs torch fp32"] = r["seconds"] / torch_fp32
+    return rows + bench_sgemm_output(repeat)
+
+
+def bench_sgemm_output(repeat: int) -> list[dict]:
+    """fp32 ``x @ w.T`` at the 12B decoder's shapes (512 tokens): MLX through rmlx's aligned-output
+    ``cblas_sgemm`` (rmlx/blas.py), MLX writing where its allocator put the output (``align_from(inf)``,
+    as ``RMLX_NATIVE_SGEMM=1``), and torch's ``F.linear``; the three in alternating rounds."""
+    import math
+
+    import mlx.core as mx
+    import torch
+
+    from rmlx import blas
+
+    def unaligned(fn):
+        def call():
+            blas.align_from(math.inf)
+            try:
+                fn()
+            finally:
+                blas.align_from(blas.ALIGN_FROM)
+        return call
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for m, k, n in ((512, 3840, 15360), (512, 15360, 3840), (512, 3840, 4096)):
+        a, w = rng.standard_normal((m, k), dtype=np.float32), rng.standard_normal((n, k), dtype=np.float32) / k**0.5
+        ma, mw, ta, tw = mx.array(a), mx.array(w), torch.from_numpy(a), torch.from_numpy(w)
+        mlx_fn = lambda ma=ma, mw=mw: mx.eval(ma @ mw.T)  # noqa: E731
+        times = paired({"mlx": mlx_fn, "mlx, output where MLX allocates it": unaligned(mlx_fn),
+                        "torch": lambda ta=ta, tw=tw: torch.nn.functional.linear(ta, tw)}, repeat)
+        for name, t in times.items():
+            seconds = statistics.median(t)
+            rows.append({"case": f"{name} fp32 {m}x{k} @ ({n}x{k}).T", "seconds": seconds,
+                         "gflops": 2 * m * k * n / seconds / 1e9,
+                         "vs torch fp32": seconds / statistics.median(times["torch"])})
     return rows
 
 

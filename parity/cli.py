@@ -21,7 +21,7 @@ EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_UNTESTABLE = 0, 1, 2, 125
 EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143  # 128 + SIGINT, 128 + SIGTERM, as a shell reports them
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left (`| head`)
 # environment switches of the port: unset, empty, "0" (rmlx's own code) or "1" (MLX's own)
-SWITCHES = ("RMLX_NATIVE_MATH", "RMLX_NATIVE_KERNELS")
+SWITCHES = ("RMLX_NATIVE_MATH", "RMLX_NATIVE_KERNELS", "RMLX_NATIVE_SGEMM")
 
 
 def fixtures_dir() -> Path:

@@ -8,6 +8,12 @@ rmlx on Linux x86-64) that way the first time ``rmlx`` or ``parity`` is imported
 takes ~50 ms. Why MKL: ``cmeel-openblas`` needs a system ``libgfortran.so.5`` (absent on a bare
 Debian image), and ``scipy-openblas32`` exports only prefixed ``scipy_cblas_*`` symbols.
 
+- MLX's CPU allocator returns buffers 8 bytes past a 16-byte boundary, and MKL's sgemm writes a C
+  that is not 64-byte aligned 15-20 % slower at the 12B decoder's shapes (an AMD EPYC, 2 cores;
+  docs/performance.md). When the optional extension ``rmlx._aligned_sgemm`` is built (setup.py), its
+  ``cblas_sgemm`` goes into the global scope ahead of MKL's: a product of at least ``ALIGN_FROM``
+  multiply-adds whose C is misaligned runs MKL's kernel into an aligned scratch and is copied into C.
+  ``RMLX_NATIVE_SGEMM=1`` leaves it out (MLX calls MKL's ``cblas_sgemm`` directly).
 - ``RMLX_BLAS=reference`` opts out (MLX keeps its reference BLAS).
 - Threads: MKL's GNU OpenMP layer (the runtime torch uses too) when ``libgomp`` is on the system,
   else its sequential layer; ``MKL_THREADING_LAYER`` set by the user wins.
@@ -26,6 +32,9 @@ import sys
 from pathlib import Path
 
 _STATE: dict[str, str] = {}
+ALIGN_FROM = 2**30  # m * n * k: below, the copy costs what the aligned stores save (docs/performance.md)
+_SHIM: ctypes.CDLL | None = None
+_SHIM_NEXT: ctypes.c_void_p | None = None  # MKL's cblas_sgemm, where the shim forwards
 
 
 def _find_mkl() -> Path | None:
@@ -38,6 +47,7 @@ def _find_mkl() -> Path | None:
 
 def load() -> dict[str, str]:
     """Load the fast BLAS once (idempotent); returns ``in_use()``."""
+    global _SHIM_NEXT
     if _STATE:
         return _STATE
     choice = os.environ.get("RMLX_BLAS", "auto")
@@ -58,18 +68,58 @@ def load() -> dict[str, str]:
             layer = os.environ.setdefault(
                 "MKL_THREADING_LAYER", "GNU" if ctypes.util.find_library("gomp") else "SEQUENTIAL")
             try:
-                ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
-                _STATE.update(blas="mkl", why=f"{path.name}, threading {layer}")
+                ctypes.CDLL(str(path))  # loads at all? (local scope: nothing of it is global yet)
             except OSError as e:
                 _STATE.update(blas="reference", why=f"loading {path} failed: {e}")
+            else:
+                shim, shim_why = _load_shim()  # into the global scope before MKL: its cblas_sgemm comes first
+                mkl = ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)  # promoted to the global scope
+                if shim is not None:
+                    _SHIM_NEXT = ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p)
+                    align_from(ALIGN_FROM)
+                _STATE.update(blas="mkl", why=f"{path.name}, threading {layer}", sgemm_output=shim_why)
     return _STATE
 
 
+def _load_shim() -> tuple[ctypes.CDLL | None, str]:
+    """rmlx._aligned_sgemm loaded with RTLD_GLOBAL (None and why not)."""
+    global _SHIM
+    if os.environ.get("RMLX_NATIVE_SGEMM") == "1":
+        return None, "sgemm output where MLX allocates it (RMLX_NATIVE_SGEMM=1)"
+    import importlib.util
+
+    spec = importlib.util.find_spec("rmlx._aligned_sgemm")
+    if spec is None or not spec.origin:
+        return None, "sgemm output where MLX allocates it (rmlx._aligned_sgemm not built: setup.py)"
+    try:
+        _SHIM = ctypes.CDLL(spec.origin, mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        return None, f"sgemm output where MLX allocates it (loading rmlx._aligned_sgemm failed: {e})"
+    _SHIM.rmlx_aligned_sgemm_setup.argtypes = [ctypes.c_void_p, ctypes.c_double]
+    _SHIM.rmlx_aligned_sgemm_redirected.restype = ctypes.c_longlong
+    return _SHIM, f"sgemm output 64-byte aligned when m*n*k >= {ALIGN_FROM}"
+
+
+def align_from(products: float) -> None:
+    """Set the size (m * n * k) from which a misaligned C goes through the aligned scratch; ``math.inf``
+    turns it off. For benchmarks and tests, between products (the setting is not synchronised with
+    MLX's threads). No-op without the shim."""
+    if _SHIM is not None and _SHIM_NEXT is not None:
+        _SHIM.rmlx_aligned_sgemm_setup(_SHIM_NEXT, ctypes.c_double(products))
+
+
+def aligned_calls() -> int | None:
+    """How many sgemm calls went through the aligned scratch so far (None: the shim is not loaded)."""
+    return None if _SHIM is None else int(_SHIM.rmlx_aligned_sgemm_redirected())
+
+
 def in_use() -> dict[str, str]:
-    """``{"blas": "mkl" | "reference" | "platform", "why": ...}``."""
+    """``{"blas": "mkl" | "reference" | "platform", "why": ...}``, and with MKL ``"sgemm_output"``: whether
+    the aligned-output ``cblas_sgemm`` is in front of it (the same bits either way: tests/test_blas.py)."""
     return load()
 
 
 def notice() -> str:
     s = in_use()
-    return f"rmlx: MLX BLAS: {s['blas']} ({s['why']})"
+    extra = f"; {s['sgemm_output']}" if "sgemm_output" in s else ""
+    return f"rmlx: MLX BLAS: {s['blas']} ({s['why']}){extra}"

@@ -1,5 +1,6 @@
-"""The fast BLAS under MLX on Linux (rmlx/blas.py): on by default, off with RMLX_BLAS=reference, and a
-throughput floor that fails if the fast path silently stops working."""
+"""The fast BLAS under MLX on Linux (rmlx/blas.py): on by default, off with RMLX_BLAS=reference, the
+aligned-output cblas_sgemm in front of it (rmlx/_aligned_sgemm.c), and a throughput floor that fails if
+the fast path silently stops working."""
 
 import os
 import platform
@@ -24,6 +25,8 @@ def blas_in(code: str, **env) -> str:
 def test_mkl_is_loaded_by_default_and_reported():
     assert blas_in("import rmlx; print(rmlx.blas.in_use()['blas'])") == "mkl"
     assert blas_in("import parity.provenance as r; print(r.versions()['blas'])").startswith("mkl (libmkl_rt")
+    # the extension that aligns sgemm's output (setup.py) is built and in front of MKL
+    assert "sgemm output 64-byte aligned" in blas_in("import rmlx; print(rmlx.blas.notice())")
 
 
 def test_opt_out_and_too_late_are_said():
@@ -66,3 +69,89 @@ def test_gemm_throughput_floor_against_numpy():
     t_numpy = median(lambda: a @ b)
     t_mlx = median(lambda: mx.eval(ma @ mb))
     assert t_mlx <= 4 * t_numpy, f"MLX fp32 GEMM {t_mlx:.3f} s vs NumPy {t_numpy:.3f} s: the fast BLAS is not in use"
+
+
+def _misaligned(shape, rng, offset=8) -> np.ndarray:
+    """A float32 array whose data starts ``offset`` bytes past a 64-byte boundary (as MLX's allocator's do)."""
+    n = int(np.prod(shape))
+    raw = np.empty(n * 4 + 128, np.uint8)
+    start = (-raw.ctypes.data) % 64 + offset
+    out = raw[start:start + n * 4].view(np.float32).reshape(shape)
+    out[...] = rng.standard_normal(shape, dtype=np.float32)
+    return out
+
+
+@pytest.mark.skipif(not LINUX_X86, reason="the aligned-output cblas_sgemm sits in front of MKL (Linux x86-64)")
+@pytest.mark.parametrize("layout, beta, pad", [(101, 0.0, 0), (101, 0.5, 3), (102, 0.0, 5), (102, -1.0, 0)])
+def test_aligned_sgemm_is_mkls_product_bit_for_bit(layout, beta, pad):
+    """The global ``cblas_sgemm`` (rmlx._aligned_sgemm) against MKL's own on a C 8 bytes past a 64-byte
+    boundary, above the size at which it computes through its aligned scratch: the same bits, C's
+    padding between rows untouched, and the call counted."""
+    import ctypes
+
+    from rmlx import blas
+
+    assert blas.aligned_calls() is not None, blas.notice()
+    m, n, k = 1024, 1040, 1032  # m n k >= 2^30; n not a multiple of 16
+    assert m * n * k >= blas.ALIGN_FROM
+    rng = np.random.default_rng(0)
+    a, b = _misaligned((m, k), rng), _misaligned((n, k), rng)  # C = A B^T
+    rows, cols = (m, n) if layout == 101 else (n, m)
+    lda = ldb = k
+    if layout == 102:  # column-major: the same arrays read as A^T (k x m) and B^T (k x n)
+        trans_a, trans_b = 112, 111
+    else:
+        trans_a, trans_b = 111, 112
+    c0 = _misaligned((rows, cols + pad), rng)
+    assert c0.ctypes.data % 64 == 8
+    results = {}
+    mkl = ctypes.CDLL(str(blas._find_mkl()))
+    for name, fn in (("shim", ctypes.CDLL(None).cblas_sgemm), ("mkl", mkl.cblas_sgemm)):
+        c = _misaligned((rows, cols + pad), rng)
+        c[...] = c0
+        before = blas.aligned_calls()
+        fn(layout, trans_a, trans_b, m, n, k, ctypes.c_float(1.0), ctypes.c_void_p(a.ctypes.data), lda,
+           ctypes.c_void_p(b.ctypes.data), ldb, ctypes.c_float(beta), ctypes.c_void_p(c.ctypes.data), cols + pad)
+        results[name] = (c, blas.aligned_calls() - before)
+    (shim, calls), (ref, ref_calls) = results["shim"], results["mkl"]
+    assert (calls, ref_calls) == (1, 0)
+    np.testing.assert_array_equal(shim, ref)
+    np.testing.assert_array_equal(shim[:, cols:], c0[:, cols:])  # the padding between rows
+    expected = (a.astype(np.float64) @ b.T.astype(np.float64)) if layout == 101 else \
+        (b.astype(np.float64) @ a.T.astype(np.float64))
+    np.testing.assert_allclose(shim[:, :cols], expected + beta * c0[:, :cols], rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.skipif(not LINUX_X86, reason="the aligned-output cblas_sgemm sits in front of MKL (Linux x86-64)")
+def test_mlx_matmul_goes_through_the_aligned_output_and_keeps_its_bits():
+    """An MLX fp32 matmul above ALIGN_FROM is computed through the aligned scratch (counted) and gives the
+    bits of the same matmul with the shim set aside (``align_from(inf)``); below, it is not redirected."""
+    import math
+
+    import mlx.core as mx
+
+    from rmlx import blas
+
+    rng = np.random.default_rng(1)
+    a, w = mx.array(rng.standard_normal((1024, 1040), dtype=np.float32)), \
+        mx.array(rng.standard_normal((1032, 1040), dtype=np.float32))
+    small = a[:8]
+    mx.eval(a, w, small)
+    before = blas.aligned_calls()
+    y, y_small = a @ w.T, small @ w.T
+    mx.eval(y, y_small)
+    assert blas.aligned_calls() - before == 1
+    blas.align_from(math.inf)
+    try:
+        direct = a @ w.T
+        mx.eval(direct)
+    finally:
+        blas.align_from(blas.ALIGN_FROM)
+    assert blas.aligned_calls() - before == 1
+    np.testing.assert_array_equal(np.array(y), np.array(direct))
+
+
+def test_aligned_output_opt_out_is_said():
+    notice = blas_in("import rmlx; print(rmlx.blas.notice())", RMLX_NATIVE_SGEMM="1")
+    assert "RMLX_NATIVE_SGEMM=1" in notice or not LINUX_X86, notice
+    assert blas_in("import rmlx; print(rmlx.blas.aligned_calls())", RMLX_NATIVE_SGEMM="1") == "None"

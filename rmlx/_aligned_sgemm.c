@@ -1,0 +1,69 @@
+/* cblas_sgemm with a 64-byte-aligned output, in front of MKL's (rmlx/blas.py).
+ *
+ * MLX's CPU allocator hands out buffers 8 bytes past a malloc'd pointer (a size header), so the
+ * output of every MLX fp32 matmul starts 8 bytes off a 16-byte boundary. MKL's sgemm writes such a C
+ * 15-20 % slower than a 64-byte-aligned one at the 12B decoder's shapes on a 2-core AMD EPYC
+ * (docs/performance.md, `python benchmarks/bench.py --only gemm`). This cblas_sgemm, loaded into the
+ * global symbol scope before MKL, computes a large product whose C is not 64-byte aligned into an
+ * aligned scratch (rows padded to 64 bytes) with MKL's own cblas_sgemm and copies it into C. The
+ * same MKL kernel computes every element; only where it stores them changes.
+ *
+ * Built by setup.py as an optional extension; a Python module only so that it installs like one:
+ * rmlx/blas.py loads it with ctypes and hands it MKL's cblas_sgemm.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
+                         float, float *, int);
+
+static sgemm_fn next_sgemm = NULL;
+static double min_products = 1073741824.0; /* m * n * k from which the copy pays (2^30) */
+static long long redirected = 0;           /* calls computed through the scratch */
+
+enum { ROW_MAJOR = 101, ALIGN = 64 };
+
+/* The cblas_sgemm that forwards to and the size from which a
+ * misaligned C goes through the scratch. Not thread-safe: set once, before any product. */
+void rmlx_aligned_sgemm_setup(void *next, double products) {
+    next_sgemm = (sgemm_fn)next;
+    min_products = products;
+}
+
+long long rmlx_aligned_sgemm_redirected(void) { return __atomic_load_n(&redirected, __ATOMIC_RELAXED); }
+
+void cblas_sgemm(const int layout, const int transa, const int transb, const int m, const int n,
+                 const int k, const float alpha, const float *a, const int lda, const float *b,
+                 const int ldb, const float beta, float *c, const int ldc) {
+    if (next_sgemm == NULL) { /* loaded into the global scope without MKL behind it: never compute nothing */
+        fputs("rmlx._aligned_sgemm: cblas_sgemm called before rmlx.blas gave it MKL's\n", stderr);
+        abort();
+    }
+    /* C is rows x cols with row stride ldc in memory order, whatever the layout; anything MKL would
+     * reject (ldc < cols) goes to MKL as it is */
+    const int rows = layout == ROW_MAJOR ? m : n, cols = layout == ROW_MAJOR ? n : m;
+    float *scratch = NULL;
+    const size_t ld = ((size_t)(cols > 0 ? cols : 0) + ALIGN / sizeof(float) - 1) & ~(ALIGN / sizeof(float) - 1);
+    if ((uintptr_t)c % ALIGN == 0 || rows <= 0 || cols <= 0 || ldc < cols || ld > INT32_MAX ||
+        (double)m * (double)n * (double)k < min_products ||
+        posix_memalign((void **)&scratch, ALIGN, (size_t)rows * ld * sizeof(float)) != 0) {
+        next_sgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+        return;
+    }
+    if (beta != 0.0f)
+        for (int r = 0; r < rows; ++r) memcpy(scratch + r * ld, c + (size_t)r * ldc, cols * sizeof(float));
+    next_sgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, scratch, (int)ld);
+    for (int r = 0; r < rows; ++r) memcpy(c + (size_t)r * ldc, scratch + r * ld, cols * sizeof(float));
+    free(scratch);
+    __atomic_add_fetch(&redirected, 1, __ATOMIC_RELAXED);
+}
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aligned_sgemm",
+                                    "cblas_sgemm with a 64-byte-aligned output (loaded by rmlx.blas)", -1, NULL};
+
+PyMODINIT_FUNC PyInit__aligned_sgemm(void) { return PyModule_Create(&module); }
