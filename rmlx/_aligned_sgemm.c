@@ -22,17 +22,17 @@
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int,
                          float, float *, int);
 
-static sgemm_fn next_sgemm = NULL;
+static sgemm_fn forward_to = NULL; /* MKL's cblas_sgemm */
 static double min_products = 1073741824.0; /* m * n * k from which the copy pays (2^30) */
 static long long redirected = 0;           /* calls computed through the scratch */
 
-enum { ROW_MAJOR = 101, ALIGN = 64 };
+enum { ROW_MAJOR = 101, COL_MAJOR = 102, ALIGN = 64 };
 
-/* The cblas_sgemm that forwards to and the size from which a
- * misaligned C goes through the scratch. Not thread-safe: set once, before any product. */
-void rmlx_aligned_sgemm_setup(void *next, double products) {
-    next_sgemm = (sgemm_fn)next;
-    min_products = products;
+/* MKL's cblas_sgemm, where every call ends, and the size (m * n * k) from which a misaligned C goes
+ * through the scratch. Call it while no product runs: a product reads the two apart. */
+void rmlx_aligned_sgemm_setup(void *fn, double products) {
+    __atomic_store_n(&forward_to, (sgemm_fn)fn, __ATOMIC_RELEASE);
+    __atomic_store(&min_products, &products, __ATOMIC_RELEASE);
 }
 
 long long rmlx_aligned_sgemm_redirected(void) { return __atomic_load_n(&redirected, __ATOMIC_RELAXED); }
@@ -40,17 +40,20 @@ long long rmlx_aligned_sgemm_redirected(void) { return __atomic_load_n(&redirect
 void cblas_sgemm(const int layout, const int transa, const int transb, const int m, const int n,
                  const int k, const float alpha, const float *a, const int lda, const float *b,
                  const int ldb, const float beta, float *c, const int ldc) {
+    const sgemm_fn next_sgemm = __atomic_load_n(&forward_to, __ATOMIC_ACQUIRE);
+    double from;
+    __atomic_load(&min_products, &from, __ATOMIC_ACQUIRE);
     if (next_sgemm == NULL) { /* loaded into the global scope without MKL behind it: never compute nothing */
         fputs("rmlx._aligned_sgemm: cblas_sgemm called before rmlx.blas gave it MKL's\n", stderr);
         abort();
     }
     /* C is rows x cols with row stride ldc in memory order, whatever the layout; anything MKL would
-     * reject (ldc < cols) goes to MKL as it is */
+     * reject (a layout that is neither, ldc < cols) goes to MKL as it is, for MKL to report */
     const int rows = layout == ROW_MAJOR ? m : n, cols = layout == ROW_MAJOR ? n : m;
     float *scratch = NULL;
     const size_t ld = ((size_t)(cols > 0 ? cols : 0) + ALIGN / sizeof(float) - 1) & ~(ALIGN / sizeof(float) - 1);
-    if ((uintptr_t)c % ALIGN == 0 || rows <= 0 || cols <= 0 || ldc < cols || ld > INT32_MAX ||
-        (double)m * (double)n * (double)k < min_products ||
+    if ((uintptr_t)c % ALIGN == 0 || (layout != ROW_MAJOR && layout != COL_MAJOR) || rows <= 0 || cols <= 0 ||
+        ldc < cols || ld > INT32_MAX || (double)m * (double)n * (double)k < from ||
         posix_memalign((void **)&scratch, ALIGN, (size_t)rows * ld * sizeof(float)) != 0) {
         next_sgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
@@ -64,6 +67,7 @@ void cblas_sgemm(const int layout, const int transa, const int transb, const int
 }
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_aligned_sgemm",
-                                    "cblas_sgemm with a 64-byte-aligned output (loaded by rmlx.blas)", -1, NULL};
+                                    "cblas_sgemm with a 64-byte-aligned output (loaded by rmlx.blas)", -1, NULL,
+                                    NULL, NULL, NULL, NULL};
 
 PyMODINIT_FUNC PyInit__aligned_sgemm(void) { return PyModule_Create(&module); }
