@@ -2,7 +2,7 @@
  *
  * MLX's CPU allocator hands out buffers 8 bytes past a malloc'd pointer (a size header), so the
  * output of every MLX fp32 matmul starts 8 bytes off a 16-byte boundary. MKL's sgemm writes such a C
- * 15-20 % slower than a 64-byte-aligned one at the 12B decoder's shapes on a 2-core AMD EPYC
+ * in 17-40 % more time than a 64-byte-aligned one at the 12B decoder's shapes on a 2-core AMD EPYC
  * (docs/performance.md, `python benchmarks/bench.py --only gemm`). This cblas_sgemm, loaded into the
  * global symbol scope before MKL, computes a large product whose C is not 64-byte aligned into an
  * aligned scratch (rows padded to 64 bytes) with MKL's own cblas_sgemm and copies it into C. The

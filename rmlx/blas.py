@@ -9,7 +9,7 @@ takes ~50 ms. Why MKL: ``cmeel-openblas`` needs a system ``libgfortran.so.5`` (a
 Debian image), and ``scipy-openblas32`` exports only prefixed ``scipy_cblas_*`` symbols.
 
 - MLX's CPU allocator returns buffers 8 bytes past a 16-byte boundary, and MKL's sgemm writes a C
-  that is not 64-byte aligned 15-20 % slower at the 12B decoder's shapes (an AMD EPYC, 2 cores;
+  that is not 64-byte aligned in 17-40 % more time at the 12B decoder's shapes (an AMD EPYC, 2 cores;
   docs/performance.md). When the optional extension ``rmlx._aligned_sgemm`` is built (setup.py), its
   ``cblas_sgemm`` goes into the global scope ahead of MKL's: a product of at least ``ALIGN_FROM``
   multiply-adds whose C is misaligned runs MKL's kernel into an aligned scratch and is copied into C.
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 _STATE: dict[str, str] = {}
-ALIGN_FROM = 2**30  # m * n * k: below, the copy costs what the aligned stores save (docs/performance.md)
+ALIGN_FROM = 2**30  # m * n * k; the 12B projections at 280 tokens are all >= 2.2e9
 _SHIM: ctypes.CDLL | None = None
 _SHIM_NEXT: ctypes.c_void_p | None = None  # MKL's cblas_sgemm, where the shim forwards
 
