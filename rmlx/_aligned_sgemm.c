@@ -27,6 +27,9 @@ static double min_products = 1073741824.0; /* m * n * k from which the copy pays
 static long long redirected = 0;           /* calls computed through the scratch */
 
 enum { ROW_MAJOR = 101, COL_MAJOR = 102, ALIGN = 64 };
+/* the largest scratch: a larger C (a whole-vocabulary lm_head: 1127 x 262144 fp32 is 1.2 GB) goes to MKL
+ * as it is, so that the scratch never adds more than this to a run's peak memory */
+#define MAX_SCRATCH ((size_t)256 << 20)
 
 /* MKL's cblas_sgemm, where every call ends, and the size (m * n * k) from which a misaligned C goes
  * through the scratch. Call it while no product runs: a product reads the two apart. */
@@ -34,6 +37,8 @@ void rmlx_aligned_sgemm_setup(void *fn, double products) {
     __atomic_store_n(&forward_to, (sgemm_fn)fn, __ATOMIC_RELEASE);
     __atomic_store(&min_products, &products, __ATOMIC_RELEASE);
 }
+
+size_t rmlx_aligned_sgemm_max_scratch(void) { return MAX_SCRATCH; }
 
 long long rmlx_aligned_sgemm_redirected(void) { return __atomic_load_n(&redirected, __ATOMIC_RELAXED); }
 
@@ -54,6 +59,7 @@ void cblas_sgemm(const int layout, const int transa, const int transb, const int
     const size_t ld = ((size_t)(cols > 0 ? cols : 0) + ALIGN / sizeof(float) - 1) & ~(ALIGN / sizeof(float) - 1);
     if ((uintptr_t)c % ALIGN == 0 || (layout != ROW_MAJOR && layout != COL_MAJOR) || rows <= 0 || cols <= 0 ||
         ldc < cols || ld > INT32_MAX || (double)m * (double)n * (double)k < from ||
+        (size_t)rows * ld * sizeof(float) > MAX_SCRATCH ||
         posix_memalign((void **)&scratch, ALIGN, (size_t)rows * ld * sizeof(float)) != 0) {
         next_sgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;

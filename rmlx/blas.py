@@ -12,7 +12,8 @@ Debian image), and ``scipy-openblas32`` exports only prefixed ``scipy_cblas_*`` 
   that is not 64-byte aligned in 17-40 % more time at the 12B decoder's shapes (an AMD EPYC, 2 cores;
   docs/performance.md). When the optional extension ``rmlx._aligned_sgemm`` is built (setup.py), its
   ``cblas_sgemm`` goes into the global scope ahead of MKL's: a product of at least ``ALIGN_FROM``
-  multiply-adds whose C is misaligned runs MKL's kernel into an aligned scratch and is copied into C.
+  multiply-adds whose C is misaligned (and at most ``max_scratch()`` bytes) runs MKL's kernel into an
+  aligned scratch and is copied into C.
   ``RMLX_NATIVE_SGEMM=1`` leaves it out (MLX calls MKL's ``cblas_sgemm`` directly).
 - ``RMLX_BLAS=reference`` opts out (MLX keeps its reference BLAS).
 - Threads: MKL's GNU OpenMP layer (the runtime torch uses too) when ``libgomp`` is on the system,
@@ -97,6 +98,7 @@ def _load_shim() -> tuple[ctypes.CDLL | None, str]:
         return None, f"sgemm output where MLX allocates it (loading rmlx._aligned_sgemm failed: {e})"
     _SHIM.rmlx_aligned_sgemm_setup.argtypes = [ctypes.c_void_p, ctypes.c_double]
     _SHIM.rmlx_aligned_sgemm_redirected.restype = ctypes.c_longlong
+    _SHIM.rmlx_aligned_sgemm_max_scratch.restype = ctypes.c_size_t
     return _SHIM, f"sgemm output 64-byte aligned when m*n*k >= {ALIGN_FROM}"
 
 
@@ -106,6 +108,12 @@ def align_from(products: float) -> None:
     MLX's threads). No-op without the shim."""
     if _SHIM is not None and _SHIM_NEXT is not None:
         _SHIM.rmlx_aligned_sgemm_setup(_SHIM_NEXT, ctypes.c_double(products))
+
+
+def max_scratch() -> int | None:
+    """The largest C (bytes, rows padded to 64 bytes) the shim computes through its scratch; a larger
+    one goes to MKL as it is (None: the shim is not loaded)."""
+    return None if _SHIM is None else int(_SHIM.rmlx_aligned_sgemm_max_scratch())
 
 
 def aligned_calls() -> int | None:

@@ -151,6 +151,30 @@ def test_mlx_matmul_goes_through_the_aligned_output_and_keeps_its_bits():
     np.testing.assert_array_equal(np.array(y), np.array(direct))
 
 
+@pytest.mark.skipif(not LINUX_X86, reason="the aligned-output cblas_sgemm sits in front of MKL (Linux x86-64)")
+def test_a_c_larger_than_the_scratch_goes_to_mkl_as_it_is():
+    """The scratch never adds more than ``max_scratch()`` to a run's memory: a misaligned C just over it
+    (above ALIGN_FROM too) is computed by MKL in place, not counted."""
+    import ctypes
+
+    from rmlx import blas
+
+    limit = blas.max_scratch()
+    assert limit == 256 << 20, blas.notice()
+    m = n = 8208  # 8208 x 8208 fp32 (rows already 64-byte multiples) is 257 MiB
+    k = -(-blas.ALIGN_FROM // (m * n))
+    assert m * n * 4 > limit and m * n * k >= blas.ALIGN_FROM
+    rng = np.random.default_rng(2)
+    a, b, c = _misaligned((m, k), rng), _misaligned((n, k), rng), _misaligned((m, n), rng)
+    before = blas.aligned_calls()
+    ctypes.CDLL(None).cblas_sgemm(101, 111, 112, m, n, k, ctypes.c_float(1.0), ctypes.c_void_p(a.ctypes.data), k,
+                                  ctypes.c_void_p(b.ctypes.data), k, ctypes.c_float(0.0),
+                                  ctypes.c_void_p(c.ctypes.data), n)
+    assert blas.aligned_calls() == before
+    rows = rng.choice(m, 16, replace=False)
+    np.testing.assert_allclose(c[rows], a[rows].astype(np.float64) @ b.T.astype(np.float64), rtol=1e-4, atol=1e-4)
+
+
 def test_aligned_output_opt_out_is_said():
     notice = blas_in("import rmlx; print(rmlx.blas.notice())", RMLX_NATIVE_SGEMM="1")
     assert "RMLX_NATIVE_SGEMM=1" in notice or not LINUX_X86, notice
