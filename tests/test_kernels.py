@@ -130,3 +130,42 @@ def test_a_kernel_giving_nan_fails_its_check_naming_where():
     check("bf16 matmul", x, w, None, y, native)
     (result,) = check.summary()["checks"]
     assert not result["passed"] and result["first_nonfinite"] == [5, 3]
+
+
+def test_a_held_dequantization_is_reused_by_the_product_and_never_kept(monkeypatch):
+    """``QuantizedLinear.dequantized()`` (what a record of the dequantized weights takes): while the caller
+    holds it, the fp32 product uses it instead of dequantizing again, with the same bits; dropped, or
+    once the packed weight changes, the product dequantizes its own again; the module keeps no fp32 copy."""
+    import weakref
+
+    if not kernels.enabled():
+        pytest.skip("the MX product runs MLX's quantized_matmul here (kernels.enabled() is False)")
+    q = kernels.Linear(96, 64, bias=False).to_quantized(group_size=32, bits=8, mode="mxfp8")
+    x = mx.array(np.random.default_rng(0).standard_normal((7, 96), dtype=np.float32))
+    calls = []
+    dequantize = mx.dequantize
+    monkeypatch.setattr(mx, "dequantize", lambda *a, **kw: calls.append(1) or dequantize(*a, **kw))
+
+    def product():
+        calls.clear()
+        y = q(x)
+        mx.eval(y)
+        return np.array(y), len(calls)
+
+    own, own_calls = product()
+    assert own_calls == 2  # the two halves of the output columns
+    held = q.dequantized()
+    mx.eval(held)
+    reused, reused_calls = product()
+    assert reused_calls == 0
+    np.testing.assert_array_equal(reused, own)
+    gone = weakref.ref(held)
+    del held
+    assert gone() is None  # the module did not keep it alive
+    again, again_calls = product()
+    assert again_calls == 2
+    np.testing.assert_array_equal(again, own)
+    held = q.dequantized()
+    q.update({"scales": q["scales"] + 1})  # a new packed weight: the held fp32 copy is someone else's
+    assert product()[1] == 2
+    assert held is not None  # held through the product above
