@@ -29,7 +29,6 @@ import contextlib
 import ctypes
 import os
 import sys
-import weakref
 from collections.abc import Callable, Iterator
 
 import mlx.core as mx
@@ -173,25 +172,6 @@ class QuantizedLinear(nn.QuantizedLinear):
         return mx.dequantize(self["weight"][rows], self["scales"][rows], None, group_size=self.group_size,
                              bits=self.bits, mode=self.mode, dtype=dtype)
 
-    def dequantized(self, stream: mx.Stream | None = None) -> mx.array:
-        """The whole weight dequantized to fp32 (on ``stream``), remembered weakly: while the caller holds
-        it, this module's fp32 products use it instead of dequantizing again (a streamed layer whose
-        dequantized weights are recorded: each weight dequantized once, not twice). Never kept alive
-        here, so a resident model holds no fp32 copies; tied to the packed weight and scales it came from."""
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                          bits=self.bits, mode=self.mode, dtype=mx.float32, stream=stream)
-        # a plain attribute, not a child: nn.Module would take a tuple for part of its parameter tree
-        object.__setattr__(self, "_held", (weakref.ref(w), weakref.ref(self["weight"]), weakref.ref(self["scales"])))
-        return w
-
-    def _held_dequantized(self) -> mx.array | None:
-        """The fp32 weight of :meth:`dequantized` if someone still holds it and the packed weight and
-        scales are still the ones it came from."""
-        held = getattr(self, "_held", None)
-        if held is None or held[1]() is not self["weight"] or held[2]() is not self["scales"]:
-            return None
-        return held[0]()
-
     def __call__(self, x: mx.array) -> mx.array:
         if self.mode in _MX_MODES and x.dtype in (mx.float32, mx.bfloat16) and x.ndim >= 2 and enabled():
             if x.dtype == mx.bfloat16:
@@ -201,18 +181,11 @@ class QuantizedLinear(nn.QuantizedLinear):
                 # the output columns in two halves on MLX's two CPU streams: one half's dequantization
                 # (MLX's own loop, single-threaded) overlaps the other's GEMM (measured 0.155 -> 0.106 s at
                 # 280 x 6912 -> 3840); the sums of each column are fp32 sums as in one GEMM of the whole
-                n, held = self["weight"].shape[0], self._held_dequantized()
-                parts = (slice(0, n // 2), slice(n // 2, n))
-                if held is None:
-                    halves = []
-                    for stream, rows in zip(cpu_streams(), parts, strict=True):
-                        with mx.stream(stream):
-                            halves.append(x @ self._dequantized(mx.float32, rows).T)
-                else:  # nothing to overlap: the same two products (the same bits) in turn, not side by side
-                    halves = [x @ held[rows].T for rows in parts]
-                if held is None and _OBSERVERS:  # the observers' copy only
-                    held = self._dequantized(mx.float32)
-                w = held
+                n, halves = self["weight"].shape[0], []
+                for stream, rows in zip(cpu_streams(), (slice(0, n // 2), slice(n // 2, n)), strict=True):
+                    with mx.stream(stream):
+                        halves.append(x @ self._dequantized(mx.float32, rows).T)
+                w = self._dequantized(mx.float32) if _OBSERVERS else None  # the observers' copy only
                 y, how = mx.concatenate(halves, axis=-1), "exact dequantization to fp32 + the fp32 GEMM (MKL sgemm)"
             y = _note(f"{self.mode} matmul ({'bf16' if x.dtype == mx.bfloat16 else 'fp32'})", how, x, w, None, y,
                       self._native)

@@ -16,7 +16,6 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from rmlx.errors import InputError
 from rmlx.nn.base import cpu_streams
-from rmlx.nn.kernels import QuantizedLinear
 
 MODES = {"mxfp8": {"group_size": 32, "bits": 8}}
 _QUANTIZABLE = re.compile(
@@ -96,7 +95,6 @@ def dequantized_weights(model: nn.Module, prefix: str = "") -> dict[str, mx.arra
              if isinstance(m, nn.QuantizedLinear) and (name := dequantized_name(prefix + path)) is not None]
     out = {}
     for (name, m), stream in zip(named, _spread([m.weight.size for _, m in named]), strict=True):
-        out[name] = m.dequantized(stream) if isinstance(m, QuantizedLinear) else mx.dequantize(
-            m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits, mode=m.mode,
-            dtype=mx.float32, stream=stream)
+        out[name] = mx.dequantize(m.weight, m.scales, m.get("biases"), group_size=m.group_size, bits=m.bits,
+                                  mode=m.mode, dtype=mx.float32, stream=stream)
     return out
