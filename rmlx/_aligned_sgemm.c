@@ -26,9 +26,9 @@ static sgemm_fn forward_to = NULL; /* MKL's cblas_sgemm */
 static double min_products = 1073741824.0; /* m * n * k from which the copy pays (2^30) */
 static long long redirected = 0;           /* calls computed through the scratch */
 
-enum { ROW_MAJOR = 101, COL_MAJOR = 102, ALIGN = 64 };
-/* the largest scratch: a larger C (a whole-vocabulary lm_head: 1127 x 262144 fp32 is 1.2 GB) goes to MKL
- * as it is, so that the scratch never adds more than this to a run's peak memory */
+enum { ROW_MAJOR = 101, COL_MAJOR = 102, NO_TRANS = 111, CONJ_TRANS = 113, ALIGN = 64 };
+/* the largest scratch of one product (rows padded to 64 bytes): a larger C (a whole-vocabulary lm_head:
+ * 1127 x 262144 fp32 is 1.2 GB) goes to MKL as it is. MLX's two CPU streams may each have one. */
 #define MAX_SCRATCH ((size_t)256 << 20)
 
 /* MKL's cblas_sgemm, where every call ends, and the size (m * n * k) from which a misaligned C goes
@@ -52,13 +52,20 @@ void cblas_sgemm(const int layout, const int transa, const int transb, const int
         fputs("rmlx._aligned_sgemm: cblas_sgemm called before rmlx.blas gave it MKL's\n", stderr);
         abort();
     }
-    /* C is rows x cols with row stride ldc in memory order, whatever the layout; anything MKL would
-     * reject (a layout that is neither, ldc < cols) goes to MKL as it is, for MKL to report */
+    /* C is rows x cols with row stride ldc in memory order, whatever the layout. Anything MKL would
+     * reject goes to MKL as it is, for MKL to report and leave C alone: a layout or transpose that is
+     * neither, a negative size, a leading dimension shorter than its matrix's row in memory order. */
     const int rows = layout == ROW_MAJOR ? m : n, cols = layout == ROW_MAJOR ? n : m;
+    const int row_major = layout == ROW_MAJOR, a_t = transa != NO_TRANS, b_t = transb != NO_TRANS;
+    /* in memory order, A's rows hold k values (row-major, no transpose) or m; B's n or k */
+    const int a_row = row_major ? (a_t ? m : k) : (a_t ? k : m), b_row = row_major ? (b_t ? k : n) : (b_t ? n : k);
+    const int valid = (layout == ROW_MAJOR || layout == COL_MAJOR) && (transa >= NO_TRANS && transa <= CONJ_TRANS) &&
+                      (transb >= NO_TRANS && transb <= CONJ_TRANS) && m >= 0 && n >= 0 && k >= 0 &&
+                      lda >= (a_row > 1 ? a_row : 1) && ldb >= (b_row > 1 ? b_row : 1) && ldc >= (cols > 1 ? cols : 1);
     float *scratch = NULL;
     const size_t ld = ((size_t)(cols > 0 ? cols : 0) + ALIGN / sizeof(float) - 1) & ~(ALIGN / sizeof(float) - 1);
-    if ((uintptr_t)c % ALIGN == 0 || (layout != ROW_MAJOR && layout != COL_MAJOR) || rows <= 0 || cols <= 0 ||
-        ldc < cols || ld > INT32_MAX || (double)m * (double)n * (double)k < from ||
+    if (!valid || (uintptr_t)c % ALIGN == 0 || rows <= 0 || cols <= 0 || ld > INT32_MAX ||
+        (double)m * (double)n * (double)k < from ||
         (size_t)rows * ld * sizeof(float) > MAX_SCRATCH ||
         posix_memalign((void **)&scratch, ALIGN, (size_t)rows * ld * sizeof(float)) != 0) {
         next_sgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);

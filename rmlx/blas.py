@@ -78,6 +78,10 @@ def load() -> dict[str, str]:
                 if shim is not None:
                     _SHIM_NEXT = ctypes.cast(mkl.cblas_sgemm, ctypes.c_void_p)
                     align_from(ALIGN_FROM)
+                    first = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
+                    if first != ctypes.cast(shim.cblas_sgemm, ctypes.c_void_p).value:  # e.g. LD_PRELOAD
+                        shim_why = ("sgemm output where MLX allocates it (another cblas_sgemm comes first in "
+                                    "the global scope)")
                 _STATE.update(blas="mkl", why=f"{path.name}, threading {layer}", sgemm_output=shim_why)
     return _STATE
 

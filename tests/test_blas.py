@@ -175,7 +175,31 @@ def test_a_c_larger_than_the_scratch_goes_to_mkl_as_it_is():
     np.testing.assert_allclose(c[rows], a[rows].astype(np.float64) @ b.T.astype(np.float64), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not LINUX_X86, reason="the aligned-output cblas_sgemm sits in front of MKL (Linux x86-64)")
+def test_arguments_mkl_rejects_leave_c_as_mkl_leaves_it():
+    """A large product with a leading dimension of A shorter than its rows: MKL reports it and computes
+    nothing; the shim must not copy a scratch MKL never wrote into C."""
+    import ctypes
+
+    from rmlx import blas
+
+    m, n, k = 1024, 1040, 1032
+    rng = np.random.default_rng(3)
+    a, b, c = _misaligned((m, k), rng), _misaligned((n, k), rng), _misaligned((m, n), rng)
+    before, c0 = blas.aligned_calls(), c.copy()
+    ctypes.CDLL(None).cblas_sgemm(101, 111, 112, m, n, k, ctypes.c_float(1.0), ctypes.c_void_p(a.ctypes.data), k - 1,
+                                  ctypes.c_void_p(b.ctypes.data), k, ctypes.c_float(0.0),
+                                  ctypes.c_void_p(c.ctypes.data), n)
+    assert blas.aligned_calls() == before
+    np.testing.assert_array_equal(c, c0)
+
+
 def test_aligned_output_opt_out_is_said():
     notice = blas_in("import rmlx; print(rmlx.blas.notice())", RMLX_NATIVE_SGEMM="1")
     assert "RMLX_NATIVE_SGEMM=1" in notice or not LINUX_X86, notice
     assert blas_in("import rmlx; print(rmlx.blas.aligned_calls())", RMLX_NATIVE_SGEMM="1") == "None"
+    if LINUX_X86:  # another cblas_sgemm first in the global scope: the shim is never reached, and says so
+        from rmlx import blas
+
+        preloaded = blas_in("import rmlx; print(rmlx.blas.notice())", LD_PRELOAD=str(blas._find_mkl()))
+        assert "another cblas_sgemm comes first in the global scope" in preloaded, preloaded
