@@ -23,7 +23,7 @@ typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int
                          float, float *, int);
 
 static sgemm_fn forward_to = NULL; /* MKL's cblas_sgemm */
-static double min_products = 1073741824.0; /* m * n * k from which the copy pays (2^30) */
+static double min_products;        /* m * n * k from which: rmlx.blas.ALIGN_FROM, set with forward_to */
 static long long redirected = 0;           /* calls computed through the scratch */
 
 enum { ROW_MAJOR = 101, COL_MAJOR = 102, NO_TRANS = 111, CONJ_TRANS = 113, ALIGN = 64 };
@@ -64,10 +64,10 @@ void cblas_sgemm(const int layout, const int transa, const int transb, const int
                       lda >= (a_row > 1 ? a_row : 1) && ldb >= (b_row > 1 ? b_row : 1) && ldc >= (cols > 1 ? cols : 1);
     float *scratch = NULL;
     const size_t ld = ((size_t)(cols > 0 ? cols : 0) + ALIGN / sizeof(float) - 1) & ~(ALIGN / sizeof(float) - 1);
+    const size_t bytes = (size_t)(rows > 0 ? rows : 0) * ld * sizeof(float);
     if (!valid || (uintptr_t)c % ALIGN == 0 || rows <= 0 || cols <= 0 || ld > INT32_MAX ||
-        (double)m * (double)n * (double)k < from ||
-        (size_t)rows * ld * sizeof(float) > MAX_SCRATCH ||
-        posix_memalign((void **)&scratch, ALIGN, (size_t)rows * ld * sizeof(float)) != 0) {
+        (double)m * (double)n * (double)k < from || bytes > MAX_SCRATCH ||
+        posix_memalign((void **)&scratch, ALIGN, bytes) != 0) {
         next_sgemm(layout, transa, transb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
         return;
     }

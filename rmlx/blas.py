@@ -80,8 +80,7 @@ def load() -> dict[str, str]:
                     align_from(ALIGN_FROM)
                     first = ctypes.cast(ctypes.CDLL(None).cblas_sgemm, ctypes.c_void_p).value
                     if first != ctypes.cast(shim.cblas_sgemm, ctypes.c_void_p).value:  # e.g. LD_PRELOAD
-                        shim_why = ("sgemm output where MLX allocates it (another cblas_sgemm comes first in "
-                                    "the global scope)")
+                        shim_why = _unaligned("another cblas_sgemm comes first in the global scope")
                 _STATE.update(blas="mkl", why=f"{path.name}, threading {layer}", sgemm_output=shim_why)
     return _STATE
 
@@ -90,20 +89,25 @@ def _load_shim() -> tuple[ctypes.CDLL | None, str]:
     """rmlx._aligned_sgemm loaded with RTLD_GLOBAL (None and why not)."""
     global _SHIM
     if os.environ.get("RMLX_NATIVE_SGEMM") == "1":
-        return None, "sgemm output where MLX allocates it (RMLX_NATIVE_SGEMM=1)"
+        return None, _unaligned("RMLX_NATIVE_SGEMM=1")
     import importlib.util
 
     spec = importlib.util.find_spec("rmlx._aligned_sgemm")
     if spec is None or not spec.origin:
-        return None, "sgemm output where MLX allocates it (rmlx._aligned_sgemm not built: setup.py)"
+        return None, _unaligned("rmlx._aligned_sgemm not built: setup.py")
     try:
         _SHIM = ctypes.CDLL(spec.origin, mode=ctypes.RTLD_GLOBAL)
     except OSError as e:
-        return None, f"sgemm output where MLX allocates it (loading rmlx._aligned_sgemm failed: {e})"
+        return None, _unaligned(f"loading rmlx._aligned_sgemm failed: {e}")
     _SHIM.rmlx_aligned_sgemm_setup.argtypes = [ctypes.c_void_p, ctypes.c_double]
     _SHIM.rmlx_aligned_sgemm_redirected.restype = ctypes.c_longlong
     _SHIM.rmlx_aligned_sgemm_max_scratch.restype = ctypes.c_size_t
     return _SHIM, f"sgemm output 64-byte aligned when m*n*k >= {ALIGN_FROM}"
+
+
+def _unaligned(why: str) -> str:
+    """``sgemm_output`` when the shim is not in front of MKL, and why."""
+    return f"sgemm output where MLX allocates it ({why})"
 
 
 def align_from(products: float) -> None:

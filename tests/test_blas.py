@@ -81,6 +81,21 @@ def _misaligned(shape, rng, offset=8) -> np.ndarray:
     return out
 
 
+def _sgemm(fn, layout, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc) -> None:
+    """``fn`` (a ctypes ``cblas_sgemm``) with alpha 1 on NumPy arrays ``a``, ``b``, ``c``."""
+    import ctypes
+
+    fn(layout, trans_a, trans_b, m, n, k, ctypes.c_float(1.0), ctypes.c_void_p(a.ctypes.data), lda,
+       ctypes.c_void_p(b.ctypes.data), ldb, ctypes.c_float(beta), ctypes.c_void_p(c.ctypes.data), ldc)
+
+
+def _global_sgemm():
+    """The ``cblas_sgemm`` MLX resolves: the first in the process's global scope."""
+    import ctypes
+
+    return ctypes.CDLL(None).cblas_sgemm
+
+
 @pytest.mark.skipif(not LINUX_X86, reason="the aligned-output cblas_sgemm sits in front of MKL (Linux x86-64)")
 @pytest.mark.parametrize("layout, beta, pad", [(101, 0.0, 0), (101, 0.5, 3), (102, 0.0, 5), (102, -1.0, 0)])
 def test_aligned_sgemm_is_mkls_product_bit_for_bit(layout, beta, pad):
@@ -106,12 +121,11 @@ def test_aligned_sgemm_is_mkls_product_bit_for_bit(layout, beta, pad):
     assert c0.ctypes.data % 64 == 8
     results = {}
     mkl = ctypes.CDLL(str(blas._find_mkl()))
-    for name, fn in (("shim", ctypes.CDLL(None).cblas_sgemm), ("mkl", mkl.cblas_sgemm)):
+    for name, fn in (("shim", _global_sgemm()), ("mkl", mkl.cblas_sgemm)):
         c = _misaligned((rows, cols + pad), rng)
         c[...] = c0
         before = blas.aligned_calls()
-        fn(layout, trans_a, trans_b, m, n, k, ctypes.c_float(1.0), ctypes.c_void_p(a.ctypes.data), lda,
-           ctypes.c_void_p(b.ctypes.data), ldb, ctypes.c_float(beta), ctypes.c_void_p(c.ctypes.data), cols + pad)
+        _sgemm(fn, layout, trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, cols + pad)
         results[name] = (c, blas.aligned_calls() - before)
     (shim, calls), (ref, ref_calls) = results["shim"], results["mkl"]
     assert (calls, ref_calls) == (1, 0)
@@ -153,9 +167,8 @@ def test_mlx_matmul_goes_through_the_aligned_output_and_keeps_its_bits():
 
 @pytest.mark.skipif(not LINUX_X86, reason="the aligned-output cblas_sgemm sits in front of MKL (Linux x86-64)")
 def test_a_c_larger_than_the_scratch_goes_to_mkl_as_it_is():
-    """The scratch never adds more than ``max_scratch()`` to a run's memory: a misaligned C just over it
-    (above ALIGN_FROM too) is computed by MKL in place, not counted."""
-    import ctypes
+    """No product's scratch exceeds ``max_scratch()``: a misaligned C just over it (above ALIGN_FROM too)
+    is computed by MKL in place, not counted."""
 
     from rmlx import blas
 
@@ -167,9 +180,7 @@ def test_a_c_larger_than_the_scratch_goes_to_mkl_as_it_is():
     rng = np.random.default_rng(2)
     a, b, c = _misaligned((m, k), rng), _misaligned((n, k), rng), _misaligned((m, n), rng)
     before = blas.aligned_calls()
-    ctypes.CDLL(None).cblas_sgemm(101, 111, 112, m, n, k, ctypes.c_float(1.0), ctypes.c_void_p(a.ctypes.data), k,
-                                  ctypes.c_void_p(b.ctypes.data), k, ctypes.c_float(0.0),
-                                  ctypes.c_void_p(c.ctypes.data), n)
+    _sgemm(_global_sgemm(), 101, 111, 112, m, n, k, a, k, b, k, 0.0, c, n)
     assert blas.aligned_calls() == before
     rows = rng.choice(m, 16, replace=False)
     np.testing.assert_allclose(c[rows], a[rows].astype(np.float64) @ b.T.astype(np.float64), rtol=1e-4, atol=1e-4)
@@ -179,7 +190,6 @@ def test_a_c_larger_than_the_scratch_goes_to_mkl_as_it_is():
 def test_arguments_mkl_rejects_leave_c_as_mkl_leaves_it():
     """A large product with a leading dimension of A shorter than its rows: MKL reports it and computes
     nothing; the shim must not copy a scratch MKL never wrote into C."""
-    import ctypes
 
     from rmlx import blas
 
@@ -187,9 +197,7 @@ def test_arguments_mkl_rejects_leave_c_as_mkl_leaves_it():
     rng = np.random.default_rng(3)
     a, b, c = _misaligned((m, k), rng), _misaligned((n, k), rng), _misaligned((m, n), rng)
     before, c0 = blas.aligned_calls(), c.copy()
-    ctypes.CDLL(None).cblas_sgemm(101, 111, 112, m, n, k, ctypes.c_float(1.0), ctypes.c_void_p(a.ctypes.data), k - 1,
-                                  ctypes.c_void_p(b.ctypes.data), k, ctypes.c_float(0.0),
-                                  ctypes.c_void_p(c.ctypes.data), n)
+    _sgemm(_global_sgemm(), 101, 111, 112, m, n, k, a, k - 1, b, k, 0.0, c, n)
     assert blas.aligned_calls() == before
     np.testing.assert_array_equal(c, c0)
 
