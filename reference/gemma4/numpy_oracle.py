@@ -28,11 +28,12 @@ def _rotate_half(x: np.ndarray) -> np.ndarray:
     return np.concatenate([-x[..., h:], x[..., :h]], axis=-1)
 
 
-def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pad: np.ndarray, rows: int = 512) -> np.ndarray:
+def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pad: np.ndarray, rows: int = 128) -> np.ndarray:
     """softmax(q k^T) v, scale 1.0, padding keys masked: q (B, P, H, d), k/v (B, P, KV, d) -> (B, P, H, d).
 
     A masked key's weight is exactly 0, so each image attends over its valid keys only; the scores go
-    in blocks of ``rows`` query rows of one head (a few MB each, computed in place)."""
+    in blocks of ``rows`` query rows of one head, computed in place: 128 rows of 1120 keys are 1.1 MB and stay
+    in cache (blocks of 512 rows give the same values, in more time)."""
     b, p, heads, d = q.shape
     groups = heads // k.shape[2]
     out = np.empty_like(q)
@@ -52,6 +53,7 @@ def _attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, pad: np.ndarray, row
 
 def vision(model_dir: str | Path, pixel_values: np.ndarray, position_ids: np.ndarray) -> dict[str, np.ndarray]:
     """pixel_values (B, P, p*p*3), position_ids (B, P, 2) -> {stage name: float64 array}."""
+    import ml_dtypes  # noqa: F401  (NumPy's bfloat16, which safetensors.numpy reads a BF16 tensor as)
     from safetensors.numpy import load_file
 
     model_dir = Path(model_dir)
