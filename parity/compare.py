@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ml_dtypes
 import numpy as np
 
 from parity.adapter import option_facts, options
@@ -49,7 +48,7 @@ DTYPES = ("float32", "bfloat16")
 MODES = ("free", "teacher")
 WARN_IF_DIFFERENT = ("dtype", "mode", "config_sha256")
 SIDES = ("reference", "candidate")
-_WIDEN = {np.dtype(ml_dtypes.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
+_WIDEN = ("bfloat16", "float16")  # stored dtypes a dump's floating stages are widened from
 
 
 @dataclass
@@ -63,6 +62,7 @@ class Dump:
 
 def load_dump(path: Path) -> Dump:
     """Read one dump; any unreadable file is an ``InputError`` naming it."""
+    import ml_dtypes  # noqa: F401  (NumPy's bfloat16, which safetensors.numpy reads a BF16 tensor as)
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -79,8 +79,8 @@ def load_dump(path: Path) -> Dump:
         if key.startswith(INPUT_PREFIX):
             inputs[key] = x
             continue
-        dtypes[key] = _WIDEN.get(x.dtype, x.dtype.name)
-        stages[key] = x.astype(np.float32) if x.dtype in _WIDEN else x
+        dtypes[key] = x.dtype.name
+        stages[key] = x.astype(np.float32) if x.dtype.name in _WIDEN else x
     return Dump(path, stages, inputs, dict(meta), dtypes)
 
 

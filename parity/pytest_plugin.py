@@ -159,6 +159,7 @@ def _to_numpy(x: Any, name: str, side: str):
 
 def _capture(obj: Any, side: str) -> Mapping[str, Any]:
     if isinstance(obj, (str, os.PathLike)):
+        import ml_dtypes  # noqa: F401  (NumPy's bfloat16, which safetensors.numpy reads a BF16 tensor as)
         from safetensors.numpy import load_file
 
         path = Path(obj)

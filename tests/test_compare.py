@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -330,6 +332,20 @@ def test_bf16_dumps_round_trip(dumped, tmp_path, capfd):
     rc, _, _, rec = compare(capfd, tmp_path / "fp32", tmp_path / "reference.safetensors",
                             tmp_path / "candidate.safetensors", "--dtype", "float32")
     assert rc == 1 and rec["settings"]["dtype"] == "float32" and failing(rec)
+
+
+def test_a_fresh_process_reads_a_bf16_dump(tmp_path):
+    """`compare` and the pytest plugin read a bf16 dump in a process that has not imported ml_dtypes
+    (the metrics do not import it: its import costs ~0.7 s); safetensors.numpy needs NumPy's bfloat16."""
+    path = tmp_path / "bf16.safetensors"
+    save_file({"logits": np.linspace(-1, 1, 8, dtype=np.float32).astype(ml_dtypes.bfloat16)}, str(path))
+    code = ("import sys; from pathlib import Path; assert 'ml_dtypes' not in sys.modules\n"
+            "from parity.compare import load_dump; from parity.pytest_plugin import _capture\n"
+            f"d = load_dump(Path({str(path)!r})); c = _capture({str(path)!r}, 'candidate')\n"
+            "print(d.dtypes['logits'], d.stages['logits'].dtype, c['logits'].dtype)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["bfloat16", "float32", "bfloat16"]
 
 
 def test_dtype_from_metadata(dumped, tmp_path, capfd):

@@ -147,6 +147,7 @@ def test_ulps_are_not_counted_where_the_reference_is_near_zero():
     assert ulp_floor(tol, "float32") == 2e-4
     assert ulp_floor(Tol(0.0, 0.0), "float32") == SMALLEST_NORMAL["float32"] == float(np.finfo(np.float32).tiny)
     assert ulp_floor(Tol(0.0, 0.0), "float16") == float(np.finfo(np.float16).tiny)
+    assert SMALLEST_NORMAL["bfloat16"] == float(ml_dtypes.finfo(ml_dtypes.bfloat16).tiny)  # (not imported there)
     assert compare("s", a, e, Tol(0.0, 0.0)).max_ulp > 1e8  # an exact stage: 1e-30 is a normal float32
     sub = np.full(4, 1e-40, np.float32)  # subnormal references: under every floor
     assert compare("s", sub * 2, sub, Tol(0.0, 0.0)).max_ulp is None
