@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parity import dumps
 from parity.adapter import option_facts, options
 from parity.metrics import StageDiff, compare_all, logits_agreement
 from parity.pipeline import CaseResult
@@ -62,15 +63,13 @@ class Dump:
 
 def load_dump(path: Path) -> Dump:
     """Read one dump; any unreadable file is an ``InputError`` naming it."""
-    import ml_dtypes  # noqa: F401  (NumPy's bfloat16, which safetensors.numpy reads a BF16 tensor as)
     from safetensors import SafetensorError
-    from safetensors.numpy import load_file
 
     if not path.is_file():
         raise InputError(f"{path}: no such file")
     header = read_safetensors_header(path)
     try:
-        arrays = load_file(str(path))
+        arrays = dumps.read(path)
     except (SafetensorError, ValueError, TypeError, OSError) as e:
         raise InputError(f"{path}: cannot read safetensors data ({e})") from None
     meta = header.get("__metadata__") or {}

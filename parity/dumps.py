@@ -5,7 +5,7 @@ streamed run exists not to hold every stage at once, so its ``Spool`` takes each
 settles it, appends the bytes to an anonymous temporary file, and, when the run's outputs are
 published, writes the header and copies the bytes behind it: the same file format (the header's
 ``data_offsets`` are those ``save_file`` would write, in insertion order), read back by the same
-reader (``rmlx-parity compare``).
+reader (:func:`read`, which ``rmlx-parity compare`` and the pytest plugin use).
 """
 
 from __future__ import annotations
@@ -22,6 +22,15 @@ _DTYPES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np
            np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16", np.dtype(np.int8): "I8",
            np.dtype(np.uint8): "U8", np.dtype(np.uint16): "U16", np.dtype(np.uint32): "U32",
            np.dtype(np.uint64): "U64", np.dtype(np.bool_): "BOOL"}
+
+
+def read(path: Path | str) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, as NumPy arrays (BF16 ones as ``ml_dtypes.bfloat16``, which
+    ``safetensors.numpy`` needs imported; it is imported here, not by the metrics: ~0.7 s a process)."""
+    import ml_dtypes  # noqa: F401
+    from safetensors.numpy import load_file
+
+    return load_file(str(path))
 
 
 class Spool:

@@ -159,13 +159,12 @@ def _to_numpy(x: Any, name: str, side: str):
 
 def _capture(obj: Any, side: str) -> Mapping[str, Any]:
     if isinstance(obj, (str, os.PathLike)):
-        import ml_dtypes  # noqa: F401  (NumPy's bfloat16, which safetensors.numpy reads a BF16 tensor as)
-        from safetensors.numpy import load_file
+        from parity import dumps
 
         path = Path(obj)
         if not path.is_file():
             raise ValueError(f"{side}: no such capture file {path}")
-        return load_file(path)
+        return dumps.read(path)
     if not isinstance(obj, Mapping):
         raise TypeError(f"{side} must be a mapping of stage name -> array (or a .safetensors dump path), "
                         f"got {type(obj).__qualname__}")
