@@ -16,12 +16,6 @@ from hypothesis import HealthCheck, settings
 
 import rmlx  # noqa: F401  (before any test module imports mlx: the BLAS MLX calls is loaded first, rmlx/blas.py)
 
-# one process per run: pytest-xdist keeps every core busy already (tests/test_jobs.py deals cases to two);
-# and OpenMP threads that wait passively, so that one worker's spinning threads do not take the core the
-# other computes on (parity/jobs.py; set before torch loads the OpenMP runtime)
-os.environ.setdefault("RMLX_PARITY_JOBS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 settings.register_profile("dev", deadline=None, max_examples=100)
 settings.register_profile("long", deadline=None, max_examples=1000)
 settings.register_profile("ci", deadline=None, derandomize=True, print_blob=True, max_examples=50,
@@ -101,6 +95,10 @@ def adapters():
     return get
 
 
+# one process per run: pytest-xdist keeps every core busy already (tests/test_jobs.py deals cases to two);
+# and OpenMP threads that wait passively, so that one worker's spinning threads do not take the core the
+# other computes on (parity/jobs.py; set before torch loads the OpenMP runtime, at collection)
+SESSION = {"RMLX_PARITY_JOBS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
 THREAD_POOLS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 # glibc's malloc keeps freed memory up to these sizes instead of returning it to the kernel, which
 # then faults the pages in again for the next array (a default run: 870 K page faults, 6.4 s of system
@@ -111,17 +109,20 @@ MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(256 << 20), "MALLOC_TRIM_THRESHOLD_": st
 
 def pytest_configure(config):
     """The environment of the processes that run the tests, set in the controller before it starts
-    them (the workers and the subprocesses the tests start inherit it; a value the user set wins).
+    them (the workers and the subprocesses the tests start inherit it; a value the user set wins):
+    ``SESSION`` always.
 
-    Under pytest-xdist (``-n N``), each worker's BLAS and OpenMP pools get the cores divided by the
-    workers (at least one), so that N workers do not run N x cores threads on the cores; and glibc's
-    malloc keeps freed memory (``MALLOC``). ``-n 0``: unchanged. Neither changes what a test checks:
-    every process of a session computes with the same pools."""
+    Under pytest-xdist (``-n N``), also: each worker's BLAS and OpenMP pools get the cores divided by
+    the workers (at least one), so that N workers do not run N x cores threads on the cores; and glibc's
+    malloc keeps freed memory (``MALLOC``). Neither changes what a test checks: every process of a
+    session computes with the same pools."""
+    env = dict(SESSION)
     workers = getattr(config.option, "numprocesses", None)
     if isinstance(workers, int) and workers > 1 and not os.environ.get("PYTEST_XDIST_WORKER"):
         threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
-        for var, value in [*((v, threads) for v in THREAD_POOLS), *MALLOC.items()]:
-            os.environ.setdefault(var, value)
+        env |= {var: threads for var in THREAD_POOLS} | MALLOC
+    for var, value in env.items():
+        os.environ.setdefault(var, value)
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups into the node ids
