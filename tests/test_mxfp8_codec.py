@@ -176,6 +176,21 @@ def test_float32_scale_boundaries_match_mlx():
     assert_same_as_mlx(np.concatenate([maxima[:, None], companions.astype(F32)], axis=1))
 
 
+@pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
+def test_torch_roundtrip_at_every_e4m3_rounding_boundary(dtype):
+    """Every E4M3 value, every midpoint between neighbours (ties to even) and the float32 values
+    next to each, both signs, in blocks whose maximum 448 makes the scale 2**0: the quotients
+    themselves are rounded, subnormal steps included."""
+    codes = np.arange(0x7F, dtype=np.uint8).view(E4M3).astype(F32)  # 0 ... 448, no NaN
+    mid = ((codes[:-1].astype(np.float64) + codes[1:]) / 2).astype(F32)  # exact in float32
+    points = np.concatenate([codes, mid, np.nextafter(mid, F32(0)), np.nextafter(mid, F32(np.inf)),
+                             np.nextafter(codes, F32(0)), np.nextafter(codes, F32(np.inf))])
+    points = np.concatenate([points, -points, [F32(2.0**-149), F32(-0.0)]])
+    points = np.concatenate([points, np.zeros(-points.size % (BLOCK - 1), F32)]).reshape(-1, BLOCK - 1)
+    w = np.concatenate([np.full((points.shape[0], 1), 448, F32), points], axis=1)
+    assert_torch_roundtrip_is_the_codecs(w, dtype)
+
+
 @settings(deadline=None)
 @given(nps.arrays(np.uint32, st.tuples(st.integers(1, 4), st.sampled_from([32, 64, 96])),
                   elements=st.integers(0, 2**32 - 1)))
@@ -544,6 +559,10 @@ def assert_torch_roundtrip_is_the_codecs(w32: np.ndarray, dtype=F32) -> None:
     assert ours.shape == theirs.shape
     differ = ours.view(np.uint32) != theirs.view(np.uint32)
     assert not differ.any(), (w.reshape(-1)[differ.reshape(-1)][:8], ours[differ][:8], theirs[differ][:8])
+    if dtype is F32:  # in place (out=w): the same bits, the blocks MLX's arithmetic takes included
+        inplace = t.clone()
+        assert roundtrip(inplace, out=inplace) is inplace
+        np.testing.assert_array_equal(inplace.numpy().view(np.uint32), theirs.view(np.uint32))
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
@@ -584,3 +603,7 @@ def test_torch_roundtrip_refuses_what_the_codec_refuses():
         roundtrip(torch.zeros(2, 32, dtype=torch.float16))
     with pytest.raises(ValueError, match="multiple of 32"):
         roundtrip(torch.zeros(2, 48))
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        roundtrip(torch.zeros(2, 32), out=torch.zeros(2, 32, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be a contiguous float32"):
+        roundtrip(torch.zeros(2, 64), out=torch.zeros(64, 2).T)
