@@ -1,6 +1,6 @@
 """Benchmarks: rmlx (MLX) against HF (torch) on the same CPU, in the same process, at real shapes.
 
-    python benchmarks/bench.py [--out DIR] [--repeat N] [--only gemm,kernels,vision,masks,harness,layers]
+    python benchmarks/bench.py [--out DIR] [--repeat N] [--only gemm,kernels,codec,vision,masks,harness,layers]
     python benchmarks/bench.py --only stream --checkpoint DIR [--tokens 280,1120] [--threads 2]
                                [--precisions float32,bfloat16,mxfp8]
 
@@ -13,6 +13,9 @@ and the range of the per-round ratios is reported next to the ratio of the media
   bf16 in MLX and torch; MXFP8 in MLX (``mx.quantized_matmul``, mode "mxfp8").
 - kernels: the candidate's bf16 and mxfp8 products (``rmlx.nn.kernels``) at the same shape, against
   torch's bf16 GEMM and torch's fp32 GEMM on the dequantized weights, and MLX's own kernels.
+- codec: MXFP8 quantization of the 12B decoder's largest weight (15360 x 3840, fp32 and bf16): MLX's
+  ``mx.quantize`` against the port's C loops (``rmlx.nn.mxcodec``), and the reference's torch round trip
+  (``reference/mxfp8_torch.py``), in ns per value.
 - vision: the vision embedder at the real shape (6912 -> 3840 -> 3840) at 280 and 1120 soft tokens.
 - masks: both mask policies at 8k and 32k tokens (an 8k-token image block in the middle).
 - harness: the embedded default (tiny fixtures), the time of the two forwards against everything else
@@ -180,6 +183,36 @@ def bench_kernels(repeat: int) -> list[dict]:
     rows.append({"case": "MLX's own bf16 GEMM (x @ w.T)", "mlx s": timed(lambda: mx.eval(ma16 @ mw16.T), 1)})
     rows.append({"case": "MLX's own mxfp8 quantized_matmul, fp32 activations",
                  "mlx s": timed(lambda: mx.eval(q._native(ma)), 1)})
+    return rows
+
+
+def bench_codec(repeat: int) -> list[dict]:
+    """MXFP8 quantization of a 15360 x 3840 weight (the 12B MLP's largest), timed in alternating rounds:
+    MLX's ``mx.quantize`` and the port's C loops (the same bytes, asserted), and the reference's torch
+    round trip (quantize + dequantize in float32) of the same weight."""
+    import mlx.core as mx
+    import torch
+
+    from reference.mxfp8_torch import roundtrip
+    from rmlx.nn import mxcodec
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((15360, 3840), dtype=np.float32) * 0.02
+    rows = []
+    for name, dtype, tdtype in (("fp32", mx.float32, torch.float32), ("bf16", mx.bfloat16, torch.bfloat16)):
+        mw = mx.array(w).astype(dtype)
+        tw = torch.from_numpy(w).to(tdtype)
+        mx.eval(mw)
+        fast, mine = mxcodec.quantize(mw), mx.quantize(mw, group_size=32, bits=8, mode="mxfp8")
+        if fast is None or not all(bool(mx.array_equal(a, b)) for a, b in zip(fast, mine, strict=True)):
+            raise SystemExit(f"bench codec: the C loops are not built or differ from mx.quantize ({name})")
+        times = paired({"mlx": lambda mw=mw: mx.eval(mx.quantize(mw, group_size=32, bits=8, mode="mxfp8")),
+                        "rmlx": lambda mw=mw: mx.eval(mxcodec.quantize(mw)),
+                        "torch": lambda tw=tw: roundtrip(tw)}, repeat)
+        for who, what in (("mlx", "MLX mx.quantize"), ("rmlx", "rmlx.nn.mxcodec.quantize (C loops)"),
+                          ("torch", "reference round trip (torch)")):
+            t = statistics.median(times[who])
+            rows.append({"case": f"{what}, {name}", "seconds": t, "ns per value": t / w.size * 1e9})
     return rows
 
 
@@ -392,8 +425,8 @@ def bench_stream(repeat: int, checkpoint: Path | None = None, tokens: tuple[int,
     return rows
 
 
-SECTIONS = {"gemm": bench_gemm, "kernels": bench_kernels, "vision": bench_vision, "masks": bench_masks,
-            "harness": bench_harness, "layers": bench_layers, "stream": bench_stream}
+SECTIONS = {"gemm": bench_gemm, "kernels": bench_kernels, "codec": bench_codec, "vision": bench_vision,
+            "masks": bench_masks, "harness": bench_harness, "layers": bench_layers, "stream": bench_stream}
 
 
 def environment() -> dict:

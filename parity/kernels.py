@@ -10,6 +10,10 @@ first call's output is checked on ``ROWS`` rows spread over its input:
   elements are bit-identical, the largest difference, and whether MLX's own kernel meets the same
   bound (so a violation is pinned on the right kernel).
 
+The MX quantization ``rmlx.nn.mxcodec`` computes in place of ``mx.quantize`` has an exact answer,
+MLX's: its bytes on ``ROWS`` rows spread over the weight are held to ``mx.quantize`` of the same rows
+bit for bit (``codec``).
+
 The record's ``kernels`` section (``summary``) names what computed the candidate and every check;
 a failed check fails the run.
 """
@@ -86,6 +90,42 @@ class KernelCheck:
             "passed": finite and ratio <= 1.0,
             # (sampled row, column) of the first NaN/Inf the kernel gave, and the row's index in its input
             "first_nonfinite": None if finite else [int(np.asarray(idx)[bad[0][0]]), int(bad[0][-1])],
+        }
+
+    def codec(self, kind: str, n: int, k: int, result: tuple[mx.array, ...], native) -> None:
+        """The first call of each distinct (codec, K, N): ``result``'s rows against ``native(rows)``, MLX's
+        own op on the same rows, bit for bit (``rmlx.nn.kernels.observe``)."""
+        key = (kind, k, n)
+        if key in self.results or n == 0:
+            return
+        idx = np.unique(np.linspace(0, n - 1, min(self.rows, n)).astype(np.int64))
+        rows = mx.array(idx)
+        ours = [r[rows] for r in result]
+        theirs = list(native(rows))
+        mx.eval(ours, theirs)
+        ours_np, theirs_np = [np.array(a) for a in ours], [np.array(a) for a in theirs]
+        same = [a.shape == b.shape and a.dtype == b.dtype for a, b in zip(ours_np, theirs_np, strict=True)]
+        equal = [s and np.array_equal(a.view(np.uint8), b.view(np.uint8))
+                 for s, a, b in zip(same, ours_np, theirs_np, strict=True)]
+        identical = (sum(float((a.view(np.uint8) == b.view(np.uint8)).mean()) if s else 0.0
+                         for s, a, b in zip(same, ours_np, theirs_np, strict=True)) / len(same))
+        # how far apart the two decode: each pair through MLX's own dequantization (float32)
+        diff = 0.0
+        if all(same) and len(ours) == 2 and not all(equal):
+            a, b = (mx.dequantize(q, sc, None, group_size=32, bits=8, mode="mxfp8", dtype=mx.float32)
+                    for q, sc in (ours, theirs))
+            with np.errstate(invalid="ignore"):
+                diff = float(np.nanmax(np.abs(np.array(a, np.float64) - np.array(b, np.float64))))
+        elif not all(same):
+            diff = float("inf")
+        passed = all(equal)
+        self.first_case[key] = self.case
+        self.results[key] = {
+            "kernel": kind, "how": kernels.in_use().get(kind, ""), "k": k, "n": n, "rows": int(idx.size),
+            "output_dtype": "/".join(str(a.dtype) for a in ours_np), "exact": "bit for bit MLX's own",
+            "max_abs_vs_exact": diff, "bound_ratio": 0.0 if passed else float("inf"),
+            "mlx_bound_ratio": 0.0, "max_abs_vs_mlx": diff, "bit_identical_to_mlx": identical,
+            "passed": passed, "first_nonfinite": None,
         }
 
     def merge(self, results: dict[tuple, dict], first_case: dict[tuple, int], used: dict[str, str]) -> None:

@@ -373,12 +373,21 @@ def kernel_lines(rec: dict) -> list[str]:
     if not k.get("used"):
         return []
     checks = k.get("checks") or []
-    worst = max((c["bound_ratio"] for c in checks), default=0.0)
+    products = [c for c in checks if not c.get("exact")]
+    worst = max((c["bound_ratio"] for c in products), default=0.0)
     out = [f"kernels: {', '.join(sorted(k['used']))} in place of MLX's own; {len(checks)} shape(s) checked "
-           f"against the exact product: {'PASS' if k.get('passed') else 'FAIL'} (worst {fmt(worst, '.2g')} of "
-           "the fp32-sum bound)"]
-    out += [f"  kernel check FAILED: {c['kernel']} K={c['k']} N={c['n']}: max |error| {fmt(c['max_abs_vs_exact'])} "
-            f"is {fmt(c['bound_ratio'], '.3g')} x the bound ({c['how']})" for c in checks if not c["passed"]]
+           f"(products against the exact product, quantization bit for bit against MLX's): "
+           f"{'PASS' if k.get('passed') else 'FAIL'} (worst product {fmt(worst, '.2g')} of the fp32-sum bound)"]
+    for c in checks:
+        if c["passed"]:
+            continue
+        if c.get("exact"):
+            out.append(f"  kernel check FAILED: {c['kernel']} K={c['k']} N={c['n']}: "
+                       f"{1 - c['bit_identical_to_mlx']:.2%} of the sampled bytes differ from MLX's own, decoded "
+                       f"max |difference| {fmt(c['max_abs_vs_mlx'])} ({c['how']})")
+        else:
+            out.append(f"  kernel check FAILED: {c['kernel']} K={c['k']} N={c['n']}: max |error| "
+                       f"{fmt(c['max_abs_vs_exact'])} is {fmt(c['bound_ratio'], '.3g')} x the bound ({c['how']})")
     return out
 
 

@@ -36,6 +36,7 @@ import mlx.nn as nn
 import numpy as np
 
 from rmlx import blas
+from rmlx.nn import mxcodec
 from rmlx.nn.base import cpu_streams
 
 _ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
@@ -82,7 +83,10 @@ def observe(callback: Callable) -> Iterator[None]:
     """Call ``callback(kind, x, w, bias, y, native)`` after each product this module computes in place
     of MLX's own kernel: ``x`` its input (..., K), ``w`` the (dequantized) weight (N, K), ``bias`` the
     bias added before the rounding (or None), ``y`` its output (..., N), ``native(rows)`` MLX's own
-    kernel on some rows of ``x`` (2-D)."""
+    kernel on some rows of ``x`` (2-D). And ``callback.codec(kind, n, k, result, native)`` after each MX
+    quantize or dequantize of an (N, K) weight that ``rmlx.nn.mxcodec`` computes in place of MLX's:
+    ``result`` its arrays (row i of each is weight row i), ``native(rows)`` MLX's own op on those rows
+    (an index array), the same arrays."""
     _OBSERVERS.append(callback)
     try:
         yield
@@ -96,6 +100,24 @@ def _note(kind: str, how: str, x: mx.array, w: mx.array, bias: mx.array | None, 
     for cb in list(_OBSERVERS):
         cb(kind, x, w, bias, y, native)
     return y
+
+
+def _note_codec(kind: str, n: int, k: int, result: tuple[mx.array, ...], native: Callable) -> None:
+    _USED[kind] = mxcodec.HOW
+    for cb in list(_OBSERVERS):
+        cb.codec(kind, n, k, result, native)
+
+
+def quantize_mx(w: mx.array, group_size: int | None, bits: int | None, mode: str) -> tuple[mx.array, ...]:
+    """``mx.quantize(w, group_size, bits, mode=mode)``: ``rmlx.nn.mxcodec``'s loops where they apply
+    (mxfp8, float32 or bfloat16 weights on Linux CPU), else MLX's."""
+    fast = mxcodec.quantize(w) if mode == "mxfp8" and group_size in (None, 32) and bits in (None, 8) else None
+    if fast is None:
+        return tuple(mx.quantize(w, group_size, bits, mode=mode))
+    src = w
+    _note_codec(f"mxfp8 quantize ({'bf16' if w.dtype == mx.bfloat16 else 'fp32'})", int(w.shape[0]),
+                int(w.shape[-1]), fast, lambda rows: tuple(mx.quantize(src[rows], 32, 8, mode="mxfp8")))
+    return fast
 
 
 def _as_u16(a: mx.array) -> np.ndarray:
@@ -162,7 +184,19 @@ class Linear(nn.Linear):
 
 class QuantizedLinear(nn.QuantizedLinear):
     """``nn.QuantizedLinear`` whose MX-quantized product dequantizes exactly and runs the fp32 or bf16
-    GEMM (module docstring); other modes run ``mx.quantized_matmul``."""
+    GEMM (module docstring); other modes run ``mx.quantized_matmul``. Quantizes with :func:`quantize_mx`."""
+
+    @classmethod
+    def from_linear(cls, linear_layer: nn.Module, group_size: int | None = None, bits: int | None = None,
+                    mode: str = "affine"):
+        """``nn.QuantizedLinear.from_linear`` with the weight quantized by :func:`quantize_mx`."""
+        output_dims, input_dims = linear_layer.weight.shape
+        ql = cls(input_dims, output_dims, False, group_size, bits, mode=mode)
+        ql.weight, ql.scales, *biases = quantize_mx(linear_layer.weight, group_size, bits, mode)
+        ql.biases = biases[0] if biases else None
+        if "bias" in linear_layer:
+            ql.bias = linear_layer.bias
+        return ql
 
     def _native(self, x: mx.array) -> mx.array:
         return mx.quantized_matmul(x, self["weight"], scales=self["scales"], biases=self.get("biases"),
