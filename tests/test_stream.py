@@ -182,3 +182,37 @@ def test_a_streamed_run_is_gated_by_the_resident_baseline(tmp_path):
     argv = ["gate", "--stream", "--baseline", str(baseline), "--case", "two-images", "--report-dir", str(tmp_path)]
     assert main(argv) == 0
     assert main([*argv[:-1], str(tmp_path / "again"), "--inject", "layer-scalar-ignored"]) == 1
+
+
+def test_weights_viewed_in_place_are_released_before_a_read_casts_into_them():
+    """A quantized streamed run's reference weights are round-tripped in place and recorded as views of
+    HF's tensors (``Weights.before_reuse`` set): the hook runs while the views still hold layer 0's
+    values, before layer 1 is read into the same tensors (which then overwrites them)."""
+    from reference.gemma4_unified.stream import Weights
+    from reference.mxfp8_torch import roundtrip
+
+    weights = Weights(FIXTURES / "models" / "tiny", torch.float32)
+    names0 = sorted(n for n in weights.shapes if n.startswith("model.language_model.layers.0.mlp."))
+    names1 = [n.replace(".layers.0.", ".layers.1.") for n in names0]
+    assert names0 and all(weights.shapes[a] == weights.shapes[b] for a, b in zip(names0, names1, strict=True))
+    weights.quantize_on_read({n: f"w{i}" for i, n in enumerate(names0 + names1)}, roundtrip)
+    expected = {f"w{i}": roundtrip(weights.read([n])[n]).numpy().copy() for i, n in enumerate(names0)}
+    weights.dequantized.clear()
+    seen = []
+    weights.before_reuse = lambda: seen.append({k: v.copy() for k, v in weights.dequantized.items()})
+    layer0 = weights.read(names0)
+    assert seen == []  # fresh tensors: nothing read into
+    for i, n in enumerate(names0):
+        np.testing.assert_array_equal(weights.dequantized[f"w{i}"], expected[f"w{i}"])
+        assert np.shares_memory(weights.dequantized[f"w{i}"], layer0[n].numpy())  # a view: no copy
+    weights.read(names1, into={b: layer0[a] for a, b in zip(names0, names1, strict=True)})
+    (before,) = seen
+    for k, v in expected.items():
+        np.testing.assert_array_equal(before[k], v)  # the hook saw layer 0's values
+    assert any(not np.array_equal(weights.dequantized[k], v) for k, v in expected.items())  # since overwritten
+    weights.before_reuse = None  # without a hook: a copy, which a later read leaves alone
+    fresh = weights.read(names0)
+    kept = {k: weights.dequantized[k] for k in expected}
+    weights.read(names0, into=fresh)
+    for k, v in expected.items():
+        np.testing.assert_array_equal(kept[k], v)

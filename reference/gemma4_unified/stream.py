@@ -26,7 +26,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,10 @@ class Weights:
         self.codec: dict[str, str] = {}
         self.roundtrip = None
         self.dequantized: dict[str, np.ndarray] = {}
+        # set by whoever holds the dequantized values after they leave ``dequantized``: called before a
+        # read casts into tensors again, so that it is done with them first. While it is set, a float32
+        # weight's round trip runs in place and its value is a view of the weight (no fresh pages)
+        self.before_reuse: Callable[[], None] | None = None
 
     def quantize_on_read(self, weights: dict[str, str], roundtrip) -> None:
         """Give each weight in ``weights`` = {HF weight name: stage name} the value ``roundtrip(w)``
@@ -107,7 +111,11 @@ class Weights:
         self.codec, self.roundtrip = dict(weights), roundtrip
 
     def _apply_codec(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """``t`` <- roundtrip(t), its float32 value kept under the weight's stage name."""
+        """``t`` <- roundtrip(t), its float32 value kept under the weight's stage name: a view of ``t``
+        itself for float32 while ``before_reuse`` is set, else a copy."""
+        if t.dtype == torch.float32 and self.before_reuse is not None:
+            self.dequantized[self.codec[name]] = self.roundtrip(t, out=t).numpy()
+            return t
         out = self.roundtrip(t)
         t.copy_(out)
         self.dequantized[self.codec[name]] = out.numpy() if t.dtype == torch.float32 else t.detach().float().numpy()
@@ -143,6 +151,8 @@ class Weights:
         layer, so no fresh pages are faulted in and zeroed. Those are read from a copy-on-write memory
         map of the file (no intermediate copy); the others through safetensors' ``safe_open``."""
         out = {}
+        if into and self.before_reuse is not None:
+            self.before_reuse()
         for name in names:
             if name not in self.where:
                 raise ValueError(f"checkpoint has no tensor for '{name}'")

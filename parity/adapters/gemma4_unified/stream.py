@@ -102,6 +102,17 @@ class StreamAdapter(Gemma4UnifiedAdapter):
         return {}  # no resident float64 model of a checkpoint streamed for its size (module docstring)
 
 
+class _Setting:
+    """``obj.name = value`` until ``remove()`` (a hook handle's interface) puts the old value back."""
+
+    def __init__(self, obj, name: str, value):
+        self.obj, self.name, self.old = obj, name, getattr(obj, name)
+        setattr(obj, name, value)
+
+    def remove(self) -> None:
+        setattr(self.obj, self.name, self.old)
+
+
 class Lockstep:
     """The hooks that run the candidate inside HF's streamed forward (see the module docstring)."""
 
@@ -131,6 +142,9 @@ class Lockstep:
         for j in range(1, len(lm.layers)):
             handles.append(lm.layers[j].register_forward_pre_hook(self._layer_hook(j - 1), prepend=True))
         handles.append(lm.norm.register_forward_pre_hook(self._layer_hook(len(lm.layers) - 1), prepend=True))
+        # HF reads each layer into the last one's tensors, and a quantized run's reference weights are
+        # views of them (``Weights.before_reuse``): their compares finish before that
+        handles.append(_Setting(self.adapter.hf.weights, "before_reuse", self.run.collect))
         return handles
 
     def _enter(self, module, args, kwargs) -> None:
