@@ -18,9 +18,10 @@ import mlx.nn as nn
 import numpy as np
 
 from parity.defects import Defect, patched, wrapped
+from reference import mxfp8
 from rmlx import resize
 from rmlx.models.gemma4_unified import image, model, vision
-from rmlx.nn import base, config, quant, text
+from rmlx.nn import base, config, kernels, quant, text
 from rmlx.tap import tap
 
 
@@ -328,6 +329,16 @@ def _scales_shifted(module):
     module.scales = mx.concatenate([flat[:1], flat[:-1]]).reshape(module.scales.shape)
 
 
+def _scale_ocp_floor():
+    """The scale rule of the OCP MX v1.0 text, X = 2**(floor(log2 amax) - 8), where MLX takes the smallest
+    power of two >= amax / 448 (reference/mxfp8.py, D1): blocks whose amax / X falls in (224, 256) get
+    half MLX's scale, and their largest elements saturate at 448 * X / 2."""
+    def quantize_mx(w, group_size, bits, mode):
+        words, scales = mxfp8.encode(np.array(w.astype(mx.float32)), spec=True)
+        return mx.array(words), mx.array(scales)
+    return patched((kernels, "quantize_mx", quantize_mx))
+
+
 _MX = (("quantize", "mxfp8"),)
 _MX_STAGE = "{first_qweight}"  # the first dequantized weight of the case, in forward order
 CATALOG: dict[str, Defect] = {
@@ -420,6 +431,9 @@ CATALOG: dict[str, Defect] = {
                _MX_STAGE, _codec(_scales_shifted), _MX),
         Defect("mx-e5m2", "quantization", "MXFP8 elements encoded as FP8 E5M2 instead of E4M3",
                _MX_STAGE, _codec(_set_weight_e5m2), _MX),
+        Defect("mx-scale-ocp-floor", "quantization", "MXFP8 scale by the OCP MX v1.0 text, 2^(floor(log2 amax) "
+               "- 8), not MLX's smallest power of two >= amax / 448: a block's largest elements saturate at 448",
+               _MX_STAGE, _scale_ocp_floor, _MX),
     )
 }
 
