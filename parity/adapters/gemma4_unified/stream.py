@@ -177,6 +177,7 @@ class Lockstep:
             layer = self.adapter.streamed.layer(i)
             self.adapter.hf.weights.evict(f"model.language_model.layers.{i}.")  # both sides have read it
             offset = 0 if self.forward == 0 else self.length + self.forward - 1
+            weights: dict = {}
             read = self.adapter.hf.weights.dequantized  # the reference's codec values (HF read this layer first)
             done = {k: read.pop(k) for k in [k for k in read if k.startswith(f"layers.{i}.")]}
             with tapping(self.recorder) if self.forward == 0 else contextlib.nullcontext():
@@ -188,12 +189,15 @@ class Lockstep:
                         # resident ones; views of fresh arrays that nothing writes (0.9 GiB a layer at the
                         # 12B shapes: a copy would double it)
                         self.recorder.capture[name] = np.asarray(memoryview(weight))
+                    # compared while the layer runs: HF's values are views of the tensors its next layer
+                    # is read into (``Weights.before_reuse``), which waits for these compares
+                    self.settle(list(weights))
                 self.h = self.text.step(i, layer, self.h, self.masks, self.cache, offset, self.attended)
                 mx.eval(self.h)
             del layer
             self.seconds["candidate"] += time.perf_counter() - t0
             if self.forward == 0:
-                self.settle([n for n in self.names if n.startswith(f"layers.{i}.")])
+                self.settle([n for n in self.names if n.startswith(f"layers.{i}.") and n not in weights])
             if i == self.text.cfg.num_hidden_layers - 1:  # the logits next: no layer buffers to keep
                 mx.set_cache_limit(self.cache_limit)
                 mx.clear_cache()
