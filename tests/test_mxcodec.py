@@ -83,9 +83,17 @@ def test_every_bf16_value_as_a_block_maximum():
     vals = vals[np.isfinite(vals)]
     w = np.concatenate([vals[:, None], (RNG.uniform(-1, 1, (vals.size, 31)) * np.abs(vals)[:, None]).astype(F32)],
                        axis=1)
-    kept = np.abs(vals) / 448 > 2.0**-127  # e >= -127: the C loops; below, MLX (test below)
+    k = np.abs(vals) / 448
+    kept = k > 2.0**-128 * 1.1  # e >= -127 in either precision (bf16 rounds k coarsely there): the C loops
     assert_same_as_mlx(w[kept], mx.bfloat16)
     assert_same_as_mlx(w[kept], mx.float32)
+    for row in w[~kept & (k > 2.0**-130)]:  # around the threshold, one block at a time: MLX's bytes or MLX's
+        for dtype in (mx.float32, mx.bfloat16):
+            block = mx.array(row[None]).astype(dtype)
+            fast = mxcodec.quantize(block)
+            if fast is not None:
+                assert all(np.array_equal(np.array(a), b) for a, b in zip(fast, _mlx(block), strict=True)), row[0]
+    assert all(mxcodec.quantize(mx.array(row[None])) is None for row in w[(k > 0) & (k < 2.0**-129)])  # MLX's
 
 
 def test_a_weight_split_over_threads():
@@ -132,6 +140,8 @@ def test_not_taken_off_linux_cpu_or_when_asked(monkeypatch):
     w = mx.array(RNG.standard_normal((2, 32)).astype(F32))
     assert mxcodec.quantize(w.astype(mx.float16)) is None  # float16: MLX's own
     assert mxcodec.quantize(w[0]) is None  # 1-D: mx.quantize refuses it; so does the port
+    assert mxcodec.quantize(mx.zeros((0, 32))) is None  # empty: whatever MLX does with it
+    assert mxcodec.quantize(mx.zeros((2, 48))) is None  # K not a multiple of 32: MLX's error
     monkeypatch.setenv("RMLX_NATIVE_KERNELS", "1")
     assert mxcodec.quantize(w) is None
 
@@ -145,6 +155,22 @@ def test_quantize_on_load_uses_and_names_the_loops():
     mq, ms = _mlx(layer.weight)
     np.testing.assert_array_equal(np.array(q.weight), mq)
     np.testing.assert_array_equal(np.array(q.scales), ms)
+
+
+def test_a_failing_thread_fails_the_call():
+    """An error in any thread's range is raised, never a weight with a range left unwritten."""
+    w = mx.array(RNG.standard_normal((mxcodec._PER_THREAD * 2 * 32 // 64, 64)).astype(F32))
+
+    n = mxcodec._PER_THREAD * 2
+
+    def fails_last(a, b):  # the last range: another thread's wherever there are two
+        if b == n:
+            raise RuntimeError(f"range {a}..{b}")
+        return 0
+
+    with pytest.raises(RuntimeError, match="range"):
+        mxcodec._split(n, fails_last)
+    assert mxcodec.quantize(w) is not None  # and the loops are fine afterwards
 
 
 def _one_row_off(real, at: int = 0):

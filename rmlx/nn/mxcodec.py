@@ -61,10 +61,13 @@ def _split(n: int, fn) -> list:
     GIL; no pool, which a forked worker process would inherit without its threads); their results."""
     parts = min(_THREADS, max(1, n // _PER_THREAD))
     bounds = [n * i // parts for i in range(parts + 1)]
-    out = [0] * parts
+    out: list = [None] * parts
 
     def part(i: int) -> None:
-        out[i] = fn(bounds[i], bounds[i + 1])
+        try:
+            out[i] = fn(bounds[i], bounds[i + 1])
+        except BaseException as e:  # raised below, in the caller's thread: no range is left unwritten
+            out[i] = e
 
     threads = [threading.Thread(target=part, args=(i,)) for i in range(1, parts)]
     for t in threads:
@@ -72,13 +75,16 @@ def _split(n: int, fn) -> list:
     part(0)
     for t in threads:
         t.join()
+    for r in out:
+        if isinstance(r, BaseException):
+            raise r
     return out
 
 
 def quantize(w: mx.array) -> tuple[mx.array, mx.array] | None:
     """``mx.quantize(w, group_size=32, bits=8, mode="mxfp8")`` for a float32 or bfloat16 ``w`` of shape
     (..., K) (K a multiple of 32), or ``None`` (module docstring)."""
-    if not enabled() or w.dtype not in (mx.float32, mx.bfloat16) or w.ndim < 2 or w.shape[-1] % BLOCK:
+    if not enabled() or w.dtype not in (mx.float32, mx.bfloat16) or w.ndim < 2 or w.shape[-1] % BLOCK or not w.size:
         return None
     src = mx.contiguous(w)
     mx.eval(src)
