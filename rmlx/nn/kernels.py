@@ -15,12 +15,15 @@ What runs instead (:func:`enabled`: on the CPU on Linux with MKL loaded, unless
   ``mx.dequantize`` -- exact: an FP8/FP4 element times a power-of-two scale is an fp32 (and a bf16,
   within bf16's exponent range) -- then the fp32 GEMM (fp32 activations) or the bf16 one above
   (bf16 activations). MLX's ``quantized_matmul`` also sums the exact products in fp32.
+- MXFP8 quantization (:func:`quantize_mx`, which ``QuantizedLinear.from_linear`` calls): the C loops of
+  ``rmlx.nn.mxcodec``, MLX's bytes (``mx.quantize`` is a scalar loop on one thread here).
 
-Either differs from MLX's own kernel only by the order of fp32 sums (and, for bf16 outputs, the one
-rounding to bf16 that this can flip): :func:`bound`. The parity harness does not take that on trust:
-each distinct (kernel, shape) a run uses is also computed by MLX's own kernel on a sample of rows and
-held to that bound (``parity/kernels.py``), and every record names the kernels that computed the
-candidate (:func:`in_use`). ``observe`` is how it sees the calls; the port never checks itself.
+The products differ from MLX's own kernel only by the order of fp32 sums (and, for bf16 outputs, the
+one rounding to bf16 that this can flip): :func:`bound`; the quantization is MLX's to the byte. The
+parity harness takes neither on trust: each distinct (kernel, shape) a run uses is also computed by
+MLX's own kernel on a sample of rows and held to that bound, or to MLX's bytes (``parity/kernels.py``),
+and every record names the kernels that computed the candidate (:func:`in_use`). ``observe`` is how it
+sees the calls; the port never checks itself.
 """
 
 from __future__ import annotations
@@ -83,9 +86,9 @@ def observe(callback: Callable) -> Iterator[None]:
     """Call ``callback(kind, x, w, bias, y, native)`` after each product this module computes in place
     of MLX's own kernel: ``x`` its input (..., K), ``w`` the (dequantized) weight (N, K), ``bias`` the
     bias added before the rounding (or None), ``y`` its output (..., N), ``native(rows)`` MLX's own
-    kernel on some rows of ``x`` (2-D). And ``callback.codec(kind, n, k, result, native)`` after each MX
-    quantize or dequantize of an (N, K) weight that ``rmlx.nn.mxcodec`` computes in place of MLX's:
-    ``result`` its arrays (row i of each is weight row i), ``native(rows)`` MLX's own op on those rows
+    kernel on some rows of ``x`` (2-D). And ``callback.codec(kind, n, k, result, native)`` after each
+    quantization of an (N, K) weight that ``rmlx.nn.mxcodec`` computes in place of ``mx.quantize``:
+    ``result`` its arrays (row i of each is weight row i), ``native(rows)`` ``mx.quantize`` of those rows
     (an index array), the same arrays."""
     _OBSERVERS.append(callback)
     try:
@@ -114,9 +117,8 @@ def quantize_mx(w: mx.array, group_size: int | None, bits: int | None, mode: str
     fast = mxcodec.quantize(w) if mode == "mxfp8" and group_size in (None, 32) and bits in (None, 8) else None
     if fast is None:
         return tuple(mx.quantize(w, group_size, bits, mode=mode))
-    src = w
     _note_codec(f"mxfp8 quantize ({'bf16' if w.dtype == mx.bfloat16 else 'fp32'})", int(w.shape[0]),
-                int(w.shape[-1]), fast, lambda rows: tuple(mx.quantize(src[rows], 32, 8, mode="mxfp8")))
+                int(w.shape[-1]), fast, lambda rows: tuple(mx.quantize(w[rows], 32, 8, mode="mxfp8")))
     return fast
 
 

@@ -43,7 +43,7 @@ def _load() -> ctypes.CDLL | None:
 
 
 _LIB = _load()
-_THREADS = max(1, min(os.cpu_count() or 1, 8))
+_THREADS = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
 
 def built() -> bool:
