@@ -37,7 +37,6 @@ enum { BLOCK = 32 };
 #define TARGETS
 #endif
 
-
 static inline uint32_t bits_of(float x) {
     uint32_t u;
     memcpy(&u, &x, sizeof u);

@@ -96,6 +96,16 @@ def test_every_bf16_value_as_a_block_maximum():
     assert all(mxcodec.quantize(mx.array(row[None])) is None for row in w[(k > 0) & (k < 2.0**-129)])  # MLX's
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16], ids=["fp32", "bf16"])
+def test_views_of_a_weight(dtype):
+    """Row slices (an offset into the buffer), column slices, strided rows and a transpose: the bytes of
+    the values the view shows."""
+    big = mx.array(RNG.standard_normal((6, 96)).astype(F32)).astype(dtype)
+    for w in (big[2:5], big[:, 32:], big[::2], mx.array(RNG.standard_normal((96, 64)).astype(F32)).astype(dtype).T):
+        fast = mxcodec.quantize(w)
+        assert fast is not None and all(np.array_equal(np.array(a), b) for a, b in zip(fast, _mlx(w), strict=True))
+
+
 def test_a_weight_split_over_threads():
     """Large enough for every thread the loops use: the ranges meet exactly (no block twice or never)."""
     shape = (mxcodec._PER_THREAD * 8 * 32 // 4096 + 3, 4096)  # 8 threads' worth and a ragged end
