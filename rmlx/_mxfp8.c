@@ -101,29 +101,36 @@ static inline int32_t amax_bits(const float *restrict x) {
     return m;
 }
 
+/* one block -> 32 codes and its scale byte; 0 (nothing written) for a block of MLX's own arithmetic
+ * (non-finite or tiny: see the header). bf16: k rounded to bfloat16, as MLX divides in the input dtype */
+static inline int quantize_block(const float *restrict x, int bf16, uint8_t *restrict codes, uint8_t *scale) {
+    const int32_t amax = amax_bits(x);
+    float k = float_of((uint32_t)amax) / 448.0f;
+    if (!(amax < INF_BITS && isfinite(k)))
+        return 0;
+    if (bf16)
+        k = round_to_bf16(k);
+    int ok = isfinite(k);
+    const int e = ok && k > 0.0f ? ceil_log2(k, &ok) : 0;
+    if (!ok)
+        return 0;
+    encode_block(x, ldexpf(1.0f, -e), codes); /* -127 <= e <= 120: 2**-e exact */
+    *scale = (uint8_t)(e + 127);
+    return 1;
+}
+
 /* blocks [0, n) of w (float32) -> codes (32 bytes a block) and scale bytes; returns the number of
- * blocks MLX's arithmetic must compute instead (non-finite or tiny: see the header) */
+ * blocks MLX's arithmetic must compute instead */
 TARGETS long long rmlx_mxfp8_quantize_f32(const float *w, long long n, uint8_t *codes, uint8_t *scales) {
     long long odd = 0;
-    for (long long b = 0; b < n; b++) {
-        const float *x = w + b * BLOCK;
-        const int32_t amax = amax_bits(x);
-        const float k = float_of((uint32_t)amax) / 448.0f;
-        int ok = amax < INF_BITS && isfinite(k);
-        const int e = ok && k > 0.0f ? ceil_log2(k, &ok) : 0;
-        if (!ok) {
-            odd++;
-            continue;
-        }
-        encode_block(x, ldexpf(1.0f, -e), codes + b * BLOCK); /* -127 <= e <= 120: exact */
-        scales[b] = (uint8_t)(e + 127);
-    }
+    for (long long b = 0; b < n; b++)
+        odd += !quantize_block(w + b * BLOCK, 0, codes + b * BLOCK, scales + b);
     return odd;
 }
 
-/* the same for bfloat16 input (uint16 bit patterns): k rounded to bfloat16, as MLX divides in the
- * input dtype; w / 2**e needs no rounding to bfloat16 (8 significant bits stay 8, but for float32
- * subnormal quotients, which E4M3 takes to zero either way) */
+/* the same for bfloat16 input (uint16 bit patterns), widened to float32 (exact). w / 2**e needs no
+ * rounding to bfloat16 (8 significant bits stay 8, but for float32 subnormal quotients, which E4M3
+ * takes to zero either way) */
 TARGETS long long rmlx_mxfp8_quantize_bf16(const uint16_t *w, long long n, uint8_t *codes, uint8_t *scales) {
     long long odd = 0;
     float x[BLOCK];
@@ -131,18 +138,7 @@ TARGETS long long rmlx_mxfp8_quantize_bf16(const uint16_t *w, long long n, uint8
         const uint16_t *h = w + b * BLOCK;
         for (int i = 0; i < BLOCK; i++)
             x[i] = float_of((uint32_t)h[i] << 16);
-        const int32_t amax = amax_bits(x);
-        const float k32 = float_of((uint32_t)amax) / 448.0f;
-        int ok = amax < INF_BITS && isfinite(k32);
-        const float k = ok ? round_to_bf16(k32) : k32;
-        ok = ok && isfinite(k);
-        const int e = ok && k > 0.0f ? ceil_log2(k, &ok) : 0;
-        if (!ok) {
-            odd++;
-            continue;
-        }
-        encode_block(x, ldexpf(1.0f, -e), codes + b * BLOCK); /* -127 <= e <= 120: exact */
-        scales[b] = (uint8_t)(e + 127);
+        odd += !quantize_block(x, 1, codes + b * BLOCK, scales + b);
     }
     return odd;
 }
