@@ -144,7 +144,8 @@ class Lockstep:
         handles.append(lm.norm.register_forward_pre_hook(self._layer_hook(len(lm.layers) - 1), prepend=True))
         # HF reads each layer into the last one's tensors, and a quantized run's reference weights are
         # views of them (``Weights.before_reuse``): their compares finish before that
-        handles.append(_Setting(self.adapter.hf.weights, "before_reuse", self.run.collect))
+        if self.adapter.hf.weights.codec:
+            handles.append(_Setting(self.adapter.hf.weights, "before_reuse", self.run.collect))
         return handles
 
     def _enter(self, module, args, kwargs) -> None:
