@@ -2,8 +2,8 @@
 
 - rmlx/_aligned_sgemm.c: cblas_sgemm with an aligned output in front of MKL's (its header comment and
   rmlx/blas.py); without it MLX calls MKL's cblas_sgemm directly (``rmlx.blas.in_use``).
-- rmlx/_mxfp8.c: MXFP8 quantize and dequantize loops with MLX's arithmetic (its header comment and
-  rmlx/nn/mxcodec.py); without it ``mx.quantize`` and ``mx.dequantize`` run (``rmlx.nn.kernels.in_use``).
+- rmlx/_mxfp8.c: MXFP8 quantization loops with MLX's arithmetic (its header comment and
+  rmlx/nn/mxcodec.py); without it ``mx.quantize`` runs (``rmlx.nn.kernels.in_use``).
 """
 
 from setuptools import Extension, setup
